@@ -1,0 +1,27 @@
+# `make demo` and `make test` work on a fresh machine: they create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PIP := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: venv test demo clean
+
+venv: $(STAMP)
+
+# torch first, pinned to the CPU build on this machine's disk, so the package's torch range installs nothing more.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[test,demo]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) -m jobs.demo --config configs/demo.yaml
+
+clean:
+	rm -rf .demo .pytest_cache

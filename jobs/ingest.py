@@ -1,0 +1,17 @@
+"""Ingest passage files into a Parquet passage snapshot.
+
+    python -m jobs.ingest --config configs/wiki21m.yaml --set ingest.snapshot=2026-11-26
+"""
+
+import sys
+
+from pipeline.cli import run_job
+from pipeline.ingest import run_ingest
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job("ingest", run_ingest, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

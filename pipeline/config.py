@@ -1,0 +1,195 @@
+"""One typed configuration per deployment, loaded from YAML plus `--set dotted.key=value` overrides.
+
+Every job reads the sections it needs from the same file, so a deployment is described once. Unknown keys are
+errors: a typo must never silently fall back to a default on a 21M-passage run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline.errors import ConfigError
+
+SNAPSHOT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+# storage.options may configure endpoints, regions, retries; never credentials (they would end up in configs,
+# job arguments and dashboards). Credentials come from the environment or the AWS/GCP default chains.
+CREDENTIAL_KEYS = frozenset(
+    {
+        "key",
+        "secret",
+        "token",
+        "password",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "access_key",
+        "secret_key",
+        "session_token",
+        "client_secret",
+        "credentials",
+        "token_file",
+    }
+)
+
+
+def _today() -> str:
+    return dt.date.today().isoformat()
+
+
+def _find_credential_key(options: Any, prefix: str = "") -> str | None:
+    if isinstance(options, dict):
+        for key, value in options.items():
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            if str(key).lower() in CREDENTIAL_KEYS:
+                return dotted
+            found = _find_credential_key(value, dotted)
+            if found:
+                return found
+    return None
+
+
+def _snapshot_name(value: Any) -> Any:
+    """Snapshot names are path components; YAML turns 2026-11-26 into a date, which is meant as its name."""
+    if isinstance(value, dt.date):
+        value = value.isoformat()
+    if isinstance(value, str) and not SNAPSHOT_NAME.match(value):
+        raise ValueError(f"snapshot name {value!r} must match {SNAPSHOT_NAME.pattern}")
+    return value
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(Section):
+    root: str = Field(description="URL or path under which everything is written (s3://bucket/prefix, /tmp/x)")
+    options: dict[str, Any] = Field(default_factory=dict, description="fsspec storage_options, no credentials")
+
+    @field_validator("options")
+    @classmethod
+    def _no_credentials(cls, options: dict[str, Any]) -> dict[str, Any]:
+        found = _find_credential_key(options)
+        if found:
+            raise ValueError(
+                f"'{found}' looks like a credential; credentials come from the environment "
+                "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, instance roles), never from the config"
+            )
+        return options
+
+
+class IngestConfig(Section):
+    input: str | None = Field(None, description="URL/path/glob of .tsv(.gz), .jsonl(.gz) or .parquet files")
+    snapshot: str = Field(default_factory=_today, description="name of the passage snapshot to write")
+    format: Literal["auto", "tsv", "jsonl", "parquet"] = "auto"
+    shard_rows: int = Field(100_000, gt=0, description="passages per Parquet shard")
+    max_text_chars: int = Field(100_000, gt=0, description="longer passages are rejected as bad input")
+    parallel: Literal["auto", "always", "never"] = Field(
+        "auto", description="read files in Ray tasks: auto = when the input has more than one file"
+    )
+
+    _snapshot = field_validator("snapshot", mode="before")(lambda cls, value: _snapshot_name(value))
+
+
+class EncodeConfig(Section):
+    snapshot: str | None = Field(None, description="snapshot to encode (default: the latest ingested)")
+    _snapshot = field_validator("snapshot", mode="before")(lambda cls, value: _snapshot_name(value))
+    model: str = "facebook/dpr-ctx_encoder-single-nq-base"
+    pooling: Literal["dpr", "cls", "mean"] = "dpr"
+    max_length: int = Field(256, gt=0)
+
+
+class IndexConfig(Section):
+    factory: str = "OPQ64_256,IVF65536,PQ64"
+    nprobe: int = Field(64, gt=0)
+
+
+class ServeConfig(Section):
+    question_model: str = "facebook/dpr-question_encoder-single-nq-base"
+    reader_model: str | None = "facebook/dpr-reader-single-nq-base"
+
+
+class NightlyConfig(Section):
+    pass
+
+
+class PipelineConfig(Section):
+    storage: StorageConfig
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    encode: EncodeConfig = Field(default_factory=EncodeConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    nightly: NightlyConfig = Field(default_factory=NightlyConfig)
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one `dotted.key=value` override in place; the value is parsed as a YAML scalar."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects dotted.key=value, got {assignment!r}")
+    parts = key.strip().split(".")
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: '{'.'.join(parts[: depth + 1])}' is not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML: {exc}") from None
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}'")
+        elif item["type"] == "missing":
+            lines.append(f"missing key '{key}'")
+        else:
+            lines.append(f"'{key}': {item['msg']}")
+    return "; ".join(lines)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Read the YAML file (if any), apply overrides in order, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config {path} must be a mapping of sections")
+        data = loaded or {}
+    for assignment in overrides:
+        apply_override(data, assignment)
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid config{f' {path}' if path else ''}: {_describe(exc)}") from None
+
+
+def argument_parser(job: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m jobs.{job}", description=f"Run the {job} job.")
+    parser.add_argument("--config", required=True, help="deployment YAML (configs/*.yaml)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="dotted.key=value",
+        help="override one config key (value parsed as YAML); repeatable",
+    )
+    return parser

@@ -1,0 +1,189 @@
+"""Object storage behind one interface: local paths, s3://, gs://, file:// through fsspec.
+
+Writes are whole-object (a temporary name then an atomic rename locally, a single PUT or a completed multipart
+upload on object stores), so a reader never sees half an object. A directory's `_manifest.json` is written last,
+lists every object with its sha256, and is the only thing readers trust: objects it does not list do not exist.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import posixpath
+import uuid
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.fs
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+from pydantic import BaseModel, ConfigDict
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "_manifest.json"
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def resolve(url: str, options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Filesystem and protocol-less path for any URL or plain path."""
+    fs, path = fsspec.core.url_to_fs(url, **(options or {}))
+    return fs, path.rstrip("/") or path
+
+
+def pyarrow_filesystem(url: str, options: dict[str, Any] | None = None) -> tuple[pyarrow.fs.FileSystem, str]:
+    """A pyarrow filesystem (for Ray Data and Parquet) with the same options as `resolve`."""
+    fs, path = resolve(url, options)
+    if isinstance(fs, LocalFileSystem):
+        return pyarrow.fs.LocalFileSystem(), path
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """Serialize a table as one Parquet object (zstd), ready for a whole-object write."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def read_parquet_bytes(data: bytes, columns: list[str] | None = None) -> pa.Table:
+    """Parse a Parquet object held in memory.
+
+    Single-threaded on purpose: pyarrow pool threads that still touch Python-owned buffers when the interpreter
+    exits abort it ("terminate called without an active exception", exit 134), seen with pyarrow 25 and 26.
+    """
+    return pq.read_table(pa.BufferReader(data), columns=columns, use_threads=False)
+
+
+class FileEntry(BaseModel):
+    """One object a manifest vouches for."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    bytes: int
+    sha256: str
+    rows: int | None = None
+
+
+class Manifest(BaseModel):
+    """What a reader trusts about a directory; stage-specific fields ride along as extras."""
+
+    model_config = ConfigDict(extra="allow")
+    kind: str
+    created_at: str
+    files: list[FileEntry]
+    rows: int | None = None
+
+
+class Storage:
+    """Everything a job writes lives under `storage.root`; this class owns that tree."""
+
+    def __init__(self, root: str, options: dict[str, Any] | None = None):
+        self.options = dict(options or {})
+        self.fs, self.root_path = resolve(root, self.options)
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        self.root_url = self.root_path if self.is_local else f"{protocol}://{self.root_path}"
+
+    # -- naming -------------------------------------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root_path, *parts)
+
+    def url(self, *parts: str) -> str:
+        return posixpath.join(self.root_url, *parts)
+
+    # -- objects ------------------------------------------------------------------------------------------------
+    def write_bytes(self, rel: str, data: bytes) -> str:
+        """Write one object whole and return its sha256."""
+        target = self.path(rel)
+        if self.is_local:
+            self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+            temporary = f"{target}.tmp-{uuid.uuid4().hex}"
+            try:
+                with open(temporary, "wb") as handle:
+                    handle.write(data)
+                self.fs.mv(temporary, target)
+            finally:
+                if self.fs.exists(temporary):
+                    self.fs.rm(temporary)
+        else:
+            self.fs.pipe_file(target, data)
+        return sha256_hex(data)
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.fs.cat_file(self.path(rel))
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def list_names(self, rel_dir: str) -> list[str]:
+        """Names of the objects directly under a directory (empty when it does not exist)."""
+        directory = self.path(rel_dir)
+        self.fs.invalidate_cache(directory)
+        try:
+            return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(directory, detail=False))
+        except FileNotFoundError:
+            return []
+
+    def delete(self, rel: str) -> None:
+        self.fs.rm(self.path(rel))
+
+    def write_json(self, rel: str, value: Any) -> str:
+        return self.write_bytes(rel, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode())
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    # -- manifests ----------------------------------------------------------------------------------------------
+    def write_manifest(self, rel_dir: str, kind: str, files: list[FileEntry], **fields: Any) -> Manifest:
+        """Publish a directory: the manifest is written after every object it lists."""
+        rows = sum(f.rows for f in files if f.rows is not None) if any(f.rows is not None for f in files) else None
+        manifest = Manifest(
+            kind=kind,
+            created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            files=files,
+            rows=rows,
+            **fields,
+        )
+        self.write_json(posixpath.join(rel_dir, MANIFEST_NAME), manifest.model_dump(mode="json"))
+        return manifest
+
+    def read_manifest(self, rel_dir: str) -> Manifest | None:
+        """The directory's manifest, or None when the directory was never published."""
+        rel = posixpath.join(rel_dir, MANIFEST_NAME)
+        try:
+            raw = self.read_bytes(rel)
+        except FileNotFoundError:
+            return None
+        try:
+            return Manifest.model_validate_json(raw)
+        except ValueError as exc:
+            raise PipelineError(f"{self.url(rel)}: unreadable manifest: {exc}") from None
+
+    def read_verified(self, rel_dir: str, entry: FileEntry) -> bytes:
+        """An object's bytes, refused unless they match the manifest's sha256."""
+        data = self.read_bytes(posixpath.join(rel_dir, entry.name))
+        digest = sha256_hex(data)
+        if digest != entry.sha256 or len(data) != entry.bytes:
+            raise PipelineError(
+                f"{self.url(rel_dir, entry.name)}: checksum mismatch (manifest sha256 {entry.sha256[:12]}…, "
+                f"{entry.bytes} bytes; found {digest[:12]}…, {len(data)} bytes)"
+            )
+        return data
+
+    def remove_unlisted(self, rel_dir: str, keep: set[str], prefix: str = "part-") -> list[str]:
+        """Delete leftovers of an earlier attempt that the new manifest will not list."""
+        removed = [n for n in self.list_names(rel_dir) if n.startswith(prefix) and n not in keep]
+        for name in removed:
+            self.delete(posixpath.join(rel_dir, name))
+        if removed:
+            log.info("removed %d unlisted objects under %s", len(removed), self.url(rel_dir))
+        return removed

@@ -1,0 +1,74 @@
+"""Session-wide real services: an S3 API server (moto) on 127.0.0.1 and, when asked for, one local Ray."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+import requests
+
+# Fake credentials for the local S3 server; tests check they never leak into logs or outputs.
+FAKE_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "AKIATESTKEY7Q3XZ",
+    "AWS_SECRET_ACCESS_KEY": "test-secret-Zq8Jw2vN5mK1pL0r",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+os.environ.update(FAKE_CREDENTIALS)
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.pop("RAY_ADDRESS", None)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str) -> str:
+    """A fresh, empty bucket on a freshly reset server."""
+    requests.post(f"{s3_endpoint}/moto-api/reset", timeout=10).raise_for_status()
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def s3_client(s3_endpoint: str):
+    return boto3.client("s3", endpoint_url=s3_endpoint)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_address(tmp_path_factory) -> str:
+    """One local Ray for the whole session; jobs started by tests join it through RAY_ADDRESS."""
+    ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+    port = _free_port()
+    temp_dir = tmp_path_factory.mktemp("ray")
+    subprocess.run(
+        [ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false",
+         "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+        check=True, capture_output=True, timeout=120,
+    )
+    address = f"127.0.0.1:{port}"
+    os.environ["RAY_ADDRESS"] = address
+    yield address
+    os.environ.pop("RAY_ADDRESS", None)
+    subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)

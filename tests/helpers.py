@@ -1,0 +1,80 @@
+"""Small shared helpers for tests: running jobs as a user would, writing corpora in DPR's layouts."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class JobRun:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        lines = [line for line in self.stdout.splitlines() if line.strip()]
+        assert lines, f"no summary line; stderr:\n{self.stderr[-3000:]}"
+        return json.loads(lines[-1])
+
+
+def run_job(job: str, config: Path | str, *overrides: str, timeout: float = 600) -> JobRun:
+    """`python -m jobs.<job> --config ... --set ...` in the repository, as a user runs it."""
+    command = [sys.executable, "-m", f"jobs.{job}", "--config", str(config)]
+    for item in overrides:
+        command += ["--set", item]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+    return JobRun(done.returncode, done.stdout, done.stderr)
+
+
+def write_config(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def dpr_tsv(rows: list[tuple[str, str, str]]) -> str:
+    """psgs_w100 layout: header `id text title`, text always quoted with inner quotes doubled."""
+    lines = ["id\ttext\ttitle"]
+    for pid, text, title in rows:
+        lines.append(f'{pid}\t"{text.replace(chr(34), chr(34) * 2)}"\t{title}')
+    return "\n".join(lines) + "\n"
+
+
+def write_tsv(path: Path, rows: list[tuple[str, str, str]]) -> Path:
+    data = dpr_tsv(rows).encode("utf-8")
+    path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
+    return path
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
+    data = "".join(json.dumps(r) + "\n" for r in records).encode("utf-8")
+    path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
+    return path
+
+
+def write_parquet(path: Path, columns: dict[str, list[Any]]) -> Path:
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def synthetic_rows(count: int, start: int = 1, words: int = 100) -> list[tuple[str, str, str]]:
+    """Deterministic passages in psgs_w100 shape (id, text, title)."""
+    vocabulary = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda"]
+    rows = []
+    for i in range(start, start + count):
+        text = " ".join(vocabulary[(i * 7 + j * 3) % len(vocabulary)] for j in range(words)) + f" passage {i}"
+        rows.append((str(i), text, f"Article {i // 10}"))
+    return rows

@@ -1,0 +1,149 @@
+"""The ingest job end to end, run as a user runs it, against a local path and the S3 API server."""
+
+import json
+
+import pytest
+import s3fs
+
+from pipeline.corpus import content_hash
+from pipeline.storage import read_parquet_bytes, sha256_hex
+from tests.conftest import FAKE_CREDENTIALS
+from tests.helpers import run_job, synthetic_rows, write_config, write_jsonl, write_parquet, write_tsv
+
+ROWS = synthetic_rows(1_000) + [("1001", 'He said ""hi"" and\tleft', "Quotes"), ("1002", "東京 🙂", "Ünïcode")]
+
+
+def read_snapshot(fs, directory):
+    """(manifest, rows) exactly as a downstream reader sees them: only what the manifest lists, verified."""
+    manifest = json.loads(fs.cat_file(f"{directory}/_manifest.json"))
+    rows = []
+    for entry in manifest["files"]:
+        data = fs.cat_file(f"{directory}/{entry['name']}")
+        assert sha256_hex(data) == entry["sha256"] and len(data) == entry["bytes"]
+        table = read_parquet_bytes(data)
+        assert table.num_rows == entry["rows"]
+        rows += table.to_pylist()
+    return manifest, rows
+
+
+def assert_same_passages(rows, expected):
+    assert [r["id"] for r in rows] == [pid for pid, _, _ in expected]
+    assert [(r["title"], r["text"]) for r in rows] == [(title, text) for _, text, title in expected]
+    assert all(r["content_hash"] == content_hash(r["title"], r["text"]) for r in rows)
+
+
+@pytest.fixture
+def local_config(tmp_path):
+    return write_config(tmp_path / "config.yaml", {"storage": {"root": str(tmp_path / "store")},
+                                                   "ingest": {"snapshot": "s1", "shard_rows": 300}})
+
+
+def test_ingest_tsv_gz_to_local_path(tmp_path, local_config):
+    source = write_tsv(tmp_path / "psgs_w100.tsv.gz", ROWS)
+    run = run_job("ingest", local_config, f"ingest.input={source}")
+    assert run.returncode == 0, run.stderr
+    summary = run.summary
+    assert summary["job"] == "ingest" and summary["status"] == "ok"
+    assert summary["rows"] == len(ROWS) and summary["shards"] == 4
+    assert summary["output"] == str(tmp_path / "store" / "passages" / "s1")
+    assert summary["seconds"] >= 0
+    import fsspec
+
+    manifest, rows = read_snapshot(fsspec.filesystem("file"), summary["output"])
+    assert manifest["rows"] == len(ROWS) and manifest["snapshot"] == "s1"
+    assert [f["name"] for f in manifest["files"]] == [f"part-00000-0000{i}.parquet" for i in range(4)]
+    assert_same_passages(rows, ROWS)
+    assert (tmp_path / "store" / "passages" / "LATEST").read_text().strip() == "s1"
+    assert "ingest" in run.stderr  # the progress bar
+
+
+def test_ingest_tsv_gz_to_s3(tmp_path, s3_endpoint, s3_bucket, s3_client):
+    source = write_tsv(tmp_path / "psgs_w100.tsv.gz", ROWS)
+    s3_client.upload_file(str(source), s3_bucket, "incoming/psgs_w100.tsv.gz")
+    config = write_config(tmp_path / "c.yaml", {
+        "storage": {"root": "s3://placeholder"}, "ingest": {"snapshot": "2026-11-26", "shard_rows": 400}})
+    run = run_job("ingest", config, f"storage.root=s3://{s3_bucket}/dpr",
+                  f"storage.options.endpoint_url={s3_endpoint}",
+                  f"ingest.input=s3://{s3_bucket}/incoming/psgs_w100.tsv.gz")
+    assert run.returncode == 0, run.stderr
+    assert run.summary["output"] == f"s3://{s3_bucket}/dpr/passages/2026-11-26"
+    assert run.summary["rows"] == len(ROWS) and run.summary["shards"] == 3
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
+    manifest, rows = read_snapshot(fs, f"{s3_bucket}/dpr/passages/2026-11-26")
+    assert_same_passages(rows, ROWS)
+    assert manifest["source"]["files"][0]["url"] == f"s3://{s3_bucket}/incoming/psgs_w100.tsv.gz"
+    everything = run.stdout + run.stderr + json.dumps(manifest)
+    for secret in (FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"], FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"]):
+        assert secret not in everything
+
+
+def test_rerun_reuses_and_a_changed_source_is_refused(tmp_path, local_config):
+    source = write_tsv(tmp_path / "p.tsv", ROWS[:10])
+    first = run_job("ingest", local_config, f"ingest.input={source}")
+    again = run_job("ingest", local_config, f"ingest.input={source}")
+    assert first.returncode == 0 and again.returncode == 0, again.stderr
+    assert first.summary["reused"] is False and again.summary["reused"] is True
+    assert again.summary["rows"] == 10
+    write_tsv(source, ROWS[:11])
+    changed = run_job("ingest", local_config, f"ingest.input={source}")
+    assert changed.returncode == 1
+    assert "already published" in changed.stderr and "s1" in changed.stderr
+
+
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [
+        (lambda d: write_tsv(d / "dup.tsv", ROWS[:500] + [ROWS[3]]), "line 502: duplicate id '4'"),
+        (lambda d: write_tsv(d / "empty.tsv", ROWS[:450] + [("x9", " ", "T")]), "line 452: empty text"),
+        (lambda d: (d / "bad.tsv").write_bytes(b'id\ttext\ttitle\n' + b'1\t"a"\tT\n' * 1 + b'2\t"\xff"\tT\n') and
+         d / "bad.tsv", "line 3: not UTF-8"),
+        (lambda d: write_tsv(d / "nocol.tsv", ROWS[:3]).write_text("id\ttext\n1\tx\n") and d / "nocol.tsv",
+         "line 1: missing column(s) title"),
+    ],
+)
+def test_bad_input_fails_clearly_and_lists_nothing(tmp_path, local_config, make, problem):
+    source = make(tmp_path)
+    run = run_job("ingest", local_config, f"ingest.input={source}")
+    assert run.returncode == 1
+    assert f"{source}, {problem}" in run.stderr
+    assert run.summary["status"] == "error" and problem in run.summary["error"]
+    snapshot = tmp_path / "store" / "passages" / "s1"
+    assert not (snapshot / "_manifest.json").exists()
+    assert not (tmp_path / "store" / "passages" / "LATEST").exists()
+
+
+def test_failed_run_then_fixed_run_lists_only_its_own_shards(tmp_path, local_config):
+    bad = write_tsv(tmp_path / "p.tsv", ROWS[:700] + [ROWS[0]])
+    assert run_job("ingest", local_config, f"ingest.input={bad}").returncode == 1
+    good = write_tsv(tmp_path / "p.tsv", ROWS[:250])
+    run = run_job("ingest", local_config, f"ingest.input={good}")
+    assert run.returncode == 0, run.stderr
+    snapshot = tmp_path / "store" / "passages" / "s1"
+    assert sorted(p.name for p in snapshot.iterdir()) == ["_manifest.json", "part-00000-00000.parquet"]
+
+
+@pytest.mark.ray
+def test_many_files_are_ingested_by_ray_tasks_on_s3(tmp_path, ray_address, s3_endpoint, s3_bucket, s3_client):
+    parts = [
+        write_tsv(tmp_path / "a.tsv.gz", ROWS[:400]),
+        write_jsonl(tmp_path / "b.jsonl", [{"id": p, "title": t, "text": x} for p, x, t in ROWS[400:700]]),
+        write_parquet(tmp_path / "c.parquet", {"id": [r[0] for r in ROWS[700:]], "title": [r[2] for r in ROWS[700:]],
+                                                "text": [r[1] for r in ROWS[700:]]}),
+    ]
+    for path in parts:
+        s3_client.upload_file(str(path), s3_bucket, f"in/{path.name}")
+    config = write_config(tmp_path / "c.yaml", {
+        "storage": {"root": f"s3://{s3_bucket}/root", "options": {"endpoint_url": s3_endpoint}},
+        "ingest": {"input": f"s3://{s3_bucket}/in/", "snapshot": "multi", "shard_rows": 250}})
+    run = run_job("ingest", config)
+    assert run.returncode == 0, run.stderr
+    assert run.summary["rows"] == len(ROWS) and run.summary["shards"] == 2 + 2 + 2
+    _, rows = read_snapshot(s3fs.S3FileSystem(endpoint_url=s3_endpoint), f"{s3_bucket}/root/passages/multi")
+    assert_same_passages(rows, ROWS)
+
+    s3_client.put_object(Bucket=s3_bucket, Key="in/d.jsonl", Body=json.dumps({"id": "12", "title": "", "text": "x"}))
+    run = run_job("ingest", config, "ingest.snapshot=dups")
+    assert run.returncode == 1
+    assert f"s3://{s3_bucket}/in/d.jsonl, line 1: duplicate id '12' (first seen in s3://{s3_bucket}/in/a.tsv.gz, " \
+           "line 13)" in run.stderr
+    assert not s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="root/passages/dups/_manifest.json").get("Contents")

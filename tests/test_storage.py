@@ -1,0 +1,58 @@
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.errors import PipelineError
+from pipeline.storage import FileEntry, Storage, parquet_bytes, pyarrow_filesystem, read_parquet_bytes, sha256_hex
+
+
+def test_local_write_is_whole_and_leaves_no_temporaries(tmp_path):
+    storage = Storage(str(tmp_path / "root"))
+    digest = storage.write_bytes("a/b/obj.bin", b"first")
+    storage.write_bytes("a/b/obj.bin", b"second version")
+    assert storage.read_bytes("a/b/obj.bin") == b"second version"
+    assert digest == sha256_hex(b"first")
+    assert storage.list_names("a/b") == ["obj.bin"]
+
+
+def test_manifest_lists_checksums_and_refuses_tampering(tmp_path):
+    storage = Storage(str(tmp_path))
+    entry = FileEntry(name="part-0.bin", bytes=5, sha256=storage.write_bytes("d/part-0.bin", b"hello"), rows=1)
+    assert storage.read_manifest("d") is None
+    storage.write_manifest("d", "test", [entry], note="x")
+    manifest = storage.read_manifest("d")
+    assert manifest.kind == "test" and manifest.rows == 1 and manifest.note == "x"
+    assert storage.read_verified("d", manifest.files[0]) == b"hello"
+    storage.write_bytes("d/part-0.bin", b"hellO")
+    with pytest.raises(PipelineError, match="checksum mismatch"):
+        storage.read_verified("d", manifest.files[0])
+
+
+def test_unreadable_manifest_is_an_error_not_a_missing_one(tmp_path):
+    storage = Storage(str(tmp_path))
+    storage.write_bytes("d/_manifest.json", b"{not json")
+    with pytest.raises(PipelineError, match="unreadable manifest"):
+        storage.read_manifest("d")
+
+
+def test_remove_unlisted_keeps_listed_parts(tmp_path):
+    storage = Storage(str(tmp_path))
+    for name in ("part-1", "part-2", "other"):
+        storage.write_bytes(f"d/{name}", b"x")
+    assert storage.remove_unlisted("d", keep={"part-1"}) == ["part-2"]
+    assert storage.list_names("d") == ["other", "part-1"]
+
+
+def test_s3_roundtrip_and_pyarrow_filesystem(s3_endpoint, s3_bucket, s3_client):
+    options = {"endpoint_url": s3_endpoint}
+    storage = Storage(f"s3://{s3_bucket}/prefix", options)
+    assert storage.url("x", "y") == f"s3://{s3_bucket}/prefix/x/y"
+    data = parquet_bytes(pa.table({"id": ["a", "b"]}))
+    storage.write_bytes("t/part-0.parquet", data)
+    listed = s3_client.list_objects_v2(Bucket=s3_bucket)["Contents"]
+    assert [o["Key"] for o in listed] == ["prefix/t/part-0.parquet"]
+    filesystem, path = pyarrow_filesystem(storage.url("t"), options)
+    table = pq.read_table(f"{path}/part-0.parquet", filesystem=filesystem, use_threads=False)
+    assert table.column("id").to_pylist() == ["a", "b"]
+    assert read_parquet_bytes(storage.read_bytes("t/part-0.parquet")).num_rows == 2
+    assert storage.list_names("missing") == []
