@@ -11,6 +11,7 @@ from typing import Any
 from pipeline.cli import run_job
 from pipeline.config import PipelineConfig
 from pipeline.demo_corpus import write_demo_corpus
+from pipeline.embeddings import run_encode
 from pipeline.errors import ConfigError
 from pipeline.ingest import run_ingest
 
@@ -23,9 +24,10 @@ def run_demo(config: PipelineConfig) -> dict[str, Any]:
     corpus = Path(config.ingest.input)
     if not corpus.exists():
         log.info("writing the demo corpus (%d passages) to %s", write_demo_corpus(corpus), corpus)
-    stages = {"ingest": run_ingest(config)}
-    for stage, summary in stages.items():
-        log.info("%s: %s", stage, summary)
+    stages = {}
+    for stage, run in (("ingest", run_ingest), ("encode", run_encode)):
+        stages[stage] = run(config)
+        log.info("%s: %s", stage, stages[stage])
     return {"stages": stages}
 
 

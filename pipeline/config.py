@@ -101,9 +101,24 @@ class IngestConfig(Section):
 class EncodeConfig(Section):
     snapshot: str | None = Field(None, description="snapshot to encode (default: the latest ingested)")
     _snapshot = field_validator("snapshot", mode="before")(lambda cls, value: _snapshot_name(value))
-    model: str = "facebook/dpr-ctx_encoder-single-nq-base"
+    model: str = Field(
+        "facebook/dpr-ctx_encoder-single-nq-base",
+        description="HF name, local or remote path, or python-package:NAME for a model shipped in a package",
+    )
     pooling: Literal["dpr", "cls", "mean"] = "dpr"
+    normalize: bool = Field(False, description="L2-normalize embeddings (for models trained with cosine)")
     max_length: int = Field(256, gt=0)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="compute dtype: auto = bf16 (fp16 without bf16) autocast on GPU, fp32 on CPU"
+    )
+    batch_tokens: int | None = Field(
+        None, gt=0, description="padded tokens per forward pass (default: 65536 on GPU, 4096 on CPU)"
+    )
+    max_batch_size: int = Field(512, gt=0)
+    embedding_dtype: Literal["float32", "float16"] = "float32"
+    actors: int | None = Field(None, gt=0, description="encoder actors (default: one per GPU, else one on CPU)")
+    cpu_threads: int | None = Field(None, gt=0, description="torch threads of a CPU actor (default: node CPUs)")
+    max_attempts: int = Field(3, gt=0, description="tries per shard when an encoder actor dies")
 
 
 class IndexConfig(Section):

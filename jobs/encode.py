@@ -1,0 +1,17 @@
+"""Encode a passage snapshot with the DPR context encoder on a Ray actor pool (one actor per GPU).
+
+    ray job submit --working-dir . -- python -m jobs.encode --config configs/wiki21m.yaml
+"""
+
+import sys
+
+from pipeline.cli import run_job
+from pipeline.embeddings import run_encode
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job("encode", run_encode, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

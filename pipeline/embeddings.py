@@ -1,0 +1,282 @@
+"""Encode stage: passage shards → `embeddings/<snapshot>/<fingerprint>/part-*.parquet`, exactly once.
+
+Reader → mapper → writer: CPU Ray tasks read a passage shard (verified against its manifest) and tokenize it;
+an actor pool (one actor pinned to each GPU, or CPU actors) runs the model and writes the embedding shard under
+the passage shard's own name, so a retried shard overwrites itself instead of duplicating. Each actor has two
+shards in flight, so the next shard's tokenization overlaps the current forward passes.
+
+Exactly once and resumable: the driver records every finished shard in `_progress.json` (with the sha256 of the
+passage shard it came from); a rerun skips those, and `_manifest.json` is written last, listing each shard once.
+An actor that dies is restarted by Ray and its shards are resubmitted, up to `encode.max_attempts` tries each.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import posixpath
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+from tqdm import tqdm
+
+from pipeline.config import EncodeConfig, PipelineConfig
+from pipeline.encoder import EncoderSettings, PassageTokenizer, TextEncoder, Tokens
+from pipeline.errors import InputError, PipelineError
+from pipeline.ingest import PASSAGE_SCHEMA, snapshot_dir
+from pipeline.raycluster import connect
+from pipeline.storage import FileEntry, Manifest, Storage, parquet_bytes, read_parquet_bytes
+
+log = logging.getLogger(__name__)
+
+PROGRESS_NAME = "_progress.json"
+
+
+def embeddings_dir(snapshot: str, fingerprint: str) -> str:
+    return posixpath.join("embeddings", snapshot, fingerprint)
+
+
+def latest_snapshot(storage: Storage) -> str:
+    try:
+        return storage.read_bytes("passages/LATEST").decode().strip()
+    except FileNotFoundError:
+        raise PipelineError(f"no passage snapshot under {storage.url('passages')}: run jobs.ingest first") from None
+
+
+def embedding_table(ids: list[str], vectors: np.ndarray, dtype: str) -> pa.Table:
+    values = pa.array(np.ascontiguousarray(vectors, dtype=dtype).reshape(-1))
+    return pa.table({"id": pa.array(ids, pa.string()),
+                     "embedding": pa.FixedSizeListArray.from_arrays(values, vectors.shape[1])})
+
+
+def embedding_matrix(table: pa.Table) -> np.ndarray:
+    """[n, dim] view of an embedding shard's vectors (no copy for the flat values)."""
+    column = table.column("embedding").combine_chunks()
+    return column.values.to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
+
+
+def read_passage_shard(storage: Storage, directory: str, entry: FileEntry) -> pa.Table:
+    """A passage shard, checked against its manifest entry and the passage schema; errors name the shard."""
+    url = storage.url(directory, entry.name)
+    try:
+        table = read_parquet_bytes(storage.read_verified(directory, entry))
+    except FileNotFoundError:
+        raise InputError(url, None, "passage shard listed in the manifest is missing") from None
+    except PipelineError as exc:
+        raise InputError(url, None, str(exc).split(": ", 1)[-1]) from None
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(url, None, f"not a readable Parquet shard ({exc})") from None
+    for field in PASSAGE_SCHEMA:
+        if field.name not in table.column_names or table.schema.field(field.name).type != field.type:
+            found = table.schema.field(field.name).type if field.name in table.column_names else "missing"
+            raise InputError(url, None, f"column '{field.name}' must be {field.type} (found {found})")
+    return table
+
+
+def plan_shards(passage_files: list[FileEntry], done: dict[str, FileEntry]) -> tuple[list[FileEntry], list[FileEntry]]:
+    """(to encode, reusable): a finished embedding shard is reused only if it came from the same passage bytes."""
+    todo, reused = [], []
+    for entry in passage_files:
+        previous = done.get(entry.name)
+        if previous is not None and getattr(previous, "source_sha256", None) == entry.sha256:
+            reused.append(previous)
+        else:
+            todo.append(entry)
+    return todo, reused
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(settings: EncoderSettings) -> PassageTokenizer:
+    return PassageTokenizer(settings)  # loaded once per worker process, reused across shards
+
+
+def tokenize_shard(settings: EncoderSettings, storage_root: str, options: dict[str, Any], passages: str,
+                   entry: FileEntry) -> tuple[list[str], Tokens]:
+    """The reader/mapper half, on CPU workers: verified shard → (ids, tokens)."""
+    table = read_passage_shard(Storage(storage_root, options), passages, entry)
+    tokens = _tokenizer(settings)(table.column("title").to_pylist(), table.column("text").to_pylist())
+    return table.column("id").to_pylist(), tokens
+
+
+@dataclass(frozen=True)
+class WriterSettings:
+    storage_root: str
+    storage_options: dict[str, Any]
+    embedding_dtype: str
+    batch_tokens: int | None
+    max_batch_size: int
+    cpu_threads: int | None
+
+
+class EncoderActor:
+    """The model half: one per GPU (or CPU actors), encodes tokenized shards and writes embedding shards."""
+
+    def __init__(self, settings: EncoderSettings, writer: WriterSettings):
+        import torch
+
+        if not torch.cuda.is_available():
+            torch.set_num_threads(writer.cpu_threads or len(os.sched_getaffinity(0)))
+        self.writer = writer
+        self.storage = Storage(writer.storage_root, writer.storage_options)
+        self.encoder = TextEncoder(settings, batch_tokens=writer.batch_tokens, max_batch_size=writer.max_batch_size)
+        self._fingerprint = self.encoder.fingerprint()
+
+    def describe(self) -> dict[str, Any]:
+        return {"fingerprint": self._fingerprint, "dim": self.encoder.dim, "device": str(self.encoder.device),
+                "dtype": str(self.encoder.compute_dtype).removeprefix("torch."), "pid": os.getpid()}
+
+    def encode_shard(self, output: str, entry: FileEntry, shard: tuple[list[str], Tokens]) -> FileEntry:
+        ids, tokens = shard
+        vectors = self.encoder.encode_tokens(tokens)
+        data = parquet_bytes(embedding_table(ids, vectors, self.writer.embedding_dtype))
+        digest = self.storage.write_bytes(posixpath.join(output, entry.name), data)
+        return FileEntry(name=entry.name, bytes=len(data), sha256=digest, rows=len(ids), source_sha256=entry.sha256)
+
+
+def _start_actors(config: EncodeConfig, settings: EncoderSettings, writer: WriterSettings) -> list:
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    count = config.actors or max(gpus, 1)
+    options: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
+    actor_class = ray.remote(max_restarts=-1, max_task_retries=0, **options)(EncoderActor)
+    log.info("starting %d encoder actor(s) on %s", count, "GPU" if gpus else "CPU")
+    return [actor_class.remote(settings, writer) for _ in range(count)]
+
+
+def _load_progress(storage: Storage, output: str) -> dict[str, FileEntry]:
+    """Shards finished by an earlier attempt whose objects are still there with the recorded size."""
+    try:
+        recorded = [FileEntry.model_validate(e) for e in storage.read_json(posixpath.join(output, PROGRESS_NAME))]
+    except FileNotFoundError:
+        return {}
+    present = set(storage.list_names(output))
+    return {e.name: e for e in recorded if e.name in present}
+
+
+class _ShardPool:
+    """Feeds shards to encoder actors, two in flight each; resubmits the shards of an actor that died."""
+
+    def __init__(self, actors: list, settings: EncoderSettings, config: PipelineConfig, passages: str, output: str):
+        self.actors, self.settings, self.config = actors, settings, config
+        self.passages, self.output = passages, output
+        self.tokenize = ray.remote(num_cpus=1, max_retries=3)(tokenize_shard)
+        self.inflight: dict[Any, tuple[int, FileEntry]] = {}
+        self.attempts: dict[str, int] = {}
+        self.retried = 0
+
+    def _submit(self, actor: int, entry: FileEntry) -> None:
+        shard = self.tokenize.remote(self.settings, self.config.storage.root, self.config.storage.options,
+                                     self.passages, entry)
+        self.inflight[self.actors[actor].encode_shard.remote(self.output, entry, shard)] = (actor, entry)
+
+    def run(self, todo: list[FileEntry], on_done) -> list[FileEntry]:
+        queue, finished = deque(todo), []
+        for actor in range(len(self.actors)):
+            for _ in range(2):
+                if queue:
+                    self._submit(actor, queue.popleft())
+        while self.inflight:
+            [ref], _ = ray.wait(list(self.inflight), num_returns=1)
+            actor, entry = self.inflight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayActorError as exc:
+                self.attempts[entry.name] = self.attempts.get(entry.name, 0) + 1
+                if self.attempts[entry.name] >= self.config.encode.max_attempts:
+                    self._cancel()
+                    raise PipelineError(f"shard {entry.name}: encoder actor died {self.attempts[entry.name]} times "
+                                        f"({exc.__class__.__name__})") from None
+                log.warning("encoder actor %d died on shard %s; resubmitting", actor, entry.name)
+                self.retried += 1
+                queue.appendleft(entry)
+            except ray.exceptions.RayTaskError as exc:
+                self._cancel()
+                raise (exc.cause if isinstance(exc.cause, Exception) else PipelineError(str(exc))) from None
+            else:
+                finished.append(result)
+                on_done(result)
+            if queue:
+                self._submit(actor, queue.popleft())
+        return finished
+
+    def _cancel(self) -> None:
+        for ref in self.inflight:
+            ray.cancel(ref, force=False)
+        self.inflight.clear()
+
+
+def run_encode(config: PipelineConfig) -> dict[str, Any]:
+    """Encode a passage snapshot (default: the latest) into embedding shards; resumes an interrupted run."""
+    storage = Storage(config.storage.root, config.storage.options)
+    snapshot = config.encode.snapshot or latest_snapshot(storage)
+    passages = snapshot_dir(snapshot)
+    passage_manifest = storage.read_manifest(passages)
+    if passage_manifest is None:
+        raise PipelineError(f"{storage.url(passages)} has no manifest: ingest snapshot {snapshot!r} first")
+    enc = config.encode
+    settings = EncoderSettings(model=enc.model, pooling=enc.pooling, max_length=enc.max_length,
+                               normalize=enc.normalize, dtype=enc.dtype)
+    writer = WriterSettings(config.storage.root, config.storage.options, enc.embedding_dtype,
+                            enc.batch_tokens, enc.max_batch_size, enc.cpu_threads)
+    connect()
+    actors = _start_actors(enc, settings, writer)
+    try:
+        return _encode_with(actors, storage, config, settings, snapshot, passage_manifest)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+def _encode_with(actors: list, storage: Storage, config: PipelineConfig, settings: EncoderSettings, snapshot: str,
+                 passage_manifest: Manifest) -> dict[str, Any]:
+    described = ray.get([actor.describe.remote() for actor in actors])
+    fingerprints = {d["fingerprint"] for d in described}
+    if len(fingerprints) != 1:
+        raise PipelineError(f"encoder actors disagree on the model fingerprint: {sorted(fingerprints)}")
+    fingerprint, dim, device = described[0]["fingerprint"], described[0]["dim"], described[0]["device"]
+    output = embeddings_dir(snapshot, fingerprint)
+    log.info("encoding snapshot %s with %s (dim %d, %s) into %s", snapshot, fingerprint, dim, device,
+             storage.url(output))
+    published = storage.read_manifest(output)
+    done = {e.name: e for e in published.files} if published else _load_progress(storage, output)
+    todo, reused = plan_shards(passage_manifest.files, done)
+    completed = list(reused)
+    started = time.perf_counter()
+    with tqdm(total=passage_manifest.rows, initial=sum(e.rows or 0 for e in reused), desc="encode",
+              unit=" passages", unit_scale=True, mininterval=2) as bar:
+        def on_done(entry: FileEntry) -> None:
+            completed.append(entry)
+            storage.write_json(posixpath.join(output, PROGRESS_NAME), [e.model_dump() for e in completed])
+            bar.update(entry.rows)
+
+        pool = _ShardPool(actors, settings, config, snapshot_dir(snapshot), output)
+        encoded = pool.run(todo, on_done) if todo else []
+    seconds = time.perf_counter() - started
+    order = {e.name: i for i, e in enumerate(passage_manifest.files)}
+    completed.sort(key=lambda e: order[e.name])
+    if published is None or encoded:
+        storage.remove_unlisted(output, keep={e.name for e in completed})
+        enc = config.encode
+        storage.write_manifest(
+            output, "embeddings", completed, snapshot=snapshot, fingerprint=fingerprint, dim=dim,
+            encoder={**asdict(settings), "compute_dtype": described[0]["dtype"]},
+            embedding_dtype=enc.embedding_dtype, passages_manifest=passage_manifest.created_at,
+        )
+    rows = sum(e.rows or 0 for e in encoded)
+    return {
+        "rows": rows,
+        "reused": sum(e.rows or 0 for e in reused),
+        "shards": len(completed),
+        "encoded_shards": len(encoded),
+        "retried_shards": pool.retried,
+        "dim": dim,
+        "device": device,
+        "passages_per_s": round(rows / seconds, 1) if rows else 0.0,
+        "fingerprint": fingerprint,
+        "output": storage.url(output),
+    }

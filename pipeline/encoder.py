@@ -1,0 +1,214 @@
+"""DPR / BERT-family passage and question encoders, fast and exact.
+
+Speed comes from not computing padding: passages are tokenized without padding, sorted by length, and cut into
+batches by a token budget, so each forward pass pads only to the longest passage of similar-length neighbours
+(DPR pads everything to 256). On GPU the forward runs under bf16 (or fp16) autocast with SDPA attention; on CPU
+in fp32. Results come back in input order, equal to calling the model one passage at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoModel, AutoTokenizer, DPRContextEncoder, DPRQuestionEncoder
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+PACKAGE_PREFIX = "python-package:"
+
+
+def resolve_model_path(model: str) -> str:
+    """`python-package:NAME` names a model shipped inside a pip package (offline demo); anything else is
+    passed to `from_pretrained` unchanged (a hub name or a path)."""
+    if model.startswith(PACKAGE_PREFIX):
+        return str(importlib.import_module(model[len(PACKAGE_PREFIX):]).get_model_path())
+    return model
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return getattr(torch, dtype)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def plan_batches(lengths: Sequence[int], batch_tokens: int, max_batch_size: int) -> list[np.ndarray]:
+    """Group sequence indices into batches whose padded size (rows x longest) fits the token budget.
+
+    Longest first, so an out-of-memory shows on the first batch rather than after an hour. Pure: no I/O.
+    """
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        longest = int(lengths[order[start]])
+        size = max(1, min(max_batch_size, batch_tokens // max(longest, 1)))
+        batches.append(order[start : start + size])
+        start += size
+    return batches
+
+
+@dataclass(frozen=True)
+class EncoderSettings:
+    """Everything that changes the vectors an encoder produces (and so names its output)."""
+
+    model: str
+    pooling: str = "dpr"
+    max_length: int = 256
+    normalize: bool = False
+    dtype: str = "auto"
+    question: bool = False  # DPR question encoder instead of the context encoder
+
+
+def load_model(settings: EncoderSettings) -> torch.nn.Module:
+    """The checkpoint's model, refusing silent surprises: a DPR checkpoint goes with `pooling: dpr` (and only
+    then), and no weight may be missing (transformers would initialize it randomly and carry on)."""
+    path = resolve_model_path(settings.model)
+    is_dpr = AutoConfig.from_pretrained(path).model_type == "dpr"
+    if is_dpr != (settings.pooling == "dpr"):
+        raise PipelineError(
+            f"model {settings.model} is {'a DPR' if is_dpr else 'not a DPR'} checkpoint: use pooling "
+            f"{'dpr' if is_dpr else 'cls or mean'}, not {settings.pooling}"
+        )
+    model_class = (DPRQuestionEncoder if settings.question else DPRContextEncoder) if is_dpr else AutoModel
+    model, info = model_class.from_pretrained(path, attn_implementation="sdpa", output_loading_info=True)
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise PipelineError(f"model {settings.model} lacks {len(missing)} weights for {model_class.__name__} "
+                            f"(e.g. {missing[0]}): is it a {'question' if settings.question else 'context'} "
+                            "encoder checkpoint?")
+    return model
+
+
+@dataclass
+class Tokens:
+    """Unpadded token ids of n sequences, flat with offsets: cheap to ship between Ray workers."""
+
+    input_ids: np.ndarray  # int32 [total]
+    offsets: np.ndarray  # int64 [n + 1]
+    token_type_ids: np.ndarray | None = None  # int32 [total], when the model uses segment ids
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @classmethod
+    def from_lists(cls, input_ids: list[list[int]], token_type_ids: list[list[int]] | None = None) -> Tokens:
+        offsets = np.zeros(len(input_ids) + 1, dtype=np.int64)
+        np.cumsum([len(ids) for ids in input_ids], out=offsets[1:])
+        flat = np.fromiter((t for ids in input_ids for t in ids), dtype=np.int32, count=int(offsets[-1]))
+        types = None
+        if token_type_ids is not None:
+            types = np.fromiter((t for ids in token_type_ids for t in ids), dtype=np.int32, count=int(offsets[-1]))
+        return cls(flat, offsets, types)
+
+
+class PassageTokenizer:
+    """The CPU half of an encoder: DPR's `title [SEP] text` pairing, truncated, unpadded."""
+
+    def __init__(self, settings: EncoderSettings):
+        self.settings = settings
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(settings.model))
+        # DPR feeds zero segment ids for title+text pairs; generic BERT encoders use the tokenizer's.
+        self.use_token_types = settings.pooling != "dpr" and "token_type_ids" in self.tokenizer.model_input_names
+        self.pad_id = self.tokenizer.pad_token_id or 0
+
+    def __call__(self, titles: Sequence[str] | None, texts: Sequence[str]) -> Tokens:
+        args = (list(texts),) if titles is None else (list(titles), list(texts))
+        encoded = self.tokenizer(*args, truncation=True, max_length=self.settings.max_length,
+                                 return_attention_mask=False, return_token_type_ids=self.use_token_types)
+        return Tokens.from_lists(encoded["input_ids"], encoded["token_type_ids"] if self.use_token_types else None)
+
+    def digest(self) -> bytes:
+        tokenizer = self.tokenizer
+        if tokenizer.is_fast:
+            return tokenizer.backend_tokenizer.to_str().encode()
+        return repr(sorted(tokenizer.get_vocab().items())).encode()
+
+
+class TextEncoder:
+    """A loaded encoder; `encode(titles, texts)` → float32 [n, dim] in input order."""
+
+    def __init__(self, settings: EncoderSettings, device: torch.device | str | None = None,
+                 batch_tokens: int | None = None, max_batch_size: int = 512):
+        self.settings = settings
+        self.device = torch.device(device) if device is not None else default_device()
+        self.compute_dtype = resolve_dtype(settings.dtype, self.device)
+        # Big batches feed a GPU; on CPU, small ones stay in cache (measured: 4096 beats 16384 by 1.4x).
+        self.batch_tokens = batch_tokens or (65536 if self.device.type == "cuda" else 4096)
+        self.max_batch_size = max_batch_size
+        self.tokenize = PassageTokenizer(settings)
+        self.model = load_model(settings).to(self.device).eval()
+        config = self.model.config
+        self.dim = int(getattr(config, "projection_dim", 0) or config.hidden_size)
+
+    def fingerprint(self) -> str:
+        """`<model-name>-<hash>`: hash of weights, tokenizer, pooling, max_length, normalize and compute dtype."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(self.tokenize.digest())
+        s = self.settings
+        digest.update(f"{s.pooling}|{s.max_length}|{s.normalize}|{self.compute_dtype}|{s.question}".encode())
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", s.model.rstrip("/").rsplit("/", 1)[-1].rsplit(":", 1)[-1])
+        return f"{name[:48]}-{digest.hexdigest()[:16]}"
+
+    def encode(self, titles: Sequence[str] | None, texts: Sequence[str]) -> np.ndarray:
+        return self.encode_tokens(self.tokenize(titles, texts))
+
+    @torch.inference_mode()
+    def encode_tokens(self, tokens: Tokens) -> np.ndarray:
+        lengths = tokens.lengths
+        out = np.empty((len(tokens), self.dim), dtype=np.float32)
+        for batch in plan_batches(lengths, self.batch_tokens, self.max_batch_size):
+            out[batch] = self._forward(batch, tokens, lengths)
+        return out
+
+    def _forward(self, batch: np.ndarray, tokens: Tokens, lengths: np.ndarray) -> np.ndarray:
+        longest = int(lengths[batch].max())
+        ids = np.full((len(batch), longest), self.tokenize.pad_id, dtype=np.int64)
+        mask = np.zeros((len(batch), longest), dtype=np.int64)
+        types = np.zeros((len(batch), longest), dtype=np.int64) if tokens.token_type_ids is not None else None
+        for row, index in enumerate(batch):
+            start, end = tokens.offsets[index], tokens.offsets[index + 1]
+            ids[row, : end - start] = tokens.input_ids[start:end]
+            mask[row, : end - start] = 1
+            if types is not None:
+                types[row, : end - start] = tokens.token_type_ids[start:end]
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        if types is not None:
+            inputs["token_type_ids"] = types
+        inputs = {key: torch.from_numpy(value).to(self.device, non_blocking=True) for key, value in inputs.items()}
+        with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32):
+            output = self.model(**inputs)
+        embeddings = self._pool(output, inputs["attention_mask"]).float()
+        if self.settings.normalize:
+            embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
+        return embeddings.cpu().numpy()
+
+    def _pool(self, output, mask: torch.Tensor) -> torch.Tensor:
+        if self.settings.pooling == "dpr":
+            return output.pooler_output
+        hidden = output.last_hidden_state
+        if self.settings.pooling == "cls":
+            return hidden[:, 0]
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
