@@ -5,6 +5,7 @@ Exit codes: 0 success, 1 a failed run (the message names what failed), 2 a bad c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -24,36 +25,44 @@ def _configure_logging() -> None:
     )
 
 
-def emit_summary(job: str, status: str, **fields: Any) -> None:
-    """The last line on stdout: what orchestrators and users parse."""
-    print(json.dumps({"job": job, "status": status, **fields}, default=str), flush=True)
+def _disconnect_ray() -> None:
+    """Stop Ray's background printers, so nothing they say can follow the summary line."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def _run(job: str, body: Callable[[PipelineConfig], dict[str, Any]], argv: Sequence[str] | None
+         ) -> tuple[int, dict[str, Any]]:
+    args = argument_parser(job).parse_args(argv)  # argparse exits 2 on a bad command line
+    started = time.perf_counter()
+    try:
+        config = load_config(args.config, args.overrides)
+        try:
+            summary = body(config)
+        finally:
+            _disconnect_ray()
+    except ConfigError as exc:
+        log.error("%s: %s", job, exc)
+        return 2, {"status": "error", "error": str(exc)}
+    except PipelineError as exc:
+        log.error("%s failed: %s", job, exc)
+        return 1, {"status": "error", "error": str(exc), "seconds": round(time.perf_counter() - started, 3)}
+    except Exception as exc:  # noqa: BLE001 - an unexpected failure still ends with a summary line
+        log.exception("%s failed unexpectedly", job)
+        return 1, {"status": "error", "error": f"{type(exc).__name__}: {exc}",
+                   "seconds": round(time.perf_counter() - started, 3)}
+    return 0, {"status": "ok", **summary, "seconds": round(time.perf_counter() - started, 3)}
 
 
 def run_job(job: str, body: Callable[[PipelineConfig], dict[str, Any]], argv: Sequence[str] | None = None) -> int:
     """Parse, validate, run `body`, report; returns the process exit code."""
     _configure_logging()
-    args = argument_parser(job).parse_args(argv)  # argparse exits 2 on a bad command line
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        log.error("%s: %s", job, exc)
-        emit_summary(job, "error", error=str(exc))
-        return 2
-    started = time.perf_counter()
-    try:
-        summary = body(config)
-    except ConfigError as exc:
-        log.error("%s: %s", job, exc)
-        emit_summary(job, "error", error=str(exc))
-        return 2
-    except PipelineError as exc:
-        log.error("%s failed: %s", job, exc)
-        emit_summary(job, "error", error=str(exc), seconds=round(time.perf_counter() - started, 3))
-        return 1
-    except Exception as exc:  # noqa: BLE001 - an unexpected failure still ends with a summary line
-        log.exception("%s failed unexpectedly", job)
-        emit_summary(job, "error", error=f"{type(exc).__name__}: {exc}",
-                     seconds=round(time.perf_counter() - started, 3))
-        return 1
-    emit_summary(job, "ok", **summary, seconds=round(time.perf_counter() - started, 3))
-    return 0
+    summary_stream = sys.stdout
+    # stdout carries the summary line alone: what libraries print (Ray's worker notices, ...) goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        code, summary = _run(job, body, argv)
+    print(json.dumps({"job": job, **summary}, default=str), file=summary_stream, flush=True)
+    return code

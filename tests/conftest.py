@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -22,9 +23,14 @@ FAKE_CREDENTIALS = {
 }
 os.environ.update(FAKE_CREDENTIALS)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# The session's Ray listens on 127.0.0.1 only; a token left in ~/.ray by another local Ray must not be demanded.
+os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from the hub: models are built or packaged
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.pop("RAY_ADDRESS", None)
+
+
+logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's per-request access log
 
 
 @pytest.fixture(scope="session")
