@@ -118,6 +118,10 @@ class EncodeConfig(Section):
     embedding_dtype: Literal["float32", "float16"] = "float32"
     actors: int | None = Field(None, gt=0, description="encoder actors (default: one per GPU, else one on CPU)")
     cpu_threads: int | None = Field(None, gt=0, description="torch threads of a CPU actor (default: node CPUs)")
+    tokenizer_actors: int | None = Field(
+        None, ge=0, description="CPU actors that read and tokenize shards for GPU actors (default: 2 per GPU "
+        "actor; 0 without GPUs, where encoder actors tokenize themselves)"
+    )
     max_attempts: int = Field(3, gt=0, description="tries per shard when an encoder actor dies")
 
 

@@ -1,7 +1,7 @@
 """Encode stage: passage shards → `embeddings/<snapshot>/<fingerprint>/part-*.parquet`, exactly once.
 
-Reader → mapper → writer: CPU Ray tasks read a passage shard (verified against its manifest) and tokenize it;
-an actor pool (one actor pinned to each GPU, or CPU actors) runs the model and writes the embedding shard under
+Reader → mapper → writer: CPU tokenizer actors read a passage shard (verified against its manifest) and
+tokenize it; an actor pool (one actor pinned to each GPU, or CPU actors) runs the model and writes the embedding shard under
 the passage shard's own name, so a retried shard overwrites itself instead of duplicating. Each actor has two
 shards in flight, so the next shard's tokenization overlaps the current forward passes.
 
@@ -12,7 +12,6 @@ An actor that dies is restarted by Ray and its shards are resubmitted, up to `en
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import posixpath
@@ -26,7 +25,7 @@ import pyarrow as pa
 import ray
 from tqdm import tqdm
 
-from pipeline.config import EncodeConfig, PipelineConfig
+from pipeline.config import PipelineConfig
 from pipeline.encoder import EncoderSettings, PassageTokenizer, TextEncoder, Tokens
 from pipeline.errors import InputError, PipelineError
 from pipeline.ingest import PASSAGE_SCHEMA, snapshot_dir
@@ -91,23 +90,29 @@ def plan_shards(passage_files: list[FileEntry], done: dict[str, FileEntry]) -> t
     return todo, reused
 
 
-@functools.lru_cache(maxsize=2)
-def _tokenizer(settings: EncoderSettings) -> PassageTokenizer:
-    return PassageTokenizer(settings)  # loaded once per worker process, reused across shards
+class TokenizerActor:
+    """The reader/mapper half, on CPU: verified passage shard → (ids, tokens). Long-lived, so the tokenizer and
+    the imports are loaded once, before the first shard is timed. Also used inline by CPU encoder actors."""
 
+    def __init__(self, settings: EncoderSettings, storage_root: str, options: dict[str, Any], passages: str):
+        self.storage = Storage(storage_root, options)
+        self.passages = passages
+        self.tokenize = PassageTokenizer(settings)
 
-def tokenize_shard(settings: EncoderSettings, storage_root: str, options: dict[str, Any], passages: str,
-                   entry: FileEntry) -> tuple[list[str], Tokens]:
-    """The reader/mapper half, on CPU workers: verified shard → (ids, tokens)."""
-    table = read_passage_shard(Storage(storage_root, options), passages, entry)
-    tokens = _tokenizer(settings)(table.column("title").to_pylist(), table.column("text").to_pylist())
-    return table.column("id").to_pylist(), tokens
+    def ready(self) -> bool:
+        return True
+
+    def tokenize_shard(self, entry: FileEntry) -> tuple[list[str], Tokens]:
+        table = read_passage_shard(self.storage, self.passages, entry)
+        tokens = self.tokenize(table.column("title").to_pylist(), table.column("text").to_pylist())
+        return table.column("id").to_pylist(), tokens
 
 
 @dataclass(frozen=True)
 class WriterSettings:
     storage_root: str
     storage_options: dict[str, Any]
+    passages: str
     embedding_dtype: str
     batch_tokens: int | None
     max_batch_size: int
@@ -126,26 +131,50 @@ class EncoderActor:
         self.storage = Storage(writer.storage_root, writer.storage_options)
         self.encoder = TextEncoder(settings, batch_tokens=writer.batch_tokens, max_batch_size=writer.max_batch_size)
         self._fingerprint = self.encoder.fingerprint()
+        # Without a GPU to keep busy, tokenizing here beats shipping tokens from other actors on the same cores.
+        self.reader = TokenizerActor(settings, writer.storage_root, writer.storage_options, writer.passages)
 
     def describe(self) -> dict[str, Any]:
         return {"fingerprint": self._fingerprint, "dim": self.encoder.dim, "device": str(self.encoder.device),
                 "dtype": str(self.encoder.compute_dtype).removeprefix("torch."), "pid": os.getpid()}
 
-    def encode_shard(self, output: str, entry: FileEntry, shard: tuple[list[str], Tokens]) -> FileEntry:
-        ids, tokens = shard
+    def encode_shard(self, output: str, entry: FileEntry, shard: tuple[list[str], Tokens] | None) -> FileEntry:
+        ids, tokens = shard if shard is not None else self.reader.tokenize_shard(entry)
         vectors = self.encoder.encode_tokens(tokens)
         data = parquet_bytes(embedding_table(ids, vectors, self.writer.embedding_dtype))
         digest = self.storage.write_bytes(posixpath.join(output, entry.name), data)
         return FileEntry(name=entry.name, bytes=len(data), sha256=digest, rows=len(ids), source_sha256=entry.sha256)
 
 
-def _start_actors(config: EncodeConfig, settings: EncoderSettings, writer: WriterSettings) -> list:
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    count = config.actors or max(gpus, 1)
+@dataclass
+class ActorPool:
+    encoders: list
+    tokenizers: list
+
+    def kill(self) -> None:
+        for actor in self.encoders + self.tokenizers:
+            ray.kill(actor)
+
+
+def _start_actors(config: PipelineConfig, settings: EncoderSettings, writer: WriterSettings, passages: str
+                  ) -> ActorPool:
+    """Encoder actors pinned one per GPU (else CPU actors), and CPU tokenizer actors to keep them fed."""
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    encoders = config.encode.actors or max(gpus, 1)
     options: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
-    actor_class = ray.remote(max_restarts=-1, max_task_retries=0, **options)(EncoderActor)
-    log.info("starting %d encoder actor(s) on %s", count, "GPU" if gpus else "CPU")
-    return [actor_class.remote(settings, writer) for _ in range(count)]
+    tokenizers = config.encode.tokenizer_actors
+    if tokenizers is None:
+        tokenizers = max(1, min(2 * encoders, cpus - encoders)) if gpus else 0
+    log.info("starting %d encoder actor(s) on %s and %d tokenizer actor(s)", encoders, "GPU" if gpus else "CPU",
+             tokenizers)
+    encoder_class = ray.remote(max_restarts=-1, max_task_retries=0, **options)(EncoderActor)
+    tokenizer_class = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=0)(TokenizerActor)
+    return ActorPool(
+        encoders=[encoder_class.remote(settings, writer) for _ in range(encoders)],
+        tokenizers=[tokenizer_class.remote(settings, config.storage.root, config.storage.options, passages)
+                    for _ in range(tokenizers)],
+    )
 
 
 def _load_progress(storage: Storage, output: str) -> dict[str, FileEntry]:
@@ -158,20 +187,23 @@ def _load_progress(storage: Storage, output: str) -> dict[str, FileEntry]:
     return {e.name: e for e in recorded if e.name in present}
 
 
-class _ShardPool:
-    """Feeds shards to encoder actors, two in flight each; resubmits the shards of an actor that died."""
+class _ShardScheduler:
+    """Feeds shards to encoder actors, two in flight each (tokenized round-robin by the tokenizer actors);
+    resubmits the shards of an actor that died."""
 
-    def __init__(self, actors: list, settings: EncoderSettings, config: PipelineConfig, passages: str, output: str):
-        self.actors, self.settings, self.config = actors, settings, config
-        self.passages, self.output = passages, output
-        self.tokenize = ray.remote(num_cpus=1, max_retries=3)(tokenize_shard)
+    def __init__(self, pool: ActorPool, max_attempts: int, output: str):
+        self.actors, self.tokenizers = pool.encoders, pool.tokenizers
+        self.max_attempts, self.output = max_attempts, output
         self.inflight: dict[Any, tuple[int, FileEntry]] = {}
         self.attempts: dict[str, int] = {}
+        self.submitted = 0
         self.retried = 0
 
     def _submit(self, actor: int, entry: FileEntry) -> None:
-        shard = self.tokenize.remote(self.settings, self.config.storage.root, self.config.storage.options,
-                                     self.passages, entry)
+        shard = None
+        if self.tokenizers:
+            shard = self.tokenizers[self.submitted % len(self.tokenizers)].tokenize_shard.remote(entry)
+        self.submitted += 1
         self.inflight[self.actors[actor].encode_shard.remote(self.output, entry, shard)] = (actor, entry)
 
     def run(self, todo: list[FileEntry], on_done) -> list[FileEntry]:
@@ -187,11 +219,11 @@ class _ShardPool:
                 result = ray.get(ref)
             except ray.exceptions.RayActorError as exc:
                 self.attempts[entry.name] = self.attempts.get(entry.name, 0) + 1
-                if self.attempts[entry.name] >= self.config.encode.max_attempts:
+                if self.attempts[entry.name] >= self.max_attempts:
                     self._cancel()
                     raise PipelineError(f"shard {entry.name}: encoder actor died {self.attempts[entry.name]} times "
                                         f"({exc.__class__.__name__})") from None
-                log.warning("encoder actor %d died on shard %s; resubmitting", actor, entry.name)
+                log.warning("an actor died with shard %s in flight; resubmitting", entry.name)
                 self.retried += 1
                 queue.appendleft(entry)
             except ray.exceptions.RayTaskError as exc:
@@ -221,20 +253,20 @@ def run_encode(config: PipelineConfig) -> dict[str, Any]:
     enc = config.encode
     settings = EncoderSettings(model=enc.model, pooling=enc.pooling, max_length=enc.max_length,
                                normalize=enc.normalize, dtype=enc.dtype)
-    writer = WriterSettings(config.storage.root, config.storage.options, enc.embedding_dtype,
+    writer = WriterSettings(config.storage.root, config.storage.options, passages, enc.embedding_dtype,
                             enc.batch_tokens, enc.max_batch_size, enc.cpu_threads)
     connect()
-    actors = _start_actors(enc, settings, writer)
+    pool = _start_actors(config, settings, writer, passages)
     try:
-        return _encode_with(actors, storage, config, settings, snapshot, passage_manifest)
+        return _encode_with(pool, storage, config, settings, snapshot, passage_manifest)
     finally:
-        for actor in actors:
-            ray.kill(actor)
+        pool.kill()
 
 
-def _encode_with(actors: list, storage: Storage, config: PipelineConfig, settings: EncoderSettings, snapshot: str,
-                 passage_manifest: Manifest) -> dict[str, Any]:
-    described = ray.get([actor.describe.remote() for actor in actors])
+def _encode_with(pool: ActorPool, storage: Storage, config: PipelineConfig, settings: EncoderSettings,
+                 snapshot: str, passage_manifest: Manifest) -> dict[str, Any]:
+    described = ray.get([actor.describe.remote() for actor in pool.encoders])
+    ray.get([actor.ready.remote() for actor in pool.tokenizers])
     fingerprints = {d["fingerprint"] for d in described}
     if len(fingerprints) != 1:
         raise PipelineError(f"encoder actors disagree on the model fingerprint: {sorted(fingerprints)}")
@@ -254,8 +286,8 @@ def _encode_with(actors: list, storage: Storage, config: PipelineConfig, setting
             storage.write_json(posixpath.join(output, PROGRESS_NAME), [e.model_dump() for e in completed])
             bar.update(entry.rows)
 
-        pool = _ShardPool(actors, settings, config, snapshot_dir(snapshot), output)
-        encoded = pool.run(todo, on_done) if todo else []
+        scheduler = _ShardScheduler(pool, config.encode.max_attempts, output)
+        encoded = scheduler.run(todo, on_done) if todo else []
     seconds = time.perf_counter() - started
     order = {e.name: i for i, e in enumerate(passage_manifest.files)}
     completed.sort(key=lambda e: order[e.name])
@@ -273,7 +305,7 @@ def _encode_with(actors: list, storage: Storage, config: PipelineConfig, setting
         "reused": sum(e.rows or 0 for e in reused),
         "shards": len(completed),
         "encoded_shards": len(encoded),
-        "retried_shards": pool.retried,
+        "retried_shards": scheduler.retried,
         "dim": dim,
         "device": device,
         "passages_per_s": round(rows / seconds, 1) if rows else 0.0,

@@ -76,8 +76,9 @@ def test_encode_end_to_end_exactly_once_and_exact(corpus, tiny_models, s3_endpoi
     assert (again.summary["rows"], again.summary["reused"], again.summary["encoded_shards"]) == (0, 600, 0)
 
 
-def _start_encode(config):
-    return subprocess.Popen([sys.executable, "-m", "jobs.encode", "--config", str(config)], cwd=REPO,
+def _start_encode(config, *overrides):
+    sets = [arg for item in overrides for arg in ("--set", item)]
+    return subprocess.Popen([sys.executable, "-m", "jobs.encode", "--config", str(config), *sets], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
 
 
@@ -136,8 +137,9 @@ def _encoder_actor_pids():
 
 
 def test_encoder_actor_killed_twice_mid_run(corpus, s3_endpoint, s3_bucket):
+    """Also runs the GPU layout's separate tokenizer actor, which CPU-only runs skip."""
     fs = _fs(s3_endpoint)
-    job = _start_encode(corpus)
+    job = _start_encode(corpus, "encode.tokenizer_actors=1")
     killed = []
     first = _wait_for(_encoder_actor_pids)
     _wait_for(lambda: len(_progress(fs, s3_bucket)) >= 1)
