@@ -13,6 +13,7 @@ from pipeline.config import PipelineConfig
 from pipeline.demo_corpus import write_demo_corpus
 from pipeline.embeddings import run_encode
 from pipeline.errors import ConfigError
+from pipeline.index import run_build_index
 from pipeline.ingest import run_ingest
 
 log = logging.getLogger("jobs.demo")
@@ -25,7 +26,7 @@ def run_demo(config: PipelineConfig) -> dict[str, Any]:
     if not corpus.exists():
         log.info("writing the demo corpus (%d passages) to %s", write_demo_corpus(corpus), corpus)
     stages = {}
-    for stage, run in (("ingest", run_ingest), ("encode", run_encode)):
+    for stage, run in (("ingest", run_ingest), ("encode", run_encode), ("build_index", run_build_index)):
         stages[stage] = run(config)
         log.info("%s: %s", stage, stages[stage])
     return {"stages": stages}

@@ -23,6 +23,7 @@ def _configure_logging() -> None:
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it tried, at every start
 
 
 def _disconnect_ray() -> None:

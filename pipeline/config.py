@@ -125,9 +125,32 @@ class EncodeConfig(Section):
     max_attempts: int = Field(3, gt=0, description="tries per shard when an encoder actor dies")
 
 
+BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: Any) -> Any:
+    """`8GiB`, `512 MB` or a plain number of bytes."""
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", value)
+        if not match or match.group(2).lower() not in BYTE_UNITS:
+            raise ValueError(f"{value!r} is not a size such as 8GiB or 512MB")
+        return int(float(match.group(1)) * BYTE_UNITS[match.group(2).lower()])
+    return value
+
+
 class IndexConfig(Section):
-    factory: str = "OPQ64_256,IVF65536,PQ64"
-    nprobe: int = Field(64, gt=0)
+    snapshot: str | None = Field(None, description="passage snapshot (default: the latest ingested)")
+    fingerprint: str | None = Field(None, description="encoder fingerprint (default: newest encode of the snapshot)")
+    _snapshot = field_validator("snapshot", mode="before")(lambda cls, value: _snapshot_name(value))
+    factory: str = Field("OPQ64_256,IVF65536,PQ64", description="FAISS factory string; inner-product metric")
+    nprobe: int = Field(64, gt=0, description="search-time nprobe, stored with the index")
+    train_size: int = Field(1_000_000, gt=0, description="cap on training vectors (>= 39 per centroid wanted)")
+    queries: int = Field(1000, gt=0, description="held-out corpus vectors used to measure recall vs exact search")
+    min_recall: float = Field(0.9, ge=0, le=1, description="recall@100 below this is not published")
+    max_memory: int = Field(32 * 2**30, gt=0, description="refuse to build when the estimate exceeds this (8GiB)")
+    seed: int = 0
+    _max_memory = field_validator("max_memory", mode="before")(lambda cls, value: parse_bytes(value))
 
 
 class ServeConfig(Section):

@@ -33,6 +33,14 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def resolve(url: str, options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """Filesystem and protocol-less path for any URL or plain path."""
     fs, path = fsspec.core.url_to_fs(url, **(options or {}))
@@ -118,6 +126,20 @@ class Storage:
             self.fs.pipe_file(target, data)
         return sha256_hex(data)
 
+    def upload(self, local_path: str, rel: str) -> None:
+        """Copy a local file in whole (rename locally; one PUT or a completed multipart upload on object stores)."""
+        target = self.path(rel)
+        if self.is_local:
+            self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+            temporary = f"{target}.tmp-{uuid.uuid4().hex}"
+            self.fs.put_file(local_path, temporary)
+            self.fs.mv(temporary, target)
+        else:
+            self.fs.put_file(local_path, target)
+
+    def download(self, rel: str, local_path: str) -> None:
+        self.fs.get_file(self.path(rel), local_path)
+
     def read_bytes(self, rel: str) -> bytes:
         return self.fs.cat_file(self.path(rel))
 
@@ -143,7 +165,8 @@ class Storage:
         return json.loads(self.read_bytes(rel))
 
     # -- manifests ----------------------------------------------------------------------------------------------
-    def write_manifest(self, rel_dir: str, kind: str, files: list[FileEntry], **fields: Any) -> Manifest:
+    def write_manifest(self, rel_dir: str, kind: str, files: list[FileEntry], name: str = MANIFEST_NAME,
+                       **fields: Any) -> Manifest:
         """Publish a directory: the manifest is written after every object it lists."""
         rows = sum(f.rows for f in files if f.rows is not None) if any(f.rows is not None for f in files) else None
         manifest = Manifest(
@@ -153,12 +176,12 @@ class Storage:
             rows=rows,
             **fields,
         )
-        self.write_json(posixpath.join(rel_dir, MANIFEST_NAME), manifest.model_dump(mode="json"))
+        self.write_json(posixpath.join(rel_dir, name), manifest.model_dump(mode="json"))
         return manifest
 
-    def read_manifest(self, rel_dir: str) -> Manifest | None:
+    def read_manifest(self, rel_dir: str, name: str = MANIFEST_NAME) -> Manifest | None:
         """The directory's manifest, or None when the directory was never published."""
-        rel = posixpath.join(rel_dir, MANIFEST_NAME)
+        rel = posixpath.join(rel_dir, name)
         try:
             raw = self.read_bytes(rel)
         except FileNotFoundError:

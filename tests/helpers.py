@@ -72,9 +72,12 @@ def write_parquet(path: Path, columns: dict[str, list[Any]]) -> Path:
 
 def synthetic_rows(count: int, start: int = 1, words: int = 100) -> list[tuple[str, str, str]]:
     """Deterministic passages in psgs_w100 shape (id, text, title)."""
-    vocabulary = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda"]
+    vocabulary = ("river mountain city history music science king war church language school village family "
+                  "film game species island county station company album party season team energy water "
+                  "north south empire bridge road museum theatre novel poet army ship castle garden").split()
     rows = []
     for i in range(start, start + count):
-        text = " ".join(vocabulary[(i * 7 + j * 3) % len(vocabulary)] for j in range(words)) + f" passage {i}"
+        text = " ".join(vocabulary[(i * 2654435761 + j * 40503 + (i * j) % 97) % 9973 % len(vocabulary)]
+                        for j in range(words)) + f" passage {i}"
         rows.append((str(i), text, f"Article {i // 10}"))
     return rows

@@ -1,0 +1,17 @@
+"""Train and publish a FAISS IVF-PQ index (with its docstore) from an encode job's embedding shards.
+
+    ray job submit --working-dir . -- python -m jobs.build_index --config configs/wiki21m.yaml
+"""
+
+import sys
+
+from pipeline.cli import run_job
+from pipeline.index import run_build_index
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job("build_index", run_build_index, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Index building: planning and sampling without I/O, then the job end to end on the encode job's output."""
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import requests
+import s3fs
+
+from pipeline.config import IndexConfig
+from pipeline.errors import PipelineError
+from pipeline.index import load_published, plan_index, recall_at, sample_positions
+from pipeline.storage import Storage
+from tests.helpers import run_job, synthetic_rows, write_config, write_tsv
+
+ROWS = synthetic_rows(800, words=30)
+
+
+def test_sample_is_uniform_across_shards_of_different_sizes_and_distributions():
+    rows = [5000, 50, 2000, 10, 3000]
+    picks = sample_positions(rows, 1000, seed=7)
+    counts = [len(p) for p in picks]
+    assert sum(counts) == 1000 and all(c > 0 for c in counts[:3] + counts[4:])
+    for count, n in zip(counts, rows):
+        assert abs(count / 1000 - n / sum(rows)) < 0.05  # proportional: not the first N
+    assert all(len(set(p.tolist())) == len(p) and (p < n).all() for p, n in zip(picks, rows))
+    assert all((a == b).all() for a, b in zip(picks, sample_positions(rows, 1000, seed=7)))
+    assert any((a != b).any() for a, b in zip(picks, sample_positions(rows, 1000, seed=8)) if len(a) == len(b))
+
+
+def test_sample_covers_shards_holding_different_distributions():
+    """Shards hold different clusters (psgs_w100 is ordered by article); a first-N sample would see one."""
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(4, 16)) * 100
+    shards = [centers[i] + rng.normal(size=(500, 16)) for i in range(4)]
+    picks = sample_positions([500] * 4, 200, seed=1)
+    sample = np.concatenate([s[p] for s, p in zip(shards, picks)])
+    nearest = np.argmin(((sample[:, None, :] - centers[None]) ** 2).sum(-1), axis=1)
+    assert np.bincount(nearest, minlength=4).min() >= 30  # each distribution ~50 of the 200
+
+
+def test_plan_sizes_training_and_memory():
+    config = IndexConfig(train_size=100_000, queries=1000)
+    plan = plan_index("OPQ64_256,IVF65536,PQ64", 768, 21_000_000, 100_000, config)
+    assert plan.nlist == 65536 and plan.train_size == 100_000  # 39 x 65536 wanted, capped
+    assert plan.code_bytes == 64 + 8
+    assert 1.4e9 < plan.memory_bytes < 3e9
+    small = plan_index("IVF16,PQ8x4", 32, 1000, 100, IndexConfig())
+    assert small.train_size == 1000 - small.queries and small.queries == 100
+    with pytest.raises(PipelineError, match="not a valid FAISS factory"):
+        plan_index("IVF16,Nonsense", 32, 1000, 100, IndexConfig())
+
+
+def test_recall_at_counts_overlap():
+    exact = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    ann = np.array([[1, 2, 9, 9], [8, 7, 6, 5]])
+    assert recall_at(ann, exact, 2) == 0.5 and recall_at(ann, exact, 4) == 0.75
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory, tiny_models, s3_endpoint, ray_address):
+    """One snapshot ingested and encoded with the tiny DPR encoder on S3, shared by this module's tests."""
+    tmp = tmp_path_factory.mktemp("index")
+    requests.post(f"{s3_endpoint}/moto-api/reset", timeout=10).raise_for_status()
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
+    fs.mkdir("idx")
+    fs.put_file(str(write_tsv(tmp / "psgs.tsv.gz", ROWS)), "idx/in/psgs.tsv.gz")
+    config = write_config(tmp / "c.yaml", {
+        "storage": {"root": "s3://idx/root", "options": {"endpoint_url": s3_endpoint}},
+        "ingest": {"input": "s3://idx/in/psgs.tsv.gz", "snapshot": "snap", "shard_rows": 150},
+        "encode": {"model": tiny_models["ctx"], "pooling": "dpr", "max_length": 64},
+        "index": {"factory": "IVF4,PQ32x8", "nprobe": 4, "queries": 200, "min_recall": 0.9},
+    })
+    for job in ("ingest", "encode"):
+        run = run_job(job, config)
+        assert run.returncode == 0, run.stderr[-3000:]
+    return {"config": config, "fs": fs, "storage": Storage("s3://idx/root", {"endpoint_url": s3_endpoint}),
+            "tmp": tmp}
+
+
+def _latest(fs):
+    fs.invalidate_cache()
+    return fs.cat_file("idx/root/indexes/LATEST").decode().strip() if fs.exists("idx/root/indexes/LATEST") else None
+
+
+def test_build_index_end_to_end(encoded):
+    run = run_job("build_index", encoded["config"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = run.summary
+    assert summary["job"] == "build_index" and summary["vectors"] == 800
+    assert summary["recall_at_100"] >= 0.9 and 0 < summary["bytes_per_vector"] < 100
+    assert summary["train_seconds"] >= 0 and summary["add_seconds"] >= 0
+    assert _latest(encoded["fs"]) == summary["version"]
+
+    published = load_published(encoded["storage"], None, str(encoded["tmp"] / "cache"))
+    assert published.version == summary["version"] and published.index.ntotal == 800
+    assert published.docstore.column("id").to_pylist() == [pid for pid, _, _ in ROWS]
+    assert published.docstore.column("title").to_pylist() == [title for _, _, title in ROWS]
+    manifest = published.manifest
+    assert manifest.snapshot == "snap" and manifest.factory == "IVF4,PQ32x8" and manifest.nprobe == 4
+    assert manifest.fingerprint.startswith("dpr-ctx-tiny-") and manifest.encoder["pooling"] == "dpr"
+
+    # each passage's own vector finds itself first
+    from pipeline.encoder import EncoderSettings, TextEncoder
+
+    encoder = TextEncoder(EncoderSettings(manifest.encoder["model"], "dpr", max_length=64), device="cpu")
+    vectors = encoder.encode([t for _, _, t in ROWS], [x for _, x, _ in ROWS])
+    _, found = published.search(vectors, 1)
+    assert (found[:, 0] == np.arange(800)).mean() >= 0.95
+
+    again = run_job("build_index", encoded["config"])
+    assert again.returncode == 0 and again.summary["reused"] is True
+    assert again.summary["version"] == summary["version"]
+
+
+def test_recall_gate_refuses_a_bad_factory(encoded):
+    before = _latest(encoded["fs"])
+    run = run_job("build_index", encoded["config"], "index.factory=IVF32,PQ2x4", "index.nprobe=1",
+                  "index.min_recall=0.9")
+    assert run.returncode == 1
+    assert "below index.min_recall 0.9" in run.stderr and "not published" in run.summary["error"]
+    version = run.summary["error"].split("version ")[1].split()[0]
+    assert not encoded["fs"].exists(f"idx/root/indexes/{version}/manifest.json")
+    assert _latest(encoded["fs"]) == before
+
+
+def test_memory_estimate_refuses_before_building(encoded):
+    run = run_job("build_index", encoded["config"], "index.max_memory=64KB", "index.seed=3")
+    assert run.returncode == 1
+    assert "needs about" in run.stderr and "index.max_memory" in run.stderr
+    assert "train" not in [line.split(": ")[-1] for line in run.stderr.splitlines() if "pipeline.index" in line]
+
+
+@pytest.mark.parametrize("name", ["index.faiss", "docstore.arrow"])
+def test_tampered_files_are_refused_before_read_index(encoded, name):
+    run = run_job("build_index", encoded["config"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    fs, version = encoded["fs"], run.summary["version"]
+    path = f"idx/root/indexes/{version}/{name}"
+    original = fs.cat_file(path)
+    try:
+        fs.pipe_file(path, original[:-16] + bytes(16))
+        cache = encoded["tmp"] / f"cache-{name}"
+        with pytest.raises(PipelineError, match=f"{name}: checksum mismatch"):
+            load_published(encoded["storage"], version, str(cache))
+        assert not (cache / version / name).exists()  # the bad copy is not kept for a later load
+    finally:
+        fs.pipe_file(path, original)
