@@ -1,0 +1,104 @@
+"""Index quality and speed vs exact search; prints one JSON line.
+
+    python benchmarks/index.py                          # the index `make demo` published (MiniLM, demo corpus)
+    python benchmarks/index.py --synthetic 500000 --dim 384 --factory IVF1024,PQ48 --nprobe 32
+
+recall@k = |IVF-PQ top-k ∩ exact top-k| / k on held-out corpus vectors; QPS are batched top-100 searches on this
+machine's threads (exact = IndexFlatIP over the same float32 vectors). --synthetic draws a clustered Gaussian
+mixture (unit-normalized, like sentence embeddings) and builds it with the job's own planning and sampling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.config import IndexConfig, load_config  # noqa: E402
+from pipeline.index import EmbeddingShards, find_embeddings, load_published, plan_index, recall_at  # noqa: E402
+from pipeline.storage import Storage  # noqa: E402
+
+
+def qps(search, queries: np.ndarray, k: int, repeats: int = 3) -> tuple[float, np.ndarray]:
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _, result = search(queries, k)
+        best = min(best, time.perf_counter() - start)
+    return len(queries) / best, result
+
+
+def measure(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray) -> dict:
+    exact = faiss.IndexFlatIP(vectors.shape[1])
+    exact.add(vectors)
+    k = min(100, len(vectors))
+    exact_qps, truth = qps(exact.search, queries, k)
+    search_qps, found = qps(index.search, queries, k)
+    return {"recall_at_10": round(recall_at(found, truth, 10), 4), "recall_at_100": round(recall_at(found, truth, 100), 4),
+            "search_qps": round(search_qps), "exact_qps": round(exact_qps), "speedup_vs_exact": round(search_qps / exact_qps, 1)}
+
+
+def published(args) -> dict:
+    config = load_config(REPO / args.config)
+    storage = Storage(config.storage.root, config.storage.options)
+    with tempfile.TemporaryDirectory() as cache:
+        index = load_published(storage, None, cache)
+        _, _, manifest = find_embeddings(storage, config.index)
+        shards = EmbeddingShards(storage, f"embeddings/{index.manifest.snapshot}/{index.manifest.fingerprint}", manifest)
+        vectors = np.concatenate([v for _, _, v in shards])
+        queries = vectors[np.random.default_rng(0).choice(len(vectors), min(args.queries, len(vectors)), replace=False)]
+        result = measure(index.index, vectors, queries)
+        m = index.manifest
+    return {"source": f"published {m.version}", "vectors": len(vectors), "dim": m.dim, "factory": m.factory,
+            "nprobe": m.nprobe, "bytes_per_vector": m.bytes_per_vector,
+            "build_seconds": round(sum(m.seconds.values()), 2), **result}
+
+
+def synthetic(args) -> dict:
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(args.clusters, args.dim)).astype("float32")
+    vectors = centers[rng.integers(0, args.clusters, args.synthetic)] + 0.6 * rng.normal(
+        size=(args.synthetic, args.dim)).astype("float32")
+    faiss.normalize_L2(vectors)
+    config = IndexConfig(factory=args.factory, nprobe=args.nprobe, queries=args.queries)
+    plan = plan_index(args.factory, args.dim, len(vectors), len(vectors), config)
+    index = faiss.index_factory(args.dim, args.factory, faiss.METRIC_INNER_PRODUCT)
+    start = time.perf_counter()
+    index.train(vectors[rng.choice(len(vectors), plan.train_size, replace=False)])
+    index.add(vectors)
+    build_seconds = time.perf_counter() - start
+    faiss.ParameterSpace().set_index_parameter(index, "nprobe", args.nprobe)
+    with tempfile.NamedTemporaryFile() as handle:
+        faiss.write_index(index, handle.name)
+        size = Path(handle.name).stat().st_size
+    queries = vectors[rng.choice(len(vectors), args.queries, replace=False)]
+    return {"source": "synthetic clustered", "vectors": len(vectors), "dim": args.dim, "factory": args.factory,
+            "nprobe": args.nprobe, "bytes_per_vector": round(size / len(vectors), 2),
+            "build_seconds": round(build_seconds, 2), **measure(index, vectors, queries)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default="configs/demo.yaml", help="deployment whose published index to measure")
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--synthetic", type=int, help="measure a clustered synthetic set of this many vectors")
+    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--clusters", type=int, default=2000)
+    parser.add_argument("--factory", default="IVF1024,PQ48")
+    parser.add_argument("--nprobe", type=int, default=32)
+    args = parser.parse_args()
+    result = synthetic(args) if args.synthetic else published(args)
+    print(json.dumps({"benchmark": "index", "threads": faiss.omp_get_max_threads(), **result}))
+
+
+if __name__ == "__main__":
+    main()
