@@ -1,6 +1,7 @@
 """The whole chain on an offline corpus cut from Python's own documentation (`make demo`).
 
-Each stage runs exactly as its job would, in this process, against the local `storage.root`.
+Each stage runs exactly as its job would, in this process, against the local `storage.root`; then the QA app
+starts on Ray Serve, answers one question over HTTP, and shuts down.
 """
 
 import logging
@@ -15,8 +16,10 @@ from pipeline.embeddings import run_encode
 from pipeline.errors import ConfigError
 from pipeline.index import run_build_index
 from pipeline.ingest import run_ingest
+from pipeline.serve.local import ask_once
 
 log = logging.getLogger("jobs.demo")
+DEMO_QUESTION = "How do I sort a list in place?"
 
 
 def run_demo(config: PipelineConfig) -> dict[str, Any]:
@@ -29,6 +32,7 @@ def run_demo(config: PipelineConfig) -> dict[str, Any]:
     for stage, run in (("ingest", run_ingest), ("encode", run_encode), ("build_index", run_build_index)):
         stages[stage] = run(config)
         log.info("%s: %s", stage, stages[stage])
+    stages["serve"] = ask_once(config, DEMO_QUESTION)
     return {"stages": stages}
 
 

@@ -155,7 +155,32 @@ class IndexConfig(Section):
 
 class ServeConfig(Section):
     question_model: str = "facebook/dpr-question_encoder-single-nq-base"
-    reader_model: str | None = "facebook/dpr-reader-single-nq-base"
+    question_pooling: Literal["dpr", "cls", "mean"] | None = Field(
+        None, description="default: the pooling (and normalization) the index's passages were encoded with"
+    )
+    reader_model: str | None = Field("facebook/dpr-reader-single-nq-base", description="null = retrieval only")
+    index_version: str | None = Field(None, description="version to serve (default: indexes/LATEST)")
+    cache_dir: str = Field("/tmp/dpr-pipeline-index-cache", description="local copies of index versions")
+    max_question_chars: int = Field(1000, gt=0)
+    max_k: int = Field(100, gt=0)
+    max_batch_questions: int = Field(64, gt=0, description="questions per /v1/search request")
+    max_body_bytes: int = Field(256 * 1024, gt=0)
+    _max_body = field_validator("max_body_bytes", mode="before")(lambda cls, value: parse_bytes(value))
+    api_key_env: str | None = Field(None, description="environment variable holding the Bearer key (none = open)")
+    batch_max_size: int = Field(32, gt=0, description="serve.batch size of the question encoder (1 = off)")
+    batch_wait_s: float = Field(0.005, ge=0)
+    reader_passages: int = Field(10, gt=0, description="top passages the reader reads")
+    reader_max_length: int = Field(256, gt=0)
+    max_answer_tokens: int = Field(10, gt=0)
+    max_ongoing_requests: int = Field(32, gt=0)
+    max_queued_requests: int = Field(64, gt=0, description="beyond this the proxy answers 503 at once")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, gt=0)
+    encoder_gpus: float = Field(0, ge=0, description="GPUs per question-encoder replica (1 on a GPU cluster)")
+    encoder_cpus: float = Field(1, ge=0)
+    retriever_cpus: float = Field(1, ge=0, description="CPUs per retriever replica (FAISS search threads)")
+    reader_gpus: float = Field(0, ge=0)
+    reader_cpus: float = Field(1, ge=0)
 
 
 class NightlyConfig(Section):

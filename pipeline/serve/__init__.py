@@ -1,0 +1,1 @@
+"""The QA service: a Ray Serve application (`pipeline.serve.app:app`)."""

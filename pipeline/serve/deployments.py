@@ -1,0 +1,129 @@
+"""The model and index halves of the QA service, one Ray Serve deployment each so they scale apart."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from pipeline.encoder import EncoderSettings, TextEncoder
+from pipeline.errors import PipelineError
+from pipeline.index import PublishedIndex, load_published
+from pipeline.storage import Storage
+
+log = logging.getLogger("ray.serve")
+
+
+@serve.deployment
+class QuestionEncoder:
+    """Questions → vectors, batched across concurrent requests with `serve.batch` (GPU when present)."""
+
+    def __init__(self, settings: EncoderSettings, batch_max_size: int, batch_wait_s: float):
+        self.encoder = TextEncoder(settings)
+        self.encode.set_max_batch_size(batch_max_size)
+        self.encode.set_batch_wait_timeout_s(batch_wait_s)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def encode(self, questions: list[str]) -> list[np.ndarray]:
+        return list(self.encoder.encode(None, questions))
+
+
+@serve.deployment
+class Retriever:
+    """The published index on CPU replicas. The version comes from `user_config`; a new one is loaded beside the
+    current one, verified and probed, then swapped in with one assignment: every request sees exactly one
+    version, and a version that fails to load leaves the current one serving."""
+
+    def __init__(self, storage_root: str, storage_options: dict[str, Any], cache_dir: str):
+        self.storage = Storage(storage_root, storage_options)
+        self.cache_dir = cache_dir or tempfile.mkdtemp(prefix="index-cache-")
+        self.current: PublishedIndex | None = None
+        self.last_error: str | None = None
+        self._lock = threading.Lock()
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        with self._lock:
+            wanted = user_config.get("index_version")
+            try:
+                candidate = load_published(self.storage, wanted, self.cache_dir)
+                probe = np.zeros((1, candidate.index.d), dtype=np.float32)
+                _, rows = candidate.search(probe, 1)
+                if candidate.index.ntotal and rows[0, 0] < 0:
+                    raise PipelineError(f"index {candidate.version}: the probe query found nothing")
+            except Exception as exc:  # noqa: BLE001 - any failure keeps the current version serving
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                if self.current is None:
+                    raise
+                log.error("index version %s refused, still serving %s: %s", wanted, self.current.version, exc)
+                return
+            self.current, self.last_error = candidate, None
+            log.info("serving index %s (%d vectors)", candidate.version, candidate.index.ntotal)
+
+    def search(self, vectors: np.ndarray, k: int) -> dict[str, Any]:
+        current = self.current  # one version for the whole request, whatever reconfigure does meanwhile
+        scores, rows = current.search(np.asarray(vectors, dtype=np.float32), k)
+        found = [[int(r) for r in row if r >= 0] for row in rows]
+        table = current.passages([r for row in found for r in row])
+        ids, titles, texts = (table.column(c).to_pylist() for c in ("id", "title", "text"))
+        results, position = [], 0
+        for row, row_scores in zip(found, scores):
+            hits = []
+            for rank in range(len(row)):
+                hits.append({"id": ids[position], "title": titles[position], "text": texts[position],
+                             "score": float(row_scores[rank])})
+                position += 1
+            results.append(hits)
+        return {"index_version": current.version, "results": results}
+
+    def info(self) -> dict[str, Any]:
+        current = self.current
+        manifest = current.manifest.model_dump(exclude={"files"})
+        return {"index_version": current.version, "vectors": current.index.ntotal, "lineage": manifest,
+                "last_error": self.last_error}
+
+
+@serve.deployment
+class Reader:
+    """DPR reader over the top passages; spans chosen by `DPRReaderTokenizer.decode_best_spans` (relevance
+    across passages first, then start/end within), with concurrent questions batched into one forward pass."""
+
+    def __init__(self, model: str, max_length: int, max_answer_tokens: int):
+        import torch
+        from transformers import DPRReader, DPRReaderTokenizerFast
+
+        from pipeline.encoder import default_device, resolve_model_path
+
+        path = resolve_model_path(model)
+        self.torch, self.device = torch, default_device()
+        self.tokenizer = DPRReaderTokenizerFast.from_pretrained(path)
+        self.model = DPRReader.from_pretrained(path).to(self.device).eval()
+        self.max_length, self.max_answer_tokens = max_length, max_answer_tokens
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def read(self, requests: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        encoded = [self.tokenizer(questions=[r["question"]] * len(r["passages"]),
+                                  titles=[p["title"] for p in r["passages"]],
+                                  texts=[p["text"] for p in r["passages"]],
+                                  padding="max_length", truncation=True, max_length=self.max_length,
+                                  return_tensors="pt") for r in requests]
+        stacked = {key: self.torch.cat([e[key] for e in encoded]).to(self.device) for key in ("input_ids",
+                                                                                              "attention_mask")}
+        with self.torch.inference_mode():
+            output = self.model(**stacked)
+        answers, start = [], 0
+        for request, inputs in zip(requests, encoded):
+            end = start + len(request["passages"])
+            sliced = type(output)(start_logits=output.start_logits[start:end].cpu(),
+                                  end_logits=output.end_logits[start:end].cpu(),
+                                  relevance_logits=output.relevance_logits[start:end].cpu())
+            spans = self.tokenizer.decode_best_spans(inputs, sliced, num_spans=request["top_answers"],
+                                                     max_answer_length=self.max_answer_tokens)
+            answers.append([{"text": s.text, "score": float(s.span_score), "relevance": float(s.relevance_score),
+                             "passage": int(s.doc_id), "start": int(s.start_index), "end": int(s.end_index)}
+                            for s in spans])
+            start = end
+        return answers
