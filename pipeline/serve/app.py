@@ -218,19 +218,26 @@ def build_app(config: PipelineConfig):
     """The application graph: ingress → (question encoder, retriever, reader)."""
     s = config.serve
     storage = Storage(config.storage.root, config.storage.options)
-    encoder = QuestionEncoder.options(ray_actor_options={"num_cpus": s.encoder_cpus, "num_gpus": s.encoder_gpus}).bind(
-        question_settings(config, storage), s.batch_max_size, s.batch_wait_s)
-    retriever = Retriever.options(user_config={"index_version": s.index_version},
-                                  ray_actor_options={"num_cpus": s.retriever_cpus}).bind(
-        config.storage.root, config.storage.options, s.cache_dir)
+    encoder = QuestionEncoder.options(
+        ray_actor_options={"num_cpus": s.encoder_cpus, "num_gpus": s.encoder_gpus},
+    ).bind(question_settings(config, storage), s.batch_max_size, s.batch_wait_s)
+    retriever = Retriever.options(
+        user_config={"index_version": s.index_version}, ray_actor_options={"num_cpus": s.retriever_cpus},
+    ).bind(config.storage.root, config.storage.options, s.cache_dir)
     reader = None
     if s.reader_model:
-        reader = Reader.options(ray_actor_options={"num_cpus": s.reader_cpus, "num_gpus": s.reader_gpus}).bind(
-            s.reader_model, s.reader_max_length, s.max_answer_tokens)
+        reader = Reader.options(
+            ray_actor_options={"num_cpus": s.reader_cpus, "num_gpus": s.reader_gpus},
+        ).bind(s.reader_model, s.reader_max_length, s.max_answer_tokens)
+    # The index version lives only in the retriever's user_config: with `serve deploy` (or a RayService) a
+    # change is applied in place by Retriever.reconfigure; `serve.run` rolls new replicas in before old leave.
+    settings = s.model_copy(update={"index_version": None})
     # The ingress only awaits the others: it takes no CPU slot, so it is always schedulable.
-    ingress = QAService.options(max_ongoing_requests=s.max_ongoing_requests, max_queued_requests=s.max_queued_requests,
-                                ray_actor_options={"num_cpus": 0})
-    return ingress.bind(encoder, retriever, reader, s)
+    ingress = QAService.options(
+        max_ongoing_requests=s.max_ongoing_requests, max_queued_requests=s.max_queued_requests,
+        ray_actor_options={"num_cpus": 0},
+    )
+    return ingress.bind(encoder, retriever, reader, settings)
 
 
 def app(args: dict[str, Any]):

@@ -1,0 +1,236 @@
+"""The QA app on Ray Serve, over real HTTP: results, reader spans, every error status, metrics, hot swap."""
+
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+import yaml
+
+from pipeline.config import load_config
+from pipeline.encoder import EncoderSettings, TextEncoder
+from pipeline.index import load_published
+from pipeline.storage import Storage
+from tests.conftest import TEST_API_KEY
+from tests.helpers import run_job, synthetic_rows, write_config, write_tsv
+
+pytestmark = pytest.mark.ray
+ROWS = synthetic_rows(400, words=40)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def qa(tmp_path_factory, tiny_models, ray_address):
+    """A published index built by the jobs, and the QA app serving it on the session's Ray."""
+    import ray
+    from ray import serve
+
+    from pipeline.serve.app import build_app
+
+    tmp = tmp_path_factory.mktemp("serve")
+    port = _free_port()
+    config_path = write_config(tmp / "c.yaml", {
+        "storage": {"root": str(tmp / "store")},
+        "ingest": {"input": str(write_tsv(tmp / "psgs.tsv", ROWS)), "snapshot": "s1", "shard_rows": 100},
+        "encode": {"model": tiny_models["ctx"], "pooling": "dpr", "max_length": 64},
+        "index": {"factory": "IVF4,PQ32x8", "nprobe": 4, "queries": 40, "min_recall": 0.5},
+        "serve": {"question_model": tiny_models["question"], "reader_model": tiny_models["reader"],
+                  "cache_dir": str(tmp / "cache"), "port": port, "retriever_cpus": 0.25, "reader_cpus": 0.25,
+                  "encoder_cpus": 0.25, "max_question_chars": 200, "max_k": 50, "max_batch_questions": 8,
+                  "max_body_bytes": 4096, "reader_max_length": 96},
+    })
+    for job in ("ingest", "encode", "build_index"):
+        run = run_job(job, config_path)
+        assert run.returncode == 0, run.stderr[-3000:]
+    config = load_config(config_path)
+    ray.init(address=ray_address, logging_level="WARNING", log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(config), name="qa", route_prefix="/")
+    state = {"config_path": config_path, "config": config, "url": f"http://127.0.0.1:{port}",
+             "storage": Storage(config.storage.root), "tmp": tmp}
+    yield state
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _deploy(config):
+    from ray import serve
+
+    from pipeline.serve.app import build_app
+
+    serve.run(build_app(config), name="qa", route_prefix="/")
+
+
+def _latest(qa):
+    return qa["storage"].read_bytes("indexes/LATEST").decode().strip()
+
+
+def test_search_returns_the_published_index_best_first(qa, tiny_models):
+    questions = ["river mountain city", "castle garden poet"]
+    response = requests.post(f"{qa['url']}/v1/search", json={"questions": questions, "k": 5}, timeout=60)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["index_version"] == _latest(qa) and len(body["results"]) == 2
+    published = load_published(qa["storage"], None, str(qa["tmp"] / "check"))
+    encoder = TextEncoder(EncoderSettings(tiny_models["question"], "dpr", max_length=64, question=True))
+    _, expected = published.search(encoder.encode(None, questions), 5)
+    by_id = {pid: (title, text) for pid, text, title in ROWS}
+    for hits, rows in zip(body["results"], expected):
+        assert [h["id"] for h in hits] == published.docstore.column("id").take(rows).to_pylist()
+        assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+        assert all((h["title"], h["text"]) == by_id[h["id"]] for h in hits)
+
+
+def test_ask_spans_equal_decode_best_spans(qa, tiny_models):
+    import torch
+    from transformers import DPRReader, DPRReaderTokenizerFast
+
+    question = "which river flows past the castle"
+    response = requests.post(f"{qa['url']}/v1/ask", json={"question": question, "k": 4, "top_answers": 2},
+                             timeout=60)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    passages = body["passages"]
+    assert len(passages) == 4 and body["index_version"] == _latest(qa)
+    tokenizer = DPRReaderTokenizerFast.from_pretrained(tiny_models["reader"])
+    model = DPRReader.from_pretrained(tiny_models["reader"]).eval()
+    inputs = tokenizer(questions=[question] * 4, titles=[p["title"] for p in passages],
+                       texts=[p["text"] for p in passages], padding="max_length", truncation=True, max_length=96,
+                       return_tensors="pt")
+    with torch.no_grad():
+        output = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    spans = tokenizer.decode_best_spans(inputs, output, num_spans=2, max_answer_length=10)
+    assert [a["text"] for a in body["answers"]] == [s.text for s in spans]
+    assert [a["passage_id"] for a in body["answers"]] == [passages[s.doc_id]["id"] for s in spans]
+    assert np.allclose([a["score"] for a in body["answers"]], [float(s.span_score) for s in spans], atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "message"),
+    [
+        ("/v1/search", '{"questions": "not a list"}', 422, "invalid request"),
+        ("/v1/search", "{malformed json", 422, "invalid request"),
+        ("/v1/search", '{"questions": ["q"], "k": 0}', 422, "invalid request"),
+        ("/v1/search", '{"questions": ["q"], "k": 1000000}', 422, "serve.max_k"),
+        ("/v1/search", '{"questions": [], "k": 3}', 422, "invalid request"),
+        ("/v1/search", '{"questions": ["   "]}', 422, "is empty"),
+        ("/v1/search", '{"questions": [' + ",".join(['"q"'] * 9) + "]}", 413, "serve.max_batch_questions"),
+        ("/v1/search", '{"questions": ["' + "x" * 300 + '"]}', 413, "serve.max_question_chars"),
+        ("/v1/search", '{"questions": ["' + "a" * 5000 + '"]}', 413, "request body over 4096 bytes"),
+        ("/v1/ask", '{"question": 42}', 422, "invalid request"),
+        ("/v1/ask", '{"question": "q", "top_answers": 0}', 422, "invalid request"),
+    ],
+)
+def test_bad_input_gets_a_json_error_never_a_500(qa, path, body, status, message):
+    started = time.perf_counter()
+    response = requests.post(f"{qa['url']}{path}", data=body, headers={"content-type": "application/json"},
+                             timeout=30)
+    assert response.status_code == status, response.text
+    assert message in str(response.json())
+    assert time.perf_counter() - started < 5
+
+
+def test_docs_openapi_health_index_and_metrics(qa):
+    assert requests.get(f"{qa['url']}/healthz", timeout=10).json() == {"status": "ok"}
+    assert requests.get(f"{qa['url']}/docs", timeout=10).status_code == 200
+    spec = requests.get(f"{qa['url']}/openapi.json", timeout=10).json()
+    assert {"/v1/search", "/v1/ask", "/v1/index", "/healthz", "/metrics"} <= set(spec["paths"])
+    info = requests.get(f"{qa['url']}/v1/index", timeout=10).json()
+    assert info["index_version"] == _latest(qa) and info["vectors"] == 400
+    assert info["lineage"]["snapshot"] == "s1" and info["lineage"]["factory"] == "IVF4,PQ32x8"
+    requests.post(f"{qa['url']}/v1/search", json={"questions": ["army ship"]}, timeout=30)
+    metrics = requests.get(f"{qa['url']}/metrics", timeout=10).text
+    assert 'qa_requests_total{route="/v1/search",status="200"}' in metrics
+    assert 'qa_stage_seconds_bucket{le="0.001",stage="encode"}' in metrics
+    assert 'qa_stage_seconds_count{stage="search"}' in metrics
+    assert f'qa_index_version_info{{version="{_latest(qa)}"}} 1.0' in metrics
+
+
+def test_hot_swap_under_load(qa):
+    old = _latest(qa)
+    new_run = run_job("build_index", qa["config_path"], "index.nprobe=2")
+    assert new_run.returncode == 0, new_run.stderr[-2000:]
+    new = new_run.summary["version"]
+    assert new != old
+
+    seen, failures, stop = [], [], threading.Event()
+
+    def client():
+        while not stop.is_set() and len(seen) + len(failures) < 5000:
+            try:
+                r = requests.post(f"{qa['url']}/v1/search", json={"questions": ["north south road"], "k": 3},
+                                  timeout=30)
+                (seen if r.status_code == 200 else failures).append(r.json().get("index_version", r.text))
+            except requests.RequestException as exc:
+                failures.append(repr(exc))
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1)
+    _deploy(qa["config"].model_copy(update={"serve": qa["config"].serve.model_copy(update={"index_version": new})}))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not seen or seen[-1] != new):
+        time.sleep(0.2)
+    time.sleep(1)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert failures == []
+    assert set(seen) == {old, new} and seen[-1] == new
+    switched = seen.index(new)
+    assert seen.count(old) >= 1 and all(v == new for v in seen[switched + 3 * 3:])
+
+
+def test_a_corrupt_version_is_refused_and_the_current_one_keeps_serving(qa):
+    from ray import serve
+
+    current = requests.get(f"{qa['url']}/v1/index", timeout=10).json()["index_version"]
+    bad_run = run_job("build_index", qa["config_path"], "index.nprobe=3")
+    bad = bad_run.summary["version"]
+    index_file = qa["storage"].path("indexes", bad, "index.faiss")
+    with open(index_file, "r+b") as handle:
+        handle.seek(100)
+        handle.write(b"\x00" * 64)
+    # in place, as `serve deploy` applies a user_config change: refused, the current version stays
+    retriever = serve.get_deployment_handle("Retriever", app_name="qa")
+    retriever.reconfigure.remote({"index_version": bad}).result(timeout_s=60)
+    info = requests.get(f"{qa['url']}/v1/index", timeout=10).json()
+    assert info["index_version"] == current and "checksum mismatch" in info["last_error"]
+    after = requests.post(f"{qa['url']}/v1/search", json={"questions": ["north"], "k": 2}, timeout=30)
+    assert after.status_code == 200 and after.json()["index_version"] == current
+    qa["storage"].write_bytes("indexes/LATEST", f"{current}\n".encode())  # build_index had moved it to `bad`
+
+
+def test_api_key_when_configured(qa):
+    keyed = qa["config"].model_copy(update={"serve": qa["config"].serve.model_copy(
+        update={"api_key_env": "QA_TEST_API_KEY", "index_version": _latest(qa)})})
+    _deploy(keyed)
+    try:
+        url = f"{qa['url']}/v1/search"
+        body = {"questions": ["garden"], "k": 1}
+        assert requests.post(url, json=body, timeout=30).status_code == 401
+        wrong = requests.post(url, json=body, headers={"Authorization": "Bearer nope"}, timeout=30)
+        assert wrong.status_code == 401 and wrong.json() == {"error": "missing or wrong API key"}
+        assert wrong.headers["www-authenticate"] == "Bearer"
+        ok = requests.post(url, json=body, headers={"Authorization": f"Bearer {TEST_API_KEY}"}, timeout=30)
+        assert ok.status_code == 200
+        assert requests.get(f"{qa['url']}/healthz", timeout=10).status_code == 200
+    finally:
+        _deploy(qa["config"].model_copy(update={"serve": qa["config"].serve.model_copy(
+            update={"index_version": _latest(qa)})}))
+
+
+def test_serve_config_file_names_the_app():
+    spec = yaml.safe_load(open("configs/serve.yaml"))
+    application = spec["applications"][0]
+    assert application["import_path"] == "pipeline.serve.app:app"
+    assert load_config(application["args"]["config"]).serve.reader_model is None
+    assert application["deployments"][0]["name"] == "Retriever"
