@@ -1,13 +1,14 @@
 """Encode stage: passage shards → `embeddings/<snapshot>/<fingerprint>/part-*.parquet`, exactly once.
 
 Reader → mapper → writer: CPU tokenizer actors read a passage shard (verified against its manifest) and
-tokenize it; an actor pool (one actor pinned to each GPU, or CPU actors) runs the model and writes the embedding shard under
-the passage shard's own name, so a retried shard overwrites itself instead of duplicating. Each actor has two
-shards in flight, so the next shard's tokenization overlaps the current forward passes.
+tokenize it; an actor pool (one actor pinned to each GPU, or CPU actors that tokenize for themselves) runs the
+model and writes the embedding shard under the passage shard's own name, so a retried shard overwrites itself
+instead of duplicating. Each actor has two shards in flight, so the next shard's tokenization overlaps the
+current forward passes.
 
 Exactly once and resumable: the driver records every finished shard in `_progress.json` (with the sha256 of the
 passage shard it came from); a rerun skips those, and `_manifest.json` is written last, listing each shard once.
-An actor that dies is restarted by Ray and its shards are resubmitted, up to `encode.max_attempts` tries each.
+An actor that dies is restarted by Ray; its shards go to healthy actors, up to `encode.max_attempts` tries each.
 """
 
 from __future__ import annotations

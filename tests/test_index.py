@@ -1,10 +1,7 @@
 """Index building: planning and sampling without I/O, then the job end to end on the encode job's output."""
 
-import json
-import os
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import requests
 import s3fs
