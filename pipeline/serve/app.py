@@ -106,7 +106,7 @@ class Metrics:
 @serve.deployment
 @serve.ingress(api)
 class QAService:
-    def __init__(self, encoder, retriever, reader, settings: ServeConfig):  # noqa: D107
+    def __init__(self, encoder, retriever, reader, settings: ServeConfig):
         self.encoder, self.retriever, self.reader, self.settings = encoder, retriever, reader, settings
         self.api_key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
         if settings.api_key_env and not self.api_key:
