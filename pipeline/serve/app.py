@@ -221,9 +221,10 @@ def build_app(config: PipelineConfig):
     encoder = QuestionEncoder.options(
         ray_actor_options={"num_cpus": s.encoder_cpus, "num_gpus": s.encoder_gpus},
     ).bind(question_settings(config, storage), s.batch_max_size, s.batch_wait_s)
+    # Local paths are made absolute here: replicas do not share the working directory of `serve run`.
     retriever = Retriever.options(
         user_config={"index_version": s.index_version}, ray_actor_options={"num_cpus": s.retriever_cpus},
-    ).bind(config.storage.root, config.storage.options, s.cache_dir)
+    ).bind(storage.root_url, config.storage.options, os.path.abspath(s.cache_dir))
     reader = None
     if s.reader_model:
         reader = Reader.options(
