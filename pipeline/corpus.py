@@ -49,10 +49,6 @@ class InputFile:
     size: int
     version: str  # ETag on object stores, mtime locally: detects a changed source
 
-    @property
-    def format(self) -> str:
-        return detect_format(self.url)
-
 
 def detect_format(url: str, configured: str = "auto") -> str:
     if configured != "auto":

@@ -61,17 +61,23 @@ def embedding_matrix(table: pa.Table) -> np.ndarray:
     return column.values.to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
 
 
-def read_passage_shard(storage: Storage, directory: str, entry: FileEntry) -> pa.Table:
-    """A passage shard, checked against its manifest entry and the passage schema; errors name the shard."""
+def read_shard(storage: Storage, directory: str, entry: FileEntry) -> pa.Table:
+    """A Parquet shard a manifest lists, checked against its sha256; every failure names the shard."""
     url = storage.url(directory, entry.name)
     try:
-        table = read_parquet_bytes(storage.read_verified(directory, entry))
+        return read_parquet_bytes(storage.read_verified(directory, entry))
     except FileNotFoundError:
-        raise InputError(url, None, "passage shard listed in the manifest is missing") from None
+        raise InputError(url, None, "shard listed in the manifest is missing") from None
     except PipelineError as exc:
         raise InputError(url, None, str(exc).split(": ", 1)[-1]) from None
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(url, None, f"not a readable Parquet shard ({exc})") from None
+
+
+def read_passage_shard(storage: Storage, directory: str, entry: FileEntry) -> pa.Table:
+    """A passage shard, checked against its manifest entry and the passage schema; errors name the shard."""
+    url = storage.url(directory, entry.name)
+    table = read_shard(storage, directory, entry)
     for field in PASSAGE_SCHEMA:
         if field.name not in table.column_names or table.schema.field(field.name).type != field.type:
             found = table.schema.field(field.name).type if field.name in table.column_names else "missing"
@@ -157,8 +163,7 @@ class ActorPool:
             ray.kill(actor)
 
 
-def _start_actors(config: PipelineConfig, settings: EncoderSettings, writer: WriterSettings, passages: str
-                  ) -> ActorPool:
+def _start_actors(config: PipelineConfig, settings: EncoderSettings, writer: WriterSettings) -> ActorPool:
     """Encoder actors pinned one per GPU (else CPU actors), and CPU tokenizer actors to keep them fed."""
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
@@ -173,7 +178,7 @@ def _start_actors(config: PipelineConfig, settings: EncoderSettings, writer: Wri
     tokenizer_class = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=0)(TokenizerActor)
     return ActorPool(
         encoders=[encoder_class.remote(settings, writer) for _ in range(encoders)],
-        tokenizers=[tokenizer_class.remote(settings, config.storage.root, config.storage.options, passages)
+        tokenizers=[tokenizer_class.remote(settings, config.storage.root, config.storage.options, writer.passages)
                     for _ in range(tokenizers)],
     )
 
@@ -291,7 +296,7 @@ def run_encode(config: PipelineConfig) -> dict[str, Any]:
     writer = WriterSettings(config.storage.root, config.storage.options, passages, enc.embedding_dtype,
                             enc.batch_tokens, enc.max_batch_size, enc.cpu_threads)
     connect()
-    pool = _start_actors(config, settings, writer, passages)
+    pool = _start_actors(config, settings, writer)
     try:
         return _encode_with(pool, storage, config, settings, snapshot, passage_manifest)
     finally:

@@ -27,10 +27,10 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from pipeline.config import IndexConfig, PipelineConfig
-from pipeline.embeddings import embedding_matrix, latest_snapshot, read_passage_shard
+from pipeline.embeddings import embedding_matrix, latest_snapshot, read_passage_shard, read_shard
 from pipeline.errors import InputError, PipelineError
 from pipeline.ingest import snapshot_dir
-from pipeline.storage import FileEntry, Manifest, Storage, read_parquet_bytes, sha256_file
+from pipeline.storage import FileEntry, Manifest, Storage, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +96,7 @@ class EmbeddingShards:
         return [entry.rows or 0 for entry in self.manifest.files]
 
     def read(self, entry: FileEntry) -> tuple[list[str], np.ndarray]:
-        url = self.storage.url(self.directory, entry.name)
-        try:
-            table = read_parquet_bytes(self.storage.read_verified(self.directory, entry))
-        except PipelineError as exc:
-            raise InputError(url, None, str(exc).split(": ", 1)[-1]) from None
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise InputError(url, None, f"not a readable embedding shard ({exc})") from None
+        table = read_shard(self.storage, self.directory, entry)
         return table.column("id").to_pylist(), np.ascontiguousarray(embedding_matrix(table), dtype=np.float32)
 
     def __iter__(self) -> Iterator[tuple[FileEntry, list[str], np.ndarray]]:

@@ -109,19 +109,22 @@ class Storage:
         return posixpath.join(self.root_url, *parts)
 
     # -- objects ------------------------------------------------------------------------------------------------
+    def _replace_local(self, target: str, write) -> None:
+        """Local whole-object write: `write(temporary)` fills a temporary file, then one atomic rename."""
+        self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+        temporary = f"{target}.tmp-{uuid.uuid4().hex}"
+        try:
+            write(temporary)
+            self.fs.mv(temporary, target)
+        finally:
+            if self.fs.exists(temporary):
+                self.fs.rm(temporary)
+
     def write_bytes(self, rel: str, data: bytes) -> str:
         """Write one object whole and return its sha256."""
         target = self.path(rel)
         if self.is_local:
-            self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
-            temporary = f"{target}.tmp-{uuid.uuid4().hex}"
-            try:
-                with open(temporary, "wb") as handle:
-                    handle.write(data)
-                self.fs.mv(temporary, target)
-            finally:
-                if self.fs.exists(temporary):
-                    self.fs.rm(temporary)
+            self._replace_local(target, lambda temporary: self.fs.pipe_file(temporary, data))
         else:
             self.fs.pipe_file(target, data)
         return sha256_hex(data)
@@ -130,10 +133,7 @@ class Storage:
         """Copy a local file in whole (rename locally; one PUT or a completed multipart upload on object stores)."""
         target = self.path(rel)
         if self.is_local:
-            self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
-            temporary = f"{target}.tmp-{uuid.uuid4().hex}"
-            self.fs.put_file(local_path, temporary)
-            self.fs.mv(temporary, target)
+            self._replace_local(target, lambda temporary: self.fs.put_file(local_path, temporary))
         else:
             self.fs.put_file(local_path, target)
 
