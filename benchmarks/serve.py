@@ -4,7 +4,8 @@
 
 The app serves the demo's published index (configs/demo.yaml) on this machine's Ray. The load comes from a second
 process on 127.0.0.1 (this script re-run with --load), N client threads, each request timed, bounded in count and
-time. batched_speedup = requests/s of /v1/search at 16 clients with batching ÷ without.
+time. batched_speedup = requests/s of /v1/search at 16 clients with batching ÷ without (and
+_ask for /v1/ask).
 """
 
 from __future__ import annotations
@@ -99,9 +100,12 @@ def main() -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
-    on, off = results["batch_on"]["/v1/search"]["clients_16"], results["batch_off"]["/v1/search"]["clients_16"]
+    def speedup(route: str) -> float:
+        return round(results["batch_on"][route]["clients_16"]["rps"] / results["batch_off"][route]["clients_16"]["rps"], 2)
+
     print(json.dumps({"benchmark": "serve", "index": "demo", "batch_max_size": config.serve.batch_max_size,
-                      **results, "batched_speedup": round(on["rps"] / off["rps"], 2)}))
+                      "batch_wait_s": config.serve.batch_wait_s, **results,
+                      "batched_speedup": speedup("/v1/search"), "batched_speedup_ask": speedup("/v1/ask")}))
 
 
 if __name__ == "__main__":

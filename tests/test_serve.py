@@ -228,6 +228,38 @@ def test_api_key_when_configured(qa):
             update={"index_version": _latest(qa)})}))
 
 
+def test_overload_is_answered_503_at_once_and_admitted_requests_succeed(qa):
+    """Beyond max_ongoing_requests + max_queued_requests the proxy sheds load with a fast 503, never a 500."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    from pipeline.serve.app import build_app
+
+    tight = qa["config"].serve.model_copy(update={"max_ongoing_requests": 1, "max_queued_requests": 1,
+                                                  "index_version": _latest(qa)})
+    serve.run(build_app(qa["config"].model_copy(update={"serve": tight})), name="overload",
+              route_prefix="/overload")
+    url = f"{qa['url']}/overload/v1/ask"
+    assert requests.post(url, json={"question": "warm up", "k": 10}, timeout=60).status_code == 200
+
+    def ask(i: int) -> tuple[int, float]:
+        started = time.perf_counter()
+        response = requests.post(url, json={"question": f"river castle {i}", "k": 10}, timeout=60)
+        return response.status_code, time.perf_counter() - started
+
+    try:
+        with ThreadPoolExecutor(24) as pool:
+            outcomes = list(pool.map(ask, range(72)))
+    finally:
+        serve.delete("overload")
+    statuses = [status for status, _ in outcomes]
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses.count(200) >= 2 and statuses.count(503) >= 10, statuses
+    shed = sorted(seconds for status, seconds in outcomes if status == 503)
+    assert shed[len(shed) // 2] < 1.0, shed
+
+
 def test_serve_config_file_names_the_app():
     spec = yaml.safe_load(open("configs/serve.yaml"))
     application = spec["applications"][0]

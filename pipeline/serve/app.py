@@ -7,7 +7,6 @@ the Serve proxy answers 503 when `max_queued_requests` is exceeded. Never a 500 
 
 # No `from __future__ import annotations` here: FastAPI resolves the request models from real annotations.
 
-import asyncio
 import hmac
 import logging
 import os
@@ -103,40 +102,81 @@ class Metrics:
         self.version = Gauge("qa_index_version_info", "index version answering", ["version"], registry=self.registry)
 
 
+class Guard:
+    """Pure ASGI middleware (no per-request task like `BaseHTTPMiddleware`): API key, body size, request metrics.
+    Runs before FastAPI parses anything, so an oversized or unauthorised body costs nothing."""
+
+    def __init__(self, app, settings: ServeConfig, api_key: str | None, metrics: Metrics):
+        self.app, self.settings, self.api_key, self.metrics = app, settings, api_key, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), [500]
+        path = scope["path"][len(scope.get("root_path", "")):] if scope["path"].startswith(
+            scope.get("root_path", "")) else scope["path"]
+
+        async def send_counted(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            rejection, receive = await self._admit(scope, path, receive)
+            await (rejection or self.app)(scope, receive, send_counted)
+        finally:
+            route = path if path in ROUTES else "other"
+            self.metrics.requests.labels(route, str(status[0])).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+    async def _admit(self, scope, path: str, receive):
+        """(a response refusing the request, or None; the receive channel to pass on)."""
+        headers = {key.decode("latin-1"): value.decode("latin-1") for key, value in scope["headers"]}
+        if self.api_key and path not in OPEN_PATHS:
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), self.api_key.encode()):
+                return JSONResponse({"error": "missing or wrong API key"}, status_code=401,
+                                    headers={"WWW-Authenticate": "Bearer"}), receive
+        limit = self.settings.max_body_bytes
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.isdigit() or int(length) > limit:
+                return _error(413, f"request body over {limit} bytes"), receive
+            return None, receive
+        if scope["method"] != "POST":
+            return None, receive
+        # chunked body: read it up to the limit here, then replay it to the app
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None, receive
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > limit:
+                return _error(413, f"request body over {limit} bytes"), receive
+        body = b"".join(chunks)
+
+        async def replay():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return None, replay
+
+
 @serve.deployment
 @serve.ingress(api)
 class QAService:
     def __init__(self, encoder, retriever, reader, settings: ServeConfig):
         self.encoder, self.retriever, self.reader, self.settings = encoder, retriever, reader, settings
-        self.api_key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
-        if settings.api_key_env and not self.api_key:
+        api_key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
+        if settings.api_key_env and not api_key:
             raise RuntimeError(f"serve.api_key_env names {settings.api_key_env}, which is not set on this replica")
         self.metrics = Metrics()
         self._served_version: str | None = None
-
-        @api.middleware("http")
-        async def guard(request: Request, call_next):
-            started = time.perf_counter()
-            response = await self._guarded(request, call_next)
-            route = request.url.path if request.url.path in ROUTES else "other"
-            self.metrics.requests.labels(route, str(response.status_code)).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
-            return response
-
-    async def _guarded(self, request: Request, call_next) -> Response:
-        if self.api_key and request.url.path not in OPEN_PATHS:
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), self.api_key.encode()):
-                return JSONResponse({"error": "missing or wrong API key"}, status_code=401,
-                                    headers={"WWW-Authenticate": "Bearer"})
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.settings.max_body_bytes):
-            return _error(413, f"request body over {self.settings.max_body_bytes} bytes")
-        if request.method == "POST" and length is None:
-            body = await request.body()
-            if len(body) > self.settings.max_body_bytes:
-                return _error(413, f"request body over {self.settings.max_body_bytes} bytes")
-        return await call_next(request)
+        self._retrieve_together.set_max_batch_size(settings.batch_max_size)
+        self._retrieve_together.set_batch_wait_timeout_s(settings.batch_wait_s)
+        api.add_middleware(Guard, settings=settings, api_key=api_key, metrics=self.metrics)
 
     def _check(self, questions: list[str], k: int) -> JSONResponse | None:
         s = self.settings
@@ -154,23 +194,35 @@ class QAService:
         return None
 
     async def _retrieve(self, questions: list[str], k: int) -> dict[str, Any]:
+        return await self._retrieve_together((questions, k))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _retrieve_together(self, requests: list[tuple[list[str], int]]) -> list[dict[str, Any]]:
+        """Concurrent requests share one encoder call and one index search: per-call overhead is paid once."""
         started = time.perf_counter()
-        vectors = await asyncio.gather(*(self.encoder.encode.remote(q) for q in questions))
+        vectors = await self.encoder.encode.remote([q for questions, _ in requests for q in questions])
         self.metrics.stage.labels("encode").observe(time.perf_counter() - started)
         started = time.perf_counter()
-        found = await self.retriever.search.remote(vectors, k)
+        found = await self.retriever.search.remote((vectors, max(k for _, k in requests)))
         self.metrics.stage.labels("search").observe(time.perf_counter() - started)
-        if found["index_version"] != self._served_version:
+        version = found["index_version"]
+        if version != self._served_version:
             if self._served_version:
                 self.metrics.version.remove(self._served_version)
-            self._served_version = found["index_version"]
-            self.metrics.version.labels(self._served_version).set(1)
-        return found
+            self._served_version = version
+            self.metrics.version.labels(version).set(1)
+        answered, position = [], 0
+        for questions, k in requests:
+            results = [hits[:k] for hits in found["results"][position:position + len(questions)]]
+            answered.append({"index_version": version, "results": results})
+            position += len(questions)
+        return answered
 
     @api.post("/v1/search", response_model=SearchResponse, responses={413: {}, 422: {}, 401: {}})
     async def search(self, body: SearchRequest):
         problem = self._check(body.questions, body.k)
-        return problem or await self._retrieve(body.questions, body.k)
+        # Already the response model's shape: sent as is, not validated and re-encoded field by field again.
+        return problem or JSONResponse(await self._retrieve(body.questions, body.k))
 
     @api.post("/v1/ask", response_model=AskResponse, responses={413: {}, 422: {}, 401: {}})
     async def ask(self, body: AskRequest):
@@ -188,7 +240,7 @@ class QAService:
             self.metrics.stage.labels("read").observe(time.perf_counter() - started)
             answers = [{"text": s["text"], "score": s["score"], "passage_id": read[s["passage"]]["id"],
                         "title": read[s["passage"]]["title"], "start": s["start"], "end": s["end"]} for s in spans]
-        return {"answers": answers, "passages": passages, "index_version": found["index_version"]}
+        return JSONResponse({"answers": answers, "passages": passages, "index_version": found["index_version"]})
 
     @api.get("/v1/index")
     async def index(self):
@@ -220,11 +272,11 @@ def build_app(config: PipelineConfig):
     storage = Storage(config.storage.root, config.storage.options)
     encoder = QuestionEncoder.options(
         ray_actor_options={"num_cpus": s.encoder_cpus, "num_gpus": s.encoder_gpus},
-    ).bind(question_settings(config, storage), s.batch_max_size, s.batch_wait_s)
+    ).bind(question_settings(config, storage), s.batch_max_size)
     # Local paths are made absolute here: replicas do not share the working directory of `serve run`.
     retriever = Retriever.options(
         user_config={"index_version": s.index_version}, ray_actor_options={"num_cpus": s.retriever_cpus},
-    ).bind(storage.root_url, config.storage.options, os.path.abspath(s.cache_dir))
+    ).bind(storage.root_url, config.storage.options, os.path.abspath(s.cache_dir), s.batch_max_size)
     reader = None
     if s.reader_model:
         reader = Reader.options(

@@ -22,14 +22,17 @@ log = logging.getLogger("ray.serve")
 class QuestionEncoder:
     """Questions → vectors, batched across concurrent requests with `serve.batch` (GPU when present)."""
 
-    def __init__(self, settings: EncoderSettings, batch_max_size: int, batch_wait_s: float):
+    def __init__(self, settings: EncoderSettings, batch_max_size: int):
         self.encoder = TextEncoder(settings)
         self.encode.set_max_batch_size(batch_max_size)
-        self.encode.set_batch_wait_timeout_s(batch_wait_s)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def encode(self, questions: list[str]) -> list[np.ndarray]:
-        return list(self.encoder.encode(None, questions))
+    # No waiting here: the ingress already waited to fill its batch; this only merges calls that are queued
+    # together (from several ingress replicas).
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0)
+    async def encode(self, calls: list[list[str]]) -> list[np.ndarray]:
+        """Each call brings a list of questions; all of them go through the model together."""
+        vectors = self.encoder.encode(None, [question for questions in calls for question in questions])
+        return np.split(vectors, np.cumsum([len(questions) for questions in calls])[:-1])
 
 
 @serve.deployment
@@ -38,7 +41,8 @@ class Retriever:
     current one, verified and probed, then swapped in with one assignment: every request sees exactly one
     version, and a version that fails to load leaves the current one serving."""
 
-    def __init__(self, storage_root: str, storage_options: dict[str, Any], cache_dir: str):
+    def __init__(self, storage_root: str, storage_options: dict[str, Any], cache_dir: str, batch_max_size: int):
+        self.search.set_max_batch_size(batch_max_size)
         self.storage = Storage(storage_root, storage_options)
         self.cache_dir = cache_dir or tempfile.mkdtemp(prefix="index-cache-")
         self.current: PublishedIndex | None = None
@@ -63,21 +67,31 @@ class Retriever:
             self.current, self.last_error = candidate, None
             log.info("serving index %s (%d vectors)", candidate.version, candidate.index.ntotal)
 
-    def search(self, vectors: np.ndarray, k: int) -> dict[str, Any]:
-        current = self.current  # one version for the whole request, whatever reconfigure does meanwhile
-        scores, rows = current.search(np.asarray(vectors, dtype=np.float32), k)
-        found = [[int(r) for r in row if r >= 0] for row in rows]
-        table = current.passages([r for row in found for r in row])
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0)  # merges queued calls only, as the encoder does
+    async def search(self, requests: list[tuple[np.ndarray, int]]) -> list[dict[str, Any]]:
+        """Concurrent requests' questions in one FAISS search and one docstore take; each request gets its rows."""
+        current = self.current  # one version for the whole batch, whatever reconfigure does meanwhile
+        queries = np.concatenate([np.asarray(vectors, dtype=np.float32).reshape(-1, current.index.d)
+                                  for vectors, _ in requests])
+        scores, rows = current.search(queries, max(k for _, k in requests))
+        table = current.passages([int(r) for r in rows.ravel() if r >= 0])
         ids, titles, texts = (table.column(c).to_pylist() for c in ("id", "title", "text"))
-        results, position = [], 0
-        for row, row_scores in zip(found, scores):
-            hits = []
-            for rank in range(len(row)):
-                hits.append({"id": ids[position], "title": titles[position], "text": texts[position],
-                             "score": float(row_scores[rank])})
-                position += 1
-            results.append(hits)
-        return {"index_version": current.version, "results": results}
+        answered, question, position = [], 0, 0
+        for vectors, k in requests:
+            results = []
+            for _ in range(len(vectors)):
+                hits = []
+                for rank, row in enumerate(rows[question]):
+                    if row < 0:
+                        continue
+                    if rank < k:
+                        hits.append({"id": ids[position], "title": titles[position], "text": texts[position],
+                                     "score": float(scores[question, rank])})
+                    position += 1
+                results.append(hits)
+                question += 1
+            answered.append({"index_version": current.version, "results": results})
+        return answered
 
     def info(self) -> dict[str, Any]:
         current = self.current
