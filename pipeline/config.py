@@ -123,6 +123,11 @@ class EncodeConfig(Section):
         "actor; 0 without GPUs, where encoder actors tokenize themselves)"
     )
     max_attempts: int = Field(3, gt=0, description="tries per shard when an encoder actor dies")
+    carry_over: bool = Field(True, description="copy the vectors of unchanged passages (same id, content hash and "
+                                               "encoder fingerprint) from the previous snapshot instead of encoding")
+    previous_snapshot: str | None = Field(None, description="snapshot to carry vectors from (default: the one the "
+                                                            "published index was built from)")
+    _previous = field_validator("previous_snapshot", mode="before")(lambda cls, value: _snapshot_name(value))
 
 
 BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -150,6 +155,8 @@ class IndexConfig(Section):
     min_recall: float = Field(0.9, ge=0, le=1, description="recall@100 below this is not published")
     max_memory: int = Field(32 * 2**30, gt=0, description="refuse to build when the estimate exceeds this (8GiB)")
     seed: int = 0
+    reuse_trained: bool = Field(True, description="add to the published index's trained quantizer (same encoder "
+                                                  "and factory) while its recall stays at min_recall; else retrain")
     _max_memory = field_validator("max_memory", mode="before")(lambda cls, value: parse_bytes(value))
 
 
@@ -167,8 +174,9 @@ class ServeConfig(Section):
     max_body_bytes: int = Field(256 * 1024, gt=0)
     _max_body = field_validator("max_body_bytes", mode="before")(lambda cls, value: parse_bytes(value))
     api_key_env: str | None = Field(None, description="environment variable holding the Bearer key (none = open)")
-    batch_max_size: int = Field(32, gt=0, description="serve.batch size of the question encoder (1 = off)")
-    batch_wait_s: float = Field(0.005, ge=0)
+    batch_max_size: int = Field(32, gt=0, description="requests coalesced into one encode + search (1 = off)")
+    batch_wait_s: float = Field(0.02, ge=0, description="how long a batch waits to fill: latency traded for "
+                                                        "throughput under concurrent load")
     reader_passages: int = Field(10, gt=0, description="top passages the reader reads")
     reader_max_length: int = Field(256, gt=0)
     max_answer_tokens: int = Field(10, gt=0)
@@ -184,7 +192,12 @@ class ServeConfig(Section):
 
 
 class NightlyConfig(Section):
-    pass
+    serve_address: str | None = Field(None, description="Ray dashboard URL whose Serve REST API gets the new "
+                                                        "index version, e.g. http://head:8265 (null = leave Serve)")
+    serve_app: str = Field("qa", description="the Serve application to update")
+    serve_url: str | None = Field(None, description="where the app answers HTTP, to check it serves the new "
+                                                    "version (default: http://serve.host:serve.port)")
+    serve_timeout_s: float = Field(600, gt=0)
 
 
 class PipelineConfig(Section):

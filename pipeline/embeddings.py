@@ -29,7 +29,7 @@ from tqdm import tqdm
 from pipeline.config import PipelineConfig
 from pipeline.encoder import EncoderSettings, PassageTokenizer, TextEncoder, Tokens
 from pipeline.errors import InputError, PipelineError
-from pipeline.ingest import PASSAGE_SCHEMA, snapshot_dir
+from pipeline.ingest import PASSAGE_SCHEMA, id_hash, snapshot_dir
 from pipeline.raycluster import connect
 from pipeline.storage import FileEntry, Manifest, Storage, parquet_bytes, read_parquet_bytes
 
@@ -49,9 +49,11 @@ def latest_snapshot(storage: Storage) -> str:
         raise PipelineError(f"no passage snapshot under {storage.url('passages')}: run jobs.ingest first") from None
 
 
-def embedding_table(ids: list[str], vectors: np.ndarray, dtype: str) -> pa.Table:
+def embedding_table(ids: list[str], content_hashes: list[str], vectors: np.ndarray, dtype: str) -> pa.Table:
+    """id, content_hash (of the passage the vector was computed from, so a later snapshot can carry it over),
+    embedding."""
     values = pa.array(np.ascontiguousarray(vectors, dtype=dtype).reshape(-1))
-    return pa.table({"id": pa.array(ids, pa.string()),
+    return pa.table({"id": pa.array(ids, pa.string()), "content_hash": pa.array(content_hashes, pa.string()),
                      "embedding": pa.FixedSizeListArray.from_arrays(values, vectors.shape[1])})
 
 
@@ -97,6 +99,78 @@ def plan_shards(passage_files: list[FileEntry], done: dict[str, FileEntry]) -> t
     return todo, reused
 
 
+@dataclass(frozen=True)
+class ShardKeys:
+    """A shard's rows as 64-bit hashes of the id and of the content hash: 16 bytes a row for planning."""
+
+    ids: np.ndarray  # uint64
+    contents: np.ndarray  # uint64
+
+
+def shard_keys(ids: list[str], content_hashes: list[str]) -> ShardKeys:
+    return ShardKeys(np.fromiter((id_hash(i) for i in ids), np.uint64, len(ids)),
+                     np.fromiter((int(h[:16], 16) for h in content_hashes), np.uint64, len(content_hashes)))
+
+
+@dataclass
+class CarryPlan:
+    """Which previous embedding shards hold each new shard's unchanged passages, and the diff in counts."""
+
+    sources: list[list[int]]  # per new shard: indices of the previous shards to carry vectors from
+    unchanged: int
+    new: int
+    changed: int
+    deleted: int
+
+
+def plan_carry_over(new: list[ShardKeys], previous: list[ShardKeys]) -> CarryPlan:
+    """Diff two snapshots by id and content hash without reading a vector (pure; the actors verify the real ids
+    and hashes when they copy, so a 64-bit hash collision can only cost a re-encode, never a wrong vector)."""
+    if not previous:
+        return CarryPlan([[] for _ in new], 0, sum(len(k.ids) for k in new), 0, 0)
+    old_ids = np.concatenate([k.ids for k in previous])
+    old_contents = np.concatenate([k.contents for k in previous])
+    old_shard = np.repeat(np.arange(len(previous)), [len(k.ids) for k in previous])
+    order = np.argsort(old_ids, kind="stable")
+    sorted_ids = old_ids[order]
+    sources, unchanged, added, changed = [], 0, 0, 0
+    for keys in new:
+        at = np.minimum(np.searchsorted(sorted_ids, keys.ids), len(sorted_ids) - 1)
+        found = sorted_ids[at] == keys.ids
+        same = found & (old_contents[order[at]] == keys.contents)
+        sources.append(sorted(set(old_shard[order[at[same]]].tolist())))
+        unchanged += int(same.sum())
+        added += int((~found).sum())
+        changed += int((found & ~same).sum())
+    new_ids = np.concatenate([k.ids for k in new]) if new else np.empty(0, np.uint64)
+    deleted = int((~np.isin(old_ids, new_ids)).sum())
+    return CarryPlan(sources, unchanged, added, changed, deleted)
+
+
+@dataclass(frozen=True)
+class Carry:
+    """Where an encoder actor finds the previous vectors of a shard's unchanged passages."""
+
+    directory: str
+    entries: list[FileEntry]
+
+
+@ray.remote(num_cpus=0.5)
+def read_keys(storage_root: str, options: dict[str, Any], directory: str, name: str) -> ShardKeys:
+    """Only the id and content_hash columns (column projection: the texts and vectors stay on the store)."""
+    import pyarrow.parquet as pq
+
+    from pipeline.storage import pyarrow_filesystem
+
+    fs, root = pyarrow_filesystem(storage_root, options)
+    path = posixpath.join(root, directory, name)
+    try:
+        table = pq.read_table(path, columns=["id", "content_hash"], filesystem=fs, use_threads=False)
+    except (pa.ArrowInvalid, KeyError, OSError) as exc:
+        raise InputError(posixpath.join(storage_root, directory, name), None, f"cannot read its keys ({exc})") from None
+    return shard_keys(table.column("id").to_pylist(), table.column("content_hash").to_pylist())
+
+
 class TokenizerActor:
     """The reader/mapper half, on CPU: verified passage shard → (ids, tokens). Long-lived, so the tokenizer and
     the imports are loaded once, before the first shard is timed. Also used inline by CPU encoder actors."""
@@ -109,10 +183,10 @@ class TokenizerActor:
     def ready(self) -> bool:
         return True
 
-    def tokenize_shard(self, entry: FileEntry) -> tuple[list[str], Tokens]:
+    def tokenize_shard(self, entry: FileEntry) -> tuple[list[str], list[str], Tokens]:
         table = read_passage_shard(self.storage, self.passages, entry)
         tokens = self.tokenize(table.column("title").to_pylist(), table.column("text").to_pylist())
-        return table.column("id").to_pylist(), tokens
+        return table.column("id").to_pylist(), table.column("content_hash").to_pylist(), tokens
 
 
 @dataclass(frozen=True)
@@ -145,12 +219,41 @@ class EncoderActor:
         return {"fingerprint": self._fingerprint, "dim": self.encoder.dim, "device": str(self.encoder.device),
                 "dtype": str(self.encoder.compute_dtype).removeprefix("torch."), "pid": os.getpid()}
 
-    def encode_shard(self, output: str, entry: FileEntry, shard: tuple[list[str], Tokens] | None) -> FileEntry:
-        ids, tokens = shard if shard is not None else self.reader.tokenize_shard(entry)
-        vectors = self.encoder.encode_tokens(tokens)
-        data = parquet_bytes(embedding_table(ids, vectors, self.writer.embedding_dtype))
+    def encode_shard(self, output: str, entry: FileEntry, shard: tuple[list[str], list[str], Tokens] | None,
+                     carry: Carry | None = None) -> FileEntry:
+        if carry is not None:
+            ids, hashes, vectors, encoded = self._carry_and_encode(entry, carry)
+        else:
+            ids, hashes, tokens = shard if shard is not None else self.reader.tokenize_shard(entry)
+            vectors, encoded = self.encoder.encode_tokens(tokens), len(ids)
+        data = parquet_bytes(embedding_table(ids, hashes, vectors, self.writer.embedding_dtype))
         digest = self.storage.write_bytes(posixpath.join(output, entry.name), data)
-        return FileEntry(name=entry.name, bytes=len(data), sha256=digest, rows=len(ids), source_sha256=entry.sha256)
+        return FileEntry(name=entry.name, bytes=len(data), sha256=digest, rows=len(ids), source_sha256=entry.sha256,
+                         encoded=encoded)
+
+    def _carry_and_encode(self, entry: FileEntry, carry: Carry) -> tuple[list[str], list[str], np.ndarray, int]:
+        """Copy the vectors of passages whose id and content hash are unchanged; encode only the others."""
+        table = read_passage_shard(self.storage, self.writer.passages, entry)
+        ids, hashes = table.column("id").to_pylist(), table.column("content_hash").to_pylist()
+        found: dict[str, tuple[str, np.ndarray, int]] = {}
+        for source in carry.entries:
+            previous = read_shard(self.storage, carry.directory, source)
+            matrix = embedding_matrix(previous)
+            for row, (pid, digest) in enumerate(zip(previous.column("id").to_pylist(),
+                                                    previous.column("content_hash").to_pylist())):
+                found[pid] = (digest, matrix, row)
+        vectors = np.empty((len(ids), self.encoder.dim), dtype=np.float32)
+        todo = []
+        for row, (pid, digest) in enumerate(zip(ids, hashes)):
+            hit = found.get(pid)
+            if hit is not None and hit[0] == digest:
+                vectors[row] = hit[1][hit[2]]
+            else:
+                todo.append(row)
+        if todo:
+            titles, texts = table.column("title").take(todo), table.column("text").take(todo)
+            vectors[todo] = self.encoder.encode_tokens(self.reader.tokenize(titles.to_pylist(), texts.to_pylist()))
+        return ids, hashes, vectors, len(todo)
 
 
 @dataclass
@@ -205,9 +308,9 @@ class _ShardScheduler:
     PROBE_INTERVAL_S = 0.5
     RECOVERY_TIMEOUT_S = 600.0
 
-    def __init__(self, pool: ActorPool, max_attempts: int, output: str):
+    def __init__(self, pool: ActorPool, max_attempts: int, output: str, carries: dict[str, Carry]):
         self.actors, self.tokenizers = pool.encoders, pool.tokenizers
-        self.max_attempts, self.output = max_attempts, output
+        self.max_attempts, self.output, self.carries = max_attempts, output, carries
         self.inflight: dict[Any, tuple[int, FileEntry]] = {}
         self.load = [0] * len(self.actors)
         self.probes: dict[Any, int] = {}
@@ -220,11 +323,12 @@ class _ShardScheduler:
         for actor in range(len(self.actors)):
             while queue and actor not in self.recovering and self.load[actor] < self.IN_FLIGHT:
                 entry = queue.popleft()
-                shard = None
-                if self.tokenizers:
+                carry, shard = self.carries.get(entry.name), None
+                if self.tokenizers and carry is None:  # a carried shard tokenizes only its few changed rows
                     shard = self.tokenizers[self.submitted % len(self.tokenizers)].tokenize_shard.remote(entry)
                 self.submitted += 1
-                self.inflight[self.actors[actor].encode_shard.remote(self.output, entry, shard)] = (actor, entry)
+                ref = self.actors[actor].encode_shard.remote(self.output, entry, shard, carry)
+                self.inflight[ref] = (actor, entry)
                 self.load[actor] += 1
 
     def _probe(self, actor: int) -> None:
@@ -317,6 +421,8 @@ def _encode_with(pool: ActorPool, storage: Storage, config: PipelineConfig, sett
     published = storage.read_manifest(output)
     done = {e.name: e for e in published.files} if published else _load_progress(storage, output)
     todo, reused = plan_shards(passage_manifest.files, done)
+    previous = _previous_embeddings(storage, config, snapshot, fingerprint)
+    diff, carries = _plan_carry(storage, config, snapshot_dir(snapshot), passage_manifest.files, todo, previous)
     completed = list(reused)
     started = time.perf_counter()
     with tqdm(total=passage_manifest.rows, initial=sum(e.rows or 0 for e in reused), desc="encode",
@@ -326,29 +432,74 @@ def _encode_with(pool: ActorPool, storage: Storage, config: PipelineConfig, sett
             storage.write_json(posixpath.join(output, PROGRESS_NAME), [e.model_dump() for e in completed])
             bar.update(entry.rows)
 
-        scheduler = _ShardScheduler(pool, config.encode.max_attempts, output)
-        encoded = scheduler.run(todo, on_done) if todo else []
+        scheduler = _ShardScheduler(pool, config.encode.max_attempts, output, carries)
+        finished = scheduler.run(todo, on_done) if todo else []
     seconds = time.perf_counter() - started
     order = {e.name: i for i, e in enumerate(passage_manifest.files)}
     completed.sort(key=lambda e: order[e.name])
-    if published is None or encoded:
+    if published is None or finished:
         storage.remove_unlisted(output, keep={e.name for e in completed})
         enc = config.encode
         storage.write_manifest(
             output, "embeddings", completed, snapshot=snapshot, fingerprint=fingerprint, dim=dim,
             encoder={**asdict(settings), "compute_dtype": described[0]["dtype"]},
             embedding_dtype=enc.embedding_dtype, passages_manifest=passage_manifest.created_at,
+            carried_from=previous[0] if previous else None,
         )
-    rows = sum(e.rows or 0 for e in encoded)
+    encoded = sum(getattr(e, "encoded", e.rows) or 0 for e in finished)
     return {
-        "rows": rows,
-        "reused": sum(e.rows or 0 for e in reused),
+        "rows": encoded,
+        "reused": (passage_manifest.rows or 0) - encoded,
+        **diff,
         "shards": len(completed),
-        "encoded_shards": len(encoded),
+        "encoded_shards": len(finished),
         "retried_shards": scheduler.retried,
         "dim": dim,
         "device": device,
-        "passages_per_s": round(rows / seconds, 1) if rows else 0.0,
+        "passages_per_s": round(encoded / seconds, 1) if encoded else 0.0,
         "fingerprint": fingerprint,
+        "previous_snapshot": previous[0].split("/")[1] if previous else None,
         "output": storage.url(output),
     }
+
+
+def _previous_embeddings(storage: Storage, config: PipelineConfig, snapshot: str,
+                         fingerprint: str) -> tuple[str, Manifest] | None:
+    """The earlier snapshot's embeddings by the same model: `encode.previous_snapshot`, else the snapshot the
+    published index was built from. A different fingerprint (another model or settings) carries nothing."""
+    if not config.encode.carry_over:
+        return None
+    previous = config.encode.previous_snapshot
+    if previous is None:
+        try:
+            latest = storage.read_bytes("indexes/LATEST").decode().strip()
+            manifest = storage.read_manifest(posixpath.join("indexes", latest), name="manifest.json")
+            previous = getattr(manifest, "snapshot", None)
+        except FileNotFoundError:
+            previous = None
+    if not previous or previous == snapshot:
+        return None
+    directory = embeddings_dir(previous, fingerprint)
+    manifest = storage.read_manifest(directory)
+    if manifest is None:
+        log.info("no embeddings of snapshot %s by encoder %s: every passage is encoded", previous, fingerprint)
+        return None
+    return directory, manifest
+
+
+def _plan_carry(storage: Storage, config: PipelineConfig, passages: str, files: list[FileEntry],
+                todo: list[FileEntry], previous: tuple[str, Manifest] | None) -> tuple[dict[str, int], dict[str, Carry]]:
+    """Diff counts against the previous snapshot, and for each shard still to do, where its unchanged vectors are."""
+    if previous is None:
+        return {}, {}
+    directory, manifest = previous
+    root, options = config.storage.root, config.storage.options
+    new_keys = ray.get([read_keys.remote(root, options, passages, e.name) for e in files])
+    old_keys = ray.get([read_keys.remote(root, options, directory, e.name) for e in manifest.files])
+    plan = plan_carry_over(new_keys, old_keys)
+    log.info("against %s: %d unchanged, %d new, %d changed, %d deleted passages", storage.url(directory),
+             plan.unchanged, plan.new, plan.changed, plan.deleted)
+    position = {e.name: i for i, e in enumerate(files)}
+    carries = {e.name: Carry(directory, [manifest.files[i] for i in plan.sources[position[e.name]]])
+               for e in todo if plan.sources[position[e.name]]}
+    return {"new": plan.new, "changed": plan.changed, "deleted": plan.deleted, "unchanged": plan.unchanged}, carries

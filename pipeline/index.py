@@ -131,7 +131,7 @@ class PhaseTimer:
         log.info("%s…", phase)
         start = time.perf_counter()
         yield
-        self.seconds[phase] = round(time.perf_counter() - start, 3)
+        self.seconds[phase] = round(self.seconds.get(phase, 0.0) + time.perf_counter() - start, 3)
         log.info("%s: %.1fs", phase, self.seconds[phase])
 
 
@@ -182,9 +182,11 @@ class BuiltIndex:
 
 
 def build(shards: EmbeddingShards, storage: Storage, passages: Manifest, snapshot: str, config: IndexConfig,
-          plan: IndexPlan, work_dir: str, timer: PhaseTimer) -> BuiltIndex:
-    """Train, add, write the docstore and measure recall: everything before publication."""
-    index = faiss.index_factory(plan.dim, config.factory, faiss.METRIC_INNER_PRODUCT)
+          plan: IndexPlan, work_dir: str, timer: PhaseTimer, trained: faiss.Index | None = None) -> BuiltIndex:
+    """Train (unless given an already trained, empty index), add, write the docstore and measure recall:
+    everything before publication."""
+    index = trained if trained is not None else faiss.index_factory(plan.dim, config.factory,
+                                                                    faiss.METRIC_INNER_PRODUCT)
     with timer("sample"):
         positions = sample_positions(shards.rows, plan.train_size + plan.queries, config.seed)
         sample = np.concatenate([shards.read(e)[1][p] for e, p in zip(shards.manifest.files, positions) if len(p)])
@@ -195,8 +197,9 @@ def build(shards: EmbeddingShards, storage: Storage, passages: Manifest, snapsho
     docstore_path = os.path.join(work_dir, DOCSTORE_FILE)
     passage_entries = {entry.name: entry for entry in passages.files}
     passage_dir = snapshot_dir(snapshot)
-    with timer("train"), training_on_gpus(index):
-        index.train(train)
+    if trained is None:
+        with timer("train"), training_on_gpus(index):
+            index.train(train)
     del train
     with assigning_on_gpus(index):
         with timer("add"), pa.OSFile(docstore_path, "wb") as sink, pa.ipc.new_file(sink, DOCSTORE_SCHEMA) as out, \
@@ -222,6 +225,31 @@ def build(shards: EmbeddingShards, storage: Storage, passages: Manifest, snapsho
     return BuiltIndex(index_path, docstore_path, recall)
 
 
+def previous_trained(storage: Storage, config: IndexConfig, embeddings: Manifest, work_dir: str
+                     ) -> tuple[faiss.Index, str] | None:
+    """The published index's trained quantizer, emptied, when it was built for the same encoder, dimension and
+    factory (vectors of another model live in another space); verified by sha256 before FAISS reads it."""
+    try:
+        version = storage.read_bytes("indexes/LATEST").decode().strip()
+    except FileNotFoundError:
+        return None
+    directory = posixpath.join("indexes", version)
+    manifest = storage.read_manifest(directory, name=INDEX_MANIFEST)
+    if manifest is None or (getattr(manifest, "fingerprint", None), getattr(manifest, "factory", None),
+                            getattr(manifest, "dim", None)) != (embeddings.fingerprint, config.factory, embeddings.dim):
+        return None
+    entry = next(e for e in manifest.files if e.name == INDEX_FILE)
+    local = os.path.join(work_dir, "previous.faiss")
+    storage.download(posixpath.join(directory, INDEX_FILE), local)
+    if sha256_file(local) != entry.sha256:
+        log.warning("published index %s fails its checksum: training a new quantizer", version)
+        return None
+    index = faiss.read_index(local)
+    os.unlink(local)
+    index.reset()  # keeps the trained coarse quantizer, PQ codebooks and any OPQ rotation
+    return index, version
+
+
 def index_version(snapshot: str, embeddings: Manifest, config: IndexConfig) -> str:
     """Same inputs and settings → same version, so a rerun finds its own published work."""
     digest = hashlib.sha256(json.dumps({
@@ -232,14 +260,21 @@ def index_version(snapshot: str, embeddings: Manifest, config: IndexConfig) -> s
     return f"{snapshot}-{digest[:10]}"
 
 
-def publish(storage: Storage, version: str, built: BuiltIndex, lineage: dict[str, Any]) -> Manifest:
-    """Upload both files, then the manifest (sha256 of each), then LATEST: a version is complete or invisible."""
+def publish(storage: Storage, version: str, built: BuiltIndex, lineage: dict[str, Any]) -> Manifest | None:
+    """Upload both files, then the manifest (sha256 of each), then LATEST: a version is complete or invisible.
+
+    The manifest is created with a conditional write: of two runs racing to publish one version, one wins and
+    the other gets None (its uploads were byte-identical overwrites: the version is a hash of the inputs)."""
     directory = posixpath.join("indexes", version)
     files = []
     for name, path in ((INDEX_FILE, built.index_path), (DOCSTORE_FILE, built.docstore_path)):
         storage.upload(path, posixpath.join(directory, name))
         files.append(FileEntry(name=name, bytes=os.path.getsize(path), sha256=sha256_file(path)))
-    manifest = storage.write_manifest(directory, "index", files, name=INDEX_MANIFEST, version=version, **lineage)
+    manifest = storage.write_manifest(directory, "index", files, name=INDEX_MANIFEST, exclusive=True,
+                                      version=version, **lineage)
+    if manifest is None:
+        log.warning("index %s was published by another run meanwhile: not publishing it again", version)
+        return None
     storage.write_bytes("indexes/LATEST", f"{version}\n".encode())
     return manifest
 
@@ -257,7 +292,8 @@ def run_build_index(config: PipelineConfig) -> dict[str, Any]:
         log.info("index %s is already published: pointing LATEST at it", version)
         storage.write_bytes("indexes/LATEST", f"{version}\n".encode())
         return {**summary, "vectors": existing.rows, "recall_at_100": existing.recall_at_100,
-                "bytes_per_vector": existing.bytes_per_vector, "reused": True}
+                "bytes_per_vector": existing.bytes_per_vector, "retrained": getattr(existing, "retrained", None),
+                "reused": True}
     shards = EmbeddingShards(storage, directory, embeddings)
     plan = plan_index(config.index.factory, int(embeddings.dim), sum(shards.rows), max(shards.rows), config.index)
     log.info("plan: %d vectors x %d, nlist %s, train on %d, %d held-out queries, ~%.2f GiB peak",
@@ -268,7 +304,8 @@ def run_build_index(config: PipelineConfig) -> dict[str, Any]:
                             f"({config.index.max_memory / GiB:.2f} GiB): raise it or choose a smaller factory")
     timer = PhaseTimer()
     with tempfile.TemporaryDirectory(prefix="build-index-") as work_dir:
-        built = build(shards, storage, passages, snapshot, config.index, plan, work_dir, timer)
+        built, trained_from = _build_reusing_quantizer(shards, storage, passages, snapshot, config.index, plan,
+                                                       work_dir, timer, embeddings)
         recall = built.recall[100]
         log.info("recall@10 %.4f, recall@100 %.4f vs exact at nprobe %d", built.recall[10], recall,
                  config.index.nprobe)
@@ -284,11 +321,29 @@ def run_build_index(config: PipelineConfig) -> dict[str, Any]:
                 "metric": "inner_product", "nprobe": config.index.nprobe, "train_size": plan.train_size,
                 "queries": plan.queries, "recall_at_10": built.recall[10], "recall_at_100": recall,
                 "bytes_per_vector": bytes_per_vector, "passages_manifest": passages.created_at,
-                "seconds": timer.seconds,
+                "seconds": timer.seconds, "trained_from": trained_from, "retrained": trained_from is None,
             })
-    return {**summary, "vectors": manifest.rows or plan.vectors, "recall_at_10": round(built.recall[10], 4),
+    return {**summary, "vectors": plan.vectors, "recall_at_10": round(built.recall[10], 4),
             "recall_at_100": round(recall, 4), "bytes_per_vector": bytes_per_vector,
-            "train_seconds": timer.seconds["train"], "add_seconds": timer.seconds["add"], "reused": False}
+            "train_seconds": timer.seconds.get("train", 0.0), "add_seconds": timer.seconds["add"],
+            "retrained": trained_from is None, "trained_from": trained_from, "reused": manifest is None}
+
+
+def _build_reusing_quantizer(shards: EmbeddingShards, storage: Storage, passages: Manifest, snapshot: str,
+                             config: IndexConfig, plan: IndexPlan, work_dir: str, timer: PhaseTimer,
+                             embeddings: Manifest) -> tuple[BuiltIndex, str | None]:
+    """Add the new vectors to the published index's trained quantizer while its measured recall on them stays at
+    `index.min_recall` (small drift, no k-means); below that, or with nothing to reuse, train a new one."""
+    previous = previous_trained(storage, config, embeddings, work_dir) if config.reuse_trained else None
+    if previous is not None:
+        trained, trained_from = previous
+        built = build(shards, storage, passages, snapshot, config, plan, work_dir, timer, trained)
+        if built.recall[100] >= config.min_recall:
+            log.info("reused the quantizer trained for %s (recall@100 %.4f)", trained_from, built.recall[100])
+            return built, trained_from
+        log.info("the quantizer of %s gives recall@100 %.4f on the new vectors, below %.2f: retraining",
+                 trained_from, built.recall[100], config.min_recall)
+    return build(shards, storage, passages, snapshot, config, plan, work_dir, timer), None
 
 
 

@@ -11,6 +11,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
 import posixpath
 import uuid
 from typing import Any
@@ -129,6 +130,38 @@ class Storage:
             self.fs.pipe_file(target, data)
         return sha256_hex(data)
 
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Write an object only if none exists under that name; False when another writer got there first.
+
+        One atomic step on both backends: a hard link of a complete temporary file locally, a conditional PUT
+        (`If-None-Match: *`) on S3. Other object stores fall back to check-then-write (not atomic)."""
+        target = self.path(rel)
+        if self.is_local:
+            self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+            temporary = f"{target}.tmp-{uuid.uuid4().hex}"
+            self.fs.pipe_file(temporary, data)
+            try:
+                os.link(temporary, target)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(temporary)
+        if "s3" in self.fs.protocol:
+            try:
+                self.fs.pipe_file(target, data, mode="create")
+                return True
+            except FileExistsError:
+                return False
+            except OSError as exc:  # botocore's 412 PreconditionFailed surfaces as an OSError subclass
+                if "PreconditionFailed" in str(exc) or "412" in str(exc):
+                    return False
+                raise
+        if self.fs.exists(target):
+            return False
+        self.fs.pipe_file(target, data)
+        return True
+
     def upload(self, local_path: str, rel: str) -> None:
         """Copy a local file in whole (rename locally; one PUT or a completed multipart upload on object stores)."""
         target = self.path(rel)
@@ -166,8 +199,9 @@ class Storage:
 
     # -- manifests ----------------------------------------------------------------------------------------------
     def write_manifest(self, rel_dir: str, kind: str, files: list[FileEntry], name: str = MANIFEST_NAME,
-                       **fields: Any) -> Manifest:
-        """Publish a directory: the manifest is written after every object it lists."""
+                       exclusive: bool = False, **fields: Any) -> Manifest | None:
+        """Publish a directory: the manifest is written after every object it lists. `exclusive`: only if no
+        manifest exists yet (None when one does)."""
         rows = sum(f.rows for f in files if f.rows is not None) if any(f.rows is not None for f in files) else None
         manifest = Manifest(
             kind=kind,
@@ -176,7 +210,11 @@ class Storage:
             rows=rows,
             **fields,
         )
-        self.write_json(posixpath.join(rel_dir, name), manifest.model_dump(mode="json"))
+        rel = posixpath.join(rel_dir, name)
+        if exclusive:
+            data = (json.dumps(manifest.model_dump(mode="json"), indent=1, sort_keys=True) + "\n").encode()
+            return manifest if self.create_exclusive(rel, data) else None
+        self.write_json(rel, manifest.model_dump(mode="json"))
         return manifest
 
     def read_manifest(self, rel_dir: str, name: str = MANIFEST_NAME) -> Manifest | None:

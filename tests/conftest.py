@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import uuid
@@ -14,6 +13,8 @@ from pathlib import Path
 import boto3
 import pytest
 import requests
+
+from tests.helpers import free_port
 
 # Fake credentials for the local S3 server; tests check they never leak into logs or outputs.
 FAKE_CREDENTIALS = {
@@ -60,21 +61,20 @@ def s3_client(s3_endpoint: str):
     return boto3.client("s3", endpoint_url=s3_endpoint)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+RAY_DASHBOARD_PORT = free_port()
 
 
 @pytest.fixture(scope="session")
 def ray_address(tmp_path_factory) -> str:
-    """One local Ray for the whole session; jobs started by tests join it through RAY_ADDRESS."""
+    """One local Ray for the whole session; jobs started by tests join it through RAY_ADDRESS. Its dashboard
+    (on RAY_DASHBOARD_PORT) serves the Serve REST API that the nightly job uses."""
     ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
-    port = _free_port()
+    port = free_port()
     temp_dir = tmp_path_factory.mktemp("ray")
     subprocess.run(
-        [ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false",
-         "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+        [ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={RAY_DASHBOARD_PORT}", "--disable-usage-stats",
+         f"--temp-dir={temp_dir}"],
         check=True, capture_output=True, timeout=120,
     )
     address = f"127.0.0.1:{port}"

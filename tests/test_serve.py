@@ -1,6 +1,5 @@
 """The QA app on Ray Serve, over real HTTP: results, reader spans, every error status, metrics, hot swap."""
 
-import socket
 import threading
 import time
 
@@ -14,16 +13,10 @@ from pipeline.encoder import EncoderSettings, TextEncoder
 from pipeline.index import load_published
 from pipeline.storage import Storage
 from tests.conftest import TEST_API_KEY
-from tests.helpers import run_job, synthetic_rows, write_config, write_tsv
+from tests.helpers import free_port, run_job, synthetic_rows, write_config, write_tsv
 
 pytestmark = pytest.mark.ray
 ROWS = synthetic_rows(400, words=40)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +28,7 @@ def qa(tmp_path_factory, tiny_models, ray_address):
     from pipeline.serve.app import build_app
 
     tmp = tmp_path_factory.mktemp("serve")
-    port = _free_port()
+    port = free_port()
     config_path = write_config(tmp / "c.yaml", {
         "storage": {"root": str(tmp / "store")},
         "ingest": {"input": str(write_tsv(tmp / "psgs.tsv", ROWS)), "snapshot": "s1", "shard_rows": 100},

@@ -1,0 +1,206 @@
+"""Nightly incremental re-index: the diff plan without I/O, then three nights end to end on the S3 server, with a
+crash after encode, a rerun that does nothing, and the Serve app moved to each new version over its REST API."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import requests
+import s3fs
+
+from pipeline.embeddings import ShardKeys, embedding_matrix, plan_carry_over, read_shard, shard_keys
+from pipeline.index import load_published
+from pipeline.nightly import with_index_version
+from pipeline.storage import Storage
+from tests.conftest import RAY_DASHBOARD_PORT
+from tests.helpers import REPO, free_port, run_job, synthetic_rows, write_config, write_tsv
+
+ROWS = synthetic_rows(600, words=30)
+
+
+def _keys(pairs: list[tuple[str, str]]) -> ShardKeys:
+    return shard_keys([p for p, _ in pairs], [h for _, h in pairs])
+
+
+def test_carry_plan_counts_the_diff_and_finds_moved_passages():
+    old = [_keys([("1", "a" * 32), ("2", "b" * 32)]), _keys([("3", "c" * 32), ("4", "d" * 32)])]
+    new = [_keys([("2", "b" * 32), ("3", "c" * 32)]),  # 3 moved to another shard
+           _keys([("4", "e" * 32), ("5", "f" * 32)])]  # 4 changed, 5 new; 1 deleted
+    plan = plan_carry_over(new, old)
+    assert plan.sources == [[0, 1], []]
+    assert (plan.unchanged, plan.new, plan.changed, plan.deleted) == (2, 1, 1, 1)
+    first = plan_carry_over(new, [])
+    assert first.sources == [[], []] and (first.unchanged, first.new, first.changed, first.deleted) == (0, 4, 0, 0)
+
+
+def test_index_version_goes_into_the_retriever_user_config_only():
+    deploy = {"http_options": {"port": 8000}, "applications": [
+        {"name": "other", "import_path": "x:y"},
+        {"name": "qa", "import_path": "pipeline.serve.app:app", "args": {"config": "c.yaml"},
+         "deployments": [{"name": "QAService", "num_replicas": 2},
+                         {"name": "Retriever", "user_config": {"index_version": None, "keep": 1}}]}]}
+    updated = with_index_version(deploy, "qa", "v2")
+    retriever = updated["applications"][1]["deployments"][1]
+    assert retriever == {"name": "Retriever", "user_config": {"index_version": "v2", "keep": 1}}
+    assert updated["applications"][0] == deploy["applications"][0] and updated["http_options"] == {"port": 8000}
+    assert deploy["applications"][1]["deployments"][1]["user_config"]["index_version"] is None  # not mutated
+    bare = with_index_version({"applications": [{"name": "qa", "import_path": "p:a"}]}, "qa", "v3")
+    assert bare["applications"][0]["deployments"] == [{"name": "Retriever", "user_config": {"index_version": "v3"}}]
+    with pytest.raises(Exception, match="no application named 'missing'"):
+        with_index_version(deploy, "missing", "v2")
+
+
+def _night(tmp, rows, snapshot):
+    """The night's passage file, written once: a rerun of the night reads the very same file."""
+    path = tmp / f"psgs-{snapshot}.tsv"
+    if not path.exists():
+        write_tsv(path, rows)
+    return [f"ingest.input={path}", f"ingest.snapshot={snapshot}"]
+
+
+def _embeddings(storage: Storage, snapshot: str) -> dict[str, np.ndarray]:
+    base = f"embeddings/{snapshot}"
+    [fingerprint] = storage.list_names(base)
+    manifest = storage.read_manifest(f"{base}/{fingerprint}")
+    out = {}
+    for entry in manifest.files:
+        table = read_shard(storage, f"{base}/{fingerprint}", entry)
+        out.update(zip(table.column("id").to_pylist(), embedding_matrix(table)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def nights(tmp_path_factory, tiny_models, s3_endpoint, ray_address):
+    """Night 1 (full) published and served by an app deployed from a config through the Serve REST API."""
+    import ray
+    from ray import serve
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    if not fs.exists("nightly"):
+        fs.mkdir("nightly")
+    tmp = tmp_path_factory.mktemp("nightly")
+    port = free_port()
+    dashboard = f"http://127.0.0.1:{RAY_DASHBOARD_PORT}"
+    config_path = write_config(tmp / "c.yaml", {
+        "storage": {"root": "s3://nightly/root", "options": {"endpoint_url": s3_endpoint}},
+        "ingest": {"shard_rows": 100},
+        "encode": {"model": tiny_models["ctx"], "pooling": "dpr", "max_length": 64},
+        "index": {"factory": "IVF4,PQ32x8", "nprobe": 4, "queries": 50, "min_recall": 0.6},
+        "serve": {"question_model": tiny_models["question"], "reader_model": None, "port": port,
+                  "cache_dir": str(tmp / "cache"), "retriever_cpus": 0.25, "encoder_cpus": 0.25},
+        "nightly": {"serve_address": dashboard, "serve_timeout_s": 120},
+    })
+    first = run_job("nightly", config_path, *_night(tmp, ROWS, "d1"), "nightly.serve_address=null")
+    assert first.returncode == 0, first.stderr[-3000:]
+    application = {"name": "qa", "route_prefix": "/", "import_path": "pipeline.serve.app:app",
+                   "args": {"config": str(config_path)},
+                   "deployments": [{"name": "Retriever", "user_config": {"index_version": None}}]}
+    deployed = requests.put(f"{dashboard}/api/serve/applications/", timeout=60, json={
+        "http_options": {"host": "127.0.0.1", "port": port}, "applications": [application]})
+    assert deployed.status_code == 200, deployed.text
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/v1/index", timeout=5).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    yield {"config": config_path, "tmp": tmp, "first": first.summary, "url": url,
+           "storage": Storage("s3://nightly/root", {"endpoint_url": s3_endpoint})}
+    ray.init(address=ray_address, logging_level="WARNING", log_to_driver=False)
+    serve.shutdown()
+    ray.shutdown()
+
+
+def test_first_night_encodes_everything_and_trains(nights):
+    first = nights["first"]
+    assert first["status"] == "ok" and first["previous_snapshot"] is None
+    assert (first["new"], first["changed"], first["deleted"], first["encoded"], first["reused"]) == (600, 0, 0, 600, 0)
+    assert first["retrained"] is True and first["published"] is True and first["vectors"] == 600
+    assert requests.get(f"{nights['url']}/v1/index", timeout=10).json()["index_version"] == first["version"]
+
+
+def test_second_night_encodes_exactly_what_changed_and_serves_it(nights):
+    storage = nights["storage"]
+    deleted = {str(i) for i in range(11, 31)}
+    changed = {str(i) for i in range(101, 116)}
+    rows = [(pid, text + " revised" if pid in changed else text, title)
+            for pid, text, title in ROWS if pid not in deleted]
+    rows[300:300] = synthetic_rows(25, start=1001, words=30)  # inserted mid-file: later shard boundaries move
+    run = run_job("nightly", nights["config"], *_night(nights["tmp"], rows, "d2"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    second = run.summary
+    assert (second["new"], second["changed"], second["deleted"]) == (25, 15, 20)
+    assert second["encoded"] == 40 and second["reused"] == 605 - 40 and second["previous_snapshot"] == "d1"
+    assert second["retrained"] is False and second["published"] is True  # the quantizer of night 1 was reused
+    assert second["served"]["index_version"] == second["version"]
+
+    published = load_published(storage, second["version"], str(nights["tmp"] / "check"))
+    assert published.docstore.column("id").to_pylist() == [pid for pid, _, _ in rows]
+    assert published.manifest.trained_from == nights["first"]["version"]
+    before, after = _embeddings(storage, "d1"), _embeddings(storage, "d2")
+    unchanged = [pid for pid, _, _ in rows if pid in before and pid not in changed]
+    assert len(unchanged) == 565 and all(np.array_equal(before[p], after[p]) for p in unchanged)
+    assert not any(np.array_equal(before[p], after[p]) for p in changed)
+    # unchanged passages are found exactly as before: same vectors under the same trained quantizer
+    old = load_published(storage, nights["first"]["version"], str(nights["tmp"] / "check-old"))
+    queries = np.stack([after[p] for p in unchanged[:100]])
+    old_ids = old.docstore.column("id").to_numpy(zero_copy_only=False)[old.search(queries, 1)[1][:, 0]]
+    new_ids = published.docstore.column("id").to_numpy(zero_copy_only=False)[published.search(queries, 1)[1][:, 0]]
+    assert (old_ids == new_ids).mean() >= 0.95
+
+    hits = requests.post(f"{nights['url']}/v1/search", json={"questions": ["river"], "k": 3}, timeout=30).json()
+    assert hits["index_version"] == second["version"]
+
+    again = run_job("nightly", nights["config"], *_night(nights["tmp"], rows, "d2"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    rerun = again.summary
+    assert rerun["encoded"] == 0 and rerun["published"] is False and rerun["version"] == second["version"]
+    assert (rerun["new"], rerun["changed"], rerun["deleted"]) == (25, 15, 20)
+
+
+def test_a_crash_after_encode_resumes_without_re_encoding_and_publishes_once(nights):
+    storage = nights["storage"]
+    rows = [(pid, text + " third" if pid in {"200", "201", "202"} else text, title) for pid, text, title in ROWS]
+    command = [sys.executable, "-m", "jobs.nightly", "--config", str(nights["config"]),
+               *[arg for item in _night(nights["tmp"], rows, "d3") for arg in ("--set", item)]]
+    job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    [fingerprint] = storage.list_names("embeddings/d2")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and job.poll() is None:
+        storage.fs.invalidate_cache()
+        if storage.exists(f"embeddings/d3/{fingerprint}/_manifest.json"):
+            os.killpg(job.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    job.wait(timeout=60)
+    assert job.returncode == -signal.SIGKILL, "the nightly run finished before it could be killed after encode"
+    assert storage.read_json("nightly/d3.json")["previous_snapshot"] == "d2"
+
+    run = run_job("nightly", nights["config"], *_night(nights["tmp"], rows, "d3"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    third = run.summary
+    assert third["encoded"] == 0 and third["reused"] == 600  # encoded before the crash, not again
+    # vs night 2: ids 11-30 are back (new), 101-115 reverted and 200-202 edited (changed), 1001-1025 gone
+    assert (third["new"], third["changed"], third["deleted"]) == (20, 18, 25)
+    assert third["published"] is True and third["served"]["index_version"] == third["version"]
+    created = storage.read_json(f"indexes/{third['version']}/manifest.json")["created_at"]
+    again = run_job("nightly", nights["config"], *_night(nights["tmp"], rows, "d3"))
+    assert again.returncode == 0 and again.summary["published"] is False
+    assert storage.read_json(f"indexes/{third['version']}/manifest.json")["created_at"] == created
+
+
+def test_a_new_encoder_forces_a_full_encode(nights, tiny_models):
+    """Another fingerprint (here: another max_length) shares no vectors with the published index."""
+    run = run_job("nightly", nights["config"], *_night(nights["tmp"], ROWS, "d4"), "encode.max_length=48",
+                  "nightly.serve_address=null")
+    assert run.returncode == 0, run.stderr[-3000:]
+    fourth = run.summary
+    assert fourth["encoded"] == 600 and fourth["reused"] == 0 and fourth["retrained"] is True
