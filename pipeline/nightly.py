@@ -125,7 +125,8 @@ def point_serve_at(config: PipelineConfig, version: str) -> dict[str, Any]:
                if details.get(key) is not None}
     _http_json("PUT", f"{base}/api/serve/applications/",
                with_index_version({**current, "applications": deployed}, night.serve_app, version))
-    url = (night.serve_url or f"http://{config.serve.host}:{config.serve.port}").rstrip("/") + "/v1/index"
+    host = "127.0.0.1" if config.serve.host == "0.0.0.0" else config.serve.host
+    url = (night.serve_url or f"http://{host}:{config.serve.port}").rstrip("/") + "/v1/index"
     key = os.environ.get(config.serve.api_key_env) if config.serve.api_key_env else None
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     deadline, seen = time.monotonic() + night.serve_timeout_s, None

@@ -1,0 +1,121 @@
+"""The deployment manifests parse, carry the fields their kinds need, and name entry points and configs that exist."""
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import load_config
+from tests.conftest import FAKE_CREDENTIALS
+
+REPO = Path(__file__).resolve().parents[1]
+KUBERAY = REPO / "infra" / "kuberay"
+
+
+def _documents(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def _check_command(command: str) -> str:
+    """`python -m jobs.<name> --config <file> [--set k=v ...]`: the job exists and the config loads with the sets."""
+    words = shlex.split(command)
+    assert words[:3] == ["python", "-m", words[2]] and words[2].startswith("jobs."), command
+    job = words[2].removeprefix("jobs.")
+    assert (REPO / "jobs" / f"{job}.py").is_file(), command
+    assert words[3] == "--config"
+    overrides = [words[i + 1] for i in range(4, len(words)) if words[i] == "--set"]
+    load_config(REPO / words[4], overrides)
+    return job
+
+
+def _pod_specs(cluster: dict) -> list[dict]:
+    groups = [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]
+    return [group["template"]["spec"] for group in groups]
+
+
+def _check_cluster(cluster: dict) -> None:
+    for spec in _pod_specs(cluster):
+        assert spec["serviceAccountName"] == "dpr-pipeline"  # S3 through the role, no keys
+        [container] = spec["containers"]
+        assert container["image"] and container["workingDir"] == "/home/ray/dpr"
+        for env in container.get("env", []):
+            assert "value" not in env or not re.search(r"KEY|SECRET|TOKEN|PASSWORD", env["name"]), env
+    for group in cluster.get("workerGroupSpecs", []):
+        assert group["groupName"] and group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+
+
+@pytest.mark.parametrize("job", ["ingest", "encode", "build-index", "nightly"])
+def test_rayjobs_submit_a_real_job_with_a_real_config(job):
+    [doc] = _documents(KUBERAY / f"rayjob-{job}.yaml")
+    assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayJob")
+    spec = doc["spec"]
+    assert _check_command(spec["entrypoint"]) == job.replace("-", "_")
+    assert spec["shutdownAfterJobFinishes"] is True and spec["activeDeadlineSeconds"] > 0
+    assert "runtimeEnvYAML" not in spec  # nothing (and no secret) rides in runtime_env env vars
+    _check_cluster(spec["rayClusterSpec"])
+    if job in ("encode", "nightly"):
+        gpus = [g for g in spec["rayClusterSpec"]["workerGroupSpecs"]
+                if g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")]
+        assert gpus, "encoding needs GPU workers"
+
+
+def test_rayservice_serves_the_app_from_the_serve_config():
+    [doc] = _documents(KUBERAY / "rayservice-qa.yaml")
+    assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayService")
+    serve_config = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    local = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())
+    [app] = serve_config["applications"]
+    assert app["import_path"] == local["applications"][0]["import_path"] == "pipeline.serve.app:app"
+    config = load_config(REPO / app["args"]["config"])
+    retriever = next(d for d in app["deployments"] if d["name"] == "Retriever")
+    assert retriever["user_config"] == {"index_version": None}
+    import pipeline.serve.app as serve_app
+
+    assert all(hasattr(serve_app, d["name"]) for d in app["deployments"])  # names of the app's deployments
+    _check_cluster(doc["spec"]["rayClusterConfig"])
+    keyed = [env for spec in _pod_specs(doc["spec"]["rayClusterConfig"])
+             for env in spec["containers"][0].get("env", []) if env["name"] == config.serve.api_key_env]
+    assert keyed and all("secretKeyRef" in env["valueFrom"] for env in keyed)
+    # the nightly job finds this service's dashboard and HTTP port by the names KubeRay gives them
+    nightly = _documents(KUBERAY / "rayjob-nightly.yaml")[0]["spec"]["entrypoint"]
+    assert f"http://{doc['metadata']['name']}-head-svc:8265" in nightly
+    assert f"http://{doc['metadata']['name']}-serve-svc:8000" in nightly
+
+
+def test_cronjob_submits_the_nightly_rayjob_from_the_kustomized_configmap():
+    [cron] = _documents(KUBERAY / "nightly-cronjob.yaml")
+    assert (cron["apiVersion"], cron["kind"]) == ("batch/v1", "CronJob")
+    assert len(cron["spec"]["schedule"].split()) == 5 and cron["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["command"][:3] == ["kubectl", "create", "-f"]
+    manifest = Path(container["command"][3])
+    configmap = next(v["configMap"]["name"] for v in pod["volumes"] if v["name"] == "manifests")
+    kustomization = yaml.safe_load((KUBERAY / "kustomization.yaml").read_text())
+    generated = next(g for g in kustomization["configMapGenerator"] if g["name"] == configmap)
+    assert manifest.name in generated["files"] and (KUBERAY / manifest.name).is_file()
+    assert all((KUBERAY / r).is_file() for r in kustomization["resources"])
+    identities = _documents(KUBERAY / "service-account.yaml")
+    assert pod["serviceAccountName"] in {d["metadata"]["name"] for d in identities if d["kind"] == "ServiceAccount"}
+    role = next(d for d in identities if d["kind"] == "Role")
+    assert role["rules"] == [{"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get", "list"]}]
+
+
+def test_cluster_launcher_config_has_gpu_workers_and_a_role_not_keys():
+    config = yaml.safe_load((REPO / "infra" / "ray-cluster-aws.yaml").read_text())
+    assert config["provider"]["type"] == "aws" and config["head_node_type"] in config["available_node_types"]
+    nodes = config["available_node_types"]
+    assert any(node["resources"].get("GPU", 0) >= 1 for node in nodes.values())
+    assert all("IamInstanceProfile" in node["node_config"] for node in nodes.values())
+    assert sum(node["max_workers"] for node in nodes.values()) <= config["max_workers"]
+
+
+def test_no_manifest_or_config_holds_a_credential():
+    texts = {p: p.read_text() for p in [*(REPO / "infra").rglob("*"), *(REPO / "configs").glob("*.yaml")]
+             if p.is_file()}
+    for path, text in texts.items():
+        assert not re.search(r"aws_secret_access_key|aws_access_key_id", text, re.IGNORECASE), path
+        assert not re.search(r"\bAKIA[0-9A-Z]{12,}", text), path
+        assert not any(value in text for value in FAKE_CREDENTIALS.values() if len(value) > 12), path
