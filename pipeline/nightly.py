@@ -77,7 +77,7 @@ def run_nightly(config: PipelineConfig) -> dict[str, Any]:
         "deleted": encoded.get("deleted", 0), "reused": encoded["reused"], "encoded": encoded["rows"],
         "retrained": built.get("retrained"), "version": built["version"], "published": not built["reused"],
         "vectors": built["vectors"], "recall_at_100": built["recall_at_100"], "served": served,
-        "seconds": timer.seconds, "output": built["output"],
+        "phase_seconds": timer.seconds, "output": built["output"],
     }
 
 
