@@ -1,7 +1,8 @@
 """The whole chain on an offline corpus cut from Python's own documentation (`make demo`).
 
-Each stage runs exactly as its job would, in this process, against the local `storage.root`; then the QA app
-starts on Ray Serve, answers one question over HTTP, and shuts down.
+Each stage runs exactly as its job would, in this process, against the local `storage.root`; the index is
+evaluated on the demo's questions (top-k accuracy, IVF-PQ vs exact search); then the QA app starts on Ray Serve,
+answers one question over HTTP, and shuts down.
 """
 
 import logging
@@ -14,6 +15,7 @@ from pipeline.config import PipelineConfig
 from pipeline.demo_corpus import write_demo_corpus
 from pipeline.embeddings import run_encode
 from pipeline.errors import ConfigError
+from pipeline.evaluate import run_evaluate
 from pipeline.index import run_build_index
 from pipeline.ingest import run_ingest
 from pipeline.serve.local import ask_once
@@ -29,9 +31,13 @@ def run_demo(config: PipelineConfig) -> dict[str, Any]:
     if not corpus.exists():
         log.info("writing the demo corpus (%d passages) to %s", write_demo_corpus(corpus), corpus)
     stages = {}
-    for stage, run in (("ingest", run_ingest), ("encode", run_encode), ("build_index", run_build_index)):
+    for stage, run in (("ingest", run_ingest), ("encode", run_encode), ("build_index", run_build_index),
+                       ("evaluate", run_evaluate)):
         stages[stage] = run(config)
         log.info("%s: %s", stage, stages[stage])
+    evaluated = stages["evaluate"]
+    log.info("top-k accuracy on %d demo questions, IVF-PQ vs exact: %s", evaluated["questions"], ", ".join(
+        f"top-{k} {evaluated[f'top{k}_ann']:.2f} vs {evaluated[f'top{k}_exact']:.2f}" for k in config.evaluate.k))
     stages["serve"] = ask_once(config, DEMO_QUESTION)
     return {"stages": stages}
 

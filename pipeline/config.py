@@ -200,6 +200,25 @@ class NightlyConfig(Section):
     serve_timeout_s: float = Field(600, gt=0)
 
 
+class EvaluateConfig(Section):
+    questions: str | None = Field(None, description="DPR .qa.csv (question<TAB>['answers']) or JSONL "
+                                                    "{question, answers}: path or URL")
+    output: str | None = Field(None, description="where the results JSON, report and plot go "
+                                                 "(default: <root>/evaluations/<index version>)")
+    k: list[int] = Field([1, 5, 20, 100], min_length=1, description="top-k accuracies to report")
+    match: Literal["string", "regex"] = Field("string", description="DPR's answer matching: token sequences, "
+                                                                   "or regex (CuratedTREC)")
+    index_version: str | None = Field(None, description="index to evaluate (default: indexes/LATEST)")
+    cache_dir: str = Field("/tmp/dpr-pipeline-index-cache", description="local copies of index versions")
+
+    @field_validator("k")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if any(k <= 0 for k in value):
+            raise ValueError("every k must be positive")
+        return value
+
+
 class PipelineConfig(Section):
     storage: StorageConfig
     ingest: IngestConfig = Field(default_factory=IngestConfig)
@@ -207,6 +226,7 @@ class PipelineConfig(Section):
     index: IndexConfig = Field(default_factory=IndexConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     nightly: NightlyConfig = Field(default_factory=NightlyConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:

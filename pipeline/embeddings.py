@@ -126,7 +126,7 @@ class CarryPlan:
 def plan_carry_over(new: list[ShardKeys], previous: list[ShardKeys]) -> CarryPlan:
     """Diff two snapshots by id and content hash without reading a vector (pure; the actors verify the real ids
     and hashes when they copy, so a 64-bit hash collision can only cost a re-encode, never a wrong vector)."""
-    if not previous:
+    if not sum(len(k.ids) for k in previous):
         return CarryPlan([[] for _ in new], 0, sum(len(k.ids) for k in new), 0, 0)
     old_ids = np.concatenate([k.ids for k in previous])
     old_contents = np.concatenate([k.contents for k in previous])
@@ -487,6 +487,13 @@ def _previous_embeddings(storage: Storage, config: PipelineConfig, snapshot: str
     return directory, manifest
 
 
+def _get_keys(refs: list) -> list[ShardKeys]:
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as exc:
+        raise (exc.cause if isinstance(exc.cause, Exception) else PipelineError(str(exc))) from None
+
+
 def _plan_carry(storage: Storage, config: PipelineConfig, passages: str, files: list[FileEntry],
                 todo: list[FileEntry], previous: tuple[str, Manifest] | None) -> tuple[dict[str, int], dict[str, Carry]]:
     """Diff counts against the previous snapshot, and for each shard still to do, where its unchanged vectors are."""
@@ -494,8 +501,12 @@ def _plan_carry(storage: Storage, config: PipelineConfig, passages: str, files: 
         return {}, {}
     directory, manifest = previous
     root, options = config.storage.root, config.storage.options
-    new_keys = ray.get([read_keys.remote(root, options, passages, e.name) for e in files])
-    old_keys = ray.get([read_keys.remote(root, options, directory, e.name) for e in manifest.files])
+    new_keys = _get_keys([read_keys.remote(root, options, passages, e.name) for e in files])
+    try:
+        old_keys = _get_keys([read_keys.remote(root, options, directory, e.name) for e in manifest.files])
+    except InputError as exc:  # e.g. shards written before embeddings carried their content hash
+        log.warning("cannot diff against %s (%s): every passage is encoded", storage.url(directory), exc)
+        return {}, {}
     plan = plan_carry_over(new_keys, old_keys)
     log.info("against %s: %d unchanged, %d new, %d changed, %d deleted passages", storage.url(directory),
              plan.unchanged, plan.new, plan.changed, plan.deleted)

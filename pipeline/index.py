@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from pipeline.config import IndexConfig, PipelineConfig
 from pipeline.embeddings import embedding_matrix, latest_snapshot, read_passage_shard, read_shard
+from pipeline.encoder import EncoderSettings
 from pipeline.errors import InputError, PipelineError
 from pipeline.ingest import snapshot_dir
 from pipeline.storage import FileEntry, Manifest, Storage, sha256_file
@@ -371,6 +372,16 @@ def published_version(storage: Storage, version: str | None = None) -> str:
         return storage.read_bytes("indexes/LATEST").decode().strip()
     except FileNotFoundError:
         raise PipelineError(f"no published index under {storage.url('indexes')}: run jobs.build_index") from None
+
+
+def question_settings(storage: Storage, version: str | None, model: str, pooling: str | None) -> EncoderSettings:
+    """The question side must match how the index's passages were encoded (pooling, normalization, length)."""
+    version = published_version(storage, version)
+    manifest = storage.read_manifest(f"indexes/{version}", name=INDEX_MANIFEST)
+    encoder = dict(manifest.encoder) if manifest is not None else {}
+    pooling = pooling or encoder.get("pooling", "dpr")
+    return EncoderSettings(model=model, pooling=pooling, max_length=int(encoder.get("max_length", 256)),
+                           normalize=bool(encoder.get("normalize", False)), dtype="auto", question=pooling == "dpr")
 
 
 def load_published(storage: Storage, version: str | None, cache_dir: str) -> PublishedIndex:

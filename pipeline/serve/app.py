@@ -23,8 +23,7 @@ from ray import serve
 from starlette.exceptions import HTTPException
 
 from pipeline.config import PipelineConfig, ServeConfig, load_config
-from pipeline.encoder import EncoderSettings
-from pipeline.index import INDEX_MANIFEST, published_version
+from pipeline.index import question_settings
 from pipeline.serve.deployments import QuestionEncoder, Reader, Retriever
 from pipeline.storage import Storage
 
@@ -255,24 +254,13 @@ class QAService:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def question_settings(config: PipelineConfig, storage: Storage) -> EncoderSettings:
-    """The question side must match how the index's passages were encoded (pooling, normalization, length)."""
-    version = published_version(storage, config.serve.index_version)
-    manifest = storage.read_manifest(f"indexes/{version}", name=INDEX_MANIFEST)
-    encoder = dict(manifest.encoder) if manifest is not None else {}
-    pooling = config.serve.question_pooling or encoder.get("pooling", "dpr")
-    return EncoderSettings(model=config.serve.question_model, pooling=pooling,
-                           max_length=int(encoder.get("max_length", 256)),
-                           normalize=bool(encoder.get("normalize", False)), dtype="auto", question=pooling == "dpr")
-
-
 def build_app(config: PipelineConfig):
     """The application graph: ingress → (question encoder, retriever, reader)."""
     s = config.serve
     storage = Storage(config.storage.root, config.storage.options)
     encoder = QuestionEncoder.options(
         ray_actor_options={"num_cpus": s.encoder_cpus, "num_gpus": s.encoder_gpus},
-    ).bind(question_settings(config, storage), s.batch_max_size)
+    ).bind(question_settings(storage, s.index_version, s.question_model, s.question_pooling), s.batch_max_size)
     # Local paths are made absolute here: replicas do not share the working directory of `serve run`.
     retriever = Retriever.options(
         user_config={"index_version": s.index_version}, ray_actor_options={"num_cpus": s.retriever_cpus},

