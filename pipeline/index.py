@@ -292,7 +292,7 @@ def run_build_index(config: PipelineConfig) -> dict[str, Any]:
     if existing is not None:
         log.info("index %s is already published: pointing LATEST at it", version)
         storage.write_bytes("indexes/LATEST", f"{version}\n".encode())
-        return {**summary, "vectors": existing.rows, "recall_at_100": existing.recall_at_100,
+        return {**summary, "vectors": getattr(existing, "vectors", None), "recall_at_100": existing.recall_at_100,
                 "bytes_per_vector": existing.bytes_per_vector, "retrained": getattr(existing, "retrained", None),
                 "reused": True}
     shards = EmbeddingShards(storage, directory, embeddings)
@@ -320,7 +320,8 @@ def run_build_index(config: PipelineConfig) -> dict[str, Any]:
                 "snapshot": snapshot, "embeddings": storage.url(directory), "fingerprint": embeddings.fingerprint,
                 "encoder": embeddings.encoder, "dim": plan.dim, "factory": config.index.factory,
                 "metric": "inner_product", "nprobe": config.index.nprobe, "train_size": plan.train_size,
-                "queries": plan.queries, "recall_at_10": built.recall[10], "recall_at_100": recall,
+                "vectors": plan.vectors, "queries": plan.queries, "recall_at_10": built.recall[10],
+                "recall_at_100": recall,
                 "bytes_per_vector": bytes_per_vector, "passages_manifest": passages.created_at,
                 "seconds": timer.seconds, "trained_from": trained_from, "retrained": trained_from is None,
             })
