@@ -91,6 +91,8 @@ class IngestConfig(Section):
     format: Literal["auto", "tsv", "jsonl", "parquet"] = "auto"
     shard_rows: int = Field(100_000, gt=0, description="passages per Parquet shard")
     max_text_chars: int = Field(100_000, gt=0, description="longer passages are rejected as bad input")
+    max_bad_rows: int = Field(0, ge=0, description="bad rows skipped and listed in the manifest's quarantine "
+                                                   "(0 = the first bad row fails the run)")
     parallel: Literal["auto", "always", "never"] = Field(
         "auto", description="read files in Ray tasks: auto = when the input has more than one file"
     )
@@ -123,6 +125,10 @@ class EncodeConfig(Section):
         "actor; 0 without GPUs, where encoder actors tokenize themselves)"
     )
     max_attempts: int = Field(3, gt=0, description="tries per shard when an encoder actor dies")
+    max_bad_shards: int = Field(0, ge=0, description="corrupt, empty, wrong-schema or oversized passage shards "
+                                                     "skipped and listed as quarantined (0 = the first fails the run)")
+    max_shard_bytes: int = Field(2 * 2**30, gt=0, description="a passage shard larger than this is refused unread")
+    _max_shard_bytes = field_validator("max_shard_bytes", mode="before")(lambda cls, value: parse_bytes(value))
     carry_over: bool = Field(True, description="copy the vectors of unchanged passages (same id, content hash and "
                                                "encoder fingerprint) from the previous snapshot instead of encoding")
     previous_snapshot: str | None = Field(None, description="snapshot to carry vectors from (default: the one the "
@@ -184,6 +190,9 @@ class ServeConfig(Section):
     max_queued_requests: int = Field(64, gt=0, description="beyond this the proxy answers 503 at once")
     host: str = "127.0.0.1"
     port: int = Field(8000, gt=0)
+    encoder_replicas: int = Field(1, gt=0)
+    retriever_replicas: int = Field(1, gt=0, description="2+ so that a lost replica costs no request")
+    reader_replicas: int = Field(1, gt=0)
     encoder_gpus: float = Field(0, ge=0, description="GPUs per question-encoder replica (1 on a GPU cluster)")
     encoder_cpus: float = Field(1, ge=0)
     retriever_cpus: float = Field(1, ge=0, description="CPUs per retriever replica (FAISS search threads)")

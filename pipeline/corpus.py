@@ -96,29 +96,47 @@ def list_input_files(url: str, options: dict[str, Any] | None = None) -> list[In
     return files
 
 
+class BadRows:
+    """Row-level problems (a malformed record, an empty or oversized text, a non-UTF-8 line): fatal by default;
+    with `ingest.max_bad_rows` > 0 that many are skipped and listed for the summary and the manifest. Problems of a
+    whole file (no header, broken compression, unreadable Parquet) are always fatal."""
+
+    def __init__(self, limit: int = 0):
+        self.limit = limit
+        self.rows: list[dict[str, Any]] = []
+
+    def skip(self, error: InputError) -> None:
+        if len(self.rows) >= self.limit:
+            raise error
+        log.warning("skipped bad row: %s", error)
+        self.rows.append({"file": error.source, "line": error.line, "problem": error.problem})
+
+
 def read_passages(
-    url: str, options: dict[str, Any] | None = None, fmt: str = "auto", max_text_chars: int = 100_000
+    url: str, options: dict[str, Any] | None = None, fmt: str = "auto", max_text_chars: int = 100_000,
+    bad: BadRows | None = None,
 ) -> Iterator[Passage]:
     """Stream validated passages from one file; memory does not depend on the file's size."""
+    bad = bad if bad is not None else BadRows()
     fmt = detect_format(url, fmt)
     fs, path = resolve(url, options)
     with fs.open(path, "rb") as raw:
         if fmt == "parquet":
-            rows: Iterable[Passage] = _parquet_rows(url, raw)
+            rows: Iterable[Passage] = _parquet_rows(url, raw, bad)
         else:
             stream: BinaryIO = raw
             if url.lower().endswith(".gz"):
                 stream = gzip.GzipFile(fileobj=raw, mode="rb")  # buffered itself: errors surface near their line
-            lines = _LineCounter(url, stream)
-            rows = _tsv_rows(url, lines) if fmt == "tsv" else _jsonl_rows(url, lines)
-        yield from _validated(url, rows, max_text_chars)
+            lines = _LineCounter(url, stream, bad)
+            rows = _tsv_rows(url, lines, bad) if fmt == "tsv" else _jsonl_rows(url, lines, bad)
+        yield from _validated(url, rows, max_text_chars, bad)
 
 
 class _LineCounter:
     """Decodes lines one by one so a non-UTF-8 byte is reported with its line, and a broken gzip too."""
 
-    def __init__(self, url: str, stream: BinaryIO):
-        self.url, self.stream, self.line = url, stream, 0
+    def __init__(self, url: str, stream: BinaryIO, bad: BadRows):
+        self.url, self.stream, self.line, self.bad = url, stream, 0, bad
 
     def __iter__(self) -> Iterator[str]:
         while True:
@@ -132,13 +150,14 @@ class _LineCounter:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise InputError(self.url, self.line, f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
+                self.bad.skip(InputError(self.url, self.line, f"not UTF-8 ({exc.reason} at byte {exc.start})"))
+                continue
             if self.line == 1:
                 text = text.removeprefix("\ufeff")
             yield text
 
 
-def _tsv_rows(url: str, lines: _LineCounter) -> Iterator[Passage]:
+def _tsv_rows(url: str, lines: _LineCounter, bad: BadRows) -> Iterator[Passage]:
     reader = csv.reader(lines, delimiter="\t")
     try:
         header = next(reader)
@@ -157,7 +176,8 @@ def _tsv_rows(url: str, lines: _LineCounter) -> Iterator[Passage]:
         except csv.Error as exc:
             raise InputError(url, start, f"malformed TSV record ({exc})") from None
         if len(row) != len(header):
-            raise InputError(url, start, f"expected {len(header)} tab-separated fields, found {len(row)}")
+            bad.skip(InputError(url, start, f"expected {len(header)} tab-separated fields, found {len(row)}"))
+            continue
         yield Passage(
             line=start,
             id=row[position["id"]],
@@ -166,28 +186,35 @@ def _tsv_rows(url: str, lines: _LineCounter) -> Iterator[Passage]:
         )
 
 
-def _jsonl_rows(url: str, lines: _LineCounter) -> Iterator[Passage]:
+def _jsonl_rows(url: str, lines: _LineCounter, bad: BadRows) -> Iterator[Passage]:
     for text_line in lines:
         if not text_line.strip():
             continue
         try:
-            record = json.loads(text_line)
-        except json.JSONDecodeError as exc:
-            raise InputError(url, lines.line, f"invalid JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise InputError(url, lines.line, "expected a JSON object {id, title, text}")
-        missing = [c for c in REQUIRED_COLUMNS if c not in record]
-        if missing:
-            raise InputError(url, lines.line, f"missing field(s) {', '.join(missing)}")
-        for field in ("title", "text"):
-            if not isinstance(record[field], str):
-                raise InputError(url, lines.line, f"field '{field}' must be a string")
-        if not isinstance(record["id"], (str, int)) or isinstance(record["id"], bool):
-            raise InputError(url, lines.line, "field 'id' must be a string or an integer")
-        yield Passage(line=lines.line, id=str(record["id"]), title=record["title"], text=record["text"])
+            yield _jsonl_passage(url, lines.line, text_line)
+        except InputError as error:
+            bad.skip(error)
 
 
-def _parquet_rows(url: str, raw: BinaryIO, batch_rows: int = 8192) -> Iterator[Passage]:
+def _jsonl_passage(url: str, line: int, text_line: str) -> Passage:
+    try:
+        record = json.loads(text_line)
+    except json.JSONDecodeError as exc:
+        raise InputError(url, line, f"invalid JSON ({exc.msg})") from None
+    if not isinstance(record, dict):
+        raise InputError(url, line, "expected a JSON object {id, title, text}")
+    missing = [c for c in REQUIRED_COLUMNS if c not in record]
+    if missing:
+        raise InputError(url, line, f"missing field(s) {', '.join(missing)}")
+    for field in ("title", "text"):
+        if not isinstance(record[field], str):
+            raise InputError(url, line, f"field '{field}' must be a string")
+    if not isinstance(record["id"], (str, int)) or isinstance(record["id"], bool):
+        raise InputError(url, line, "field 'id' must be a string or an integer")
+    return Passage(line=line, id=str(record["id"]), title=record["title"], text=record["text"])
+
+
+def _parquet_rows(url: str, raw: BinaryIO, bad: BadRows, batch_rows: int = 8192) -> Iterator[Passage]:
     try:
         parquet = pq.ParquetFile(raw)
     except (pa.ArrowInvalid, OSError) as exc:
@@ -204,22 +231,25 @@ def _parquet_rows(url: str, raw: BinaryIO, batch_rows: int = 8192) -> Iterator[P
             titles = batch.column("title").to_pylist()
             for offset, (pid, text, title) in enumerate(zip(ids, texts, titles)):
                 if not isinstance(text, str) or not isinstance(title, (str, type(None))):
-                    raise InputError(url, row + offset + 1, "columns 'text' and 'title' must be strings")
+                    bad.skip(InputError(url, row + offset + 1, "columns 'text' and 'title' must be strings"))
+                    continue
                 yield Passage(line=row + offset + 1, id=pid or "", title=title or "", text=text)
             row += batch.num_rows
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, UnicodeDecodeError) as exc:
         raise InputError(url, row + 1, f"unreadable Parquet data ({exc})") from None
 
 
-def _validated(url: str, rows: Iterable[Passage], max_text_chars: int) -> Iterator[Passage]:
+def _validated(url: str, rows: Iterable[Passage], max_text_chars: int, bad: BadRows) -> Iterator[Passage]:
     for passage in rows:
+        problem = None
         if not passage.id.strip():
-            raise InputError(url, passage.line, "empty id")
-        if not passage.text.strip():
-            raise InputError(url, passage.line, f"empty text for id {passage.id!r}")
-        if len(passage.text) > max_text_chars:
-            raise InputError(
-                url, passage.line, f"text of id {passage.id!r} has {len(passage.text)} characters "
-                f"(ingest.max_text_chars is {max_text_chars})"
-            )
+            problem = "empty id"
+        elif not passage.text.strip():
+            problem = f"empty text for id {passage.id!r}"
+        elif len(passage.text) > max_text_chars:
+            problem = (f"text of id {passage.id!r} has {len(passage.text)} characters "
+                       f"(ingest.max_text_chars is {max_text_chars})")
+        if problem:
+            bad.skip(InputError(url, passage.line, problem))
+            continue
         yield passage

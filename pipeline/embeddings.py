@@ -26,7 +26,7 @@ import pyarrow as pa
 import ray
 from tqdm import tqdm
 
-from pipeline.config import PipelineConfig
+from pipeline.config import EncodeConfig, PipelineConfig
 from pipeline.encoder import EncoderSettings, PassageTokenizer, TextEncoder, Tokens
 from pipeline.errors import InputError, PipelineError
 from pipeline.ingest import PASSAGE_SCHEMA, id_hash, snapshot_dir
@@ -63,11 +63,11 @@ def embedding_matrix(table: pa.Table) -> np.ndarray:
     return column.values.to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
 
 
-def read_shard(storage: Storage, directory: str, entry: FileEntry) -> pa.Table:
-    """A Parquet shard a manifest lists, checked against its sha256; every failure names the shard."""
+def read_shard(storage: Storage, directory: str, entry: FileEntry, max_bytes: int | None = None) -> pa.Table:
+    """A Parquet shard a manifest lists, checked against its size and sha256; every failure names the shard."""
     url = storage.url(directory, entry.name)
     try:
-        return read_parquet_bytes(storage.read_verified(directory, entry))
+        return read_parquet_bytes(storage.read_verified(directory, entry, max_bytes))
     except FileNotFoundError:
         raise InputError(url, None, "shard listed in the manifest is missing") from None
     except PipelineError as exc:
@@ -76,10 +76,12 @@ def read_shard(storage: Storage, directory: str, entry: FileEntry) -> pa.Table:
         raise InputError(url, None, f"not a readable Parquet shard ({exc})") from None
 
 
-def read_passage_shard(storage: Storage, directory: str, entry: FileEntry) -> pa.Table:
+def read_passage_shard(storage: Storage, directory: str, entry: FileEntry, max_bytes: int | None = None) -> pa.Table:
     """A passage shard, checked against its manifest entry and the passage schema; errors name the shard."""
     url = storage.url(directory, entry.name)
-    table = read_shard(storage, directory, entry)
+    table = read_shard(storage, directory, entry, max_bytes)
+    if table.num_rows == 0:
+        raise InputError(url, None, "shard has no rows")
     for field in PASSAGE_SCHEMA:
         if field.name not in table.column_names or table.schema.field(field.name).type != field.type:
             found = table.schema.field(field.name).type if field.name in table.column_names else "missing"
@@ -175,16 +177,17 @@ class TokenizerActor:
     """The reader/mapper half, on CPU: verified passage shard → (ids, tokens). Long-lived, so the tokenizer and
     the imports are loaded once, before the first shard is timed. Also used inline by CPU encoder actors."""
 
-    def __init__(self, settings: EncoderSettings, storage_root: str, options: dict[str, Any], passages: str):
+    def __init__(self, settings: EncoderSettings, storage_root: str, options: dict[str, Any], passages: str,
+                 max_shard_bytes: int | None = None):
         self.storage = Storage(storage_root, options)
-        self.passages = passages
+        self.passages, self.max_shard_bytes = passages, max_shard_bytes
         self.tokenize = PassageTokenizer(settings)
 
     def ready(self) -> bool:
         return True
 
     def tokenize_shard(self, entry: FileEntry) -> tuple[list[str], list[str], Tokens]:
-        table = read_passage_shard(self.storage, self.passages, entry)
+        table = read_passage_shard(self.storage, self.passages, entry, self.max_shard_bytes)
         tokens = self.tokenize(table.column("title").to_pylist(), table.column("text").to_pylist())
         return table.column("id").to_pylist(), table.column("content_hash").to_pylist(), tokens
 
@@ -198,6 +201,7 @@ class WriterSettings:
     batch_tokens: int | None
     max_batch_size: int
     cpu_threads: int | None
+    max_shard_bytes: int
 
 
 class EncoderActor:
@@ -213,7 +217,8 @@ class EncoderActor:
         self.encoder = TextEncoder(settings, batch_tokens=writer.batch_tokens, max_batch_size=writer.max_batch_size)
         self._fingerprint = self.encoder.fingerprint()
         # Without a GPU to keep busy, tokenizing here beats shipping tokens from other actors on the same cores.
-        self.reader = TokenizerActor(settings, writer.storage_root, writer.storage_options, writer.passages)
+        self.reader = TokenizerActor(settings, writer.storage_root, writer.storage_options, writer.passages,
+                                     writer.max_shard_bytes)
 
     def describe(self) -> dict[str, Any]:
         return {"fingerprint": self._fingerprint, "dim": self.encoder.dim, "device": str(self.encoder.device),
@@ -233,7 +238,7 @@ class EncoderActor:
 
     def _carry_and_encode(self, entry: FileEntry, carry: Carry) -> tuple[list[str], list[str], np.ndarray, int]:
         """Copy the vectors of passages whose id and content hash are unchanged; encode only the others."""
-        table = read_passage_shard(self.storage, self.writer.passages, entry)
+        table = read_passage_shard(self.storage, self.writer.passages, entry, self.writer.max_shard_bytes)
         ids, hashes = table.column("id").to_pylist(), table.column("content_hash").to_pylist()
         found: dict[str, tuple[str, np.ndarray, int]] = {}
         for source in carry.entries:
@@ -281,8 +286,8 @@ def _start_actors(config: PipelineConfig, settings: EncoderSettings, writer: Wri
     tokenizer_class = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=0)(TokenizerActor)
     return ActorPool(
         encoders=[encoder_class.remote(settings, writer) for _ in range(encoders)],
-        tokenizers=[tokenizer_class.remote(settings, config.storage.root, config.storage.options, writer.passages)
-                    for _ in range(tokenizers)],
+        tokenizers=[tokenizer_class.remote(settings, config.storage.root, config.storage.options, writer.passages,
+                                           writer.max_shard_bytes) for _ in range(tokenizers)],
     )
 
 
@@ -308,9 +313,11 @@ class _ShardScheduler:
     PROBE_INTERVAL_S = 0.5
     RECOVERY_TIMEOUT_S = 600.0
 
-    def __init__(self, pool: ActorPool, max_attempts: int, output: str, carries: dict[str, Carry]):
+    def __init__(self, pool: ActorPool, config: EncodeConfig, output: str, carries: dict[str, Carry]):
         self.actors, self.tokenizers = pool.encoders, pool.tokenizers
-        self.max_attempts, self.output, self.carries = max_attempts, output, carries
+        self.max_attempts, self.max_bad_shards = config.max_attempts, config.max_bad_shards
+        self.output, self.carries = output, carries
+        self.quarantine: list[dict[str, str]] = []  # bad passage shards skipped under encode.max_bad_shards
         self.inflight: dict[Any, tuple[int, FileEntry]] = {}
         self.load = [0] * len(self.actors)
         self.probes: dict[Any, int] = {}
@@ -371,8 +378,13 @@ class _ShardScheduler:
                     self.recovering[actor] = time.monotonic()
                     self._probe(actor)
             except ray.exceptions.RayTaskError as exc:
-                self._cancel()
-                raise (exc.cause if isinstance(exc.cause, Exception) else PipelineError(str(exc))) from None
+                cause = exc.cause if isinstance(exc.cause, Exception) else PipelineError(str(exc))
+                if isinstance(cause, InputError) and len(self.quarantine) < self.max_bad_shards:
+                    log.warning("quarantined: %s", cause)
+                    self.quarantine.append({"shard": entry.name, "problem": str(cause)})
+                else:
+                    self._cancel()
+                    raise cause from None
             else:
                 finished.append(result)
                 on_done(result)
@@ -398,7 +410,7 @@ def run_encode(config: PipelineConfig) -> dict[str, Any]:
     settings = EncoderSettings(model=enc.model, pooling=enc.pooling, max_length=enc.max_length,
                                normalize=enc.normalize, dtype=enc.dtype)
     writer = WriterSettings(config.storage.root, config.storage.options, passages, enc.embedding_dtype,
-                            enc.batch_tokens, enc.max_batch_size, enc.cpu_threads)
+                            enc.batch_tokens, enc.max_batch_size, enc.cpu_threads, enc.max_shard_bytes)
     connect()
     pool = _start_actors(config, settings, writer)
     try:
@@ -432,7 +444,7 @@ def _encode_with(pool: ActorPool, storage: Storage, config: PipelineConfig, sett
             storage.write_json(posixpath.join(output, PROGRESS_NAME), [e.model_dump() for e in completed])
             bar.update(entry.rows)
 
-        scheduler = _ShardScheduler(pool, config.encode.max_attempts, output, carries)
+        scheduler = _ShardScheduler(pool, config.encode, output, carries)
         finished = scheduler.run(todo, on_done) if todo else []
     seconds = time.perf_counter() - started
     order = {e.name: i for i, e in enumerate(passage_manifest.files)}
@@ -444,16 +456,17 @@ def _encode_with(pool: ActorPool, storage: Storage, config: PipelineConfig, sett
             output, "embeddings", completed, snapshot=snapshot, fingerprint=fingerprint, dim=dim,
             encoder={**asdict(settings), "compute_dtype": described[0]["dtype"]},
             embedding_dtype=enc.embedding_dtype, passages_manifest=passage_manifest.created_at,
-            carried_from=previous[0] if previous else None,
+            carried_from=previous[0] if previous else None, quarantine=scheduler.quarantine,
         )
     encoded = sum(getattr(e, "encoded", e.rows) or 0 for e in finished)
     return {
         "rows": encoded,
-        "reused": (passage_manifest.rows or 0) - encoded,
+        "reused": sum(e.rows or 0 for e in completed) - encoded,
         **diff,
         "shards": len(completed),
         "encoded_shards": len(finished),
         "retried_shards": scheduler.retried,
+        "quarantine": scheduler.quarantine,
         "dim": dim,
         "device": device,
         "passages_per_s": round(encoded / seconds, 1) if encoded else 0.0,

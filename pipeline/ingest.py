@@ -21,9 +21,9 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from pipeline.config import IngestConfig, PipelineConfig
-from pipeline.corpus import InputFile, content_hash, list_input_files, read_passages
+from pipeline.corpus import BadRows, InputFile, content_hash, list_input_files, read_passages
 from pipeline.errors import InputError, PipelineError
-from pipeline.storage import FileEntry, Storage, parquet_bytes, read_parquet_bytes
+from pipeline.storage import FileEntry, Manifest, Storage, parquet_bytes, read_parquet_bytes
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class FileResult:
     shards: list[FileEntry]
     id_hashes: np.ndarray  # uint64, one per row in file order
     lines: np.ndarray  # int64, the line (or row) each row came from
+    bad_rows: list[dict[str, Any]]  # skipped under ingest.max_bad_rows: file, line, problem
 
     @property
     def rows(self) -> int:
@@ -86,7 +87,8 @@ def ingest_file(
         if on_rows:
             on_rows(rows)
 
-    for passage in read_passages(source.url, storage_options, config.format, config.max_text_chars):
+    bad = BadRows(config.max_bad_rows)
+    for passage in read_passages(source.url, storage_options, config.format, config.max_text_chars, bad):
         buffer["id"].append(passage.id)
         buffer["title"].append(passage.title)
         buffer["text"].append(passage.text)
@@ -96,7 +98,8 @@ def ingest_file(
         if len(buffer["id"]) >= config.shard_rows:
             flush()
     flush()
-    return FileResult(file_index, shards, np.frombuffer(hashes, dtype=np.uint64), np.frombuffer(lines, dtype=np.int64))
+    return FileResult(file_index, shards, np.frombuffer(hashes, dtype=np.uint64), np.frombuffer(lines, dtype=np.int64),
+                      bad.rows)
 
 
 def _ingest_sequential(files: list[InputFile], config: PipelineConfig) -> list[FileResult]:
@@ -180,7 +183,7 @@ def run_ingest(config: PipelineConfig) -> dict[str, Any]:
                 "another source; snapshots never change: choose a new ingest.snapshot"
             )
         log.info("snapshot %s already ingested from the same source: nothing to do", config.ingest.snapshot)
-        return _summary(storage, directory, config.ingest.snapshot, existing.rows or 0, len(existing.files), True)
+        return _summary(storage, directory, existing, True)
 
     parallel = config.ingest.parallel == "always" or (config.ingest.parallel == "auto" and len(files) > 1)
     log.info("ingesting %d file(s) into %s%s", len(files), storage.url(directory), " with Ray" if parallel else "")
@@ -188,15 +191,23 @@ def run_ingest(config: PipelineConfig) -> dict[str, Any]:
     if not any(result.rows for result in results):
         raise InputError(config.ingest.input, None, "no passages found")
     check_unique_ids(results, files, storage, directory, config.ingest.shard_rows)
+    quarantine = [row for result in results for row in result.bad_rows]
+    if len(quarantine) > config.ingest.max_bad_rows:  # each file kept under the limit, together they are not
+        raise InputError(quarantine[-1]["file"], quarantine[-1]["line"],
+                         f"{quarantine[-1]['problem']} (bad row {len(quarantine)}, over ingest.max_bad_rows="
+                         f"{config.ingest.max_bad_rows})")
     entries = [entry for result in results for entry in result.shards]
     storage.remove_unlisted(directory, keep={e.name for e in entries})
     manifest = storage.write_manifest(
         directory, "passages", entries, snapshot=config.ingest.snapshot, source=source, content_hash=CONTENT_HASH,
-        schema={field.name: str(field.type) for field in PASSAGE_SCHEMA},
+        schema={field.name: str(field.type) for field in PASSAGE_SCHEMA}, quarantine=quarantine,
     )
     storage.write_bytes("passages/LATEST", f"{config.ingest.snapshot}\n".encode())
-    return _summary(storage, directory, config.ingest.snapshot, manifest.rows or 0, len(entries), False)
+    return _summary(storage, directory, manifest, False)
 
 
-def _summary(storage: Storage, directory: str, snapshot: str, rows: int, shards: int, reused: bool) -> dict:
-    return {"rows": rows, "shards": shards, "snapshot": snapshot, "reused": reused, "output": storage.url(directory)}
+def _summary(storage: Storage, directory: str, manifest: Manifest, reused: bool) -> dict:
+    quarantine = getattr(manifest, "quarantine", None) or []
+    return {"rows": manifest.rows or 0, "shards": len(manifest.files), "snapshot": manifest.snapshot,
+            "reused": reused, "bad_rows": len(quarantine), "quarantine": quarantine[:100],
+            "output": storage.url(directory)}

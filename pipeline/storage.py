@@ -7,6 +7,7 @@ lists every object with its sha256, and is the only thing readers trust: objects
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -28,6 +29,12 @@ from pipeline.errors import PipelineError
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "_manifest.json"
+try:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    _BOTO_ERRORS: tuple[type[Exception], ...] = (BotoCoreError, ClientError)
+except ImportError:  # local or gs:// only
+    _BOTO_ERRORS = ()
 
 
 def sha256_hex(data: bytes) -> str:
@@ -42,9 +49,18 @@ def sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
+S3_RETRIES = {"max_attempts": 8, "mode": "standard"}  # 5xx, throttling and dropped connections, with backoff
+
+
 def resolve(url: str, options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Filesystem and protocol-less path for any URL or plain path."""
-    fs, path = fsspec.core.url_to_fs(url, **(options or {}))
+    """Filesystem and protocol-less path for any URL or plain path. S3 requests are retried with exponential
+    backoff (`S3_RETRIES`, unless `storage.options.config_kwargs.retries` says otherwise)."""
+    options = dict(options or {})
+    if url.startswith(("s3://", "s3a://")):
+        config_kwargs = dict(options.get("config_kwargs") or {})
+        config_kwargs.setdefault("retries", S3_RETRIES)
+        options["config_kwargs"] = config_kwargs
+    fs, path = fsspec.core.url_to_fs(url, **options)
     return fs, path.rstrip("/") or path
 
 
@@ -110,6 +126,17 @@ class Storage:
         return posixpath.join(self.root_url, *parts)
 
     # -- objects ------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _naming(self, action: str, rel: str):
+        """A storage failure that outlived the retries says which object and what was being done."""
+        try:
+            yield
+        except (FileNotFoundError, FileExistsError, PipelineError):
+            raise
+        except (OSError, *_BOTO_ERRORS) as exc:
+            raise PipelineError(f"{self.url(rel)}: {action} failed after retries with backoff "
+                                f"({type(exc).__name__}: {exc})") from None
+
     def _replace_local(self, target: str, write) -> None:
         """Local whole-object write: `write(temporary)` fills a temporary file, then one atomic rename."""
         self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
@@ -124,10 +151,11 @@ class Storage:
     def write_bytes(self, rel: str, data: bytes) -> str:
         """Write one object whole and return its sha256."""
         target = self.path(rel)
-        if self.is_local:
-            self._replace_local(target, lambda temporary: self.fs.pipe_file(temporary, data))
-        else:
-            self.fs.pipe_file(target, data)
+        with self._naming("write", rel):
+            if self.is_local:
+                self._replace_local(target, lambda temporary: self.fs.pipe_file(temporary, data))
+            else:
+                self.fs.pipe_file(target, data)
         return sha256_hex(data)
 
     def create_exclusive(self, rel: str, data: bytes) -> bool:
@@ -153,10 +181,11 @@ class Storage:
                 return True
             except FileExistsError:
                 return False
-            except OSError as exc:  # botocore's 412 PreconditionFailed surfaces as an OSError subclass
+            except (OSError, *_BOTO_ERRORS) as exc:  # a 412 PreconditionFailed may surface as a plain OSError
                 if "PreconditionFailed" in str(exc) or "412" in str(exc):
                     return False
-                raise
+                with self._naming("conditional write", rel):
+                    raise
         if self.fs.exists(target):
             return False
         self.fs.pipe_file(target, data)
@@ -165,16 +194,19 @@ class Storage:
     def upload(self, local_path: str, rel: str) -> None:
         """Copy a local file in whole (rename locally; one PUT or a completed multipart upload on object stores)."""
         target = self.path(rel)
-        if self.is_local:
-            self._replace_local(target, lambda temporary: self.fs.put_file(local_path, temporary))
-        else:
-            self.fs.put_file(local_path, target)
+        with self._naming("upload", rel):
+            if self.is_local:
+                self._replace_local(target, lambda temporary: self.fs.put_file(local_path, temporary))
+            else:
+                self.fs.put_file(local_path, target)
 
     def download(self, rel: str, local_path: str) -> None:
-        self.fs.get_file(self.path(rel), local_path)
+        with self._naming("download", rel):
+            self.fs.get_file(self.path(rel), local_path)
 
     def read_bytes(self, rel: str) -> bytes:
-        return self.fs.cat_file(self.path(rel))
+        with self._naming("read", rel):
+            return self.fs.cat_file(self.path(rel))
 
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
@@ -229,9 +261,17 @@ class Storage:
         except ValueError as exc:
             raise PipelineError(f"{self.url(rel)}: unreadable manifest: {exc}") from None
 
-    def read_verified(self, rel_dir: str, entry: FileEntry) -> bytes:
-        """An object's bytes, refused unless they match the manifest's sha256."""
-        data = self.read_bytes(posixpath.join(rel_dir, entry.name))
+    def read_verified(self, rel_dir: str, entry: FileEntry, max_bytes: int | None = None) -> bytes:
+        """An object's bytes, refused unless they match the manifest's sha256. Its size is checked first (against
+        the manifest and `max_bytes`), so an oversized or swapped object is refused before it is downloaded."""
+        rel = posixpath.join(rel_dir, entry.name)
+        with self._naming("size check", rel):
+            size = self.fs.size(self.path(rel))
+        if size != entry.bytes:
+            raise PipelineError(f"{self.url(rel)}: {size} bytes, but the manifest lists {entry.bytes}")
+        if max_bytes is not None and size > max_bytes:
+            raise PipelineError(f"{self.url(rel)}: {size} bytes, over the limit of {max_bytes}")
+        data = self.read_bytes(rel)
         digest = sha256_hex(data)
         if digest != entry.sha256 or len(data) != entry.bytes:
             raise PipelineError(

@@ -62,6 +62,7 @@ def s3_client(s3_endpoint: str):
 
 
 RAY_DASHBOARD_PORT = free_port()
+RAY_TEMP_DIRS: list[Path] = []  # the session Ray's logs live here (the secrets test scans them)
 
 
 @pytest.fixture(scope="session")
@@ -71,6 +72,7 @@ def ray_address(tmp_path_factory) -> str:
     ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
     port = free_port()
     temp_dir = tmp_path_factory.mktemp("ray")
+    RAY_TEMP_DIRS.append(temp_dir)
     subprocess.run(
         [ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={RAY_DASHBOARD_PORT}", "--disable-usage-stats",

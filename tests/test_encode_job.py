@@ -98,6 +98,7 @@ def _wait_for(condition, timeout=120.0, interval=0.05):
     raise AssertionError("timed out waiting")
 
 
+@pytest.mark.reliability
 def test_resume_after_the_driver_is_killed(corpus, s3_endpoint, s3_bucket):
     fs = _fs(s3_endpoint)
     job = _start_encode(corpus)
@@ -136,6 +137,7 @@ def _encoder_actor_pids():
     return pids
 
 
+@pytest.mark.reliability
 def test_encoder_actor_killed_twice_mid_run(corpus, s3_endpoint, s3_bucket):
     """Also runs the GPU layout's separate tokenizer actor, which CPU-only runs skip."""
     fs = _fs(s3_endpoint)
@@ -162,6 +164,7 @@ def test_encoder_actor_killed_twice_mid_run(corpus, s3_endpoint, s3_bucket):
     assert names == sorted([f["name"] for f in manifest["files"]] + ["_manifest.json", "_progress.json"])
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("damage", ["corrupt", "wrong schema"])
 def test_bad_passage_shard_names_the_shard_and_lists_nothing(corpus, s3_endpoint, s3_bucket, damage):
     fs = _fs(s3_endpoint)
@@ -170,7 +173,7 @@ def test_bad_passage_shard_names_the_shard_and_lists_nothing(corpus, s3_endpoint
     entry = manifest["files"][5]
     if damage == "corrupt":
         fs.pipe_file(f"{directory}/{entry['name']}", b"PAR1 garbage")
-        expected = "checksum mismatch"
+        expected = "12 bytes, but the manifest lists"  # refused on its size, before it is downloaded
     else:
         import pyarrow as pa
 
@@ -184,3 +187,37 @@ def test_bad_passage_shard_names_the_shard_and_lists_nothing(corpus, s3_endpoint
     assert run.returncode == 1
     assert f"s3://{directory}/{entry['name']}: " in run.stderr and expected in run.stderr
     assert not fs.glob(f"{s3_bucket}/root/embeddings/snap/*/_manifest.json")
+
+
+@pytest.mark.reliability
+def test_bad_shards_are_quarantined_within_max_bad_shards(corpus, s3_endpoint, s3_bucket):
+    """A corrupt, an empty and an oversized shard: skipped, listed, and the rest encoded; one more would fail."""
+    import pyarrow as pa
+
+    fs = _fs(s3_endpoint)
+    directory = f"{s3_bucket}/root/passages/snap"
+    manifest = json.loads(fs.cat_file(f"{directory}/_manifest.json"))
+    corrupt, empty, oversized = (manifest["files"][i] for i in (3, 7, 11))
+    fs.pipe_file(f"{directory}/{corrupt['name']}", b"PAR1" + b"\0" * (corrupt["bytes"] - 4))  # same size, bad bytes
+    schema = pa.schema([("id", pa.string()), ("title", pa.string()), ("text", pa.string()),
+                        ("content_hash", pa.string())])
+    for entry, table in ((empty, schema.empty_table()),
+                         (oversized, pa.table({"id": ["big"], "title": ["t"], "text": [os.urandom(150_000).hex()],
+                                               "content_hash": ["h"]}, schema=schema))):
+        data = parquet_bytes(table)
+        fs.pipe_file(f"{directory}/{entry['name']}", data)
+        entry.update(sha256=sha256_hex(data), bytes=len(data), rows=table.num_rows)
+    fs.pipe_file(f"{directory}/_manifest.json", json.dumps(manifest).encode())
+
+    too_few = run_job("encode", corpus, "encode.max_bad_shards=2", "encode.max_shard_bytes=100KiB")
+    assert too_few.returncode == 1 and "s3://" in too_few.summary["error"]
+    run = run_job("encode", corpus, "encode.max_bad_shards=3", "encode.max_shard_bytes=100KiB")
+    assert run.returncode == 0, run.stderr[-3000:]
+    problems = {q["shard"]: q["problem"] for q in run.summary["quarantine"]}
+    assert "checksum mismatch" in problems[corrupt["name"]]
+    assert "shard has no rows" in problems[empty["name"]]
+    assert "over the limit of 102400" in problems[oversized["name"]]
+    assert all(f"s3://{directory}/{name}" in problem for name, problem in problems.items())
+    output, ids, _, _ = _read_output(fs, run.summary["output"])
+    assert {f["name"] for f in output["files"]} == {f["name"] for f in manifest["files"]} - set(problems)
+    assert len(ids) == len(set(ids)) == 600 - 3 * 25 and output["quarantine"] == run.summary["quarantine"]

@@ -1,5 +1,6 @@
 """Index building: planning and sampling without I/O, then the job end to end on the encode job's output."""
 
+import json
 
 import numpy as np
 import pytest
@@ -130,6 +131,7 @@ def test_memory_estimate_refuses_before_building(encoded):
     assert "train" not in [line.split(": ")[-1] for line in run.stderr.splitlines() if "pipeline.index" in line]
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("name", ["index.faiss", "docstore.arrow"])
 def test_tampered_files_are_refused_before_read_index(encoded, name):
     run = run_job("build_index", encoded["config"])
@@ -145,3 +147,46 @@ def test_tampered_files_are_refused_before_read_index(encoded, name):
         assert not (cache / version / name).exists()  # the bad copy is not kept for a later load
     finally:
         fs.pipe_file(path, original)
+
+
+@pytest.mark.reliability
+def test_a_build_killed_mid_way_reruns_to_the_bytes_of_a_clean_build(encoded):
+    """SIGKILL during training: nothing is published; the rerun publishes, byte for byte, what a clean build does."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    fs, before = encoded["fs"], _latest(encoded["fs"])
+    overrides = ["index.seed=7", "index.reuse_trained=false"]
+    command = [sys.executable, "-m", "jobs.build_index", "--config", str(encoded["config"])]
+    for item in overrides:
+        command += ["--set", item]
+    job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    for line in job.stderr:
+        if "pipeline.index: train…" in line:
+            os.killpg(job.pid, signal.SIGKILL)
+            break
+    job.wait(timeout=120)
+    assert job.returncode == -signal.SIGKILL
+    assert _latest(fs) == before
+
+    rerun = run_job("build_index", encoded["config"], *overrides)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    version = rerun.summary["version"]
+
+    def published_files() -> dict[str, str]:
+        fs.invalidate_cache()
+        manifest = json.loads(fs.cat_file(f"idx/root/indexes/{version}/manifest.json"))
+        return {entry["name"]: entry["sha256"] for entry in manifest["files"]}
+
+    first = published_files()
+    fs.rm(f"idx/root/indexes/{version}", recursive=True)
+    clean = run_job("build_index", encoded["config"], *overrides)
+    assert clean.returncode == 0 and clean.summary["version"] == version and clean.summary["reused"] is False
+    second = published_files()
+    assert first == second and set(first) == {"index.faiss", "docstore.arrow"}
+    fs.pipe_file("idx/root/indexes/LATEST", f"{before}\n".encode())

@@ -101,6 +101,7 @@ def test_rerun_reuses_and_a_changed_source_is_refused(tmp_path, local_config):
          "line 1: missing column(s) title"),
     ],
 )
+@pytest.mark.reliability
 def test_bad_input_fails_clearly_and_lists_nothing(tmp_path, local_config, make, problem):
     source = make(tmp_path)
     run = run_job("ingest", local_config, f"ingest.input={source}")

@@ -165,6 +165,7 @@ def test_second_night_encodes_exactly_what_changed_and_serves_it(nights):
     assert (rerun["new"], rerun["changed"], rerun["deleted"]) == (25, 15, 20)
 
 
+@pytest.mark.reliability
 def test_a_crash_after_encode_resumes_without_re_encoding_and_publishes_once(nights):
     storage = nights["storage"]
     rows = [(pid, text + " third" if pid in {"200", "201", "202"} else text, title) for pid, text, title in ROWS]

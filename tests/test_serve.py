@@ -121,6 +121,7 @@ def test_ask_spans_equal_decode_best_spans(qa, tiny_models):
         ("/v1/ask", '{"question": "q", "top_answers": 0}', 422, "invalid request"),
     ],
 )
+@pytest.mark.reliability
 def test_bad_input_gets_a_json_error_never_a_500(qa, path, body, status, message):
     started = time.perf_counter()
     response = requests.post(f"{qa['url']}{path}", data=body, headers={"content-type": "application/json"},
@@ -182,6 +183,7 @@ def test_hot_swap_under_load(qa):
     assert seen.count(old) >= 1 and all(v == new for v in seen[switched + 3 * 3:])
 
 
+@pytest.mark.reliability
 def test_a_corrupt_version_is_refused_and_the_current_one_keeps_serving(qa):
     from ray import serve
 
@@ -221,6 +223,7 @@ def test_api_key_when_configured(qa):
             update={"index_version": _latest(qa)})}))
 
 
+@pytest.mark.reliability
 def test_overload_is_answered_503_at_once_and_admitted_requests_succeed(qa):
     """Beyond max_ongoing_requests + max_queued_requests the proxy sheds load with a fast 503, never a 500."""
     from concurrent.futures import ThreadPoolExecutor
@@ -251,6 +254,59 @@ def test_overload_is_answered_503_at_once_and_admitted_requests_succeed(qa):
     assert statuses.count(200) >= 2 and statuses.count(503) >= 10, statuses
     shed = sorted(seconds for status, seconds in outcomes if status == 503)
     assert shed[len(shed) // 2] < 1.0, shed
+
+
+@pytest.mark.reliability
+def test_a_replica_killed_under_load_costs_at_most_one_percent(qa):
+    """Two retriever replicas; one is SIGKILLed mid-load. The ingress retries the lost call on a live replica and
+    Serve replaces the dead one (health checks)."""
+    import os
+    import signal
+
+    from ray import serve
+    from ray.util.state import list_actors
+
+    two = qa["config"].serve.model_copy(update={"retriever_replicas": 2, "index_version": _latest(qa)})
+    _deploy(qa["config"].model_copy(update={"serve": two}))
+    statuses, stop = [], threading.Event()
+
+    def client():
+        session = requests.Session()
+        while not stop.is_set():
+            try:
+                r = session.post(f"{qa['url']}/v1/search", json={"questions": ["castle road"], "k": 3}, timeout=30)
+                statuses.append(r.status_code)
+            except requests.RequestException:
+                statuses.append(0)
+
+    def retrievers():
+        return list_actors(filters=[("class_name", "=", "ServeReplica:qa:Retriever"), ("state", "=", "ALIVE")])
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(2)
+        victim = retrievers()[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            alive = retrievers()
+            if len(alive) == 2 and victim.actor_id not in {a.actor_id for a in alive}:
+                break
+            time.sleep(0.5)
+        time.sleep(2)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    app_status = serve.status().applications["qa"]
+    assert app_status.deployments["Retriever"].status == "HEALTHY"
+    assert len(retrievers()) == 2
+    failed = [s for s in statuses if s != 200]
+    assert len(statuses) >= 100 and len(failed) <= 0.01 * len(statuses), (len(statuses), failed)
+    _deploy(qa["config"].model_copy(update={"serve": qa["config"].serve.model_copy(
+        update={"index_version": _latest(qa)})}))
 
 
 def test_serve_config_file_names_the_app():

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from starlette.exceptions import HTTPException
 
 from pipeline.config import PipelineConfig, ServeConfig, load_config
@@ -86,6 +87,25 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
 @api.exception_handler(HTTPException)
 async def _http(request: Request, exc: HTTPException) -> JSONResponse:
     return _error(exc.status_code, str(exc.detail))
+
+
+REPLICA_LOST = (RayActorError, ActorUnavailableError)
+
+
+async def _with_one_retry(method, *args):
+    """Call a deployment; if the replica dies with the call in flight, call once more: the router sends it to a
+    live replica (or the replacement), so a crashed replica costs no request."""
+    try:
+        return await method.remote(*args)
+    except REPLICA_LOST as exc:
+        log.warning("a replica died with a request in flight (%s); retrying once", type(exc).__name__)
+        return await method.remote(*args)
+
+
+@api.exception_handler(RayActorError)
+@api.exception_handler(ActorUnavailableError)
+async def _replica_lost(request: Request, exc: Exception) -> JSONResponse:
+    return _error(503, "a backend replica is restarting; retry shortly")
 
 
 class Metrics:
@@ -199,10 +219,10 @@ class QAService:
     async def _retrieve_together(self, requests: list[tuple[list[str], int]]) -> list[dict[str, Any]]:
         """Concurrent requests share one encoder call and one index search: per-call overhead is paid once."""
         started = time.perf_counter()
-        vectors = await self.encoder.encode.remote([q for questions, _ in requests for q in questions])
+        vectors = await _with_one_retry(self.encoder.encode, [q for questions, _ in requests for q in questions])
         self.metrics.stage.labels("encode").observe(time.perf_counter() - started)
         started = time.perf_counter()
-        found = await self.retriever.search.remote((vectors, max(k for _, k in requests)))
+        found = await _with_one_retry(self.retriever.search, (vectors, max(k for _, k in requests)))
         self.metrics.stage.labels("search").observe(time.perf_counter() - started)
         version = found["index_version"]
         if version != self._served_version:
@@ -234,7 +254,7 @@ class QAService:
         if self.reader is not None and passages:
             started = time.perf_counter()
             read = passages[: self.settings.reader_passages]
-            spans = await self.reader.read.remote({"question": body.question, "passages": read,
+            spans = await _with_one_retry(self.reader.read, {"question": body.question, "passages": read,
                                                    "top_answers": body.top_answers})
             self.metrics.stage.labels("read").observe(time.perf_counter() - started)
             answers = [{"text": s["text"], "score": s["score"], "passage_id": read[s["passage"]]["id"],
@@ -243,7 +263,7 @@ class QAService:
 
     @api.get("/v1/index")
     async def index(self):
-        return await self.retriever.info.remote()
+        return await _with_one_retry(self.retriever.info)
 
     @api.get("/healthz")
     async def healthz(self):
@@ -259,16 +279,17 @@ def build_app(config: PipelineConfig):
     s = config.serve
     storage = Storage(config.storage.root, config.storage.options)
     encoder = QuestionEncoder.options(
-        ray_actor_options={"num_cpus": s.encoder_cpus, "num_gpus": s.encoder_gpus},
+        num_replicas=s.encoder_replicas, ray_actor_options={"num_cpus": s.encoder_cpus, "num_gpus": s.encoder_gpus},
     ).bind(question_settings(storage, s.index_version, s.question_model, s.question_pooling), s.batch_max_size)
     # Local paths are made absolute here: replicas do not share the working directory of `serve run`.
     retriever = Retriever.options(
-        user_config={"index_version": s.index_version}, ray_actor_options={"num_cpus": s.retriever_cpus},
+        num_replicas=s.retriever_replicas, user_config={"index_version": s.index_version},
+        ray_actor_options={"num_cpus": s.retriever_cpus},
     ).bind(storage.root_url, config.storage.options, os.path.abspath(s.cache_dir), s.batch_max_size)
     reader = None
     if s.reader_model:
         reader = Reader.options(
-            ray_actor_options={"num_cpus": s.reader_cpus, "num_gpus": s.reader_gpus},
+            num_replicas=s.reader_replicas, ray_actor_options={"num_cpus": s.reader_cpus, "num_gpus": s.reader_gpus},
         ).bind(s.reader_model, s.reader_max_length, s.max_answer_tokens)
     # The index version lives only in the retriever's user_config: with `serve deploy` (or a RayService) a
     # change is applied in place by Retriever.reconfigure; `serve.run` rolls new replicas in before old leave.
