@@ -132,17 +132,23 @@ def test_memory_estimate_refuses_before_building(encoded):
 
 
 @pytest.mark.reliability
-@pytest.mark.parametrize("name", ["index.faiss", "docstore.arrow"])
-def test_tampered_files_are_refused_before_read_index(encoded, name):
+@pytest.mark.parametrize(
+    ("name", "damage", "expected"),
+    [("index.faiss", "flip", "index.faiss: checksum mismatch"),
+     ("docstore.arrow", "flip", "docstore.arrow: checksum mismatch"),
+     ("index.faiss", "truncate", "index.faiss: checksum mismatch"),
+     ("manifest.json", "truncate", "unreadable manifest")],
+)
+def test_tampered_files_are_refused_before_read_index(encoded, name, damage, expected):
     run = run_job("build_index", encoded["config"])
     assert run.returncode == 0, run.stderr[-3000:]
     fs, version = encoded["fs"], run.summary["version"]
     path = f"idx/root/indexes/{version}/{name}"
     original = fs.cat_file(path)
     try:
-        fs.pipe_file(path, original[:-16] + bytes(16))
-        cache = encoded["tmp"] / f"cache-{name}"
-        with pytest.raises(PipelineError, match=f"{name}: checksum mismatch"):
+        fs.pipe_file(path, original[:-16] + bytes(16) if damage == "flip" else original[: len(original) // 2])
+        cache = encoded["tmp"] / f"cache-{name}-{damage}"
+        with pytest.raises(PipelineError, match=expected):
             load_published(encoded["storage"], version, str(cache))
         assert not (cache / version / name).exists()  # the bad copy is not kept for a later load
     finally:
