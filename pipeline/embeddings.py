@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from pipeline.config import EncodeConfig, PipelineConfig
 from pipeline.encoder import EncoderSettings, PassageTokenizer, TextEncoder, Tokens
-from pipeline.errors import InputError, PipelineError
+from pipeline.errors import InputError, PipelineError, StorageError
 from pipeline.ingest import PASSAGE_SCHEMA, id_hash, snapshot_dir
 from pipeline.raycluster import connect
 from pipeline.storage import FileEntry, Manifest, Storage, parquet_bytes, read_parquet_bytes
@@ -70,6 +70,8 @@ def read_shard(storage: Storage, directory: str, entry: FileEntry, max_bytes: in
         return read_parquet_bytes(storage.read_verified(directory, entry, max_bytes))
     except FileNotFoundError:
         raise InputError(url, None, "shard listed in the manifest is missing") from None
+    except StorageError:
+        raise
     except PipelineError as exc:
         raise InputError(url, None, str(exc).split(": ", 1)[-1]) from None
     except (pa.ArrowInvalid, OSError) as exc:

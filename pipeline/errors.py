@@ -11,6 +11,10 @@ class ConfigError(PipelineError):
     """The configuration or command line is invalid (exit 2)."""
 
 
+class StorageError(PipelineError):
+    """The object store failed (after its retries): not a problem of the data, so never quarantined."""
+
+
 class InputError(PipelineError):
     """Bad input data; names the file (or shard) and line (or row) at fault."""
 

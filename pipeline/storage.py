@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class Storage:
         except (FileNotFoundError, FileExistsError, PipelineError):
             raise
         except (OSError, *_BOTO_ERRORS) as exc:
-            raise PipelineError(f"{self.url(rel)}: {action} failed after retries with backoff "
+            raise StorageError(f"{self.url(rel)}: {action} failed after retries with backoff "
                                 f"({type(exc).__name__}: {exc})") from None
 
     def _replace_local(self, target: str, write) -> None:

@@ -1,6 +1,6 @@
-"""A fault-injecting HTTP proxy in front of the S3 API server, on 127.0.0.1: some requests get a 500 or a 503, have
-their connection dropped before any answer, or (reads) their body cut short, with a seeded RNG so a run is
-reproducible. Everything else is forwarded to the real server untouched."""
+"""A fault-injecting HTTP proxy in front of the S3 API server, on 127.0.0.1: a seeded fraction of requests get a
+500 or a 503, have their connection dropped before any answer, or (reads) their body cut short, the kinds taken in
+turn. Everything else is forwarded to the real server untouched."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ class FaultyS3Proxy:
         self.upstream = (target.hostname, target.port)
         self.rate, self.rng, self.lock = rate, random.Random(seed), threading.Lock()
         self.injected: Counter[str] = Counter()
+        self.turns: Counter[str] = Counter()
         self.forwarded = 0
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -41,8 +42,10 @@ class FaultyS3Proxy:
             if self.rng.random() >= self.rate:
                 self.forwarded += 1
                 return None
-            choices = FAULTS if method == "GET" else FAULTS[:3]
-            fault = self.rng.choice(choices)
+            choices = FAULTS if method == "GET" else FAULTS[:3]  # a cut-short body only on reads
+            kind = "GET" if method == "GET" else "other"
+            fault = choices[self.turns[kind] % len(choices)]  # every kind comes up, whatever the timing
+            self.turns[kind] += 1
             self.injected[fault] += 1
             return fault
 

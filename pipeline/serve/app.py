@@ -2,7 +2,8 @@
 
 HTTP API (fixed paths): POST /v1/search, POST /v1/ask, GET /v1/index, GET /healthz, GET /metrics, OpenAPI at
 /docs. Errors are JSON `{"error": ...}`: 401 bad key, 413 body/question/batch too large, 422 malformed input;
-the Serve proxy answers 503 when `max_queued_requests` is exceeded. Never a 500 for bad input.
+503 when `max_queued_requests` is exceeded (from the Serve proxy) or when a backend replica is lost twice in a
+row. Never a 500 for bad input. Concurrent requests are coalesced into one encoder call and one index search.
 """
 
 # No `from __future__ import annotations` here: FastAPI resolves the request models from real annotations.
@@ -132,8 +133,7 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started, status = time.perf_counter(), [500]
-        path = scope["path"][len(scope.get("root_path", "")):] if scope["path"].startswith(
-            scope.get("root_path", "")) else scope["path"]
+        path = scope["path"].removeprefix(scope.get("root_path", ""))  # the app's own path under its prefix
 
         async def send_counted(message) -> None:
             if message["type"] == "http.response.start":
