@@ -101,7 +101,8 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
     def speedup(route: str) -> float:
-        return round(results["batch_on"][route]["clients_16"]["rps"] / results["batch_off"][route]["clients_16"]["rps"], 2)
+        on, off = (results[mode][route]["clients_16"]["rps"] for mode in ("batch_on", "batch_off"))
+        return round(on / off, 2)
 
     print(json.dumps({"benchmark": "serve", "index": "demo", "batch_max_size": config.serve.batch_max_size,
                       "batch_wait_s": config.serve.batch_wait_s, **results,

@@ -510,7 +510,8 @@ def _get_keys(refs: list) -> list[ShardKeys]:
 
 
 def _plan_carry(storage: Storage, config: PipelineConfig, passages: str, files: list[FileEntry],
-                todo: list[FileEntry], previous: tuple[str, Manifest] | None) -> tuple[dict[str, int], dict[str, Carry]]:
+                todo: list[FileEntry], previous: tuple[str, Manifest] | None
+                ) -> tuple[dict[str, int], dict[str, Carry]]:
     """Diff counts against the previous snapshot, and for each shard still to do, where its unchanged vectors are."""
     if previous is None:
         return {}, {}

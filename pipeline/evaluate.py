@@ -100,7 +100,8 @@ def read_questions(url: str, options: dict[str, Any]) -> list[Question]:
 
 
 # -- answer matching (DPR's qa_validation.has_answer) ------------------------------------------------------------------
-_TOKEN = regex.compile(r"([\p{L}\p{N}\p{M}]+)|([^\p{Z}\p{C}])", flags=regex.IGNORECASE | regex.UNICODE | regex.MULTILINE)
+_TOKEN = regex.compile(r"([\p{L}\p{N}\p{M}]+)|([^\p{Z}\p{C}])",
+                       flags=regex.IGNORECASE | regex.UNICODE | regex.MULTILINE)
 
 
 def dpr_words(text: str) -> list[str]:
