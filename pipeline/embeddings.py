@@ -478,20 +478,23 @@ def _encode_with(pool: ActorPool, storage: Storage, config: PipelineConfig, sett
     }
 
 
+def published_snapshot(storage: Storage) -> str | None:
+    """The passage snapshot the serving index (indexes/LATEST) was built from."""
+    try:
+        version = storage.read_bytes("indexes/LATEST").decode().strip()
+    except FileNotFoundError:
+        return None
+    manifest = storage.read_manifest(posixpath.join("indexes", version), name="manifest.json")
+    return getattr(manifest, "snapshot", None)
+
+
 def _previous_embeddings(storage: Storage, config: PipelineConfig, snapshot: str,
                          fingerprint: str) -> tuple[str, Manifest] | None:
     """The earlier snapshot's embeddings by the same model: `encode.previous_snapshot`, else the snapshot the
     published index was built from. A different fingerprint (another model or settings) carries nothing."""
     if not config.encode.carry_over:
         return None
-    previous = config.encode.previous_snapshot
-    if previous is None:
-        try:
-            latest = storage.read_bytes("indexes/LATEST").decode().strip()
-            manifest = storage.read_manifest(posixpath.join("indexes", latest), name="manifest.json")
-            previous = getattr(manifest, "snapshot", None)
-        except FileNotFoundError:
-            previous = None
+    previous = config.encode.previous_snapshot or published_snapshot(storage)
     if not previous or previous == snapshot:
         return None
     directory = embeddings_dir(previous, fingerprint)

@@ -19,23 +19,13 @@ import urllib.request
 from typing import Any
 
 from pipeline.config import PipelineConfig
-from pipeline.embeddings import run_encode
+from pipeline.embeddings import published_snapshot, run_encode
 from pipeline.errors import PipelineError
-from pipeline.index import INDEX_MANIFEST, PhaseTimer, run_build_index
+from pipeline.index import PhaseTimer, run_build_index
 from pipeline.ingest import run_ingest
 from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
-
-
-def published_snapshot(storage: Storage) -> str | None:
-    """The passage snapshot the serving index (indexes/LATEST) was built from."""
-    try:
-        version = storage.read_bytes("indexes/LATEST").decode().strip()
-    except FileNotFoundError:
-        return None
-    manifest = storage.read_manifest(f"indexes/{version}", name=INDEX_MANIFEST)
-    return getattr(manifest, "snapshot", None)
 
 
 def night_record(storage: Storage, snapshot: str) -> dict[str, Any]:
