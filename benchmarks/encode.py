@@ -95,6 +95,7 @@ def pipeline_rate(settings, ids, titles, texts, batch_tokens) -> dict:
     from tests.helpers import write_config, write_tsv
 
     os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
+    os.environ.setdefault("RAY_ADDRESS", "local")  # each job its own Ray, never a cluster recorded on this machine
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:

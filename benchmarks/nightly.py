@@ -5,7 +5,7 @@
 The corpus is the demo's text scaled up: overlapping 100-word windows of the demo articles (distinct passages, real
 MiniLM embeddings). Night 1 is a full nightly run; night 2 edits, deletes and adds passages (1% in all). Then the
 night-2 snapshot is encoded from scratch under another root. Every job runs as `python -m jobs.<name>` against one
-local Ray (`ray start`), as on a cluster; times are each job process's wall clock.
+local Ray (`ray start`, stopped on exit, SIGTERM or SIGINT), as on a cluster; times are each job process's wall clock.
 incremental_ratio = night 2's whole nightly run (ingest, diff, encode, carry-over, build, publish) ÷ the full encode.
 """
 
@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.demo_corpus import articles  # noqa: E402
-from tests.helpers import free_port, write_config, write_tsv  # noqa: E402
+from tests.helpers import write_config, write_tsv  # noqa: E402
+from tests.localray import LocalRay, exit_on_signals  # noqa: E402
 
 
 def scaled_corpus(count: int) -> list[tuple[str, str, str]]:
@@ -77,13 +78,10 @@ def main() -> None:
     parser.add_argument("--factory", default="IVF64,PQ96x4")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-nightly-"))
-    ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
-    port = free_port()
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # a throwaway cluster on 127.0.0.1 only
-    subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                    "--include-dashboard=false", "--disable-usage-stats"], check=True, capture_output=True)
-    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+    exit_on_signals()  # SIGTERM / SIGINT still stop the cluster and remove the work dir
+    cluster = LocalRay(Path(tempfile.mkdtemp(prefix="ray-")))  # short: Ray's socket paths must fit 107 bytes
     try:
+        os.environ["RAY_ADDRESS"] = cluster.start()
         first = scaled_corpus(args.passages)
         second, edits = next_night(first, args.changed)
         write_tsv(work / "night1.tsv", first)
@@ -104,7 +102,8 @@ def main() -> None:
         run("ingest", full, f"ingest.input={work / 'night2.tsv'}", "ingest.snapshot=n2")
         encoded, full_s = run("encode", full)
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], capture_output=True)
+        cluster.stop()
+        shutil.rmtree(cluster.temp_dir, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({
         "benchmark": "nightly", "passages": len(second), "changed_fraction": args.changed, **edits,

@@ -53,10 +53,12 @@ def main() -> None:
 
     from pipeline.config import load_config
     from pipeline.serve.app import build_app
+    from tests.localray import exit_on_signals
 
     config = load_config(REPO / args.config)
     url = f"http://{config.serve.host}:{config.serve.port}"
-    ray.init(logging_level=logging.WARNING, log_to_driver=False, include_dashboard=True)
+    exit_on_signals()  # SIGTERM / SIGINT still shut Serve and this private Ray down
+    ray.init(address="local", logging_level=logging.WARNING, log_to_driver=False, include_dashboard=True)
     serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
     try:
         serve.run(build_app(config), name="qa", route_prefix="/")

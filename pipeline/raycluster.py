@@ -1,21 +1,71 @@
-"""Connecting to Ray the same way from every job: the cluster when there is one, else a local instance."""
+"""Connecting to Ray the same way from every job: the cluster when there is one, else a local instance.
+
+Which Ray a job uses, in order: RAY_ADDRESS (set by `ray job submit`, by the tests, or by hand; `local` starts a
+private instance), else the cluster that `ray start` recorded on this machine, else a new local instance. A
+recorded cluster that no longer answers (its processes were killed without `ray stop`) is an error at once: Ray
+itself would retry for minutes and then fail with a bare ConnectionError.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
+from pathlib import Path
 
 import ray
 
+from pipeline.errors import PipelineError
+
 log = logging.getLogger(__name__)
+
+PROBE_TIMEOUT_S = 3.0
+
+
+class RayUnavailable(PipelineError):
+    """The Ray cluster a job was pointed at (or that `ray start` recorded) does not answer."""
+
+
+def recorded_cluster_file() -> Path:
+    """Where `ray start` records the current local cluster, as `ray.init()` looks for it."""
+    from ray._common.utils import get_ray_address_file
+
+    return Path(get_ray_address_file(None))
+
+
+def _answers(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _target() -> tuple[str, str]:
+    """(address for ray.init, where it came from)."""
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    record = recorded_cluster_file()
+    if record.is_file() and record.read_text().strip():
+        return record.read_text().strip(), f"the cluster recorded by `ray start` in {record}"
+    return "local", "a new local instance"
 
 
 def connect() -> None:
-    """Join RAY_ADDRESS (set by `ray job submit` and by the tests) or start a local Ray."""
+    """Join the Ray that `_target` names, failing fast with what to do when it does not answer."""
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level=logging.WARNING, log_to_driver=False)
-    else:
-        ray.init(logging_level=logging.WARNING, log_to_driver=False, include_dashboard=False)
-    log.info("ray: %s CPUs, %s GPUs", ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0))
+    address, source = _target()
+    advice = ("run `ray stop` to clear a dead local cluster (or `ray start --head` for a new one), or set "
+              "RAY_ADDRESS to the cluster to use (RAY_ADDRESS=local starts a private Ray for this job)")
+    host_port = address not in ("local", "auto") and "://" not in address
+    if host_port and not _answers(address):
+        raise RayUnavailable(f"no Ray answers at {address} ({source}): {advice}")
+    options = {} if address != "local" else {"include_dashboard": False}
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, **options)
+    except ConnectionError as error:
+        raise RayUnavailable(f"could not join Ray at {address} ({source}): {error}; {advice}") from error
+    resources = ray.cluster_resources()
+    log.info("ray: %s (%s CPUs, %s GPUs)", source, resources.get("CPU", 0), resources.get("GPU", 0))

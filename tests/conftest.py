@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -15,6 +13,7 @@ import pytest
 import requests
 
 from tests.helpers import free_port
+from tests.localray import LocalRay
 
 # Fake credentials for the local S3 server; tests check they never leak into logs or outputs.
 FAKE_CREDENTIALS = {
@@ -30,7 +29,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from the hub: m
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TEST_API_KEY = "qa-test-key-5e1f"
 os.environ["QA_TEST_API_KEY"] = TEST_API_KEY  # seen by Serve replicas started on the session's Ray
-os.environ.pop("RAY_ADDRESS", None)
+# Jobs run by tests never join whatever cluster `ray start` recorded on this machine: a private local Ray unless a
+# test asks for the session's (ray_address sets RAY_ADDRESS to it).
+os.environ["RAY_ADDRESS"] = "local"
 
 
 logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's per-request access log
@@ -69,21 +70,13 @@ RAY_TEMP_DIRS: list[Path] = []  # the session Ray's logs live here (the secrets 
 def ray_address(tmp_path_factory) -> str:
     """One local Ray for the whole session; jobs started by tests join it through RAY_ADDRESS. Its dashboard
     (on RAY_DASHBOARD_PORT) serves the Serve REST API that the nightly job uses."""
-    ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
-    port = free_port()
     temp_dir = tmp_path_factory.mktemp("ray")
     RAY_TEMP_DIRS.append(temp_dir)
-    subprocess.run(
-        [ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={RAY_DASHBOARD_PORT}", "--disable-usage-stats",
-         f"--temp-dir={temp_dir}"],
-        check=True, capture_output=True, timeout=120,
-    )
-    address = f"127.0.0.1:{port}"
-    os.environ["RAY_ADDRESS"] = address
-    yield address
-    os.environ.pop("RAY_ADDRESS", None)
-    subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)
+    cluster = LocalRay(temp_dir, num_cpus=2, dashboard_port=RAY_DASHBOARD_PORT)
+    os.environ["RAY_ADDRESS"] = cluster.start()
+    yield cluster.address
+    os.environ["RAY_ADDRESS"] = "local"
+    cluster.stop()
 
 
 @pytest.fixture(scope="session")
@@ -109,6 +102,13 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
         tokenizer.save_pretrained(path)
         paths[name] = str(path)
     return paths
+
+
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    """The order is random (pytest-randomly): say how to replay it, so an order dependency can be reproduced."""
+    seed = config.getoption("randomly_seed", None)
+    if seed is not None and config.getoption("randomly_reorganize", True):
+        terminalreporter.write_line(f"tests ran in random order: replay it with -p randomly --randomly-seed={seed}")
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:

@@ -32,12 +32,15 @@ class JobRun:
         return json.loads(lines[-1])
 
 
-def run_job(job: str, config: Path | str, *overrides: str, timeout: float = 600) -> JobRun:
-    """`python -m jobs.<job> --config ... --set ...` in the repository, as a user runs it."""
+def run_job(job: str, config: Path | str, *overrides: str, timeout: float = 600,
+            env: dict[str, str] | None = None) -> JobRun:
+    """`python -m jobs.<job> --config ... --set ...` in the repository, as a user runs it (in this process's
+    environment unless `env` is given)."""
     command = [sys.executable, "-m", f"jobs.{job}", "--config", str(config)]
     for item in overrides:
         command += ["--set", item]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=os.environ.copy() if env is None else env)
     return JobRun(done.returncode, done.stdout, done.stderr)
 
 

@@ -104,30 +104,25 @@ def nights(tmp_path_factory, tiny_models, s3_endpoint, ray_address):
     assert deployed.status_code == 200, deployed.text
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
+    served = None
+    while time.monotonic() < deadline and served is None:
         try:
-            if requests.get(f"{url}/v1/index", timeout=5).status_code == 200:
-                break
+            answer = requests.get(f"{url}/v1/index", timeout=5)
+            served = answer.json()["index_version"] if answer.status_code == 200 else None
         except requests.RequestException:
             pass
         time.sleep(1)
-    yield {"config": config_path, "tmp": tmp, "first": first.summary, "url": url,
+    yield {"config": config_path, "tmp": tmp, "first": first.summary, "first_served": served, "url": url,
            "storage": Storage("s3://nightly/root", {"endpoint_url": s3_endpoint})}
     ray.init(address=ray_address, logging_level="WARNING", log_to_driver=False)
     serve.shutdown()
     ray.shutdown()
 
 
-def test_first_night_encodes_everything_and_trains(nights):
-    first = nights["first"]
-    assert first["status"] == "ok" and first["previous_snapshot"] is None
-    assert (first["new"], first["changed"], first["deleted"], first["encoded"], first["reused"]) == (600, 0, 0, 600, 0)
-    assert first["retrained"] is True and first["published"] is True and first["vectors"] == 600
-    assert requests.get(f"{nights['url']}/v1/index", timeout=10).json()["index_version"] == first["version"]
-
-
-def test_second_night_encodes_exactly_what_changed_and_serves_it(nights):
-    storage = nights["storage"]
+@pytest.fixture(scope="module")
+def night2(nights):
+    """Night 2 (deletions, edits, insertions mid-file), what the app served right after it, and the same night run
+    again. What tests read of the live app is taken here, before a later night moves it on."""
     deleted = {str(i) for i in range(11, 31)}
     changed = {str(i) for i in range(101, 116)}
     rows = [(pid, text + " revised" if pid in changed else text, title)
@@ -135,7 +130,50 @@ def test_second_night_encodes_exactly_what_changed_and_serves_it(nights):
     rows[300:300] = synthetic_rows(25, start=1001, words=30)  # inserted mid-file: later shard boundaries move
     run = run_job("nightly", nights["config"], *_night(nights["tmp"], rows, "d2"))
     assert run.returncode == 0, run.stderr[-3000:]
-    second = run.summary
+    hits = requests.post(f"{nights['url']}/v1/search", json={"questions": ["river"], "k": 3}, timeout=30).json()
+    again = run_job("nightly", nights["config"], *_night(nights["tmp"], rows, "d2"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    return {"rows": rows, "changed": changed, "summary": run.summary, "served": hits["index_version"],
+            "rerun": again.summary}
+
+
+@pytest.fixture(scope="module")
+def night3(nights, night2):
+    """Night 3 killed (SIGKILL) right after its encode stage wrote its manifest, then run to the end, then again."""
+    storage = nights["storage"]
+    rows = [(pid, text + " third" if pid in {"200", "201", "202"} else text, title) for pid, text, title in ROWS]
+    command = [sys.executable, "-m", "jobs.nightly", "--config", str(nights["config"]),
+               *[arg for item in _night(nights["tmp"], rows, "d3") for arg in ("--set", item)]]
+    [fingerprint] = storage.list_names("embeddings/d2")
+    job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and job.poll() is None:
+        storage.fs.invalidate_cache()
+        if storage.exists(f"embeddings/d3/{fingerprint}/_manifest.json"):
+            os.killpg(job.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    job.wait(timeout=60)
+    record = storage.read_json("nightly/d3.json")
+    run = run_job("nightly", nights["config"], *_night(nights["tmp"], rows, "d3"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    created = storage.read_json(f"indexes/{run.summary['version']}/manifest.json")["created_at"]
+    again = run_job("nightly", nights["config"], *_night(nights["tmp"], rows, "d3"))
+    return {"killed": job.returncode, "record": record, "summary": run.summary, "created_at": created,
+            "rerun": again}
+
+
+def test_first_night_encodes_everything_and_trains(nights):
+    first = nights["first"]
+    assert first["status"] == "ok" and first["previous_snapshot"] is None
+    assert (first["new"], first["changed"], first["deleted"], first["encoded"], first["reused"]) == (600, 0, 0, 600, 0)
+    assert first["retrained"] is True and first["published"] is True and first["vectors"] == 600
+    assert nights["first_served"] == first["version"]
+
+
+def test_second_night_encodes_exactly_what_changed_and_serves_it(nights, night2):
+    storage, rows, changed, second = nights["storage"], night2["rows"], night2["changed"], night2["summary"]
     assert (second["new"], second["changed"], second["deleted"]) == (25, 15, 20)
     assert second["encoded"] == 40 and second["reused"] == 605 - 40 and second["previous_snapshot"] == "d1"
     assert second["retrained"] is False and second["published"] is True  # the quantizer of night 1 was reused
@@ -154,52 +192,31 @@ def test_second_night_encodes_exactly_what_changed_and_serves_it(nights):
     old_ids = old.docstore.column("id").to_numpy(zero_copy_only=False)[old.search(queries, 1)[1][:, 0]]
     new_ids = published.docstore.column("id").to_numpy(zero_copy_only=False)[published.search(queries, 1)[1][:, 0]]
     assert (old_ids == new_ids).mean() >= 0.95
+    assert night2["served"] == second["version"]
 
-    hits = requests.post(f"{nights['url']}/v1/search", json={"questions": ["river"], "k": 3}, timeout=30).json()
-    assert hits["index_version"] == second["version"]
-
-    again = run_job("nightly", nights["config"], *_night(nights["tmp"], rows, "d2"))
-    assert again.returncode == 0, again.stderr[-3000:]
-    rerun = again.summary
+    rerun = night2["rerun"]
     assert rerun["encoded"] == 0 and rerun["published"] is False and rerun["version"] == second["version"]
     assert (rerun["new"], rerun["changed"], rerun["deleted"]) == (25, 15, 20)
 
 
 @pytest.mark.reliability
-def test_a_crash_after_encode_resumes_without_re_encoding_and_publishes_once(nights):
+def test_a_crash_after_encode_resumes_without_re_encoding_and_publishes_once(nights, night3):
     storage = nights["storage"]
-    rows = [(pid, text + " third" if pid in {"200", "201", "202"} else text, title) for pid, text, title in ROWS]
-    command = [sys.executable, "-m", "jobs.nightly", "--config", str(nights["config"]),
-               *[arg for item in _night(nights["tmp"], rows, "d3") for arg in ("--set", item)]]
-    job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
-    [fingerprint] = storage.list_names("embeddings/d2")
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and job.poll() is None:
-        storage.fs.invalidate_cache()
-        if storage.exists(f"embeddings/d3/{fingerprint}/_manifest.json"):
-            os.killpg(job.pid, signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    job.wait(timeout=60)
-    assert job.returncode == -signal.SIGKILL, "the nightly run finished before it could be killed after encode"
-    assert storage.read_json("nightly/d3.json")["previous_snapshot"] == "d2"
-
-    run = run_job("nightly", nights["config"], *_night(nights["tmp"], rows, "d3"))
-    assert run.returncode == 0, run.stderr[-3000:]
-    third = run.summary
+    assert night3["killed"] == -signal.SIGKILL, "the nightly run finished before it could be killed after encode"
+    assert night3["record"]["previous_snapshot"] == "d2"
+    third = night3["summary"]
     assert third["encoded"] == 0 and third["reused"] == 600  # encoded before the crash, not again
     # vs night 2: ids 11-30 are back (new), 101-115 reverted and 200-202 edited (changed), 1001-1025 gone
     assert (third["new"], third["changed"], third["deleted"]) == (20, 18, 25)
     assert third["published"] is True and third["served"]["index_version"] == third["version"]
-    created = storage.read_json(f"indexes/{third['version']}/manifest.json")["created_at"]
-    again = run_job("nightly", nights["config"], *_night(nights["tmp"], rows, "d3"))
+    again = night3["rerun"]
     assert again.returncode == 0 and again.summary["published"] is False
-    assert storage.read_json(f"indexes/{third['version']}/manifest.json")["created_at"] == created
+    assert storage.read_json(f"indexes/{third['version']}/manifest.json")["created_at"] == night3["created_at"]
 
 
-def test_a_new_encoder_forces_a_full_encode(nights, tiny_models):
-    """Another fingerprint (here: another max_length) shares no vectors with the published index."""
+def test_a_new_encoder_forces_a_full_encode(nights, night3):
+    """Another fingerprint (here: another max_length) shares no vectors with the published index. It runs after the
+    other nights (night3), whose carry-over it would otherwise break."""
     run = run_job("nightly", nights["config"], *_night(nights["tmp"], ROWS, "d4"), "encode.max_length=48",
                   "nightly.serve_address=null")
     assert run.returncode == 0, run.stderr[-3000:]

@@ -1,0 +1,128 @@
+"""A throwaway `ray start` cluster for the tests and the benchmarks, and a stop that ends exactly its processes.
+
+`ray stop` ends every Ray process on the machine (a developer's own cluster, another test session's) and a run
+killed before it leaves a cluster that Ray's record (/tmp/ray/ray_current_cluster) still names. Here the cluster
+lives in a temp dir of its own, so its record and logs stay there, and `stop` ends the processes that belong to it:
+those whose command line names its temp dir or its GCS address, and their descendants.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.helpers import free_port
+
+HOST = "127.0.0.1"  # loopback only
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) for every process we can read."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat[stat.rindex(")") + 2:].split()[1])
+        found[int(entry.name)] = (parent, command)
+    return found
+
+
+def marked_processes(*marks: str) -> list[int]:
+    """Processes whose command line holds one of `marks`, and all their descendants (Ray's workers, renamed
+    `ray::IDLE`, name nothing), this process excepted."""
+    table = _processes()
+    ours = {pid for pid, (_, command) in table.items() if any(mark in command for mark in marks)}
+    ours.discard(os.getpid())
+    grew = True
+    while grew:
+        more = {pid for pid, (parent, _) in table.items() if parent in ours and pid not in ours}
+        ours |= more
+        grew = bool(more)
+    return sorted(ours)
+
+
+def alive(pids: list[int]) -> list[int]:
+    return [pid for pid in pids if not _zombie(pid)]
+
+
+class LocalRay:
+    """`ray start --head` on 127.0.0.1 with its own temp dir; `stop` (also on exit from a `with`) ends it."""
+
+    def __init__(self, temp_dir: Path, *, num_cpus: int | None = None, dashboard_port: int | None = None):
+        self.temp_dir = Path(temp_dir)
+        self.num_cpus = num_cpus
+        self.dashboard_port = dashboard_port
+        self.port = free_port()
+        self.address = f"{HOST}:{self.port}"
+
+    def start(self) -> str:
+        ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+        command = [ray_bin, "start", "--head", f"--node-ip-address={HOST}", f"--port={self.port}",
+                   f"--temp-dir={self.temp_dir}", "--disable-usage-stats"]
+        if self.num_cpus is not None:
+            command += [f"--num-cpus={self.num_cpus}", "--num-gpus=0"]
+        if self.dashboard_port is None:
+            command.append("--include-dashboard=false")
+        else:
+            command += ["--include-dashboard=true", f"--dashboard-host={HOST}",
+                        f"--dashboard-port={self.dashboard_port}"]
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # loopback only; no token left in ~/.ray demanded
+        try:
+            subprocess.run(command, check=True, capture_output=True, timeout=120, env=env)
+        except BaseException:
+            self.stop()
+            raise
+        return self.address
+
+    def pids(self) -> list[int]:
+        """This cluster's processes: those naming its temp dir or GCS address, and all their descendants."""
+        return marked_processes(str(self.temp_dir), self.address)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM its processes, SIGKILL what is left after `grace_s`."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            pids = self.pids()
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + grace_s
+            while pids and time.monotonic() < deadline:
+                pids = alive(pids)
+                time.sleep(0.1)
+            if not pids:
+                break
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2] == "Z"
+
+
+def exit_on_signals() -> None:
+    """SIGTERM and SIGINT end the process through SystemExit, so `finally` blocks and `with` exits run."""
+    def _exit(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
+    signal.signal(signal.SIGINT, _exit)
