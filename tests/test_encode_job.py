@@ -15,15 +15,18 @@ import s3fs
 from pipeline.embeddings import embedding_matrix
 from pipeline.encoder import EncoderSettings, TextEncoder
 from pipeline.storage import parquet_bytes, read_parquet_bytes, sha256_hex
+from tests.conftest import RAY_TEMP_DIRS
 from tests.helpers import REPO, run_job, synthetic_rows, write_config, write_tsv
+from tests.localray import marked_processes
 
 pytestmark = pytest.mark.ray
 ROWS = synthetic_rows(600, words=30)
 
 
 @pytest.fixture
-def corpus(tmp_path, tiny_models, s3_endpoint, s3_bucket, s3_client):
-    """An ingested snapshot on S3 and a config that encodes it with the tiny DPR context encoder."""
+def corpus(tmp_path, tiny_models, s3_endpoint, s3_bucket, s3_client, ray_address):
+    """An ingested snapshot on S3 and a config that encodes it with the tiny DPR context encoder (jobs run on the
+    session's Ray)."""
     source = write_tsv(tmp_path / "psgs_w100.tsv.gz", ROWS)
     s3_client.upload_file(str(source), s3_bucket, "in/psgs_w100.tsv.gz")
     config = write_config(tmp_path / "c.yaml", {
@@ -126,14 +129,14 @@ def test_resume_after_the_driver_is_killed(corpus, s3_endpoint, s3_bucket):
 
 
 def _encoder_actor_pids():
+    """The encoder actors of the session's Ray (not those of any other Ray on the machine)."""
     pids = set()
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if b"ray::EncoderActor" in (proc / "cmdline").read_bytes():
-                    pids.add(int(proc.name))
-            except OSError:
-                continue
+    for pid in marked_processes(*map(str, RAY_TEMP_DIRS)):
+        try:
+            if b"ray::EncoderActor" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.add(pid)
+        except OSError:
+            continue
     return pids
 
 
