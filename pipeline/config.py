@@ -96,8 +96,10 @@ class IngestConfig(Section):
     parallel: Literal["auto", "always", "never"] = Field(
         "auto", description="read files in Ray tasks: auto = when the input has more than one file"
     )
+    base: str | None = Field(None, description="write a delta on this snapshot: only new and changed rows, and "
+                                               "tombstones for the ids removed since (null = a full snapshot)")
 
-    _snapshot = field_validator("snapshot", mode="before")(lambda cls, value: _snapshot_name(value))
+    _snapshot = field_validator("snapshot", "base", mode="before")(lambda cls, value: _snapshot_name(value))
 
 
 class EncodeConfig(Section):
@@ -163,6 +165,11 @@ class IndexConfig(Section):
     seed: int = 0
     reuse_trained: bool = Field(True, description="add to the published index's trained quantizer (same encoder "
                                                   "and factory) while its recall stays at min_recall; else retrain")
+    max_segments: int = Field(8, gt=0, description="segments a version may list before they are merged")
+    max_tombstone_fraction: float = Field(0.2, gt=0, le=1, description="dead rows (deleted or replaced) a version "
+                                                                      "may carry, as a fraction, before merging")
+    compact: Literal["auto", "always", "never"] = Field("auto", description="merge segments past the two limits "
+                                                                             "above (auto), now (always) or never")
     _max_memory = field_validator("max_memory", mode="before")(lambda cls, value: parse_bytes(value))
 
 
@@ -207,6 +214,8 @@ class NightlyConfig(Section):
     serve_url: str | None = Field(None, description="where the app answers HTTP, to check it serves the new "
                                                     "version (default: http://serve.host:serve.port)")
     serve_timeout_s: float = Field(600, gt=0)
+    full: bool = Field(False, description="write a full passage snapshot tonight instead of a delta")
+    max_chain: int = Field(7, ge=0, description="delta snapshots in a row before a full one is written")
 
 
 class EvaluateConfig(Section):

@@ -29,17 +29,15 @@ from tqdm import tqdm
 from pipeline.config import EncodeConfig, PipelineConfig
 from pipeline.encoder import EncoderSettings, PassageTokenizer, TextEncoder, Tokens
 from pipeline.errors import InputError, PipelineError, StorageError
-from pipeline.ingest import PASSAGE_SCHEMA, id_hash, snapshot_dir
+from pipeline.ingest import PASSAGE_SCHEMA
 from pipeline.raycluster import connect
+from pipeline.snapshots import (Link, content_keys, embedding_chain, embeddings_dir, keys_of, passage_chain,
+                                read_shard_keys)
 from pipeline.storage import FileEntry, Manifest, Storage, parquet_bytes, read_parquet_bytes
 
 log = logging.getLogger(__name__)
 
 PROGRESS_NAME = "_progress.json"
-
-
-def embeddings_dir(snapshot: str, fingerprint: str) -> str:
-    return posixpath.join("embeddings", snapshot, fingerprint)
 
 
 def latest_snapshot(storage: Storage) -> str:
@@ -112,8 +110,7 @@ class ShardKeys:
 
 
 def shard_keys(ids: list[str], content_hashes: list[str]) -> ShardKeys:
-    return ShardKeys(np.fromiter((id_hash(i) for i in ids), np.uint64, len(ids)),
-                     np.fromiter((int(h[:16], 16) for h in content_hashes), np.uint64, len(content_hashes)))
+    return ShardKeys(keys_of(ids), content_keys(content_hashes))
 
 
 @dataclass
@@ -153,43 +150,32 @@ def plan_carry_over(new: list[ShardKeys], previous: list[ShardKeys]) -> CarryPla
 
 @dataclass(frozen=True)
 class Carry:
-    """Where an encoder actor finds the previous vectors of a shard's unchanged passages."""
+    """Where an encoder actor finds the previous vectors of a shard's unchanged passages: (directory, shard)."""
 
-    directory: str
-    entries: list[FileEntry]
+    sources: list[tuple[str, FileEntry]]
 
 
 @ray.remote(num_cpus=0.5)
 def read_keys(storage_root: str, options: dict[str, Any], directory: str, name: str) -> ShardKeys:
     """Only the id and content_hash columns (column projection: the texts and vectors stay on the store)."""
-    import pyarrow.parquet as pq
-
-    from pipeline.storage import pyarrow_filesystem
-
-    fs, root = pyarrow_filesystem(storage_root, options)
-    path = posixpath.join(root, directory, name)
-    try:
-        table = pq.read_table(path, columns=["id", "content_hash"], filesystem=fs, use_threads=False)
-    except (pa.ArrowInvalid, KeyError, OSError) as exc:
-        raise InputError(posixpath.join(storage_root, directory, name), None, f"cannot read its keys ({exc})") from None
-    return shard_keys(table.column("id").to_pylist(), table.column("content_hash").to_pylist())
+    return ShardKeys(*read_shard_keys(Storage(storage_root, options), directory, name))
 
 
 class TokenizerActor:
     """The reader/mapper half, on CPU: verified passage shard → (ids, tokens). Long-lived, so the tokenizer and
     the imports are loaded once, before the first shard is timed. Also used inline by CPU encoder actors."""
 
-    def __init__(self, settings: EncoderSettings, storage_root: str, options: dict[str, Any], passages: str,
+    def __init__(self, settings: EncoderSettings, storage_root: str, options: dict[str, Any],
                  max_shard_bytes: int | None = None):
         self.storage = Storage(storage_root, options)
-        self.passages, self.max_shard_bytes = passages, max_shard_bytes
+        self.max_shard_bytes = max_shard_bytes
         self.tokenize = PassageTokenizer(settings)
 
     def ready(self) -> bool:
         return True
 
-    def tokenize_shard(self, entry: FileEntry) -> tuple[list[str], list[str], Tokens]:
-        table = read_passage_shard(self.storage, self.passages, entry, self.max_shard_bytes)
+    def tokenize_shard(self, passages: str, entry: FileEntry) -> tuple[list[str], list[str], Tokens]:
+        table = read_passage_shard(self.storage, passages, entry, self.max_shard_bytes)
         tokens = self.tokenize(table.column("title").to_pylist(), table.column("text").to_pylist())
         return table.column("id").to_pylist(), table.column("content_hash").to_pylist(), tokens
 
@@ -198,7 +184,6 @@ class TokenizerActor:
 class WriterSettings:
     storage_root: str
     storage_options: dict[str, Any]
-    passages: str
     embedding_dtype: str
     batch_tokens: int | None
     max_batch_size: int
@@ -219,32 +204,33 @@ class EncoderActor:
         self.encoder = TextEncoder(settings, batch_tokens=writer.batch_tokens, max_batch_size=writer.max_batch_size)
         self._fingerprint = self.encoder.fingerprint()
         # Without a GPU to keep busy, tokenizing here beats shipping tokens from other actors on the same cores.
-        self.reader = TokenizerActor(settings, writer.storage_root, writer.storage_options, writer.passages,
-                                     writer.max_shard_bytes)
+        self.reader = TokenizerActor(settings, writer.storage_root, writer.storage_options, writer.max_shard_bytes)
 
     def describe(self) -> dict[str, Any]:
         return {"fingerprint": self._fingerprint, "dim": self.encoder.dim, "device": str(self.encoder.device),
                 "dtype": str(self.encoder.compute_dtype).removeprefix("torch."), "pid": os.getpid()}
 
-    def encode_shard(self, output: str, entry: FileEntry, shard: tuple[list[str], list[str], Tokens] | None,
+    def encode_shard(self, output: str, passages: str, entry: FileEntry,
+                     shard: tuple[list[str], list[str], Tokens] | None,
                      carry: Carry | None = None) -> FileEntry:
         if carry is not None:
-            ids, hashes, vectors, encoded = self._carry_and_encode(entry, carry)
+            ids, hashes, vectors, encoded = self._carry_and_encode(passages, entry, carry)
         else:
-            ids, hashes, tokens = shard if shard is not None else self.reader.tokenize_shard(entry)
+            ids, hashes, tokens = shard if shard is not None else self.reader.tokenize_shard(passages, entry)
             vectors, encoded = self.encoder.encode_tokens(tokens), len(ids)
         data = parquet_bytes(embedding_table(ids, hashes, vectors, self.writer.embedding_dtype))
         digest = self.storage.write_bytes(posixpath.join(output, entry.name), data)
         return FileEntry(name=entry.name, bytes=len(data), sha256=digest, rows=len(ids), source_sha256=entry.sha256,
                          encoded=encoded)
 
-    def _carry_and_encode(self, entry: FileEntry, carry: Carry) -> tuple[list[str], list[str], np.ndarray, int]:
+    def _carry_and_encode(self, passages: str, entry: FileEntry, carry: Carry
+                          ) -> tuple[list[str], list[str], np.ndarray, int]:
         """Copy the vectors of passages whose id and content hash are unchanged; encode only the others."""
-        table = read_passage_shard(self.storage, self.writer.passages, entry, self.writer.max_shard_bytes)
+        table = read_passage_shard(self.storage, passages, entry, self.writer.max_shard_bytes)
         ids, hashes = table.column("id").to_pylist(), table.column("content_hash").to_pylist()
         found: dict[str, tuple[str, np.ndarray, int]] = {}
-        for source in carry.entries:
-            previous = read_shard(self.storage, carry.directory, source)
+        for directory, source in carry.sources:
+            previous = read_shard(self.storage, directory, source)
             matrix = embedding_matrix(previous)
             for row, (pid, digest) in enumerate(zip(previous.column("id").to_pylist(),
                                                     previous.column("content_hash").to_pylist())):
@@ -288,7 +274,7 @@ def _start_actors(config: PipelineConfig, settings: EncoderSettings, writer: Wri
     tokenizer_class = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=0)(TokenizerActor)
     return ActorPool(
         encoders=[encoder_class.remote(settings, writer) for _ in range(encoders)],
-        tokenizers=[tokenizer_class.remote(settings, config.storage.root, config.storage.options, writer.passages,
+        tokenizers=[tokenizer_class.remote(settings, config.storage.root, config.storage.options,
                                            writer.max_shard_bytes) for _ in range(tokenizers)],
     )
 
@@ -315,10 +301,11 @@ class _ShardScheduler:
     PROBE_INTERVAL_S = 0.5
     RECOVERY_TIMEOUT_S = 600.0
 
-    def __init__(self, pool: ActorPool, config: EncodeConfig, output: str, carries: dict[str, Carry]):
+    def __init__(self, pool: ActorPool, config: EncodeConfig, output: str, passages: str,
+                 carries: dict[str, Carry]):
         self.actors, self.tokenizers = pool.encoders, pool.tokenizers
         self.max_attempts, self.max_bad_shards = config.max_attempts, config.max_bad_shards
-        self.output, self.carries = output, carries
+        self.output, self.passages, self.carries = output, passages, carries
         self.quarantine: list[dict[str, str]] = []  # bad passage shards skipped under encode.max_bad_shards
         self.inflight: dict[Any, tuple[int, FileEntry]] = {}
         self.load = [0] * len(self.actors)
@@ -334,9 +321,10 @@ class _ShardScheduler:
                 entry = queue.popleft()
                 carry, shard = self.carries.get(entry.name), None
                 if self.tokenizers and carry is None:  # a carried shard tokenizes only its few changed rows
-                    shard = self.tokenizers[self.submitted % len(self.tokenizers)].tokenize_shard.remote(entry)
+                    shard = self.tokenizers[self.submitted % len(self.tokenizers)].tokenize_shard.remote(
+                        self.passages, entry)
                 self.submitted += 1
-                ref = self.actors[actor].encode_shard.remote(self.output, entry, shard, carry)
+                ref = self.actors[actor].encode_shard.remote(self.output, self.passages, entry, shard, carry)
                 self.inflight[ref] = (actor, entry)
                 self.load[actor] += 1
 
@@ -401,52 +389,59 @@ class _ShardScheduler:
 
 
 def run_encode(config: PipelineConfig) -> dict[str, Any]:
-    """Encode a passage snapshot (default: the latest) into embedding shards; resumes an interrupted run."""
+    """Encode a passage snapshot (default: the latest) into embedding shards; resumes an interrupted run. A delta
+    snapshot's own rows are encoded, and any snapshot of its chain that this encoder has not encoded yet."""
     storage = Storage(config.storage.root, config.storage.options)
     snapshot = config.encode.snapshot or latest_snapshot(storage)
-    passages = snapshot_dir(snapshot)
-    passage_manifest = storage.read_manifest(passages)
-    if passage_manifest is None:
-        raise PipelineError(f"{storage.url(passages)} has no manifest: ingest snapshot {snapshot!r} first")
+    links = passage_chain(storage, snapshot)
     enc = config.encode
     settings = EncoderSettings(model=enc.model, pooling=enc.pooling, max_length=enc.max_length,
                                normalize=enc.normalize, dtype=enc.dtype)
-    writer = WriterSettings(config.storage.root, config.storage.options, passages, enc.embedding_dtype,
-                            enc.batch_tokens, enc.max_batch_size, enc.cpu_threads, enc.max_shard_bytes)
+    writer = WriterSettings(config.storage.root, config.storage.options, enc.embedding_dtype, enc.batch_tokens,
+                            enc.max_batch_size, enc.cpu_threads, enc.max_shard_bytes)
     connect()
     pool = _start_actors(config, settings, writer)
     try:
-        return _encode_with(pool, storage, config, settings, snapshot, passage_manifest)
+        described = ray.get([actor.describe.remote() for actor in pool.encoders])
+        ray.get([actor.ready.remote() for actor in pool.tokenizers])
+        fingerprints = {d["fingerprint"] for d in described}
+        if len(fingerprints) != 1:
+            raise PipelineError(f"encoder actors disagree on the model fingerprint: {sorted(fingerprints)}")
+        done = [_encode_snapshot(pool, storage, config, settings, described[0], link) for link in links]
     finally:
         pool.kill()
+    head, encoded = done[-1], sum(d["rows"] for d in done)
+    live = int(getattr(links[-1].passages, "live_rows", None) or links[-1].passages.rows or 0)
+    diff = getattr(links[-1].passages, "diff", None) or head.pop("diff")
+    head.pop("diff", None)
+    return {**head, "rows": encoded, "reused": max(0, live - encoded), **diff,
+            "snapshots_encoded": [link.snapshot for link, d in zip(links, done) if d["encoded_shards"]]}
 
 
-def _encode_with(pool: ActorPool, storage: Storage, config: PipelineConfig, settings: EncoderSettings,
-                 snapshot: str, passage_manifest: Manifest) -> dict[str, Any]:
-    described = ray.get([actor.describe.remote() for actor in pool.encoders])
-    ray.get([actor.ready.remote() for actor in pool.tokenizers])
-    fingerprints = {d["fingerprint"] for d in described}
-    if len(fingerprints) != 1:
-        raise PipelineError(f"encoder actors disagree on the model fingerprint: {sorted(fingerprints)}")
-    fingerprint, dim, device = described[0]["fingerprint"], described[0]["dim"], described[0]["device"]
-    output = embeddings_dir(snapshot, fingerprint)
-    log.info("encoding snapshot %s with %s (dim %d, %s) into %s", snapshot, fingerprint, dim, device,
-             storage.url(output))
+def _encode_snapshot(pool: ActorPool, storage: Storage, config: PipelineConfig, settings: EncoderSettings,
+                     described: dict[str, Any], link: Link) -> dict[str, Any]:
+    """One snapshot of the chain: its own shards (a delta's new and changed rows), exactly once."""
+    fingerprint, dim, device = described["fingerprint"], described["dim"], described["device"]
+    output = embeddings_dir(link.snapshot, fingerprint)
+    passage_manifest = link.passages
     published = storage.read_manifest(output)
     done = {e.name: e for e in published.files} if published else _load_progress(storage, output)
     todo, reused = plan_shards(passage_manifest.files, done)
-    previous = _previous_embeddings(storage, config, snapshot, fingerprint)
-    diff, carries = _plan_carry(storage, config, snapshot_dir(snapshot), passage_manifest.files, todo, previous)
+    if todo:
+        log.info("encoding snapshot %s with %s (dim %d, %s) into %s", link.snapshot, fingerprint, dim, device,
+                 storage.url(output))
+    previous = _previous_embeddings(storage, config, link, fingerprint) if todo else None
+    diff, carries = _plan_carry(storage, config, link.passages_dir, passage_manifest.files, todo, previous)
     completed = list(reused)
     started = time.perf_counter()
-    with tqdm(total=passage_manifest.rows, initial=sum(e.rows or 0 for e in reused), desc="encode",
+    with tqdm(total=passage_manifest.rows or 0, initial=sum(e.rows or 0 for e in reused), desc="encode",
               unit=" passages", unit_scale=True, mininterval=2) as bar:
         def on_done(entry: FileEntry) -> None:
             completed.append(entry)
             storage.write_json(posixpath.join(output, PROGRESS_NAME), [e.model_dump() for e in completed])
             bar.update(entry.rows)
 
-        scheduler = _ShardScheduler(pool, config.encode, output, carries)
+        scheduler = _ShardScheduler(pool, config.encode, output, link.passages_dir, carries)
         finished = scheduler.run(todo, on_done) if todo else []
     seconds = time.perf_counter() - started
     order = {e.name: i for i, e in enumerate(passage_manifest.files)}
@@ -455,54 +450,56 @@ def _encode_with(pool: ActorPool, storage: Storage, config: PipelineConfig, sett
         storage.remove_unlisted(output, keep={e.name for e in completed})
         enc = config.encode
         storage.write_manifest(
-            output, "embeddings", completed, snapshot=snapshot, fingerprint=fingerprint, dim=dim,
-            encoder={**asdict(settings), "compute_dtype": described[0]["dtype"]},
+            output, "embeddings", completed, snapshot=link.snapshot, fingerprint=fingerprint, dim=dim,
+            encoder={**asdict(settings), "compute_dtype": described["dtype"]}, base=link.base,
             embedding_dtype=enc.embedding_dtype, passages_manifest=passage_manifest.created_at,
-            carried_from=previous[0] if previous else None, quarantine=scheduler.quarantine,
+            carried_from=previous[-1][0] if previous else None, quarantine=scheduler.quarantine,
         )
     encoded = sum(getattr(e, "encoded", e.rows) or 0 for e in finished)
+    previous_snapshot = link.base or (previous[-1][0].split("/")[1] if previous else None)
     return {
-        "rows": encoded,
-        "reused": sum(e.rows or 0 for e in completed) - encoded,
-        **diff,
-        "shards": len(completed),
-        "encoded_shards": len(finished),
-        "retried_shards": scheduler.retried,
-        "quarantine": scheduler.quarantine,
-        "dim": dim,
-        "device": device,
-        "passages_per_s": round(encoded / seconds, 1) if encoded else 0.0,
-        "fingerprint": fingerprint,
-        "previous_snapshot": previous[0].split("/")[1] if previous else None,
-        "output": storage.url(output),
+        "rows": encoded, "diff": diff, "shards": len(completed), "encoded_shards": len(finished),
+        "retried_shards": scheduler.retried, "quarantine": scheduler.quarantine, "dim": dim, "device": device,
+        "passages_per_s": round(encoded / seconds, 1) if encoded else 0.0, "fingerprint": fingerprint,
+        "previous_snapshot": previous_snapshot, "output": storage.url(output),
     }
 
 
-def published_snapshot(storage: Storage) -> str | None:
-    """The passage snapshot the serving index (indexes/LATEST) was built from."""
+def _published_manifest(storage: Storage) -> Manifest | None:
     try:
         version = storage.read_bytes("indexes/LATEST").decode().strip()
     except FileNotFoundError:
         return None
-    manifest = storage.read_manifest(posixpath.join("indexes", version), name="manifest.json")
-    return getattr(manifest, "snapshot", None)
+    return storage.read_manifest(posixpath.join("indexes", version), name="manifest.json")
 
 
-def _previous_embeddings(storage: Storage, config: PipelineConfig, snapshot: str,
-                         fingerprint: str) -> tuple[str, Manifest] | None:
-    """The earlier snapshot's embeddings by the same model: `encode.previous_snapshot`, else the snapshot the
-    published index was built from. A different fingerprint (another model or settings) carries nothing."""
-    if not config.encode.carry_over:
+def published_snapshot(storage: Storage) -> str | None:
+    """The passage snapshot the serving index (indexes/LATEST) was built from."""
+    return getattr(_published_manifest(storage), "snapshot", None)
+
+
+def published_encoder(storage: Storage) -> dict[str, Any] | None:
+    """The encoder settings the serving index's passages were encoded with."""
+    return getattr(_published_manifest(storage), "encoder", None)
+
+
+def _previous_embeddings(storage: Storage, config: PipelineConfig, link: Link,
+                         fingerprint: str) -> list[tuple[str, Manifest]] | None:
+    """For a full snapshot: the earlier snapshot's embeddings by the same model (every link of its chain), whose
+    unchanged vectors are copied rather than encoded again: `encode.previous_snapshot`, else the snapshot the
+    published index was built from. A different fingerprint (another model or settings) carries nothing, and a
+    delta snapshot carries nothing (its unchanged rows stay in its base)."""
+    if not config.encode.carry_over or link.base is not None:
         return None
     previous = config.encode.previous_snapshot or published_snapshot(storage)
-    if not previous or previous == snapshot:
+    if not previous or previous == link.snapshot:
         return None
-    directory = embeddings_dir(previous, fingerprint)
-    manifest = storage.read_manifest(directory)
-    if manifest is None:
-        log.info("no embeddings of snapshot %s by encoder %s: every passage is encoded", previous, fingerprint)
+    try:
+        chain = embedding_chain(storage, previous, fingerprint)
+    except PipelineError as exc:
+        log.info("nothing to carry over from snapshot %s (%s): every passage is encoded", previous, exc)
         return None
-    return directory, manifest
+    return [(prior.embeddings_dir, prior.embeddings) for prior in chain]
 
 
 def _get_keys(refs: list) -> list[ShardKeys]:
@@ -513,23 +510,24 @@ def _get_keys(refs: list) -> list[ShardKeys]:
 
 
 def _plan_carry(storage: Storage, config: PipelineConfig, passages: str, files: list[FileEntry],
-                todo: list[FileEntry], previous: tuple[str, Manifest] | None
+                todo: list[FileEntry], previous: list[tuple[str, Manifest]] | None
                 ) -> tuple[dict[str, int], dict[str, Carry]]:
-    """Diff counts against the previous snapshot, and for each shard still to do, where its unchanged vectors are."""
+    """Diff counts against the previous snapshot, and for each shard still to do, where its unchanged vectors are.
+    Every row of the previous chain counts, dead ones too: a vector depends only on its passage's content."""
     if previous is None:
         return {}, {}
-    directory, manifest = previous
     root, options = config.storage.root, config.storage.options
+    sources = [(directory, entry) for directory, manifest in previous for entry in manifest.files]
     new_keys = _get_keys([read_keys.remote(root, options, passages, e.name) for e in files])
     try:
-        old_keys = _get_keys([read_keys.remote(root, options, directory, e.name) for e in manifest.files])
+        old_keys = _get_keys([read_keys.remote(root, options, directory, e.name) for directory, e in sources])
     except InputError as exc:  # e.g. shards written before embeddings carried their content hash
-        log.warning("cannot diff against %s (%s): every passage is encoded", storage.url(directory), exc)
+        log.warning("cannot diff against %s (%s): every passage is encoded", storage.url(previous[-1][0]), exc)
         return {}, {}
     plan = plan_carry_over(new_keys, old_keys)
-    log.info("against %s: %d unchanged, %d new, %d changed, %d deleted passages", storage.url(directory),
+    log.info("against %s: %d unchanged, %d new, %d changed, %d deleted passages", storage.url(previous[-1][0]),
              plan.unchanged, plan.new, plan.changed, plan.deleted)
     position = {e.name: i for i, e in enumerate(files)}
-    carries = {e.name: Carry(directory, [manifest.files[i] for i in plan.sources[position[e.name]]])
+    carries = {e.name: Carry([sources[i] for i in plan.sources[position[e.name]]])
                for e in todo if plan.sources[position[e.name]]}
     return {"new": plan.new, "changed": plan.changed, "deleted": plan.deleted, "unchanged": plan.unchanged}, carries

@@ -22,14 +22,16 @@ from typing import Any
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import regex
 from tqdm import tqdm
 
 from pipeline.config import PipelineConfig
-from pipeline.embeddings import embeddings_dir
 from pipeline.encoder import TextEncoder
 from pipeline.errors import InputError, PipelineError
-from pipeline.index import EmbeddingShards, PublishedIndex, load_published, published_version, question_settings
+from pipeline.index import question_settings
+from pipeline.segments import load_published, published_version
+from pipeline.snapshots import LiveEmbeddings, embedding_chain
 from pipeline.storage import Storage, resolve
 
 log = logging.getLogger(__name__)
@@ -136,24 +138,42 @@ def top_k_accuracy(hits: list[list[bool]], ks: list[int]) -> dict[int, float]:
 
 
 # -- retrieval ------------------------------------------------------------------------------------------------------
-def exact_search(shards: EmbeddingShards, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Inner-product top-k over every embedding shard (streamed), rows numbered as in the docstore."""
+def exact_search(live: LiveEmbeddings, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inner-product top-k over every live embedding of the chain (streamed); hits numbered by live position."""
     heap = faiss.ResultHeap(len(queries), k, keep_max=True)
     offset = 0
-    for _, _, vectors in tqdm(shards, total=len(shards.manifest.files), desc="exact", unit=" shards"):
-        scores, rows = faiss.knn(queries, vectors, min(k, len(vectors)), metric=faiss.METRIC_INNER_PRODUCT)
-        heap.add_result(scores, np.where(rows >= 0, rows + offset, -1))
+    for _, _, vectors in tqdm(live, total=len(live.shards), desc="exact", unit=" shards"):
+        if len(vectors):
+            scores, rows = faiss.knn(queries, vectors, min(k, len(vectors)), metric=faiss.METRIC_INNER_PRODUCT)
+            heap.add_result(scores, np.where(rows >= 0, rows + offset, -1))
         offset += len(vectors)
     heap.finalize()
     return heap.D, heap.I
 
 
-def dpr_results(questions: list[Question], index: PublishedIndex, scores: np.ndarray, rows: np.ndarray,
+def exact_passages(live: LiveEmbeddings, positions: np.ndarray) -> pa.Table:
+    """The passages at live positions (as `exact_search` numbers them), in the order given."""
+    wanted = np.asarray(positions, dtype=np.int64)
+    parts, where, offset = [], [], 0
+    for shard in range(len(live.shards)):
+        _, _, alive = live.read(shard)
+        count = int(alive.sum())
+        inside = np.nonzero((wanted >= offset) & (wanted < offset + count))[0]
+        if len(inside):
+            passages = live.passages(shard).filter(pa.array(alive)).select(["id", "title", "text"])
+            parts.append(passages.take(pa.array(wanted[inside] - offset)))
+            where.append(inside)
+        offset += count
+    if not parts:
+        return pa.table({"id": [], "title": [], "text": []})
+    return pa.concat_tables(parts).take(pa.array(np.argsort(np.concatenate(where), kind="stable")))
+
+
+def dpr_results(questions: list[Question], scores: np.ndarray, rows: np.ndarray, passages: pa.Table,
                 match: str) -> list[dict[str, Any]]:
-    """DPR's retriever-results JSON records, best first (scores as strings, as DPR writes them)."""
-    valid = rows[rows >= 0]
-    table = index.passages(valid.tolist())
-    ids, titles, texts = (table.column(c).to_pylist() for c in ("id", "title", "text"))
+    """DPR's retriever-results JSON records, best first (scores as strings, as DPR writes them). `passages` holds
+    the passage of each found row (rows >= 0, in order)."""
+    ids, titles, texts = (passages.column(c).to_pylist() for c in ("id", "title", "text"))
     records, position = [], 0
     for question, row_scores, row in zip(questions, scores, rows):
         ctxs = []
@@ -203,15 +223,17 @@ def run_evaluate(config: PipelineConfig) -> dict[str, Any]:
     index = load_published(storage, version, ev.cache_dir)
     settings = question_settings(storage, version, config.serve.question_model, config.serve.question_pooling)
     log.info("evaluating %d questions from %s on index %s (%d vectors)", len(questions), ev.questions, version,
-             index.index.ntotal)
+             index.vectors)
     started = time.perf_counter()
     vectors = TextEncoder(settings).encode(None, [q.question for q in questions])
     ann_scores, ann_rows = index.search(vectors, depth)
     ann_seconds = time.perf_counter() - started
-    shards = EmbeddingShards(storage, *_embeddings_of(storage, index))
-    exact_scores, exact_rows = exact_search(shards, vectors, depth)
-    ann = dpr_results(questions, index, ann_scores, ann_rows, ev.match)
-    exact = dpr_results(questions, index, exact_scores, exact_rows, ev.match)
+    # exact search over the very vectors the index was built from (its lineage), delta chains resolved
+    live = LiveEmbeddings(storage, embedding_chain(storage, index.manifest.snapshot, index.manifest.fingerprint))
+    exact_scores, exact_rows = exact_search(live, vectors, depth)
+    ann = dpr_results(questions, ann_scores, ann_rows, index.passages(ann_rows[ann_rows >= 0]), ev.match)
+    exact = dpr_results(questions, exact_scores, exact_rows, exact_passages(live, exact_rows[exact_rows >= 0]),
+                        ev.match)
     accuracy = {name: top_k_accuracy([[c["has_answer"] for c in r["ctxs"]] for r in records], ks)
                 for name, records in (("ann", ann), ("exact", exact))}
     report = {
@@ -237,12 +259,3 @@ def run_evaluate(config: PipelineConfig) -> dict[str, Any]:
     return {"questions": len(questions), "index_version": version, **summary,
             "difference_points": report["difference_points"], "questions_per_s": report["questions_per_s"],
             "output": output.rstrip("/"), "results": posixpath.join(output.rstrip("/"), "retriever_results.json")}
-
-
-def _embeddings_of(storage: Storage, index: PublishedIndex) -> tuple[str, Any]:
-    """The embedding shards the index was built from (its lineage), for exact search over the very same vectors."""
-    directory = embeddings_dir(index.manifest.snapshot, index.manifest.fingerprint)
-    manifest = storage.read_manifest(directory)
-    if manifest is None:
-        raise PipelineError(f"{storage.url(directory)} (the embeddings of index {index.version}) has no manifest")
-    return directory, manifest

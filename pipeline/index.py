@@ -1,10 +1,18 @@
-"""Build stage (the merge job): embedding shards → FAISS IVF-PQ index + docstore, measured, published atomically.
+"""Build stage (the merge job): embedding shards → a segmented FAISS IVF-PQ index version, measured, published
+atomically (the format is in `pipeline.segments`).
 
-Phases, each timed: plan (factory, training size, memory estimate: refuse before any work when it cannot fit) →
-sample (uniform over all shards: psgs_w100 is ordered by article, so the first N are one topic) → train (clustering
-on GPU when faiss sees one) → add (shard by shard, so peak memory is the codes plus one shard; the docstore is
-written in the same pass, and the exact top-k of the held-out queries is accumulated for the recall gate) →
-measure recall@k vs exact at the stored nprobe → refuse below `index.min_recall` → upload → manifest → LATEST.
+A build is one of three kinds, planned before any work (`plan_build`):
+- delta: the published version was built for an earlier snapshot of the same chain with the same settings: one new
+  segment for the rows the later delta snapshots add, on the published quantizer, and tombstones for the published
+  rows they delete or replace. Work and bytes follow the change, not the corpus.
+- full: every live row of the chain into one segment, on the published quantizer while its recall holds, else on a
+  newly trained one. Phases, each timed: plan (training size, memory estimate: refuse before any work when it
+  cannot fit) → sample (uniform over all shards: psgs_w100 is ordered by article) → train (on GPU when faiss sees
+  one) → add (shard by shard; the docstore is written in the same pass, and the exact top-k of held-out queries
+  is accumulated for the recall gate) → measure.
+- current: the published version already indexes the snapshot: nothing to do.
+Then: refuse below `index.min_recall` → compact past `index.max_segments` / `index.max_tombstone_fraction` (codes
+copied, tombstoned rows dropped) → upload what is new → manifest → LATEST.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import os
 import posixpath
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,16 +35,17 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from pipeline.config import IndexConfig, PipelineConfig
-from pipeline.embeddings import embedding_matrix, latest_snapshot, read_passage_shard, read_shard
+from pipeline.embeddings import latest_snapshot
 from pipeline.encoder import EncoderSettings
 from pipeline.errors import InputError, PipelineError
-from pipeline.ingest import snapshot_dir
+from pipeline.segments import (DOCSTORE_FILE, DOCSTORE_SCHEMA, INDEX_MANIFEST, IVF_FILE, KEYS_FILE, TOMBSTONES_FILE,
+                               SegmentRef, copy_live_codes, faiss_ids, fetch_verified, files_of, ivf_of,
+                               published_version, read_index_manifest, read_invlists, segments_of, write_invlists)
+from pipeline.snapshots import Link, LiveEmbeddings, embedding_chain, keys_of, live_rows, npy_bytes, read_npy
 from pipeline.storage import FileEntry, Manifest, Storage, sha256_file
 
 log = logging.getLogger(__name__)
 
-INDEX_FILE, DOCSTORE_FILE, INDEX_MANIFEST = "index.faiss", "docstore.arrow", "manifest.json"
-DOCSTORE_SCHEMA = pa.schema([("id", pa.string()), ("title", pa.string()), ("text", pa.string())])
 RECALL_K = (10, 100)
 GiB = 2**30
 
@@ -83,41 +92,6 @@ def sample_positions(shard_rows: Sequence[int], count: int, seed: int) -> list[n
     starts = np.concatenate([[0], np.cumsum(shard_rows)])
     shard = np.searchsorted(starts, picks, side="right") - 1
     return [picks[shard == i] - starts[i] for i in range(len(shard_rows))]
-
-
-# -- reading --------------------------------------------------------------------------------------------------------
-class EmbeddingShards:
-    """The shards an encode manifest lists, read one at a time and verified."""
-
-    def __init__(self, storage: Storage, directory: str, manifest: Manifest):
-        self.storage, self.directory, self.manifest = storage, directory, manifest
-
-    @property
-    def rows(self) -> list[int]:
-        return [entry.rows or 0 for entry in self.manifest.files]
-
-    def read(self, entry: FileEntry) -> tuple[list[str], np.ndarray]:
-        table = read_shard(self.storage, self.directory, entry)
-        return table.column("id").to_pylist(), np.ascontiguousarray(embedding_matrix(table), dtype=np.float32)
-
-    def __iter__(self) -> Iterator[tuple[FileEntry, list[str], np.ndarray]]:
-        for entry in self.manifest.files:
-            ids, vectors = self.read(entry)
-            yield entry, ids, vectors
-
-
-def find_embeddings(storage: Storage, config: IndexConfig) -> tuple[str, str, Manifest]:
-    """(snapshot, embeddings directory, its manifest): the configured one, else the newest for the snapshot."""
-    snapshot = config.snapshot or latest_snapshot(storage)
-    base = posixpath.join("embeddings", snapshot)
-    candidates = [config.fingerprint] if config.fingerprint else storage.list_names(base)
-    published = [(m, name) for name in candidates
-                 if (m := storage.read_manifest(posixpath.join(base, name))) is not None]
-    if not published:
-        raise PipelineError(f"no published embeddings under {storage.url(base)}"
-                            f"{'/' + config.fingerprint if config.fingerprint else ''}: run jobs.encode first")
-    manifest, name = max(published, key=lambda item: item[0].created_at)
-    return snapshot, posixpath.join(base, name), manifest
 
 
 # -- phases ---------------------------------------------------------------------------------------------------------
@@ -175,138 +149,379 @@ def recall_at(ann: np.ndarray, exact: np.ndarray, k: int) -> float:
     return float(np.mean(hits)) / k
 
 
+def measure_recall(index: faiss.Index, queries: np.ndarray, exact: np.ndarray, nprobe: int) -> dict[int, float]:
+    """recall@k of `index` at `nprobe` against exact top-k ids, for k in RECALL_K."""
+    faiss.ParameterSpace().set_index_parameter(index, "nprobe", nprobe)
+    _, ann = index.search(queries, exact.shape[1])
+    return {r: recall_at(ann, exact, r) for r in RECALL_K}
+
+
+def needs_compaction(segment_rows: Sequence[int], dead: int, config: IndexConfig) -> bool:
+    """Merge when a version would list too many segments or carry too many dead rows (pure)."""
+    total = sum(segment_rows)
+    return config.compact == "always" or (config.compact == "auto" and (
+        len(segment_rows) > config.max_segments or (total > 0 and dead / total > config.max_tombstone_fraction)))
+
+
+def plan_build(chain: Sequence[str], previous_snapshot: str | None, same_settings: bool) -> tuple[str, int]:
+    """How to index the last snapshot of `chain` given the published version's snapshot (pure):
+    ("current", -) it is already indexed; ("delta", i) add a segment for chain[i:] onto the published version;
+    ("full", -) build every live row into one segment."""
+    if previous_snapshot is None or not same_settings:
+        return "full", 0
+    if previous_snapshot == chain[-1]:
+        return "current", len(chain)
+    if previous_snapshot in chain:
+        return "delta", list(chain).index(previous_snapshot) + 1
+    return "full", 0
+
+
+# -- segments -------------------------------------------------------------------------------------------------------
 @dataclass
-class BuiltIndex:
-    index_path: str
-    docstore_path: str
+class LocalSegment:
+    """A segment written in the work dir, not yet uploaded."""
+
+    seq: int
+    rows: int
+    paths: dict[str, str]  # ivf.bin, docstore.arrow, keys.npy → local path
+
+    @property
+    def name(self) -> str:
+        """Content-addressed: the same rows on the same quantizer give the same name."""
+        digest = hashlib.sha256("".join(sha256_file(self.paths[n]) for n in sorted(self.paths)).encode())
+        return f"segments/{self.seq:06d}-{digest.hexdigest()[:16]}"
+
+
+class SegmentWriter:
+    """Adds vectors to a copy of the trained quantizer under ids `seq << 40 | row`, and writes the docstore part
+    and the keys in the same row order."""
+
+    def __init__(self, quantizer: faiss.Index, seq: int, work_dir: str):
+        self.index, self.seq, self.rows = faiss.clone_index(quantizer), seq, 0
+        self.directory = os.path.join(work_dir, f"segment-{seq:06d}")
+        os.makedirs(self.directory, exist_ok=True)
+        self._sink = pa.OSFile(os.path.join(self.directory, DOCSTORE_FILE), "wb")
+        self._docstore = pa.ipc.new_file(self._sink, DOCSTORE_SCHEMA)
+        self._keys: list[np.ndarray] = []
+
+    def add(self, vectors: np.ndarray, passages: pa.Table) -> np.ndarray:
+        """Returns the FAISS ids given to the rows."""
+        ids = faiss_ids(self.seq, self.rows, len(vectors))
+        self.index.add_with_ids(vectors, ids)
+        self._docstore.write_table(passages.select(DOCSTORE_SCHEMA.names))
+        self._keys.append(keys_of(passages.column("id").to_pylist()))
+        self.rows += len(vectors)
+        return ids
+
+    def close(self) -> LocalSegment:
+        self._docstore.close()
+        self._sink.close()
+        return finish_segment(self.seq, self.rows, ivf_of(self.index).invlists, self._keys, self.directory)
+
+
+def finish_segment(seq: int, rows: int, invlists: faiss.InvertedLists, keys: list[np.ndarray],
+                   directory: str) -> LocalSegment:
+    """Write the inverted lists and keys beside an already written docstore."""
+    paths = {name: os.path.join(directory, name) for name in (IVF_FILE, DOCSTORE_FILE, KEYS_FILE)}
+    write_invlists(invlists, paths[IVF_FILE])
+    with open(paths[KEYS_FILE], "wb") as handle:
+        handle.write(npy_bytes(np.concatenate(keys) if keys else np.empty(0, np.uint64)))
+    return LocalSegment(seq, rows, paths)
+
+
+@dataclass
+class Built:
+    """Everything a version needs before publication."""
+
+    quantizer: str | FileEntry  # a local path (newly trained) or the published entry (reused)
+    segments: list[LocalSegment | SegmentRef]
+    dead: np.ndarray  # FAISS ids of tombstoned rows
     recall: dict[int, float]
+    new_rows: int  # vectors added to a new segment this run
+
+    @property
+    def stored(self) -> int:
+        return sum(s.rows for s in self.segments)
 
 
-def build(shards: EmbeddingShards, storage: Storage, passages: Manifest, snapshot: str, config: IndexConfig,
-          plan: IndexPlan, work_dir: str, timer: PhaseTimer, trained: faiss.Index | None = None) -> BuiltIndex:
-    """Train (unless given an already trained, empty index), add, write the docstore and measure recall:
-    everything before publication."""
+def _read_and_match(live: LiveEmbeddings, shard: int) -> tuple[np.ndarray, pa.Table]:
+    """A shard's live vectors and their passages (id, title, text), after checking both list the same ids."""
+    ids, vectors, keep = live.read(shard)
+    passages = live.passages(shard)
+    if passages.column("id").to_pylist() != ids:
+        link, entry = live.shards[shard]
+        raise InputError(live.storage.url(live.links[link].embeddings_dir, entry.name), None,
+                         "embedding ids do not match the passage shard of the same name")
+    return vectors[keep], passages.filter(pa.array(keep))
+
+
+def build_full(live: LiveEmbeddings, config: IndexConfig, plan: IndexPlan, work_dir: str, timer: PhaseTimer,
+               trained: faiss.Index | None = None) -> Built:
+    """Train (unless given an already trained, empty index), add every live vector into one segment and measure
+    recall on held-out corpus vectors against exact search."""
     index = trained if trained is not None else faiss.index_factory(plan.dim, config.factory,
                                                                     faiss.METRIC_INNER_PRODUCT)
+    ivf_of(index)
     with timer("sample"):
-        positions = sample_positions(shards.rows, plan.train_size + plan.queries, config.seed)
-        sample = np.concatenate([shards.read(e)[1][p] for e, p in zip(shards.manifest.files, positions) if len(p)])
+        positions = sample_positions(live.stored_rows, plan.train_size + plan.queries, config.seed)
+        parts = []
+        for shard, picks in enumerate(positions):
+            if len(picks):
+                _, vectors, keep = live.read(shard)
+                parts.append(vectors[picks][keep[picks]])
+        sample = np.concatenate(parts)
         order = np.random.default_rng(config.seed + 1).permutation(len(sample))
         train, queries = sample[order[: plan.train_size]], sample[order[plan.train_size:]]
-    k = min(max(RECALL_K), plan.vectors)
-    exact = faiss.ResultHeap(len(queries), k, keep_max=True)
-    docstore_path = os.path.join(work_dir, DOCSTORE_FILE)
-    passage_entries = {entry.name: entry for entry in passages.files}
-    passage_dir = snapshot_dir(snapshot)
     if trained is None:
         with timer("train"), training_on_gpus(index):
             index.train(train)
     del train
-    with assigning_on_gpus(index):
-        with timer("add"), pa.OSFile(docstore_path, "wb") as sink, pa.ipc.new_file(sink, DOCSTORE_SCHEMA) as out, \
-                tqdm(total=plan.vectors, desc="add", unit=" vectors", unit_scale=True, mininterval=2) as bar:
-            for entry, ids, vectors in shards:
-                table = read_passage_shard(storage, passage_dir, passage_entries[entry.name])
-                if table.column("id").to_pylist() != ids:
-                    raise InputError(shards.storage.url(shards.directory, entry.name), None,
-                                     "embedding ids do not match the passage shard of the same name")
-                out.write_table(table.select(["id", "title", "text"]))
-                distances, labels = faiss.knn(queries, vectors, min(k, len(vectors)), metric=faiss.METRIC_INNER_PRODUCT)
-                exact.add_result(distances, np.where(labels >= 0, labels + index.ntotal, -1))
-                index.add(vectors)
-                bar.update(len(ids))
+    quantizer = os.path.join(work_dir, "quantizer.faiss")
+    faiss.write_index(index, quantizer)
+    writer = SegmentWriter(index, 1, work_dir)
+    k = min(max(RECALL_K), plan.vectors)
+    exact = faiss.ResultHeap(len(queries), k, keep_max=True)
+    with assigning_on_gpus(writer.index), timer("add"), \
+            tqdm(total=plan.vectors, desc="add", unit=" vectors", unit_scale=True, mininterval=2) as bar:
+        for shard in range(len(live.shards)):
+            vectors, passages = _read_and_match(live, shard)
+            if not len(vectors):
+                continue
+            ids = writer.add(vectors, passages)
+            distances, labels = faiss.knn(queries, vectors, min(k, len(vectors)), metric=faiss.METRIC_INNER_PRODUCT)
+            exact.add_result(distances, np.where(labels >= 0, ids[np.maximum(labels, 0)], -1))
+            bar.update(len(vectors))
     exact.finalize()
     with timer("measure"):
-        if plan.nlist:
-            faiss.ParameterSpace().set_index_parameter(index, "nprobe", config.nprobe)
-        _, ann = index.search(queries, k)
-        recall = {r: recall_at(ann, exact.I, r) for r in RECALL_K}
-    index_path = os.path.join(work_dir, INDEX_FILE)
-    faiss.write_index(index, index_path)
-    return BuiltIndex(index_path, docstore_path, recall)
+        recall = measure_recall(writer.index, queries, exact.I, config.nprobe)
+    return Built(quantizer, [writer.close()], np.empty(0, np.int64), recall, writer.rows)
 
 
-def previous_trained(storage: Storage, config: IndexConfig, embeddings: Manifest, work_dir: str
-                     ) -> tuple[faiss.Index, str] | None:
-    """The published index's trained quantizer, emptied, when it was built for the same encoder, dimension and
-    factory (vectors of another model live in another space); verified by sha256 before FAISS reads it."""
-    try:
-        version = storage.read_bytes("indexes/LATEST").decode().strip()
-    except FileNotFoundError:
-        return None
-    directory = posixpath.join("indexes", version)
-    manifest = storage.read_manifest(directory, name=INDEX_MANIFEST)
-    if manifest is None or (getattr(manifest, "fingerprint", None), getattr(manifest, "factory", None),
-                            getattr(manifest, "dim", None)) != (embeddings.fingerprint, config.factory, embeddings.dim):
-        return None
-    entry = next(e for e in manifest.files if e.name == INDEX_FILE)
-    local = os.path.join(work_dir, "previous.faiss")
-    storage.download(posixpath.join(directory, INDEX_FILE), local)
-    if sha256_file(local) != entry.sha256:
-        log.warning("published index %s fails its checksum: training a new quantizer", version)
-        return None
-    index = faiss.read_index(local)
-    os.unlink(local)
-    index.reset()  # keeps the trained coarse quantizer, PQ codebooks and any OPQ rotation
-    return index, version
+def build_delta(storage: Storage, previous: Manifest, deltas: list[Link], config: IndexConfig, work_dir: str,
+                timer: PhaseTimer) -> Built:
+    """One new segment for the rows the deltas add, on the published version's quantizer, and tombstones for the
+    published rows they delete or replace. Recall is measured on the new rows (quantizer drift shows there)."""
+    files = files_of(previous)
+    cache = os.path.join(work_dir, "published")
+    quantizer_entry = files[previous.quantizer]
+    paths, _ = fetch_verified(storage, [quantizer_entry], cache)
+    quantizer = faiss.read_index(paths[previous.quantizer])
+    segments = segments_of(previous)
+    writer = SegmentWriter(quantizer, max((s.seq for s in segments), default=0) + 1, work_dir)
+    live = LiveEmbeddings(storage, deltas)
+    added = []
+    with timer("add"):
+        for shard in range(len(live.shards)):
+            vectors, passages = _read_and_match(live, shard)
+            if len(vectors):
+                writer.add(vectors, passages)
+                added.append(vectors)
+    recall = {r: float(getattr(previous, f"recall_at_{r}", 1.0) or 1.0) for r in RECALL_K}
+    if added:
+        with timer("measure"):
+            vectors = np.concatenate(added)
+            picks = np.random.default_rng(config.seed).choice(len(vectors), min(config.queries, len(vectors)),
+                                                             replace=False)
+            k = min(max(RECALL_K), len(vectors))
+            _, exact = faiss.knn(vectors[picks], vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
+            ids = faiss_ids(writer.seq, 0, len(vectors))
+            recall = measure_recall(writer.index, vectors[picks], ids[exact], config.nprobe)
+    with timer("tombstone"):
+        removed = np.unique(np.concatenate([link.tombstones for link in deltas] or [np.empty(0, np.uint64)]))
+        dead = [np.asarray(read_npy(open(path, "rb").read(), np.dtype(np.int64), name), np.int64)
+                for name, path in fetch_verified(storage, [files[previous.tombstones]], cache)[0].items()
+                ] if getattr(previous, "tombstones", None) else []
+        keys = fetch_verified(storage, [files[s.file(KEYS_FILE)] for s in segments], cache)[0]
+        for segment in segments:
+            rows = np.nonzero(np.isin(read_npy(open(keys[segment.file(KEYS_FILE)], "rb").read(),
+                                               np.dtype(np.uint64), segment.name), removed))[0]
+            dead.append(faiss_ids(segment.seq, 0, segment.rows)[rows])
+        dead_ids = np.unique(np.concatenate(dead)) if dead else np.empty(0, np.int64)
+    new = [writer.close()] if writer.rows else []
+    return Built(quantizer_entry, [*segments, *new], dead_ids, recall, writer.rows)
 
 
-def index_version(snapshot: str, embeddings: Manifest, config: IndexConfig) -> str:
+def compact(storage: Storage, built: Built, files: dict[str, FileEntry], work_dir: str, timer: PhaseTimer) -> Built:
+    """Merge every segment into one and drop tombstoned rows, copying codes (no vector is read or re-encoded)."""
+    with timer("compact"):
+        paths = fetch_verified(storage, [files[s.file(n)] for s in built.segments if isinstance(s, SegmentRef)
+                                         for n in (IVF_FILE, DOCSTORE_FILE, KEYS_FILE)],
+                               os.path.join(work_dir, "published"))[0]
+        local = {s.seq: s.paths for s in built.segments if isinstance(s, LocalSegment)}
+
+        def path(segment, name: str) -> str:
+            return local[segment.seq][name] if segment.seq in local else paths[segment.file(name)]
+
+        quantizer = faiss.read_index(built.quantizer if isinstance(built.quantizer, str) else
+                                     fetch_verified(storage, [built.quantizer], os.path.join(work_dir, "published")
+                                                    )[0][built.quantizer.name])
+        ivf = ivf_of(quantizer)
+        seq = max(s.seq for s in built.segments) + 1
+        directory = os.path.join(work_dir, f"segment-{seq:06d}")
+        os.makedirs(directory, exist_ok=True)
+        remap, sources, keys, rows = {}, [], [], 0
+        with pa.OSFile(os.path.join(directory, DOCSTORE_FILE), "wb") as sink, \
+                pa.ipc.new_file(sink, DOCSTORE_SCHEMA) as out:
+            for segment in built.segments:
+                alive = ~np.isin(faiss_ids(segment.seq, 0, segment.rows), built.dead)
+                remap[segment.seq] = np.where(alive, rows + np.cumsum(alive) - 1, -1)
+                rows += int(alive.sum())
+                sources.append(read_invlists(path(segment, IVF_FILE)))
+                docstore = pa.ipc.open_file(pa.memory_map(path(segment, DOCSTORE_FILE), "r")).read_all()
+                out.write_table(docstore.filter(pa.array(alive)))
+                keys.append(read_npy(open(path(segment, KEYS_FILE), "rb").read(), np.dtype(np.uint64),
+                                     segment.name)[alive])
+        merged = copy_live_codes(sources, remap, seq, ivf.nlist, ivf.code_size)
+        segment = finish_segment(seq, rows, merged, keys, directory)
+    log.info("compacted %d segments (%d rows, %d dead) into %s (%d rows)", len(built.segments), built.stored,
+             len(built.dead), segment.name, rows)
+    return Built(built.quantizer, [segment], np.empty(0, np.int64), built.recall, built.new_rows)
+
+
+# -- publishing -----------------------------------------------------------------------------------------------------
+def _upload_once(storage: Storage, path: str, rel: str) -> tuple[FileEntry, int]:
+    """Upload a content-addressed object unless it is already there whole; (its entry, bytes written)."""
+    entry = FileEntry(name=rel, bytes=os.path.getsize(path), sha256=sha256_file(path))
+    target = posixpath.join("indexes", rel)
+    if storage.exists(target) and storage.fs.size(storage.path(target)) == entry.bytes:
+        return entry, 0
+    storage.upload(path, target)
+    return entry, entry.bytes
+
+
+def publish(storage: Storage, version: str, built: Built, previous_files: dict[str, FileEntry],
+            lineage: dict[str, Any]) -> tuple[Manifest | None, int]:
+    """Upload what is new (segments and quantizer are content-addressed: what exists is not written again), the
+    tombstones, then the manifest (sha256 of every file the version needs), then LATEST: a version is complete or
+    invisible. The manifest is created with a conditional write: of two runs racing to publish one version, one
+    wins and the other gets None. Returns (manifest, bytes written)."""
+    entries, written = [], 0
+    if isinstance(built.quantizer, str):
+        with open(built.quantizer, "rb") as handle:
+            name = f"quantizers/{hashlib.sha256(handle.read()).hexdigest()[:16]}.faiss"
+        entry, size = _upload_once(storage, built.quantizer, name)
+        entries.append(entry)
+        written += size
+    else:
+        entries.append(built.quantizer)
+    segments = []
+    for segment in built.segments:
+        if isinstance(segment, LocalSegment):
+            name = segment.name
+            for file, path in sorted(segment.paths.items()):
+                entry, size = _upload_once(storage, path, posixpath.join(name, file))
+                entries.append(entry)
+                written += size
+            segments.append({"name": name, "seq": segment.seq, "rows": segment.rows})
+        else:
+            entries += [previous_files[segment.file(n)] for n in (DOCSTORE_FILE, IVF_FILE, KEYS_FILE)]
+            segments.append({"name": segment.name, "seq": segment.seq, "rows": segment.rows})
+    tombstones = None
+    if len(built.dead):
+        tombstones = posixpath.join(version, TOMBSTONES_FILE)
+        data = npy_bytes(np.sort(built.dead).astype(np.int64))
+        entries.append(FileEntry(name=tombstones, bytes=len(data),
+                                 sha256=storage.write_bytes(posixpath.join("indexes", tombstones), data)))
+        written += len(data)
+    manifest = storage.write_manifest(posixpath.join("indexes", version), "index", entries, name=INDEX_MANIFEST,
+                                      exclusive=True, version=version, quantizer=entries[0].name,
+                                      segments=segments, tombstones=tombstones, **lineage)
+    if manifest is None:
+        log.warning("index %s was published by another run meanwhile: not publishing it again", version)
+        return None, written
+    storage.write_bytes("indexes/LATEST", f"{version}\n".encode())
+    return manifest, written
+
+
+# -- the job --------------------------------------------------------------------------------------------------------
+def find_embeddings(storage: Storage, config: IndexConfig) -> tuple[str, str]:
+    """(snapshot, fingerprint): the configured ones, else the newest published encode of the snapshot."""
+    snapshot = config.snapshot or latest_snapshot(storage)
+    base = posixpath.join("embeddings", snapshot)
+    candidates = [config.fingerprint] if config.fingerprint else storage.list_names(base)
+    published = [(m, name) for name in candidates
+                 if (m := storage.read_manifest(posixpath.join(base, name))) is not None]
+    if not published:
+        raise PipelineError(f"no published embeddings under {storage.url(base)}"
+                            f"{'/' + config.fingerprint if config.fingerprint else ''}: run jobs.encode first")
+    return snapshot, max(published, key=lambda item: item[0].created_at)[1]
+
+
+def settings_digest(config: IndexConfig) -> str:
+    """What, besides the vectors, decides a version's content."""
+    return hashlib.sha256(json.dumps({
+        "factory": config.factory, "nprobe": config.nprobe, "train_size": config.train_size,
+        "queries": config.queries, "seed": config.seed}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def index_version(snapshot: str, links: Sequence[Link], config: IndexConfig, on: str | None = None) -> str:
     """Same inputs and settings → same version, so a rerun finds its own published work."""
     digest = hashlib.sha256(json.dumps({
-        "embeddings": [(e.name, e.sha256) for e in embeddings.files],
-        "factory": config.factory, "nprobe": config.nprobe, "train_size": config.train_size,
-        "queries": config.queries, "seed": config.seed,
+        "embeddings": [(link.snapshot, [(e.name, e.sha256) for e in link.embeddings.files]) for link in links],
+        "tombstones": [link.tombstones.tobytes().hex()[:64] + str(len(link.tombstones)) for link in links],
+        "settings": settings_digest(config), "on": on, "compact": config.compact,
+        "max_segments": config.max_segments, "max_tombstone_fraction": config.max_tombstone_fraction,
     }, sort_keys=True).encode()).hexdigest()
     return f"{snapshot}-{digest[:10]}"
 
 
-def publish(storage: Storage, version: str, built: BuiltIndex, lineage: dict[str, Any]) -> Manifest | None:
-    """Upload both files, then the manifest (sha256 of each), then LATEST: a version is complete or invisible.
-
-    The manifest is created with a conditional write: of two runs racing to publish one version, one wins and
-    the other gets None (its uploads were byte-identical overwrites: the version is a hash of the inputs)."""
-    directory = posixpath.join("indexes", version)
-    files = []
-    for name, path in ((INDEX_FILE, built.index_path), (DOCSTORE_FILE, built.docstore_path)):
-        storage.upload(path, posixpath.join(directory, name))
-        files.append(FileEntry(name=name, bytes=os.path.getsize(path), sha256=sha256_file(path)))
-    manifest = storage.write_manifest(directory, "index", files, name=INDEX_MANIFEST, exclusive=True,
-                                      version=version, **lineage)
-    if manifest is None:
-        log.warning("index %s was published by another run meanwhile: not publishing it again", version)
+def compatible_previous(storage: Storage, config: IndexConfig, embeddings: Manifest) -> tuple[str, Manifest] | None:
+    """The published version, when it was built for the same encoder, dimension and factory (vectors of another
+    model live in another space) in the segmented format."""
+    if not config.reuse_trained:
         return None
+    try:
+        version = storage.read_bytes("indexes/LATEST").decode().strip()
+    except FileNotFoundError:
+        return None
+    manifest = storage.read_manifest(posixpath.join("indexes", version), name=INDEX_MANIFEST)
+    if manifest is None or not getattr(manifest, "quantizer", None) or (
+            manifest.fingerprint, manifest.factory, manifest.dim) != (embeddings.fingerprint, config.factory,
+                                                                      embeddings.dim):
+        return None
+    return version, manifest
+
+
+def _reused(storage: Storage, version: str, manifest: Manifest) -> dict[str, Any]:
     storage.write_bytes("indexes/LATEST", f"{version}\n".encode())
-    return manifest
+    return {"version": version, "output": storage.url("indexes", version), "vectors": manifest.vectors,
+            "recall_at_100": manifest.recall_at_100, "bytes_per_vector": manifest.bytes_per_vector,
+            "retrained": manifest.retrained, "segments": len(segments_of(manifest)), "reused": True,
+            "bytes_written": 0}
 
 
 def run_build_index(config: PipelineConfig) -> dict[str, Any]:
     storage = Storage(config.storage.root, config.storage.options)
-    snapshot, directory, embeddings = find_embeddings(storage, config.index)
-    passages = storage.read_manifest(snapshot_dir(snapshot))
-    if passages is None:
-        raise PipelineError(f"{storage.url(snapshot_dir(snapshot))} has no manifest")
-    version = index_version(snapshot, embeddings, config.index)
-    summary = {"version": version, "output": storage.url("indexes", version)}
+    snapshot, fingerprint = find_embeddings(storage, config.index)
+    links = embedding_chain(storage, snapshot, fingerprint)
+    head = links[-1].embeddings
+    previous = compatible_previous(storage, config.index, head)
+    mode, start = plan_build([link.snapshot for link in links], previous[1].snapshot if previous else None,
+                             previous is not None and getattr(previous[1], "settings", None)
+                             == settings_digest(config.index))
+    if mode == "current" and config.index.compact != "always":
+        log.info("index %s already serves snapshot %s: pointing LATEST at it", previous[0], snapshot)
+        return _reused(storage, *previous)
+    if mode == "current":
+        mode, start = "delta", len(links)
+    version = index_version(snapshot, links[start:] if mode == "delta" else links, config.index,
+                            previous[0] if mode == "delta" else None)
     existing = storage.read_manifest(posixpath.join("indexes", version), name=INDEX_MANIFEST)
     if existing is not None:
         log.info("index %s is already published: pointing LATEST at it", version)
-        storage.write_bytes("indexes/LATEST", f"{version}\n".encode())
-        return {**summary, "vectors": getattr(existing, "vectors", None), "recall_at_100": existing.recall_at_100,
-                "bytes_per_vector": existing.bytes_per_vector, "retrained": getattr(existing, "retrained", None),
-                "reused": True}
-    shards = EmbeddingShards(storage, directory, embeddings)
-    plan = plan_index(config.index.factory, int(embeddings.dim), sum(shards.rows), max(shards.rows), config.index)
-    log.info("plan: %d vectors x %d, nlist %s, train on %d, %d held-out queries, ~%.2f GiB peak",
-             plan.vectors, plan.dim, plan.nlist, plan.train_size, plan.queries, plan.memory_bytes / GiB)
-    if plan.memory_bytes > config.index.max_memory:
+        return _reused(storage, version, existing)
+    live = LiveEmbeddings(storage, links)
+    rows = live.stored_rows
+    plan = plan_index(config.index.factory, int(head.dim), live_rows(links), max(rows), config.index)
+    log.info("plan: %s build, %d live vectors x %d, nlist %s, train on %d, %d held-out queries, ~%.2f GiB peak",
+             mode, plan.vectors, plan.dim, plan.nlist, plan.train_size, plan.queries, plan.memory_bytes / GiB)
+    if mode == "full" and plan.memory_bytes > config.index.max_memory:
         raise PipelineError(f"building {config.index.factory} over {plan.vectors} x {plan.dim} vectors needs about "
                             f"{plan.memory_bytes / GiB:.2f} GiB, over index.max_memory "
                             f"({config.index.max_memory / GiB:.2f} GiB): raise it or choose a smaller factory")
     timer = PhaseTimer()
     with tempfile.TemporaryDirectory(prefix="build-index-") as work_dir:
-        built, trained_from = _build_reusing_quantizer(shards, storage, passages, snapshot, config.index, plan,
-                                                       work_dir, timer, embeddings)
+        built, trained_from = _build(storage, mode, links, start, previous, config.index, plan, work_dir, timer)
         recall = built.recall[100]
         log.info("recall@10 %.4f, recall@100 %.4f vs exact at nprobe %d", built.recall[10], recall,
                  config.index.nprobe)
@@ -314,108 +529,72 @@ def run_build_index(config: PipelineConfig) -> dict[str, Any]:
             raise PipelineError(f"recall@100 {recall:.4f} of {config.index.factory} at nprobe "
                                 f"{config.index.nprobe} is below index.min_recall {config.index.min_recall}: "
                                 f"version {version} not published")
+        previous_files = files_of(previous[1]) if previous else {}
+        if needs_compaction([s.rows for s in built.segments], len(built.dead), config.index) and (
+                len(built.segments) > 1 or len(built.dead)):
+            built = compact(storage, built, previous_files, work_dir, timer)
         with timer("publish"):
-            bytes_per_vector = round(os.path.getsize(built.index_path) / plan.vectors, 2)
-            manifest = publish(storage, version, built, {
-                "snapshot": snapshot, "embeddings": storage.url(directory), "fingerprint": embeddings.fingerprint,
-                "encoder": embeddings.encoder, "dim": plan.dim, "factory": config.index.factory,
-                "metric": "inner_product", "nprobe": config.index.nprobe, "train_size": plan.train_size,
-                "vectors": plan.vectors, "queries": plan.queries, "recall_at_10": built.recall[10],
-                "recall_at_100": recall,
-                "bytes_per_vector": bytes_per_vector, "passages_manifest": passages.created_at,
+            ivf_bytes = sum(os.path.getsize(s.paths[IVF_FILE]) if isinstance(s, LocalSegment)
+                            else previous_files[s.file(IVF_FILE)].bytes for s in built.segments)
+            vectors = built.stored - len(built.dead)
+            bytes_per_vector = round(ivf_bytes / max(1, vectors), 2)
+            manifest, written = publish(storage, version, built, previous_files, {
+                "snapshot": snapshot, "embeddings": storage.url(links[-1].embeddings_dir),
+                "fingerprint": head.fingerprint, "encoder": head.encoder, "dim": plan.dim,
+                "factory": config.index.factory, "metric": "inner_product", "nprobe": config.index.nprobe,
+                "settings": settings_digest(config.index), "train_size": plan.train_size, "vectors": vectors,
+                "queries": plan.queries, "recall_at_10": built.recall[10], "recall_at_100": recall,
+                "bytes_per_vector": bytes_per_vector, "passages_manifest": links[-1].passages.created_at,
                 "seconds": timer.seconds, "trained_from": trained_from, "retrained": trained_from is None,
+                "built_on": previous[0] if mode == "delta" else None, "mode": mode,
             })
-    return {**summary, "vectors": plan.vectors, "recall_at_10": round(built.recall[10], 4),
-            "recall_at_100": round(recall, 4), "bytes_per_vector": bytes_per_vector,
-            "train_seconds": timer.seconds.get("train", 0.0), "add_seconds": timer.seconds["add"],
-            "retrained": trained_from is None, "trained_from": trained_from, "reused": manifest is None}
+    return {"version": version, "output": storage.url("indexes", version), "vectors": vectors, "mode": mode,
+            "segments": len(built.segments), "tombstones": len(built.dead), "added": built.new_rows,
+            "recall_at_10": round(built.recall[10], 4), "recall_at_100": round(recall, 4),
+            "bytes_per_vector": bytes_per_vector, "bytes_written": written,
+            "train_seconds": timer.seconds.get("train", 0.0), "add_seconds": timer.seconds.get("add", 0.0),
+            "phase_seconds": timer.seconds, "retrained": trained_from is None, "trained_from": trained_from,
+            "reused": manifest is None}
 
 
-def _build_reusing_quantizer(shards: EmbeddingShards, storage: Storage, passages: Manifest, snapshot: str,
-                             config: IndexConfig, plan: IndexPlan, work_dir: str, timer: PhaseTimer,
-                             embeddings: Manifest) -> tuple[BuiltIndex, str | None]:
-    """Add the new vectors to the published index's trained quantizer while its measured recall on them stays at
-    `index.min_recall` (small drift, no k-means); below that, or with nothing to reuse, train a new one."""
-    previous = previous_trained(storage, config, embeddings, work_dir) if config.reuse_trained else None
-    if previous is not None:
-        trained, trained_from = previous
-        built = build(shards, storage, passages, snapshot, config, plan, work_dir, timer, trained)
+def run_compact(config: PipelineConfig) -> dict[str, Any]:
+    """Merge the published version's segments into one and drop its tombstoned rows: a new version of the same
+    passages on the same quantizer (codes copied, nothing re-encoded or retrained)."""
+    storage = Storage(config.storage.root, config.storage.options)
+    version = published_version(storage)
+    manifest = read_index_manifest(storage, version)
+    return run_build_index(config.model_copy(update={"index": config.index.model_copy(update={
+        "snapshot": manifest.snapshot, "fingerprint": manifest.fingerprint, "compact": "always"})}))
+
+
+def _build(storage: Storage, mode: str, links: list[Link], start: int, previous: tuple[str, Manifest] | None,
+           config: IndexConfig, plan: IndexPlan, work_dir: str, timer: PhaseTimer) -> tuple[Built, str | None]:
+    """A delta segment while the published quantizer's recall on the new rows holds; else everything, on the
+    published quantizer while its recall holds (no k-means), else on a newly trained one."""
+    if mode == "delta":
+        version, manifest = previous
+        built = build_delta(storage, manifest, links[start:], config, work_dir, timer)
         if built.recall[100] >= config.min_recall:
-            log.info("reused the quantizer trained for %s (recall@100 %.4f)", trained_from, built.recall[100])
-            return built, trained_from
-        log.info("the quantizer of %s gives recall@100 %.4f on the new vectors, below %.2f: retraining",
-                 trained_from, built.recall[100], config.min_recall)
-    return build(shards, storage, passages, snapshot, config, plan, work_dir, timer), None
-
-
-
-# -- loading (serving) ----------------------------------------------------------------------------------------------
-@dataclass
-class PublishedIndex:
-    """A published version, verified and loaded: FAISS index (memory-mapped where the type allows) + docstore."""
-
-    version: str
-    manifest: Manifest
-    index: faiss.Index
-    docstore: pa.Table  # row i = FAISS id i; memory-mapped Arrow, lookups are zero-copy
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-
-    def passages(self, rows: Sequence[int]) -> pa.Table:
-        return self.docstore.take(pa.array(rows, pa.int64()))
-
-
-def published_version(storage: Storage, version: str | None = None) -> str:
-    if version:
-        return version
-    try:
-        return storage.read_bytes("indexes/LATEST").decode().strip()
-    except FileNotFoundError:
-        raise PipelineError(f"no published index under {storage.url('indexes')}: run jobs.build_index") from None
+            return built, manifest.trained_from or version
+        log.info("the quantizer of %s gives recall@100 %.4f on the new rows, below %.2f: rebuilding", version,
+                 built.recall[100], config.min_recall)
+    live = LiveEmbeddings(storage, links)
+    if previous is not None:
+        version, manifest = previous
+        path = fetch_verified(storage, [files_of(manifest)[manifest.quantizer]],
+                              os.path.join(work_dir, "published"))[0][manifest.quantizer]
+        built = build_full(live, config, plan, work_dir, timer, faiss.read_index(path))
+        if built.recall[100] >= config.min_recall:
+            log.info("reused the quantizer trained for %s (recall@100 %.4f)", version, built.recall[100])
+            return built, manifest.trained_from or version
+        log.info("the quantizer of %s gives recall@100 %.4f on the new vectors, below %.2f: retraining", version,
+                 built.recall[100], config.min_recall)
+    return build_full(live, config, plan, work_dir, timer), None
 
 
 def question_settings(storage: Storage, version: str | None, model: str, pooling: str | None) -> EncoderSettings:
     """The question side must match how the index's passages were encoded (pooling, normalization, length)."""
-    version = published_version(storage, version)
-    manifest = storage.read_manifest(f"indexes/{version}", name=INDEX_MANIFEST)
-    encoder = dict(manifest.encoder) if manifest is not None else {}
+    encoder = dict(read_index_manifest(storage, published_version(storage, version)).encoder)
     pooling = pooling or encoder.get("pooling", "dpr")
     return EncoderSettings(model=model, pooling=pooling, max_length=int(encoder.get("max_length", 256)),
                            normalize=bool(encoder.get("normalize", False)), dtype="auto", question=pooling == "dpr")
-
-
-def load_published(storage: Storage, version: str | None, cache_dir: str) -> PublishedIndex:
-    """Fetch a version into `cache_dir`, check every file's sha256 against the manifest, then open it.
-
-    FAISS must never parse an unverified file (its reader is not safe on untrusted input), so the checksum is
-    taken on the local copy that `read_index` will open.
-    """
-    version = published_version(storage, version)
-    directory = posixpath.join("indexes", version)
-    manifest = storage.read_manifest(directory, name=INDEX_MANIFEST)
-    if manifest is None:
-        raise PipelineError(f"index version {version!r} is not published ({storage.url(directory)})")
-    local_dir = os.path.join(cache_dir, version)
-    os.makedirs(local_dir, exist_ok=True)
-    paths = {}
-    for entry in manifest.files:
-        path = os.path.join(local_dir, entry.name)
-        if not os.path.exists(path) or os.path.getsize(path) != entry.bytes:
-            partial = f"{path}.partial"
-            storage.download(posixpath.join(directory, entry.name), partial)
-            os.replace(partial, path)
-        digest = sha256_file(path)
-        if digest != entry.sha256:
-            os.remove(path)
-            raise PipelineError(f"{storage.url(directory, entry.name)}: checksum mismatch (manifest "
-                                f"{entry.sha256[:12]}…, file {digest[:12]}…): refusing to load index {version}")
-        paths[entry.name] = path
-    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
-    index = faiss.read_index(paths[INDEX_FILE], flags if manifest.factory and "IVF" in manifest.factory else 0)
-    if faiss.try_extract_index_ivf(index) is not None:
-        faiss.ParameterSpace().set_index_parameter(index, "nprobe", int(manifest.nprobe))
-    docstore = pa.ipc.open_file(pa.memory_map(paths[DOCSTORE_FILE], "r")).read_all()
-    if docstore.num_rows != index.ntotal:
-        raise PipelineError(f"index {version}: docstore has {docstore.num_rows} rows for {index.ntotal} vectors")
-    return PublishedIndex(version, manifest, index, docstore)

@@ -1,5 +1,8 @@
-"""Nightly re-index: ingest the new snapshot → encode only new and changed passages → build (reusing the trained
-quantizer while recall holds) → publish → point the running Serve app at the new version and check it answers.
+"""Nightly re-index: ingest the new snapshot as a delta on the previous one (only new and changed rows, tombstones
+for the rest) → encode its rows → add one segment to the published index (on its trained quantizer while recall
+holds; merged past the compaction limits) → publish → point the running Serve app at the new version, whose
+replicas fetch only the segments they lack, and check it answers. Work and bytes follow the change, not the
+corpus; a full snapshot is written on the first night, on request and every `nightly.max_chain` nights.
 
 Every step is idempotent on its own (deterministic names, manifests written last, an index version that is a hash
 of its inputs), so rerunning the same night after a crash resumes where it stopped. The previous snapshot is
@@ -19,22 +22,42 @@ import urllib.request
 from typing import Any
 
 from pipeline.config import PipelineConfig
-from pipeline.embeddings import published_snapshot, run_encode
+from pipeline.embeddings import published_encoder, published_snapshot, run_encode
 from pipeline.errors import PipelineError
 from pipeline.index import PhaseTimer, run_build_index
 from pipeline.ingest import run_ingest
+from pipeline.snapshots import snapshot_dir
 from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
 
 
-def night_record(storage: Storage, snapshot: str) -> dict[str, Any]:
-    """The first run of a night records what it diffs against; reruns read the same record."""
+def delta_base(storage: Storage, config: PipelineConfig, previous: str | None) -> str | None:
+    """The snapshot tonight's is written as a delta on, or None for a full one: on request (`nightly.full`), on
+    the first night, once `nightly.max_chain` deltas are stacked, and when the encoder settings changed (no vector
+    of the previous snapshot can be reused then)."""
+    if config.nightly.full or previous is None:
+        return None
+    base = storage.read_manifest(snapshot_dir(previous))
+    if base is None or int(getattr(base, "depth", 0) or 0) + 1 > config.nightly.max_chain:
+        return None
+    published = published_encoder(storage)
+    wanted = {"model": config.encode.model, "pooling": config.encode.pooling, "max_length": config.encode.max_length,
+              "normalize": config.encode.normalize}
+    if published is not None and {key: published.get(key) for key in wanted} != wanted:
+        log.info("the encoder settings changed since the published index: writing a full snapshot")
+        return None
+    return previous
+
+
+def night_record(storage: Storage, config: PipelineConfig) -> dict[str, Any]:
+    """The first run of a night records what it diffs against and whether it writes a delta; reruns read it."""
+    snapshot = config.ingest.snapshot
     rel = f"nightly/{snapshot}.json"
-    record = {"snapshot": snapshot, "previous_snapshot": published_snapshot(storage),
+    previous = published_snapshot(storage)
+    previous = None if previous == snapshot else previous
+    record = {"snapshot": snapshot, "previous_snapshot": previous, "base": delta_base(storage, config, previous),
               "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-    if record["previous_snapshot"] == snapshot:
-        record["previous_snapshot"] = None
     if not storage.create_exclusive(rel, json.dumps(record, indent=1).encode()):
         record = storage.read_json(rel)
         log.info("resuming the run of %s (diffing against %s)", snapshot, record["previous_snapshot"])
@@ -44,10 +67,11 @@ def night_record(storage: Storage, snapshot: str) -> dict[str, Any]:
 def run_nightly(config: PipelineConfig) -> dict[str, Any]:
     storage = Storage(config.storage.root, config.storage.options)
     snapshot = config.ingest.snapshot
-    record = night_record(storage, snapshot)
+    record = night_record(storage, config)
     timer = PhaseTimer()
     with timer("ingest"):
-        ingested = run_ingest(config)
+        ingested = run_ingest(config.model_copy(update={"ingest": config.ingest.model_copy(update={
+            "base": record.get("base")})}))
     encode_config = config.model_copy(update={"encode": config.encode.model_copy(update={
         "snapshot": snapshot, "previous_snapshot": record["previous_snapshot"],
         "carry_over": record["previous_snapshot"] is not None})})
@@ -62,10 +86,11 @@ def run_nightly(config: PipelineConfig) -> dict[str, Any]:
         with timer("serve"):
             served = point_serve_at(config, built["version"])
     return {
-        "snapshot": snapshot, "previous_snapshot": record["previous_snapshot"], "passages": ingested["rows"],
-        "new": encoded.get("new", encoded["rows"]), "changed": encoded.get("changed", 0),
-        "deleted": encoded.get("deleted", 0), "reused": encoded["reused"], "encoded": encoded["rows"],
-        "retrained": built.get("retrained"), "version": built["version"], "published": not built["reused"],
+        "snapshot": snapshot, "previous_snapshot": record["previous_snapshot"], "base": record.get("base"),
+        "passages": ingested["rows"], "new": encoded.get("new", encoded["rows"]),
+        "changed": encoded.get("changed", 0), "deleted": encoded.get("deleted", 0), "reused": encoded["reused"],
+        "encoded": encoded["rows"], "retrained": built.get("retrained"), "version": built["version"],
+        "index_build": built.get("mode"), "segments": built.get("segments"), "published": not built["reused"],
         "vectors": built["vectors"], "recall_at_100": built["recall_at_100"], "served": served,
         "phase_seconds": timer.seconds, "output": built["output"],
     }

@@ -9,7 +9,8 @@ import s3fs
 
 from pipeline.config import IndexConfig
 from pipeline.errors import PipelineError
-from pipeline.index import load_published, plan_index, recall_at, sample_positions
+from pipeline.index import needs_compaction, plan_build, plan_index, recall_at, sample_positions
+from pipeline.segments import load_published
 from pipeline.storage import Storage
 from tests.helpers import run_job, synthetic_rows, write_config, write_tsv
 
@@ -93,9 +94,11 @@ def test_build_index_end_to_end(encoded):
     assert _latest(encoded["fs"]) == summary["version"]
 
     published = load_published(encoded["storage"], None, str(encoded["tmp"] / "cache"))
-    assert published.version == summary["version"] and published.index.ntotal == 800
-    assert published.docstore.column("id").to_pylist() == [pid for pid, _, _ in ROWS]
-    assert published.docstore.column("title").to_pylist() == [title for _, _, title in ROWS]
+    assert published.version == summary["version"] and published.vectors == 800
+    ids, names = published.live_ids()
+    assert names == [pid for pid, _, _ in ROWS]  # one segment, in corpus order
+    assert published.passages(ids).column("title").to_pylist() == [title for _, _, title in ROWS]
+    assert [s["rows"] for s in published.manifest.segments] == [800] and published.manifest.tombstones is None
     manifest = published.manifest
     assert manifest.snapshot == "snap" and manifest.factory == "IVF4,PQ32x8" and manifest.nprobe == 4
     assert manifest.fingerprint.startswith("dpr-ctx-tiny-") and manifest.encoder["pooling"] == "dpr"
@@ -106,7 +109,8 @@ def test_build_index_end_to_end(encoded):
     encoder = TextEncoder(EncoderSettings(manifest.encoder["model"], "dpr", max_length=64), device="cpu")
     vectors = encoder.encode([t for _, _, t in ROWS], [x for _, x, _ in ROWS])
     _, found = published.search(vectors, 1)
-    assert (found[:, 0] == np.arange(800)).mean() >= 0.95
+    found_ids = published.passages(found[:, 0]).column("id").to_pylist()
+    assert np.mean([a == pid for a, (pid, _, _) in zip(found_ids, ROWS)]) >= 0.95
 
     again = run_job("build_index", encoded["config"])
     assert again.returncode == 0 and again.summary["reused"] is True
@@ -134,23 +138,27 @@ def test_memory_estimate_refuses_before_building(encoded):
 @pytest.mark.reliability
 @pytest.mark.parametrize(
     ("name", "damage", "expected"),
-    [("index.faiss", "flip", "index.faiss: checksum mismatch"),
+    [(".faiss", "flip", ".faiss: checksum mismatch"),  # the shared quantizer
+     ("ivf.bin", "flip", "ivf.bin: checksum mismatch"),  # a segment's inverted lists
      ("docstore.arrow", "flip", "docstore.arrow: checksum mismatch"),
-     ("index.faiss", "truncate", "index.faiss: checksum mismatch"),
+     ("ivf.bin", "truncate", "ivf.bin: checksum mismatch"),
      ("manifest.json", "truncate", "unreadable manifest")],
 )
 def test_tampered_files_are_refused_before_read_index(encoded, name, damage, expected):
     run = run_job("build_index", encoded["config"])
     assert run.returncode == 0, run.stderr[-3000:]
     fs, version = encoded["fs"], run.summary["version"]
-    path = f"idx/root/indexes/{version}/{name}"
+    listed = json.loads(fs.cat_file(f"idx/root/indexes/{version}/manifest.json"))["files"]
+    relative = f"{version}/{name}" if name == "manifest.json" else next(
+        e["name"] for e in listed if e["name"].endswith(name))
+    path = f"idx/root/indexes/{relative}"
     original = fs.cat_file(path)
     try:
         fs.pipe_file(path, original[:-16] + bytes(16) if damage == "flip" else original[: len(original) // 2])
         cache = encoded["tmp"] / f"cache-{name}-{damage}"
         with pytest.raises(PipelineError, match=expected):
             load_published(encoded["storage"], version, str(cache))
-        assert not (cache / version / name).exists()  # the bad copy is not kept for a later load
+        assert not (cache / relative).exists()  # the bad copy is not kept for a later load
     finally:
         fs.pipe_file(path, original)
 
@@ -194,5 +202,68 @@ def test_a_build_killed_mid_way_reruns_to_the_bytes_of_a_clean_build(encoded):
     clean = run_job("build_index", encoded["config"], *overrides)
     assert clean.returncode == 0 and clean.summary["version"] == version and clean.summary["reused"] is False
     second = published_files()
-    assert first == second and set(first) == {"index.faiss", "docstore.arrow"}
-    fs.pipe_file("idx/root/indexes/LATEST", f"{before}\n".encode())
+    assert first == second
+    assert sorted(name.rsplit("/", 1)[-1].rsplit(".", 1)[-1] for name in first) == ["arrow", "bin", "faiss", "npy"]
+    if before is not None:
+        fs.pipe_file("idx/root/indexes/LATEST", f"{before}\n".encode())
+
+
+def test_plan_build_picks_delta_full_or_current():
+    chain = ["d1", "d2", "d3"]
+    assert plan_build(chain, "d1", True) == ("delta", 1)  # add d2 and d3 onto the version of d1
+    assert plan_build(chain, "d2", True) == ("delta", 2)
+    assert plan_build(chain, "d3", True) == ("current", 3)
+    assert plan_build(chain, "d3", False)[0] == "full"  # other settings (nprobe, seed, ...)
+    assert plan_build(chain, "x9", True)[0] == "full"  # another lineage
+    assert plan_build(chain, None, True)[0] == "full"
+
+
+def test_compaction_thresholds():
+    config = IndexConfig(max_segments=3, max_tombstone_fraction=0.2)
+    assert not needs_compaction([100, 10, 10], 20, config)
+    assert needs_compaction([100, 10, 10, 10], 0, config)  # a fourth segment
+    assert needs_compaction([100, 10], 23, config)  # 23 of 110 rows dead
+    assert needs_compaction([100], 0, config.model_copy(update={"compact": "always"}))
+    assert not needs_compaction([100] * 9, 90, config.model_copy(update={"compact": "never"}))
+
+
+def test_copied_codes_search_like_the_segments_they_merge():
+    """Compaction copies codes list by list: the merged segment answers exactly as the live rows of the stacked
+    segments did (no vector is needed)."""
+    import faiss
+
+    from pipeline.segments import SEQ_SHIFT, copy_live_codes, faiss_ids, search_parameters
+
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(3000, 16)).astype(np.float32)
+    quantizer = faiss.index_factory(16, "IVF8,PQ8x4", faiss.METRIC_INNER_PRODUCT)
+    quantizer.train(vectors)
+    parts = []
+    for seq, chunk in ((1, vectors[:2000]), (2, vectors[2000:])):
+        part = faiss.clone_index(quantizer)
+        part.add_with_ids(chunk, faiss_ids(seq, 0, len(chunk)))
+        parts.append(part)
+    dead = np.concatenate([faiss_ids(1, 0, 2000)[::3], faiss_ids(2, 0, 1000)[::5]])
+    alive = {seq: ~np.isin(faiss_ids(seq, 0, n), dead) for seq, n in ((1, 2000), (2, 1000))}
+    remap, rows = {}, 0
+    for seq in (1, 2):
+        remap[seq] = np.where(alive[seq], rows + np.cumsum(alive[seq]) - 1, -1)
+        rows += int(alive[seq].sum())
+    merged = copy_live_codes([faiss.extract_index_ivf(p).invlists for p in parts], remap, 3, 8,
+                             faiss.extract_index_ivf(quantizer).code_size)
+    compacted = faiss.clone_index(quantizer)
+    compacted.replace_invlists(merged, False)
+    compacted.ntotal = rows
+    stacked = faiss.clone_index(quantizer)
+    for part in parts:
+        stacked.merge_from(faiss.clone_index(part), 0)
+    params, _keep = search_parameters(stacked, 8, dead)
+    queries = vectors[::50]
+    scores, found = stacked.search(queries, 10, params=params)
+    merged_params, _ = search_parameters(compacted, 8, np.empty(0, np.int64))
+    merged_scores, merged_found = compacted.search(queries, 10, params=merged_params)
+    assert np.allclose(scores, merged_scores)
+    old = {int(faiss_ids(seq, r, 1)[0]): int(faiss_ids(3, remap[seq][r], 1)[0])
+           for seq in (1, 2) for r in np.nonzero(alive[seq])[0]}
+    assert [[old[i] for i in row] for row in found.tolist()] == merged_found.tolist()
+    assert (merged_found >> SEQ_SHIFT == 3).all()

@@ -1,10 +1,14 @@
-"""Nightly incremental re-index: the diff plan without I/O, then three nights end to end on the S3 server, with a
-crash after encode, a rerun that does nothing, and the Serve app moved to each new version over its REST API."""
+"""Nightly incremental re-index: the diff plan without I/O, then three nights (deltas: edits, deletions, insertions
+mid-file) and a compaction end to end on the S3 server, with a crash after encode, a rerun that does nothing, the
+Serve app moved to each new version over its REST API under load, and every version checked against a from-scratch
+build on the same quantizer."""
 
+import hashlib
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -12,9 +16,13 @@ import pytest
 import requests
 import s3fs
 
-from pipeline.embeddings import ShardKeys, embedding_matrix, plan_carry_over, read_shard, shard_keys
-from pipeline.index import load_published
+import faiss
+
+from pipeline.embeddings import ShardKeys, plan_carry_over, shard_keys
+from pipeline.segments import load_published
 from pipeline.nightly import with_index_version
+from pipeline.segments import KEYS_FILE, split_ids
+from pipeline.snapshots import LiveEmbeddings, embedding_chain, keys_of
 from pipeline.storage import Storage
 from tests.conftest import RAY_DASHBOARD_PORT
 from tests.helpers import REPO, free_port, run_job, synthetic_rows, write_config, write_tsv
@@ -63,14 +71,47 @@ def _night(tmp, rows, snapshot):
 
 
 def _embeddings(storage: Storage, snapshot: str) -> dict[str, np.ndarray]:
-    base = f"embeddings/{snapshot}"
-    [fingerprint] = storage.list_names(base)
-    manifest = storage.read_manifest(f"{base}/{fingerprint}")
+    """The snapshot's live vectors by passage id, its chain of deltas resolved."""
+    [fingerprint] = storage.list_names(f"embeddings/{snapshot}")
     out = {}
-    for entry in manifest.files:
-        table = read_shard(storage, f"{base}/{fingerprint}", entry)
-        out.update(zip(table.column("id").to_pylist(), embedding_matrix(table)))
+    for _, ids, vectors in LiveEmbeddings(storage, embedding_chain(storage, snapshot, fingerprint)):
+        out.update(zip(ids, vectors))
     return out
+
+
+def _objects(fs: s3fs.S3FileSystem) -> dict[str, str]:
+    """Every object of the store → sha256 of its content."""
+    fs.invalidate_cache()
+    return {path: hashlib.sha256(fs.cat_file(path)).hexdigest() for path in fs.find("nightly/root")}
+
+
+def _matches_a_scratch_build(storage: Storage, version: str, snapshot: str, cache) -> None:
+    """The version returns the same passages and scores as a from-scratch build of the snapshot's live passages on
+    its quantizer at its nprobe; its segments' docstores, keys and FAISS ids agree; no dead row is live."""
+    published = load_published(storage, version, str(cache))
+    vectors = _embeddings(storage, snapshot)
+    ids, names = published.live_ids()
+    assert sorted(names) == sorted(vectors) and len(ids) == published.vectors
+    scratch = faiss.read_index(str(cache / published.manifest.quantizer))
+    order = sorted(vectors)
+    scratch.add(np.stack([vectors[p] for p in order]).astype(np.float32))
+    faiss.ParameterSpace().set_index_parameter(scratch, "nprobe", int(published.manifest.nprobe))
+    queries = np.stack([vectors[p] for p in order[::9]]).astype(np.float32)
+    scores, found = published.search(queries, 10)
+    expected_scores, expected = scratch.search(queries, 10)
+    assert np.allclose(scores, expected_scores, atol=1e-4)
+    got = [published.passages(row).column("id").to_pylist() for row in found]
+    want = [[order[j] for j in row] for row in expected]
+    assert np.mean([g == w for g, w in zip(got, want)]) >= 0.95  # equal up to ties in score
+    lists = faiss.extract_index_ivf(published.index).invlists
+    stored = np.concatenate([faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+                             for i in range(lists.nlist) if lists.list_size(i)])
+    seqs, rows = split_ids(stored)
+    for segment in published.manifest.segments:
+        assert sorted(rows[seqs == segment["seq"]].tolist()) == list(range(segment["rows"]))
+        table = published.docstores[segment["seq"]]
+        keys = np.load(cache / segment["name"] / KEYS_FILE)
+        assert (keys == keys_of(table.column("id").to_pylist())).all()
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +154,8 @@ def nights(tmp_path_factory, tiny_models, s3_endpoint, ray_address):
             pass
         time.sleep(1)
     yield {"config": config_path, "tmp": tmp, "first": first.summary, "first_served": served, "url": url,
-           "storage": Storage("s3://nightly/root", {"endpoint_url": s3_endpoint})}
+           "storage": Storage("s3://nightly/root", {"endpoint_url": s3_endpoint}), "fs": fs,
+           "objects": _objects(fs)}
     ray.init(address=ray_address, logging_level="WARNING", log_to_driver=False)
     serve.shutdown()
     ray.shutdown()
@@ -121,20 +163,48 @@ def nights(tmp_path_factory, tiny_models, s3_endpoint, ray_address):
 
 @pytest.fixture(scope="module")
 def night2(nights):
-    """Night 2 (deletions, edits, insertions mid-file), what the app served right after it, and the same night run
+    """Night 2 (deletions, edits, insertions mid-file) run while three clients search the app, what the app served
+    right after it, the objects it wrote, a replica cache holding night 1 moved to night 2, and the same night run
     again. What tests read of the live app is taken here, before a later night moves it on."""
+    storage = nights["storage"]
     deleted = {str(i) for i in range(11, 31)}
     changed = {str(i) for i in range(101, 116)}
     rows = [(pid, text + " revised" if pid in changed else text, title)
             for pid, text, title in ROWS if pid not in deleted]
     rows[300:300] = synthetic_rows(25, start=1001, words=30)  # inserted mid-file: later shard boundaries move
-    run = run_job("nightly", nights["config"], *_night(nights["tmp"], rows, "d2"))
+    cache = nights["tmp"] / "replica-cache"
+    load_published(storage, nights["first"]["version"], str(cache))  # a replica serving night 1
+    answered, stop = [], threading.Event()
+
+    def client() -> None:
+        session = requests.Session()
+        while not stop.is_set():
+            try:
+                response = session.post(f"{nights['url']}/v1/search", json={"questions": ["river"], "k": 3},
+                                        timeout=30)
+                answered.append((response.status_code, response.json().get("index_version")))
+            except (requests.RequestException, ValueError) as exc:
+                answered.append((0, repr(exc)))
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        run = run_job("nightly", nights["config"], *_night(nights["tmp"], rows, "d2"))
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
     assert run.returncode == 0, run.stderr[-3000:]
+    written = {path: digest for path, digest in _objects(nights["fs"]).items() if path not in nights["objects"]}
+    moved = load_published(storage, run.summary["version"], str(cache))
     hits = requests.post(f"{nights['url']}/v1/search", json={"questions": ["river"], "k": 3}, timeout=30).json()
     again = run_job("nightly", nights["config"], *_night(nights["tmp"], rows, "d2"))
     assert again.returncode == 0, again.stderr[-3000:]
-    return {"rows": rows, "changed": changed, "summary": run.summary, "served": hits["index_version"],
-            "rerun": again.summary}
+    return {"rows": rows, "changed": changed, "deleted": deleted, "summary": run.summary,
+            "served": hits["index_version"], "rerun": again.summary, "answered": answered, "written": written,
+            "fetched": moved.fetched}
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +234,14 @@ def night3(nights, night2):
             "rerun": again}
 
 
+@pytest.fixture(scope="module")
+def compacted(nights, night3):
+    """The compaction job on night 3's version (three segments and tombstones): one segment, no dead rows."""
+    run = run_job("compact", nights["config"], "nightly.serve_address=null")
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.summary
+
+
 def test_first_night_encodes_everything_and_trains(nights):
     first = nights["first"]
     assert first["status"] == "ok" and first["previous_snapshot"] is None
@@ -180,8 +258,9 @@ def test_second_night_encodes_exactly_what_changed_and_serves_it(nights, night2)
     assert second["served"]["index_version"] == second["version"]
 
     published = load_published(storage, second["version"], str(nights["tmp"] / "check"))
-    assert published.docstore.column("id").to_pylist() == [pid for pid, _, _ in rows]
+    assert sorted(published.live_ids()[1]) == sorted(pid for pid, _, _ in rows)
     assert published.manifest.trained_from == nights["first"]["version"]
+    assert second["index_build"] == "delta" and second["segments"] == 2  # night 1's segment, and tonight's
     before, after = _embeddings(storage, "d1"), _embeddings(storage, "d2")
     unchanged = [pid for pid, _, _ in rows if pid in before and pid not in changed]
     assert len(unchanged) == 565 and all(np.array_equal(before[p], after[p]) for p in unchanged)
@@ -189,14 +268,68 @@ def test_second_night_encodes_exactly_what_changed_and_serves_it(nights, night2)
     # unchanged passages are found exactly as before: same vectors under the same trained quantizer
     old = load_published(storage, nights["first"]["version"], str(nights["tmp"] / "check-old"))
     queries = np.stack([after[p] for p in unchanged[:100]])
-    old_ids = old.docstore.column("id").to_numpy(zero_copy_only=False)[old.search(queries, 1)[1][:, 0]]
-    new_ids = published.docstore.column("id").to_numpy(zero_copy_only=False)[published.search(queries, 1)[1][:, 0]]
-    assert (old_ids == new_ids).mean() >= 0.95
+    old_ids = old.passages(old.search(queries, 1)[1][:, 0]).column("id").to_pylist()
+    new_ids = published.passages(published.search(queries, 1)[1][:, 0]).column("id").to_pylist()
+    assert np.mean([a == b for a, b in zip(old_ids, new_ids)]) >= 0.95
     assert night2["served"] == second["version"]
+    statuses = [status for status, _ in night2["answered"]]
+    assert len(statuses) >= 20 and set(statuses) == {200}, night2["answered"][-5:]  # no failed request
+    assert {version for _, version in night2["answered"]} <= {nights["first"]["version"], second["version"]}
 
     rerun = night2["rerun"]
     assert rerun["encoded"] == 0 and rerun["published"] is False and rerun["version"] == second["version"]
     assert (rerun["new"], rerun["changed"], rerun["deleted"]) == (25, 15, 20)
+
+
+def test_second_night_writes_and_fetches_only_what_changed(nights, night2):
+    """No object night 2 wrote has the content of one night 1 wrote (passages, vectors, segments, quantizer are
+    referenced, not copied); it wrote a fraction of night 1's bytes; a replica holding night 1 fetched only the
+    new segment and tombstones."""
+    fs, first, written = nights["fs"], nights["objects"], night2["written"]
+    assert written and not set(written.values()) & set(first.values())
+    size = {path: fs.size(path) for path in [*first, *written]}
+    assert sum(size[p] for p in written) < 0.25 * sum(size[p] for p in first)
+    assert not any("/quantizers/" in p for p in written)
+    second = nights["storage"].read_json(f"indexes/{night2['summary']['version']}/manifest.json")
+    new_files = [e for e in second["files"] if e["name"].startswith("segments/") and
+                 f"nightly/root/indexes/{e['name']}" in written or e["name"].endswith("tombstones.npy")]
+    assert 0 < night2["fetched"] == sum(e["bytes"] for e in new_files) < 0.5 * sum(e["bytes"] for e in second["files"])
+
+
+def test_each_version_equals_a_scratch_build_and_hides_the_dead(nights, night2, night3, compacted):
+    storage, tmp = nights["storage"], nights["tmp"]
+    for name, version, snapshot in (("1", nights["first"]["version"], "d1"), ("2", night2["summary"]["version"], "d2"),
+                                    ("3", night3["summary"]["version"], "d3"), ("c", compacted["version"], "d3")):
+        _matches_a_scratch_build(storage, version, snapshot, tmp / f"scratch-{name}")
+    second = load_published(storage, night2["summary"]["version"], str(tmp / "scratch-2"))
+    old = _embeddings(storage, "d1")
+    _, found = second.search(np.stack([old[p] for p in sorted(night2["deleted"])]), 5)
+    assert not set(second.passages(found[found >= 0]).column("id").to_pylist()) & night2["deleted"]
+    new = _embeddings(storage, "d2")
+    _, found = second.search(np.stack([new[p] for p in sorted(night2["changed"])]), 1)
+    assert all(text.endswith(" revised") for text in second.passages(found[:, 0]).column("text").to_pylist())
+
+
+def test_compaction_merges_the_segments_and_drops_the_dead(nights, night3, compacted):
+    third = load_published(nights["storage"], night3["summary"]["version"], str(nights["tmp"] / "scratch-3"))
+    assert len(third.manifest.segments) == 3 and len(third.dead) > 0
+    merged = load_published(nights["storage"], compacted["version"], str(nights["tmp"] / "scratch-c"))
+    assert compacted["segments"] == 1 and merged.manifest.tombstones is None and len(merged.dead) == 0
+    assert merged.vectors == third.vectors == 600 and compacted["retrained"] is False
+    assert merged.manifest.quantizer == third.manifest.quantizer  # no retraining, codes copied
+
+
+@pytest.mark.reliability
+def test_a_tampered_tombstone_file_is_refused(nights, night3):
+    storage, version = nights["storage"], night3["summary"]["version"]
+    path = f"indexes/{version}/tombstones.npy"
+    original = storage.read_bytes(path)
+    try:
+        storage.write_bytes(path, original[:-8] + bytes(8))
+        with pytest.raises(Exception, match="tombstones.npy: checksum mismatch"):
+            load_published(storage, version, str(nights["tmp"] / "tampered"))
+    finally:
+        storage.write_bytes(path, original)
 
 
 @pytest.mark.reliability
@@ -214,7 +347,7 @@ def test_a_crash_after_encode_resumes_without_re_encoding_and_publishes_once(nig
     assert storage.read_json(f"indexes/{third['version']}/manifest.json")["created_at"] == night3["created_at"]
 
 
-def test_a_new_encoder_forces_a_full_encode(nights, night3):
+def test_a_new_encoder_forces_a_full_encode(nights, night3, compacted):
     """Another fingerprint (here: another max_length) shares no vectors with the published index. It runs after the
     other nights (night3), whose carry-over it would otherwise break."""
     run = run_job("nightly", nights["config"], *_night(nights["tmp"], ROWS, "d4"), "encode.max_length=48",
@@ -222,3 +355,24 @@ def test_a_new_encoder_forces_a_full_encode(nights, night3):
     assert run.returncode == 0, run.stderr[-3000:]
     fourth = run.summary
     assert fourth["encoded"] == 600 and fourth["reused"] == 0 and fourth["retrained"] is True
+
+
+def test_evaluate_searches_exactly_over_a_delta_chain(nights, night2):
+    """jobs.evaluate on night 2's version: its exact search resolves d2's chain (d1's rows minus tombstones, plus
+    d2's), so deleted passages never appear and every passage found has its current text."""
+    import json
+
+    rows = {pid: text for pid, text, _ in night2["rows"]}
+    asked = ["101", "102", "200", "1001"]
+    questions = nights["tmp"] / "questions.jsonl"
+    questions.write_text("".join(json.dumps({"question": " ".join(rows[p].split()[:8]), "answers": [rows[p][-20:]]})
+                                 + "\n" for p in asked))
+    output = nights["tmp"] / "evaluation"
+    run = run_job("evaluate", nights["config"], f"evaluate.questions={questions}", f"evaluate.output={output}",
+                  f"evaluate.index_version={night2['summary']['version']}", "evaluate.k=[1,10]",
+                  f"evaluate.cache_dir={nights['tmp'] / 'evaluate-cache'}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    exact = json.loads((output / "retriever_results_exact.json").read_text())
+    found = [ctx for record in exact for ctx in record["ctxs"]]
+    assert len(found) == 40 and all(ctx["text"] == rows[ctx["id"]] for ctx in found)  # live rows, current text
+    assert not {ctx["id"] for ctx in found} & night2["deleted"]

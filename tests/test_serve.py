@@ -10,7 +10,7 @@ import yaml
 
 from pipeline.config import load_config
 from pipeline.encoder import EncoderSettings, TextEncoder
-from pipeline.index import load_published
+from pipeline.segments import load_published
 from pipeline.storage import Storage
 from tests.conftest import TEST_API_KEY
 from tests.helpers import free_port, run_job, synthetic_rows, write_config, write_tsv
@@ -76,7 +76,7 @@ def test_search_returns_the_published_index_best_first(qa, tiny_models):
     _, expected = published.search(encoder.encode(None, questions), 5)
     by_id = {pid: (title, text) for pid, text, title in ROWS}
     for hits, rows in zip(body["results"], expected):
-        assert [h["id"] for h in hits] == published.docstore.column("id").take(rows).to_pylist()
+        assert [h["id"] for h in hits] == published.passages(rows).column("id").to_pylist()
         assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
         assert all((h["title"], h["text"]) == by_id[h["id"]] for h in hits)
 

@@ -12,7 +12,7 @@ from ray import serve
 
 from pipeline.encoder import EncoderSettings, TextEncoder
 from pipeline.errors import PipelineError
-from pipeline.index import PublishedIndex, load_published
+from pipeline.segments import PublishedIndex, evict, load_published
 from pipeline.storage import Storage
 
 log = logging.getLogger("ray.serve")
@@ -38,8 +38,9 @@ class QuestionEncoder:
 @serve.deployment
 class Retriever:
     """The published index on CPU replicas. The version comes from `user_config`; a new one is loaded beside the
-    current one, verified and probed, then swapped in with one assignment: every request sees exactly one
-    version, and a version that fails to load leaves the current one serving."""
+    current one (fetching only the segments the cache lacks), verified and probed, then swapped in with one
+    assignment: every request sees exactly one version, and a version that fails to load leaves the current one
+    serving. Cached files that the serving version no longer lists are then evicted."""
 
     def __init__(self, storage_root: str, storage_options: dict[str, Any], cache_dir: str, batch_max_size: int):
         self.search.set_max_batch_size(batch_max_size)
@@ -54,9 +55,9 @@ class Retriever:
             wanted = user_config.get("index_version")
             try:
                 candidate = load_published(self.storage, wanted, self.cache_dir)
-                probe = np.zeros((1, candidate.index.d), dtype=np.float32)
+                probe = np.zeros((1, candidate.d), dtype=np.float32)
                 _, rows = candidate.search(probe, 1)
-                if candidate.index.ntotal and rows[0, 0] < 0:
+                if candidate.vectors and rows[0, 0] < 0:
                     raise PipelineError(f"index {candidate.version}: the probe query found nothing")
             except Exception as exc:  # noqa: BLE001 - any failure keeps the current version serving
                 self.last_error = f"{type(exc).__name__}: {exc}"
@@ -65,13 +66,14 @@ class Retriever:
                 log.error("index version %s refused, still serving %s: %s", wanted, self.current.version, exc)
                 return
             self.current, self.last_error = candidate, None
-            log.info("serving index %s (%d vectors)", candidate.version, candidate.index.ntotal)
+            log.info("serving index %s (%d vectors)", candidate.version, candidate.vectors)
+            evict(self.cache_dir, [candidate.manifest])
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0)  # merges queued calls only, as the encoder does
     async def search(self, requests: list[tuple[np.ndarray, int]]) -> list[dict[str, Any]]:
         """Concurrent requests' questions in one FAISS search and one docstore take; each request gets its rows."""
         current = self.current  # one version for the whole batch, whatever reconfigure does meanwhile
-        queries = np.concatenate([np.asarray(vectors, dtype=np.float32).reshape(-1, current.index.d)
+        queries = np.concatenate([np.asarray(vectors, dtype=np.float32).reshape(-1, current.d)
                                   for vectors, _ in requests])
         scores, rows = current.search(queries, max(k for _, k in requests))
         table = current.passages([int(r) for r in rows.ravel() if r >= 0])
@@ -96,7 +98,7 @@ class Retriever:
     def info(self) -> dict[str, Any]:
         current = self.current
         manifest = current.manifest.model_dump(exclude={"files"})
-        return {"index_version": current.version, "vectors": current.index.ntotal, "lineage": manifest,
+        return {"index_version": current.version, "vectors": current.vectors, "lineage": manifest,
                 "last_error": self.last_error}
 
 

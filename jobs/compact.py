@@ -1,0 +1,18 @@
+"""Merge the published index version's segments into one and drop its tombstoned rows, as a new version (the
+nightly does this by itself past index.max_segments / index.max_tombstone_fraction).
+
+    ray job submit --working-dir . -- python -m jobs.compact --config configs/wiki21m.yaml
+"""
+
+import sys
+
+from pipeline.cli import run_job
+from pipeline.index import run_compact
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job("compact", run_compact, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""The segmented index format, and loading a published version for search (no torch here: serving imports it).
+
+A version (`indexes/<version>/manifest.json`) lists, by sha256, everything it needs, named relative to `indexes/`:
+- one trained, empty FAISS index: `quantizers/<sha>.faiss` (OPQ rotation, coarse centroids, PQ codebooks), stored
+  once per training and shared by every version and segment built on it;
+- its segments, immutable and content-addressed: `segments/<seq>-<hash>/` with `ivf.bin` (FAISS inverted lists
+  only: codes and ids), `docstore.arrow` (id, title, text; row i = the segment's row i, memory-mapped) and
+  `keys.npy` (the 64-bit key of each row's passage id, to find rows to tombstone);
+- `tombstones.npy`: FAISS ids of rows that are dead in this version (deleted or replaced by a newer segment).
+
+A FAISS id is `seq << 40 | row`, so ids stay unique across segments even when a changed passage lives in two
+(its old row tombstoned). A replica stacks the segments' inverted lists on the shared quantizer
+(`HStackInvertedLists`, memory-mapped), so one search scans every segment's lists, and drops tombstoned ids inside
+the search (`IDSelectorNot`), so a query still gets k results. Same quantizer and nprobe → the same codes and so the
+same scores as a from-scratch build of the same passages.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import faiss
+import numpy as np
+import pyarrow as pa
+
+from pipeline.errors import PipelineError
+from pipeline.snapshots import read_npy
+from pipeline.storage import FileEntry, Manifest, Storage, sha256_file
+
+log = logging.getLogger(__name__)
+
+INDEX_MANIFEST = "manifest.json"
+IVF_FILE, DOCSTORE_FILE, KEYS_FILE, TOMBSTONES_FILE = "ivf.bin", "docstore.arrow", "keys.npy", "tombstones.npy"
+DOCSTORE_SCHEMA = pa.schema([("id", pa.string()), ("title", pa.string()), ("text", pa.string())])
+SEQ_SHIFT = 40
+ROW_MASK = (1 << SEQ_SHIFT) - 1
+
+
+def faiss_ids(seq: int, start: int, count: int) -> np.ndarray:
+    return (np.int64(seq) << SEQ_SHIFT) | np.arange(start, start + count, dtype=np.int64)
+
+
+def split_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.asarray(ids, dtype=np.int64)
+    return ids >> SEQ_SHIFT, ids & ROW_MASK
+
+
+def ivf_of(index: faiss.Index) -> faiss.IndexIVF:
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        raise PipelineError("segmented indexes need an IVF factory (e.g. IVF65536,PQ64 or OPQ64_256,IVF65536,PQ64)")
+    return ivf
+
+
+def write_invlists(invlists: faiss.InvertedLists, path: str) -> None:
+    writer = faiss.FileIOWriter(path)
+    faiss.write_InvertedLists(invlists, writer)
+    del writer  # closes the file
+
+
+def read_invlists(path: str) -> faiss.InvertedLists:
+    """Memory-mapped, read-only inverted lists (OnDiskInvertedLists)."""
+    return faiss.read_InvertedLists(faiss.FileIOReader(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+
+
+def search_parameters(index: faiss.Index, nprobe: int, dead: np.ndarray) -> tuple[faiss.SearchParameters, list]:
+    """nprobe and the tombstone filter for `index.search(..., params=)`, and the objects they point to (keep them
+    alive as long as the parameters)."""
+    ivf_params = faiss.SearchParametersIVF()
+    ivf_params.nprobe = nprobe
+    keep: list = [ivf_params]
+    if len(dead):
+        dead = np.ascontiguousarray(dead, dtype=np.int64)
+        batch = faiss.IDSelectorBatch(dead)
+        selector = faiss.IDSelectorNot(batch)
+        ivf_params.sel = selector
+        keep += [dead, batch, selector]
+    if isinstance(index, faiss.IndexPreTransform):
+        params = faiss.SearchParametersPreTransform()
+        params.index_params = ivf_params
+        keep.append(params)
+        return params, keep
+    return ivf_params, keep
+
+
+def copy_live_codes(sources: Sequence[faiss.InvertedLists], remap: dict[int, np.ndarray], seq: int, nlist: int,
+                    code_size: int) -> faiss.ArrayInvertedLists:
+    """Compaction without the vectors: the codes of live rows copied list by list into one new inverted file,
+    their ids renumbered to `seq << 40 | new row`. `remap[old seq]` gives each old row its new row (-1 = dead)."""
+    merged = faiss.ArrayInvertedLists(nlist, code_size)
+    for invlists in sources:
+        for list_no in range(nlist):
+            size = invlists.list_size(list_no)
+            if not size:
+                continue
+            ids = faiss.rev_swig_ptr(invlists.get_ids(list_no), size).copy()
+            codes = faiss.rev_swig_ptr(invlists.get_codes(list_no), size * code_size).copy().reshape(size, code_size)
+            old_seq, old_row = split_ids(ids)
+            new_row = np.empty(size, dtype=np.int64)
+            for seq_of_rows in np.unique(old_seq):
+                at = old_seq == seq_of_rows
+                new_row[at] = remap[int(seq_of_rows)][old_row[at]]
+            keep = new_row >= 0
+            if keep.any():
+                new_ids = np.ascontiguousarray((np.int64(seq) << SEQ_SHIFT) | new_row[keep])
+                kept = np.ascontiguousarray(codes[keep])
+                merged.add_entries(list_no, int(keep.sum()), faiss.swig_ptr(new_ids), faiss.swig_ptr(kept))
+    return merged
+
+
+# -- the manifest of a version ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SegmentRef:
+    name: str  # segments/<seq>-<hash>, relative to indexes/
+    seq: int
+    rows: int
+
+    def file(self, name: str) -> str:
+        return posixpath.join(self.name, name)
+
+
+def segments_of(manifest: Manifest) -> list[SegmentRef]:
+    return [SegmentRef(s["name"], int(s["seq"]), int(s["rows"])) for s in getattr(manifest, "segments", None) or []]
+
+
+def files_of(manifest: Manifest) -> dict[str, FileEntry]:
+    return {entry.name: entry for entry in manifest.files}
+
+
+# -- loading (serving) ----------------------------------------------------------------------------------------------
+@dataclass
+class PublishedIndex:
+    """A published version, verified and loaded: the shared quantizer with every segment's inverted lists stacked
+    on it (memory-mapped), the tombstone filter, and the segments' docstores (memory-mapped Arrow)."""
+
+    version: str
+    manifest: Manifest
+    index: faiss.Index
+    docstores: dict[int, pa.Table]  # seq → the segment's docstore, row i = FAISS id (seq << 40 | i)
+    dead: np.ndarray  # sorted FAISS ids of tombstoned rows
+    fetched: int = 0  # bytes downloaded to load it (what the cache lacked)
+    _params: faiss.SearchParameters = None
+    _keep: list = field(default_factory=list)  # the C++ objects the index and the parameters point into
+
+    @property
+    def d(self) -> int:
+        return int(self.index.d)
+
+    @property
+    def vectors(self) -> int:
+        """Live vectors (stored minus tombstoned)."""
+        return int(self.index.ntotal) - len(self.dead)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, FAISS ids) best first; -1 where fewer than k live vectors were found."""
+        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=self._params)
+
+    def passages(self, ids: Sequence[int]) -> pa.Table:
+        """id, title, text of each FAISS id, in the order given (zero-copy takes from the segments' docstores)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if not len(ids):
+            return DOCSTORE_SCHEMA.empty_table()
+        seqs, rows = split_ids(ids)
+        parts, positions = [], []
+        for seq in np.unique(seqs):
+            where = np.nonzero(seqs == seq)[0]
+            parts.append(self.docstores[int(seq)].take(pa.array(rows[where])))
+            positions.append(where)
+        table = pa.concat_tables(parts)
+        return table.take(pa.array(np.argsort(np.concatenate(positions), kind="stable")))
+
+    def live_ids(self) -> tuple[np.ndarray, list[str]]:
+        """Every live FAISS id and its passage id, segment by segment (for checks and tests)."""
+        ids, names = [], []
+        for seq, table in self.docstores.items():
+            segment_ids = faiss_ids(seq, 0, table.num_rows)
+            live = ~np.isin(segment_ids, self.dead)
+            ids.append(segment_ids[live])
+            names += [name for name, keep in zip(table.column("id").to_pylist(), live) if keep]
+        return np.concatenate(ids) if ids else np.empty(0, np.int64), names
+
+
+def published_version(storage: Storage, version: str | None = None) -> str:
+    if version:
+        return version
+    try:
+        return storage.read_bytes("indexes/LATEST").decode().strip()
+    except FileNotFoundError:
+        raise PipelineError(f"no published index under {storage.url('indexes')}: run jobs.build_index") from None
+
+
+def read_index_manifest(storage: Storage, version: str) -> Manifest:
+    manifest = storage.read_manifest(posixpath.join("indexes", version), name=INDEX_MANIFEST)
+    if manifest is None:
+        raise PipelineError(f"index version {version!r} is not published ({storage.url('indexes', version)})")
+    return manifest
+
+
+def fetch_verified(storage: Storage, entries: Sequence[FileEntry], cache_dir: str) -> tuple[dict[str, str], int]:
+    """Local copies of objects under `indexes/`, each checked against its sha256 before anything parses it.
+    Objects already in the cache (content-addressed names) are not downloaded again. (paths, bytes fetched)"""
+    paths, fetched = {}, 0
+    for entry in entries:
+        path = os.path.join(cache_dir, *entry.name.split("/"))
+        if not os.path.exists(path) or os.path.getsize(path) != entry.bytes:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            partial = f"{path}.partial"
+            storage.download(posixpath.join("indexes", entry.name), partial)
+            os.replace(partial, path)
+            fetched += entry.bytes
+        digest = sha256_file(path)
+        if digest != entry.sha256:
+            os.remove(path)
+            raise PipelineError(f"{storage.url('indexes', entry.name)}: checksum mismatch (manifest "
+                                f"{entry.sha256[:12]}…, file {digest[:12]}…)")
+        paths[entry.name] = path
+    return paths, fetched
+
+
+def load_published(storage: Storage, version: str | None, cache_dir: str) -> PublishedIndex:
+    """Fetch what a version lists that the cache lacks, check every file's sha256 against the manifest, then open
+    it. FAISS and Arrow never parse an unverified file (FAISS's reader is not safe on untrusted input)."""
+    version = published_version(storage, version)
+    manifest = read_index_manifest(storage, version)
+    if not getattr(manifest, "quantizer", None):
+        raise PipelineError(f"index {version} predates segmented versions: rebuild it with jobs.build_index")
+    try:
+        paths, fetched = fetch_verified(storage, manifest.files, cache_dir)
+    except PipelineError as exc:
+        raise PipelineError(f"{exc}: refusing to load index {version}") from None
+    index = faiss.read_index(paths[manifest.quantizer])
+    ivf = ivf_of(index)
+    segments = segments_of(manifest)
+    invlists = [read_invlists(paths[s.file(IVF_FILE)]) for s in segments]
+    stacked = faiss.InvertedListsPtrVector()
+    for lists in invlists:
+        stacked.push_back(lists)
+    hstack = faiss.HStackInvertedLists(len(invlists), stacked.data()) if invlists else None
+    if hstack is not None:
+        ivf.replace_invlists(hstack, False)
+    total = sum(s.rows for s in segments)
+    ivf.ntotal = index.ntotal = total
+    docstores = {}
+    for segment in segments:
+        table = pa.ipc.open_file(pa.memory_map(paths[segment.file(DOCSTORE_FILE)], "r")).read_all()
+        if table.num_rows != segment.rows:
+            raise PipelineError(f"index {version}: {segment.name} has {table.num_rows} docstore rows for "
+                                f"{segment.rows} vectors")
+        docstores[segment.seq] = table
+    tombstones = getattr(manifest, "tombstones", None)
+    dead = (read_npy(open(paths[tombstones], "rb").read(), np.dtype(np.int64), tombstones) if tombstones
+            else np.empty(0, np.int64))
+    params, keep = search_parameters(index, int(manifest.nprobe), dead)
+    log.info("index %s: %d segments, %d live vectors, %d bytes fetched", version, len(segments), total - len(dead),
+             fetched)
+    return PublishedIndex(version, manifest, index, docstores, np.sort(dead), fetched, params,
+                          [invlists, stacked, hstack, *keep])
+
+
+def evict(cache_dir: str, keep: Sequence[Manifest]) -> list[str]:
+    """Delete cached objects that none of `keep` lists (a mapped file stays readable until it is unmapped)."""
+    wanted = {os.path.join(cache_dir, *e.name.split("/")) for manifest in keep for e in manifest.files}
+    removed = []
+    for directory, _, names in os.walk(cache_dir):
+        for name in names:
+            path = os.path.join(directory, name)
+            if path not in wanted and not name.endswith(".partial"):
+                os.remove(path)
+                removed.append(path)
+    return removed
