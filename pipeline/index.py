@@ -483,11 +483,16 @@ def compatible_previous(storage: Storage, config: IndexConfig, embeddings: Manif
 
 
 def _reused(storage: Storage, version: str, manifest: Manifest) -> dict[str, Any]:
+    """The summary of a version published earlier (by this run's inputs, or one that already indexes them)."""
     storage.write_bytes("indexes/LATEST", f"{version}\n".encode())
+    seconds = dict(manifest.seconds or {})
     return {"version": version, "output": storage.url("indexes", version), "vectors": manifest.vectors,
-            "recall_at_100": manifest.recall_at_100, "bytes_per_vector": manifest.bytes_per_vector,
-            "retrained": manifest.retrained, "segments": len(segments_of(manifest)), "reused": True,
-            "bytes_written": 0}
+            "mode": "current", "segments": len(segments_of(manifest)), "tombstones": None, "added": 0,
+            "recall_at_10": manifest.recall_at_10, "recall_at_100": manifest.recall_at_100,
+            "bytes_per_vector": manifest.bytes_per_vector, "bytes_written": 0,
+            "train_seconds": seconds.get("train", 0.0), "add_seconds": seconds.get("add", 0.0),
+            "phase_seconds": seconds, "retrained": manifest.retrained, "trained_from": manifest.trained_from,
+            "reused": True}
 
 
 def run_build_index(config: PipelineConfig) -> dict[str, Any]:

@@ -194,9 +194,11 @@ def test_a_corrupt_version_is_refused_and_the_current_one_keeps_serving(qa):
     from ray import serve
 
     current = requests.get(f"{qa['url']}/v1/index", timeout=10).json()["index_version"]
-    bad_run = run_job("build_index", qa["config_path"], "index.nprobe=3")
+    # retrained: a quantizer and a segment of its own (segments are shared between versions by content)
+    bad_run = run_job("build_index", qa["config_path"], "index.nprobe=3", "index.reuse_trained=false", "index.seed=3")
     bad = bad_run.summary["version"]
-    index_file = qa["storage"].path("indexes", bad, "index.faiss")
+    quantizer = qa["storage"].read_json(f"indexes/{bad}/manifest.json")["quantizer"]
+    index_file = qa["storage"].path("indexes", quantizer)
     with open(index_file, "r+b") as handle:
         handle.seek(100)
         handle.write(b"\x00" * 64)
