@@ -23,8 +23,8 @@ from tqdm import tqdm
 from pipeline.config import IngestConfig, PipelineConfig
 from pipeline.corpus import BadRows, InputFile, content_hash, list_input_files, read_passages
 from pipeline.errors import InputError, PipelineError
-from pipeline.snapshots import (TOMBSTONES_NAME, Link, content_keys, npy_bytes, passage_chain, read_shard_keys, removed_later,
-                                snapshot_dir)
+from pipeline.snapshots import (TOMBSTONES_NAME, Link, content_keys, npy_bytes, passage_chain, read_shard_keys,
+                                removed_later, snapshot_dir)
 from pipeline.storage import FileEntry, Manifest, Storage, parquet_bytes, read_parquet_bytes
 
 log = logging.getLogger(__name__)

@@ -150,8 +150,9 @@ def removed_later(links: list[Link]) -> list[np.ndarray]:
 
 
 def live_rows(links: list[Link]) -> int:
-    removed = getattr(links[-1].passages, "live_rows", None)
-    return int(removed) if removed is not None else sum(e.rows or 0 for link in links for e in link.passages.files)
+    """Passages in the chain's last snapshot (recorded by ingest; stored rows for manifests written before)."""
+    recorded = getattr(links[-1].passages, "live_rows", None)
+    return int(recorded) if recorded is not None else sum(e.rows or 0 for link in links for e in link.passages.files)
 
 
 class LiveEmbeddings:
