@@ -295,9 +295,11 @@ def build_app(config: PipelineConfig):
     # change is applied in place by Retriever.reconfigure; `serve.run` rolls new replicas in before old leave.
     settings = s.model_copy(update={"index_version": None})
     # The ingress only awaits the others: it takes no CPU slot, so it is always schedulable.
+    # A replaced ingress replica drains its in-flight requests (each retried on the new replicas of the others,
+    # which may take a while to load their models) instead of being killed after Serve's default 20 s.
     ingress = QAService.options(
         max_ongoing_requests=s.max_ongoing_requests, max_queued_requests=s.max_queued_requests,
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=120,
     )
     return ingress.bind(encoder, retriever, reader, settings)
 
