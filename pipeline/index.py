@@ -504,7 +504,8 @@ def run_build_index(config: PipelineConfig) -> dict[str, Any]:
     mode, start = plan_build([link.snapshot for link in links], previous[1].snapshot if previous else None,
                              previous is not None and getattr(previous[1], "settings", None)
                              == settings_digest(config.index))
-    if mode == "current" and config.index.compact != "always":
+    compact_already = len(segments_of(previous[1])) <= 1 and not previous[1].tombstones if previous else False
+    if mode == "current" and (config.index.compact != "always" or compact_already):
         log.info("index %s already serves snapshot %s: pointing LATEST at it", previous[0], snapshot)
         return _reused(storage, *previous)
     if mode == "current":

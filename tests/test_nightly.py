@@ -236,10 +236,24 @@ def night3(nights, night2):
 
 @pytest.fixture(scope="module")
 def compacted(nights, night3):
-    """The compaction job on night 3's version (three segments and tombstones): one segment, no dead rows."""
-    run = run_job("compact", nights["config"], "nightly.serve_address=null")
+    """The compaction job on night 3's version (three segments and tombstones), SIGKILLed while merging, then while
+    publishing, then run to the end, then run again: one segment, no dead rows."""
+    storage = nights["storage"]
+    killed = []
+    for phase in ("compact…", "publish…"):
+        job = subprocess.Popen([sys.executable, "-m", "jobs.compact", "--config", str(nights["config"])], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        for line in job.stderr:
+            if f"pipeline.index: {phase}" in line:
+                os.killpg(job.pid, signal.SIGKILL)
+                break
+        job.wait(timeout=120)
+        killed.append((job.returncode, storage.read_bytes("indexes/LATEST").decode().strip()))
+    run = run_job("compact", nights["config"])
     assert run.returncode == 0, run.stderr[-3000:]
-    return run.summary
+    again = run_job("compact", nights["config"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    return {**run.summary, "killed": killed, "again": again.summary}
 
 
 def test_first_night_encodes_everything_and_trains(nights):
@@ -308,6 +322,15 @@ def test_each_version_equals_a_scratch_build_and_hides_the_dead(nights, night2, 
     new = _embeddings(storage, "d2")
     _, found = second.search(np.stack([new[p] for p in sorted(night2["changed"])]), 1)
     assert all(text.endswith(" revised") for text in second.passages(found[:, 0]).column("text").to_pylist())
+
+
+@pytest.mark.reliability
+def test_a_compaction_killed_while_merging_or_publishing_publishes_once(nights, night3, compacted):
+    third = night3["summary"]["version"]
+    assert compacted["killed"] == [(-signal.SIGKILL, third)] * 2  # LATEST never moved to an incomplete version
+    assert compacted["reused"] is False and compacted["version"] != third
+    again = compacted["again"]  # the published compaction is found, not redone
+    assert again["reused"] is True and again["version"] == compacted["version"] and again["segments"] == 1
 
 
 def test_compaction_merges_the_segments_and_drops_the_dead(nights, night3, compacted):
