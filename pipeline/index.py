@@ -41,7 +41,7 @@ from pipeline.errors import InputError, PipelineError
 from pipeline.segments import (DOCSTORE_FILE, DOCSTORE_SCHEMA, INDEX_MANIFEST, IVF_FILE, KEYS_FILE, TOMBSTONES_FILE,
                                SegmentRef, copy_live_codes, faiss_ids, fetch_verified, files_of, ivf_of,
                                published_version, read_index_manifest, read_invlists, segments_of, write_invlists)
-from pipeline.snapshots import Link, LiveEmbeddings, embedding_chain, keys_of, live_rows, npy_bytes, read_npy
+from pipeline.snapshots import Link, LiveEmbeddings, embedding_chain, keys_of, live_rows, npy_bytes, read_npy_file
 from pipeline.storage import FileEntry, Manifest, Storage, sha256_file
 
 log = logging.getLogger(__name__)
@@ -328,13 +328,13 @@ def build_delta(storage: Storage, previous: Manifest, deltas: list[Link], config
             recall = measure_recall(writer.index, vectors[picks], ids[exact], config.nprobe)
     with timer("tombstone"):
         removed = np.unique(np.concatenate([link.tombstones for link in deltas] or [np.empty(0, np.uint64)]))
-        dead = [np.asarray(read_npy(open(path, "rb").read(), np.dtype(np.int64), name), np.int64)
+        dead = [read_npy_file(path, np.int64, name)
                 for name, path in fetch_verified(storage, [files[previous.tombstones]], cache)[0].items()
                 ] if getattr(previous, "tombstones", None) else []
         keys = fetch_verified(storage, [files[s.file(KEYS_FILE)] for s in segments], cache)[0]
         for segment in segments:
-            rows = np.nonzero(np.isin(read_npy(open(keys[segment.file(KEYS_FILE)], "rb").read(),
-                                               np.dtype(np.uint64), segment.name), removed))[0]
+            rows = np.nonzero(np.isin(read_npy_file(keys[segment.file(KEYS_FILE)], np.uint64, segment.name),
+                                      removed))[0]
             dead.append(faiss_ids(segment.seq, 0, segment.rows)[rows])
         dead_ids = np.unique(np.concatenate(dead)) if dead else np.empty(0, np.int64)
     new = [writer.close()] if writer.rows else []
@@ -369,8 +369,7 @@ def compact(storage: Storage, built: Built, files: dict[str, FileEntry], work_di
                 sources.append(read_invlists(path(segment, IVF_FILE)))
                 docstore = pa.ipc.open_file(pa.memory_map(path(segment, DOCSTORE_FILE), "r")).read_all()
                 out.write_table(docstore.filter(pa.array(alive)))
-                keys.append(read_npy(open(path(segment, KEYS_FILE), "rb").read(), np.dtype(np.uint64),
-                                     segment.name)[alive])
+                keys.append(read_npy_file(path(segment, KEYS_FILE), np.uint64, segment.name)[alive])
         merged = copy_live_codes(sources, remap, seq, ivf.nlist, ivf.code_size)
         segment = finish_segment(seq, rows, merged, keys, directory)
     log.info("compacted %d segments (%d rows, %d dead) into %s (%d rows)", len(built.segments), built.stored,

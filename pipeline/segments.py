@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.errors import PipelineError
-from pipeline.snapshots import read_npy
+from pipeline.snapshots import read_npy_file
 from pipeline.storage import FileEntry, Manifest, Storage, sha256_file
 
 log = logging.getLogger(__name__)
@@ -252,8 +252,7 @@ def load_published(storage: Storage, version: str | None, cache_dir: str) -> Pub
                                 f"{segment.rows} vectors")
         docstores[segment.seq] = table
     tombstones = getattr(manifest, "tombstones", None)
-    dead = (read_npy(open(paths[tombstones], "rb").read(), np.dtype(np.int64), tombstones) if tombstones
-            else np.empty(0, np.int64))
+    dead = read_npy_file(paths[tombstones], np.int64, tombstones) if tombstones else np.empty(0, np.int64)
     params, keep = search_parameters(index, int(manifest.nprobe), dead)
     log.info("index %s: %d segments, %d live vectors, %d bytes fetched", version, len(segments), total - len(dead),
              fetched)

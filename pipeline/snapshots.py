@@ -81,6 +81,12 @@ def read_npy(data: bytes, dtype: np.dtype, where: str) -> np.ndarray:
     return array
 
 
+def read_npy_file(path: str, dtype: np.dtype, where: str) -> np.ndarray:
+    """A local .npy already checked against its manifest's sha256."""
+    with open(path, "rb") as handle:
+        return read_npy(handle.read(), np.dtype(dtype), where)
+
+
 @dataclass(frozen=True)
 class Link:
     """One snapshot of a chain: its passage shards, its embeddings (when asked for) and what it removes."""
