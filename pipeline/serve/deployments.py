@@ -104,42 +104,13 @@ class Retriever:
 
 @serve.deployment
 class Reader:
-    """DPR reader over the top passages; spans chosen by `DPRReaderTokenizer.decode_best_spans` (relevance
-    across passages first, then start/end within), with concurrent questions batched into one forward pass."""
+    """`pipeline.reader.SpanReader` as a deployment, concurrent questions batched into one forward pass."""
 
     def __init__(self, model: str, max_length: int, max_answer_tokens: int):
-        import torch
-        from transformers import DPRReader, DPRReaderTokenizerFast
+        from pipeline.reader import SpanReader
 
-        from pipeline.encoder import default_device, resolve_model_path
-
-        path = resolve_model_path(model)
-        self.torch, self.device = torch, default_device()
-        self.tokenizer = DPRReaderTokenizerFast.from_pretrained(path)
-        self.model = DPRReader.from_pretrained(path).to(self.device).eval()
-        self.max_length, self.max_answer_tokens = max_length, max_answer_tokens
+        self.reader = SpanReader(model, max_length, max_answer_tokens)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def read(self, requests: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-        encoded = [self.tokenizer(questions=[r["question"]] * len(r["passages"]),
-                                  titles=[p["title"] for p in r["passages"]],
-                                  texts=[p["text"] for p in r["passages"]],
-                                  padding="max_length", truncation=True, max_length=self.max_length,
-                                  return_tensors="pt") for r in requests]
-        stacked = {key: self.torch.cat([e[key] for e in encoded]).to(self.device) for key in ("input_ids",
-                                                                                              "attention_mask")}
-        with self.torch.inference_mode():
-            output = self.model(**stacked)
-        answers, start = [], 0
-        for request, inputs in zip(requests, encoded):
-            end = start + len(request["passages"])
-            sliced = type(output)(start_logits=output.start_logits[start:end].cpu(),
-                                  end_logits=output.end_logits[start:end].cpu(),
-                                  relevance_logits=output.relevance_logits[start:end].cpu())
-            spans = self.tokenizer.decode_best_spans(inputs, sliced, num_spans=request["top_answers"],
-                                                     max_answer_length=self.max_answer_tokens)
-            answers.append([{"text": s.text, "score": float(s.span_score), "relevance": float(s.relevance_score),
-                             "passage": int(s.doc_id), "start": int(s.start_index), "end": int(s.end_index)}
-                            for s in spans])
-            start = end
-        return answers
+        return self.reader.read(requests)
