@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
             except Exception as error:  # noqa: BLE001 - recorded in the JSON, exit status 1
                 log.exception("%s failed", name)
                 result[f"{name}_error"] = f"{type(error).__name__}: {error}"[:500]
+            if os.environ.get("OUT"):  # what is measured so far survives a run cut off at its time limit
+                Path(os.environ["OUT"], "gpu.partial.json").write_text(json.dumps(result) + "\n")
     result["seconds"] = round(time.perf_counter() - started, 1)
     line = json.dumps(result)
     print(line)
