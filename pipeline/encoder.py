@@ -143,10 +143,14 @@ class PassageTokenizer:
 
 
 class TextEncoder:
-    """A loaded encoder; `encode(titles, texts)` → float32 [n, dim] in input order."""
+    """A loaded encoder; `encode(titles, texts)` → float32 [n, dim] in input order.
+
+    `cast_weights` runs the whole model in the compute dtype (bf16 LayerNorms and residuals too) instead of
+    autocast over fp32 weights: fewer bytes moved per layer on a GPU, at some cost in parity with fp32.
+    """
 
     def __init__(self, settings: EncoderSettings, device: torch.device | str | None = None,
-                 batch_tokens: int | None = None, max_batch_size: int = 512):
+                 batch_tokens: int | None = None, max_batch_size: int = 512, cast_weights: bool = False):
         self.settings = settings
         self.device = torch.device(device) if device is not None else default_device()
         self.compute_dtype = resolve_dtype(settings.dtype, self.device)
@@ -155,6 +159,9 @@ class TextEncoder:
         self.max_batch_size = max_batch_size
         self.tokenize = PassageTokenizer(settings)
         self.model = load_model(settings).to(self.device).eval()
+        self.cast_weights = cast_weights and self.compute_dtype != torch.float32
+        if self.cast_weights:
+            self.model.to(self.compute_dtype)
         config = self.model.config
         self.dim = int(getattr(config, "projection_dim", 0) or config.hidden_size)
 
@@ -176,33 +183,39 @@ class TextEncoder:
 
     @torch.inference_mode()
     def encode_tokens(self, tokens: Tokens) -> np.ndarray:
+        """Vectors stay on the device until the last batch: the host never waits for the GPU between batches,
+        so it pads the next batch while the current one runs."""
         lengths = tokens.lengths
-        out = np.empty((len(tokens), self.dim), dtype=np.float32)
+        out = torch.empty((len(tokens), self.dim), dtype=torch.float32, device=self.device)
         for batch in plan_batches(lengths, self.batch_tokens, self.max_batch_size):
-            out[batch] = self._forward(batch, tokens, lengths)
-        return out
+            out[self._to_device(batch)] = self._forward(batch, tokens, lengths)
+        return out.cpu().numpy()
 
-    def _forward(self, batch: np.ndarray, tokens: Tokens, lengths: np.ndarray) -> np.ndarray:
-        longest = int(lengths[batch].max())
-        ids = np.full((len(batch), longest), self.tokenize.pad_id, dtype=np.int64)
-        mask = np.zeros((len(batch), longest), dtype=np.int64)
-        types = np.zeros((len(batch), longest), dtype=np.int64) if tokens.token_type_ids is not None else None
-        for row, index in enumerate(batch):
-            start, end = tokens.offsets[index], tokens.offsets[index + 1]
-            ids[row, : end - start] = tokens.input_ids[start:end]
-            mask[row, : end - start] = 1
-            if types is not None:
-                types[row, : end - start] = tokens.token_type_ids[start:end]
-        inputs = {"input_ids": ids, "attention_mask": mask}
-        if types is not None:
-            inputs["token_type_ids"] = types
-        inputs = {key: torch.from_numpy(value).to(self.device, non_blocking=True) for key, value in inputs.items()}
-        with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32):
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
+
+    def _forward(self, batch: np.ndarray, tokens: Tokens, lengths: np.ndarray) -> torch.Tensor:
+        batch_lengths = lengths[batch]
+        longest = int(batch_lengths.max())
+        columns = np.arange(longest)
+        real = columns[None, :] < batch_lengths[:, None]
+        # Gather every row's tokens at once; positions past a row's end read its last token and are masked.
+        positions = tokens.offsets[batch][:, None] + np.minimum(columns[None, :], np.maximum(batch_lengths[:, None] - 1, 0))
+        ids = np.where(real, tokens.input_ids[positions], self.tokenize.pad_id).astype(np.int64)
+        inputs = {"input_ids": ids, "attention_mask": real.astype(np.int64)}
+        if tokens.token_type_ids is not None:
+            inputs["token_type_ids"] = np.where(real, tokens.token_type_ids[positions], 0).astype(np.int64)
+        inputs = {key: self._to_device(value) for key, value in inputs.items()}
+        autocast = self.compute_dtype != torch.float32 and not self.cast_weights
+        with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=autocast):
             output = self.model(**inputs)
         embeddings = self._pool(output, inputs["attention_mask"]).float()
         if self.settings.normalize:
             embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
-        return embeddings.cpu().numpy()
+        return embeddings
 
     def _pool(self, output, mask: torch.Tensor) -> torch.Tensor:
         if self.settings.pooling == "dpr":
