@@ -9,7 +9,7 @@ Measured (all through the project's own code: `pipeline.encoder.TextEncoder`, `P
   over passages whose token lengths follow psgs_w100 (title + text: median 140, p95 256 BERT tokens), vs DPR's
   `generate_dense_embeddings` loop (pad to 256, batch 32, in order; fp32 and fp16); achieved TFLOP/s counted on
   real tokens (padding excluded) and its fraction of the GPU's dense bf16 peak (datasheet, and a measured matmul);
-- the same with the weights cast to bf16 (`cast_weights`) instead of autocast;
+- the same with the weights cast to bf16 (`encode.cast_weights`) instead of autocast;
 - bf16 vs fp32 parity on 2,000 passages: minimum cosine, raw and after removing the mean vector (a random BERT maps
   every passage near one direction, which flatters the raw cosine);
 - tokenization: passages/s on one pinned CPU core (a child process, fast tokenizer, title/text pairs of real
@@ -199,9 +199,9 @@ def context_encoder(model_dir: str, device: torch.device, sizes: dict, result: d
 
     lengths = psgs_w100_lengths(sizes["passages"])
     tokens = random_tokens(lengths)
-    settings = EncoderSettings(model=model_dir, dtype="bfloat16")
-    encoders = {mode: TextEncoder(settings, device=device, max_batch_size=sizes["max_batch_size"],
-                                  cast_weights=mode == "bf16_weights") for mode in ("autocast", "bf16_weights")}
+    encoders = {mode: TextEncoder(EncoderSettings(model=model_dir, dtype="bfloat16", cast_weights=cast), device=device,
+                                  max_batch_size=sizes["max_batch_size"])
+                for mode, cast in (("autocast", False), ("bf16_weights", True))}
     total_flops = float(flops_per_passage(encoders["autocast"].model.config, lengths).sum())
     peak = result.get("datasheet_bf16_tflops") or result.get("matmul_tflops") or math.nan
     out = {"passages": len(tokens), "tokens_median": int(np.median(lengths)),

@@ -115,6 +115,8 @@ class EncodeConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="compute dtype: auto = bf16 (fp16 without bf16) autocast on GPU, fp32 on CPU"
     )
+    cast_weights: bool = Field(True, description="run the weights in bf16/fp16 rather than autocast over fp32 "
+                               "weights (GPU: 1.45x the passages/s, min cosine 0.9999 vs fp32; no effect in fp32)")
     batch_tokens: int | None = Field(
         None, gt=0, description="padded tokens per forward pass (default: 65536 on GPU, 4096 on CPU)"
     )
@@ -123,7 +125,7 @@ class EncodeConfig(Section):
     actors: int | None = Field(None, gt=0, description="encoder actors (default: one per GPU, else one on CPU)")
     cpu_threads: int | None = Field(None, gt=0, description="torch threads of a CPU actor (default: node CPUs)")
     tokenizer_actors: int | None = Field(
-        None, ge=0, description="CPU actors that read and tokenize shards for GPU actors (default: 2 per GPU "
+        None, ge=0, description="CPU actors that read and tokenize shards for GPU actors (default: 6 per GPU "
         "actor; 0 without GPUs, where encoder actors tokenize themselves)"
     )
     max_attempts: int = Field(3, gt=0, description="tries per shard when an encoder actor dies")
@@ -165,6 +167,9 @@ class IndexConfig(Section):
     seed: int = 0
     reuse_trained: bool = Field(True, description="add to the published index's trained quantizer (same encoder "
                                                   "and factory) while its recall stays at min_recall; else retrain")
+    max_drift: float = Field(0.2, ge=0, description="a delta build adds to the published quantizer while the new rows' "
+                             "relative quantization error stays within this fraction above the error measured "
+                             "with the last recall; beyond it a full build measures recall again")
     max_segments: int = Field(8, gt=0, description="segments a version may list before they are merged")
     max_tombstone_fraction: float = Field(0.2, gt=0, le=1, description="dead rows (deleted or replaced) a version "
                                                                       "may carry, as a fraction, before merging")

@@ -38,6 +38,9 @@ from pipeline.storage import FileEntry, Manifest, Storage, parquet_bytes, read_p
 log = logging.getLogger(__name__)
 
 PROGRESS_NAME = "_progress.json"
+# One CPU core tokenizes 2,100-3,100 psgs_w100 passages/s and a BERT-base encoder on an H200 takes 13,200/s
+# (benchmarks/results/gpu-h200-2026-11-27.jsonl): about 6 cores keep one GPU fed.
+TOKENIZERS_PER_GPU = 6
 
 
 def latest_snapshot(storage: Storage) -> str:
@@ -267,7 +270,7 @@ def _start_actors(config: PipelineConfig, settings: EncoderSettings, writer: Wri
     options: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
     tokenizers = config.encode.tokenizer_actors
     if tokenizers is None:
-        tokenizers = max(1, min(2 * encoders, cpus - encoders)) if gpus else 0
+        tokenizers = max(1, min(TOKENIZERS_PER_GPU * encoders, cpus - encoders)) if gpus else 0
     log.info("starting %d encoder actor(s) on %s and %d tokenizer actor(s)", encoders, "GPU" if gpus else "CPU",
              tokenizers)
     encoder_class = ray.remote(max_restarts=-1, max_task_retries=0, **options)(EncoderActor)
@@ -396,7 +399,7 @@ def run_encode(config: PipelineConfig) -> dict[str, Any]:
     links = passage_chain(storage, snapshot)
     enc = config.encode
     settings = EncoderSettings(model=enc.model, pooling=enc.pooling, max_length=enc.max_length,
-                               normalize=enc.normalize, dtype=enc.dtype)
+                               normalize=enc.normalize, dtype=enc.dtype, cast_weights=enc.cast_weights)
     writer = WriterSettings(config.storage.root, config.storage.options, enc.embedding_dtype, enc.batch_tokens,
                             enc.max_batch_size, enc.cpu_threads, enc.max_shard_bytes)
     connect()

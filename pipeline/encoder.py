@@ -71,6 +71,9 @@ class EncoderSettings:
     normalize: bool = False
     dtype: str = "auto"
     question: bool = False  # DPR question encoder instead of the context encoder
+    # Run the weights in the compute dtype (bf16 LayerNorms and residuals too) rather than autocast over fp32
+    # weights: 1.45x the passages/s on an H200 at a min cosine of 0.9999 vs fp32 (benchmarks/gpu.py).
+    cast_weights: bool = False
 
 
 def load_model(settings: EncoderSettings) -> torch.nn.Module:
@@ -143,14 +146,10 @@ class PassageTokenizer:
 
 
 class TextEncoder:
-    """A loaded encoder; `encode(titles, texts)` → float32 [n, dim] in input order.
-
-    `cast_weights` runs the whole model in the compute dtype (bf16 LayerNorms and residuals too) instead of
-    autocast over fp32 weights: fewer bytes moved per layer on a GPU, at some cost in parity with fp32.
-    """
+    """A loaded encoder; `encode(titles, texts)` → float32 [n, dim] in input order."""
 
     def __init__(self, settings: EncoderSettings, device: torch.device | str | None = None,
-                 batch_tokens: int | None = None, max_batch_size: int = 512, cast_weights: bool = False):
+                 batch_tokens: int | None = None, max_batch_size: int = 512):
         self.settings = settings
         self.device = torch.device(device) if device is not None else default_device()
         self.compute_dtype = resolve_dtype(settings.dtype, self.device)
@@ -159,7 +158,7 @@ class TextEncoder:
         self.max_batch_size = max_batch_size
         self.tokenize = PassageTokenizer(settings)
         self.model = load_model(settings).to(self.device).eval()
-        self.cast_weights = cast_weights and self.compute_dtype != torch.float32
+        self.cast_weights = settings.cast_weights and self.compute_dtype != torch.float32
         if self.cast_weights:
             self.model.to(self.compute_dtype)
         config = self.model.config
