@@ -148,6 +148,7 @@ def main() -> None:
                 "bytes_written": written_bytes(before, store_files(work / "store")),
                 "fetched_bytes": published.fetched, "version_bytes": sum(e.bytes for e in published.manifest.files),
                 "index_build": summary["index_build"], "segments": summary["segments"],
+                "distortion": summary["distortion"],
                 "encoded": summary["encoded"], "phase_seconds": summary["phase_seconds"],
             })
             print(json.dumps(nights[-1]), file=sys.stderr, flush=True)

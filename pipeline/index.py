@@ -4,7 +4,9 @@ atomically (the format is in `pipeline.segments`).
 A build is one of three kinds, planned before any work (`plan_build`):
 - delta: the published version was built for an earlier snapshot of the same chain with the same settings: one new
   segment for the rows the later delta snapshots add, on the published quantizer, and tombstones for the published
-  rows they delete or replace. Work and bytes follow the change, not the corpus.
+  rows they delete or replace. Work and bytes follow the change, not the corpus. It stands while the new rows'
+  relative quantization error stays within `index.max_drift` of the error measured with the last recall; else
+  the build is a full one, which measures recall again.
 - full: every live row of the chain into one segment, on the published quantizer while its recall holds, else on a
   newly trained one. Phases, each timed: plan (training size, memory estimate: refuse before any work when it
   cannot fit) → sample (uniform over all shards: psgs_w100 is ordered by article) → train (on GPU when faiss sees
@@ -156,6 +158,21 @@ def measure_recall(index: faiss.Index, queries: np.ndarray, exact: np.ndarray, n
     return {r: recall_at(ann, exact, r) for r in RECALL_K}
 
 
+def distortion(index: faiss.Index, vectors: np.ndarray) -> float:
+    """Relative squared error of the index's codes, sum ||x - decode(encode(x))||^2 / sum ||x||^2: coarse and PQ
+    fit in one number that, unlike recall@k, does not depend on how many vectors it is measured on."""
+    if not len(vectors):
+        return 0.0
+    decoded = index.sa_decode(index.sa_encode(vectors))
+    return float(((vectors - decoded) ** 2).sum() / max(float((vectors**2).sum()), 1e-30))
+
+
+def drifted(reference: float | None, measured: float, max_drift: float) -> bool:
+    """Whether new rows fit the quantizer worse than the rows its recall was measured on, past the allowance
+    (pure). Without a reference (a version built before it was recorded) a delta cannot be vouched for."""
+    return reference is None or measured > reference * (1 + max_drift)
+
+
 def needs_compaction(segment_rows: Sequence[int], dead: int, config: IndexConfig) -> bool:
     """Merge when a version would list too many segments or carry too many dead rows (pure)."""
     total = sum(segment_rows)
@@ -238,6 +255,9 @@ class Built:
     dead: np.ndarray  # FAISS ids of tombstoned rows
     recall: dict[int, float]
     new_rows: int  # vectors added to a new segment this run
+    # Relative quantization error on the rows recall was measured with (the reference), and on this run's rows.
+    reference_distortion: float | None
+    distortion: float
 
     @property
     def stored(self) -> int:
@@ -294,13 +314,15 @@ def build_full(live: LiveEmbeddings, config: IndexConfig, plan: IndexPlan, work_
     exact.finalize()
     with timer("measure"):
         recall = measure_recall(writer.index, queries, exact.I, config.nprobe)
-    return Built(quantizer, [writer.close()], np.empty(0, np.int64), recall, writer.rows)
+        error = distortion(writer.index, queries)
+    return Built(quantizer, [writer.close()], np.empty(0, np.int64), recall, writer.rows, error, error)
 
 
 def build_delta(storage: Storage, previous: Manifest, deltas: list[Link], config: IndexConfig, work_dir: str,
                 timer: PhaseTimer) -> Built:
     """One new segment for the rows the deltas add, on the published version's quantizer, and tombstones for the
-    published rows they delete or replace. Recall is measured on the new rows (quantizer drift shows there)."""
+    published rows they delete or replace. Recall is carried from the published version; the new rows'
+    quantization error is measured for the drift gate."""
     files = files_of(previous)
     cache = os.path.join(work_dir, "published")
     quantizer_entry = files[previous.quantizer]
@@ -316,16 +338,15 @@ def build_delta(storage: Storage, previous: Manifest, deltas: list[Link], config
             if len(vectors):
                 writer.add(vectors, passages)
                 added.append(vectors)
-    recall = {r: float(getattr(previous, f"recall_at_{r}", 1.0) or 1.0) for r in RECALL_K}
-    if added:
-        with timer("measure"):
-            vectors = np.concatenate(added)
-            picks = np.random.default_rng(config.seed).choice(len(vectors), min(config.queries, len(vectors)),
-                                                             replace=False)
-            k = min(max(RECALL_K), len(vectors))
-            _, exact = faiss.knn(vectors[picks], vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
-            ids = faiss_ids(writer.seq, 0, len(vectors))
-            recall = measure_recall(writer.index, vectors[picks], ids[exact], config.nprobe)
+    # Recall@k among a night's few new rows says little about the version (their top 100 is a large share of
+    # them): the quantizer's fit to the new rows is compared instead with its fit when recall was last measured.
+    recall = {r: float(getattr(previous, f"recall_at_{r}")) for r in RECALL_K}
+    reference = getattr(previous, "reference_distortion", None)
+    with timer("measure"):
+        vectors = np.concatenate(added) if added else np.empty((0, quantizer.d), np.float32)
+        picks = np.random.default_rng(config.seed).choice(len(vectors), min(config.queries, len(vectors)),
+                                                         replace=False)
+        error = distortion(writer.index, vectors[np.sort(picks)])
     with timer("tombstone"):
         removed = np.unique(np.concatenate([link.tombstones for link in deltas] or [np.empty(0, np.uint64)]))
         dead = [read_npy_file(path, np.int64, name)
@@ -338,7 +359,7 @@ def build_delta(storage: Storage, previous: Manifest, deltas: list[Link], config
             dead.append(faiss_ids(segment.seq, 0, segment.rows)[rows])
         dead_ids = np.unique(np.concatenate(dead)) if dead else np.empty(0, np.int64)
     new = [writer.close()] if writer.rows else []
-    return Built(quantizer_entry, [*segments, *new], dead_ids, recall, writer.rows)
+    return Built(quantizer_entry, [*segments, *new], dead_ids, recall, writer.rows, reference, error)
 
 
 def compact(storage: Storage, built: Built, files: dict[str, FileEntry], work_dir: str, timer: PhaseTimer) -> Built:
@@ -374,7 +395,8 @@ def compact(storage: Storage, built: Built, files: dict[str, FileEntry], work_di
         segment = finish_segment(seq, rows, merged, keys, directory)
     log.info("compacted %d segments (%d rows, %d dead) into %s (%d rows)", len(built.segments), built.stored,
              len(built.dead), segment.name, rows)
-    return Built(built.quantizer, [segment], np.empty(0, np.int64), built.recall, built.new_rows)
+    return Built(built.quantizer, [segment], np.empty(0, np.int64), built.recall, built.new_rows,
+                 built.reference_distortion, built.distortion)
 
 
 # -- publishing -----------------------------------------------------------------------------------------------------
@@ -488,6 +510,7 @@ def _reused(storage: Storage, version: str, manifest: Manifest) -> dict[str, Any
     return {"version": version, "output": storage.url("indexes", version), "vectors": manifest.vectors,
             "mode": "current", "segments": len(segments_of(manifest)), "tombstones": None, "added": 0,
             "recall_at_10": manifest.recall_at_10, "recall_at_100": manifest.recall_at_100,
+            "distortion": getattr(manifest, "distortion", None),
             "bytes_per_vector": manifest.bytes_per_vector, "bytes_written": 0,
             "train_seconds": seconds.get("train", 0.0), "add_seconds": seconds.get("add", 0.0),
             "phase_seconds": seconds, "retrained": manifest.retrained, "trained_from": manifest.trained_from,
@@ -526,7 +549,8 @@ def run_build_index(config: PipelineConfig) -> dict[str, Any]:
                             f"({config.index.max_memory / GiB:.2f} GiB): raise it or choose a smaller factory")
     timer = PhaseTimer()
     with tempfile.TemporaryDirectory(prefix="build-index-") as work_dir:
-        built, trained_from = _build(storage, mode, links, start, previous, config.index, plan, work_dir, timer)
+        built, trained_from, mode = _build(storage, mode, links, start, previous, config.index, plan, work_dir,
+                                           timer)
         recall = built.recall[100]
         log.info("recall@10 %.4f, recall@100 %.4f vs exact at nprobe %d", built.recall[10], recall,
                  config.index.nprobe)
@@ -549,6 +573,7 @@ def run_build_index(config: PipelineConfig) -> dict[str, Any]:
                 "factory": config.index.factory, "metric": "inner_product", "nprobe": config.index.nprobe,
                 "settings": settings_digest(config.index), "train_size": plan.train_size, "vectors": vectors,
                 "queries": plan.queries, "recall_at_10": built.recall[10], "recall_at_100": recall,
+                "reference_distortion": built.reference_distortion, "distortion": built.distortion,
                 "bytes_per_vector": bytes_per_vector, "passages_manifest": links[-1].passages.created_at,
                 "seconds": timer.seconds, "trained_from": trained_from, "retrained": trained_from is None,
                 "built_on": previous[0] if mode == "delta" else None, "mode": mode,
@@ -556,7 +581,7 @@ def run_build_index(config: PipelineConfig) -> dict[str, Any]:
     return {"version": version, "output": storage.url("indexes", version), "vectors": vectors, "mode": mode,
             "segments": len(built.segments), "tombstones": len(built.dead), "added": built.new_rows,
             "recall_at_10": round(built.recall[10], 4), "recall_at_100": round(recall, 4),
-            "bytes_per_vector": bytes_per_vector, "bytes_written": written,
+            "distortion": round(built.distortion, 5), "bytes_per_vector": bytes_per_vector, "bytes_written": written,
             "train_seconds": timer.seconds.get("train", 0.0), "add_seconds": timer.seconds.get("add", 0.0),
             "phase_seconds": timer.seconds, "retrained": trained_from is None, "trained_from": trained_from,
             "reused": manifest is None}
@@ -573,16 +598,17 @@ def run_compact(config: PipelineConfig) -> dict[str, Any]:
 
 
 def _build(storage: Storage, mode: str, links: list[Link], start: int, previous: tuple[str, Manifest] | None,
-           config: IndexConfig, plan: IndexPlan, work_dir: str, timer: PhaseTimer) -> tuple[Built, str | None]:
-    """A delta segment while the published quantizer's recall on the new rows holds; else everything, on the
-    published quantizer while its recall holds (no k-means), else on a newly trained one."""
+           config: IndexConfig, plan: IndexPlan, work_dir: str, timer: PhaseTimer) -> tuple[Built, str | None, str]:
+    """A delta segment while the new rows fit the published quantizer; else everything, on the published quantizer
+    while its recall holds (no k-means), else on a newly trained one. Returns the build, the version whose
+    quantizer it used (None: trained now) and the mode it ran."""
     if mode == "delta":
         version, manifest = previous
         built = build_delta(storage, manifest, links[start:], config, work_dir, timer)
-        if built.recall[100] >= config.min_recall:
-            return built, manifest.trained_from or version
-        log.info("the quantizer of %s gives recall@100 %.4f on the new rows, below %.2f: rebuilding", version,
-                 built.recall[100], config.min_recall)
+        if not drifted(built.reference_distortion, built.distortion, config.max_drift):
+            return built, manifest.trained_from or version, "delta"
+        log.info("the new rows' quantization error %.4f is over %s's reference %s by more than index.max_drift "
+                 "%.2f: a full build", built.distortion, version, built.reference_distortion, config.max_drift)
     live = LiveEmbeddings(storage, links)
     if previous is not None:
         version, manifest = previous
@@ -591,10 +617,10 @@ def _build(storage: Storage, mode: str, links: list[Link], start: int, previous:
         built = build_full(live, config, plan, work_dir, timer, faiss.read_index(path))
         if built.recall[100] >= config.min_recall:
             log.info("reused the quantizer trained for %s (recall@100 %.4f)", version, built.recall[100])
-            return built, manifest.trained_from or version
+            return built, manifest.trained_from or version, "full"
         log.info("the quantizer of %s gives recall@100 %.4f on the new vectors, below %.2f: retraining", version,
                  built.recall[100], config.min_recall)
-    return build_full(live, config, plan, work_dir, timer), None
+    return build_full(live, config, plan, work_dir, timer), None, "full"
 
 
 def question_settings(storage: Storage, version: str | None, model: str, pooling: str | None) -> EncoderSettings:

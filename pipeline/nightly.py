@@ -91,7 +91,8 @@ def run_nightly(config: PipelineConfig) -> dict[str, Any]:
         "changed": encoded.get("changed", 0), "deleted": encoded.get("deleted", 0), "reused": encoded["reused"],
         "encoded": encoded["rows"], "retrained": built.get("retrained"), "version": built["version"],
         "index_build": built.get("mode"), "segments": built.get("segments"), "published": not built["reused"],
-        "vectors": built["vectors"], "recall_at_100": built["recall_at_100"], "served": served,
+        "vectors": built["vectors"], "recall_at_100": built["recall_at_100"], "distortion": built.get("distortion"),
+        "served": served,
         "phase_seconds": timer.seconds, "output": built["output"],
     }
 

@@ -267,3 +267,31 @@ def test_copied_codes_search_like_the_segments_they_merge():
            for seq in (1, 2) for r in np.nonzero(alive[seq])[0]}
     assert [[old[i] for i in row] for row in found.tolist()] == merged_found.tolist()
     assert (merged_found >> SEQ_SHIFT == 3).all()
+
+
+def test_delta_gate_reads_the_quantizers_fit_at_any_number_of_new_rows():
+    """The drift measure of a delta build: rows like the training data fit as well whether there are 30 or 3,000
+    of them; rows from elsewhere fit measurably worse and send the night to a full build."""
+    import faiss
+
+    from pipeline.index import distortion, drifted
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(40, 32)).astype(np.float32)
+
+    def draw(count: int, shift: float = 0.0) -> np.ndarray:
+        points = centers[rng.integers(0, len(centers), count)] + 0.3 * rng.normal(size=(count, 32))
+        return (points + shift * rng.normal(size=(1, 32))).astype(np.float32)
+
+    index = faiss.index_factory(32, "OPQ8_32,IVF16,PQ8x4", faiss.METRIC_INNER_PRODUCT)
+    index.train(draw(4000))
+    reference = distortion(index, draw(1000))
+    assert 0 < reference < 1
+    for count in (30, 300, 3000):
+        measured = distortion(index, draw(count))
+        assert abs(measured / reference - 1) < 0.15, (count, measured, reference)
+        assert not drifted(reference, measured, 0.2)
+    elsewhere = distortion(index, draw(300, shift=3.0))
+    assert elsewhere > 1.5 * reference and drifted(reference, elsewhere, 0.2)
+    assert drifted(None, reference, 0.2)  # a version that recorded no reference
+    assert distortion(index, np.empty((0, 32), np.float32)) == 0.0

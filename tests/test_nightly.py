@@ -209,7 +209,8 @@ def night2(nights):
 
 @pytest.fixture(scope="module")
 def night3(nights, night2):
-    """Night 3 killed (SIGKILL) right after its encode stage wrote its manifest, then run to the end, then again."""
+    """Night 3 killed (SIGKILL) right after its encode stage wrote its manifest, then while uploading its index
+    version, then run to the end, then again."""
     storage = nights["storage"]
     rows = [(pid, text + " third" if pid in {"200", "201", "202"} else text, title) for pid, text, title in ROWS]
     command = [sys.executable, "-m", "jobs.nightly", "--config", str(nights["config"]),
@@ -226,12 +227,21 @@ def night3(nights, night2):
         time.sleep(0.05)
     job.wait(timeout=60)
     record = storage.read_json("nightly/d3.json")
+    # Killed again while its index build uploads the new segment and tombstones.
+    upload = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    for line in upload.stderr:
+        if "pipeline.index: publish…" in line:
+            os.killpg(upload.pid, signal.SIGKILL)
+            break
+    upload.wait(timeout=120)
+    during_upload = (upload.returncode, storage.read_bytes("indexes/LATEST").decode().strip())
     run = run_job("nightly", nights["config"], *_night(nights["tmp"], rows, "d3"))
     assert run.returncode == 0, run.stderr[-3000:]
     created = storage.read_json(f"indexes/{run.summary['version']}/manifest.json")["created_at"]
     again = run_job("nightly", nights["config"], *_night(nights["tmp"], rows, "d3"))
     return {"killed": job.returncode, "record": record, "summary": run.summary, "created_at": created,
-            "rerun": again}
+            "rerun": again, "during_upload": during_upload}
 
 
 @pytest.fixture(scope="module")
@@ -356,7 +366,7 @@ def test_a_tampered_tombstone_file_is_refused(nights, night3):
 
 
 @pytest.mark.reliability
-def test_a_crash_after_encode_resumes_without_re_encoding_and_publishes_once(nights, night3):
+def test_a_crash_after_encode_resumes_without_re_encoding_and_publishes_once(nights, night2, night3):
     storage = nights["storage"]
     assert night3["killed"] == -signal.SIGKILL, "the nightly run finished before it could be killed after encode"
     assert night3["record"]["previous_snapshot"] == "d2"
@@ -365,6 +375,8 @@ def test_a_crash_after_encode_resumes_without_re_encoding_and_publishes_once(nig
     # vs night 2: ids 11-30 are back (new), 101-115 reverted and 200-202 edited (changed), 1001-1025 gone
     assert (third["new"], third["changed"], third["deleted"]) == (20, 18, 25)
     assert third["published"] is True and third["served"]["index_version"] == third["version"]
+    # the kill during the upload left LATEST on night 2's version; the finished night published its own once
+    assert night3["during_upload"] == (-signal.SIGKILL, night2["summary"]["version"])
     again = night3["rerun"]
     assert again.returncode == 0 and again.summary["published"] is False
     assert storage.read_json(f"indexes/{third['version']}/manifest.json")["created_at"] == night3["created_at"]
