@@ -17,7 +17,10 @@ $(STAMP): pyproject.toml
 	$(PIP) install -e '.[test,demo]'
 	touch $(STAMP)
 
+# Lint and format check first (ruff, configured in pyproject.toml), then the suite.
 test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
 
 demo: $(STAMP)

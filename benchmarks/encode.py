@@ -55,16 +55,23 @@ def random_dpr_base(directory: Path) -> str:
 
 
 def naive_rate(settings, titles, texts, device) -> float:
-    from pipeline.encoder import load_model, resolve_model_path
     from transformers import AutoTokenizer
+
+    from pipeline.encoder import load_model, resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(settings.model))
     model = load_model(settings).to(device).eval()
     start = time.perf_counter()
     with torch.no_grad():
         for i in range(0, len(texts), 32):
-            batch = tokenizer(titles[i : i + 32], texts[i : i + 32], padding="max_length", truncation=True,
-                              max_length=256, return_tensors="pt").to(device)
+            batch = tokenizer(
+                titles[i : i + 32],
+                texts[i : i + 32],
+                padding="max_length",
+                truncation=True,
+                max_length=256,
+                return_tensors="pt",
+            ).to(device)
             output = model(**batch)
             if settings.pooling == "mean":
                 mask = batch["attention_mask"].unsqueeze(-1)
@@ -94,7 +101,9 @@ def pipeline_rate(settings, ids, titles, texts, batch_tokens) -> dict:
 
     from tests.helpers import write_config, write_tsv
 
-    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
+    os.environ.update(
+        {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+    )
     os.environ.setdefault("RAY_ADDRESS", "local")  # each job its own Ray, never a cluster recorded on this machine
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -104,19 +113,31 @@ def pipeline_rate(settings, ids, titles, texts, batch_tokens) -> dict:
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
         with tempfile.TemporaryDirectory() as tmp:
             corpus = write_tsv(Path(tmp) / "psgs.tsv", list(zip(ids, texts, titles)))
-            encode = {"model": settings.model, "pooling": settings.pooling, "normalize": settings.normalize,
-                      "max_length": settings.max_length, "dtype": settings.dtype}
+            encode = {
+                "model": settings.model,
+                "pooling": settings.pooling,
+                "normalize": settings.normalize,
+                "max_length": settings.max_length,
+                "dtype": settings.dtype,
+            }
             if batch_tokens:
                 encode["batch_tokens"] = batch_tokens
-            config = write_config(Path(tmp) / "bench.yaml", {
-                "storage": {"root": "s3://bench/root", "options": {"endpoint_url": endpoint}},
-                "ingest": {"input": str(corpus), "snapshot": "bench", "shard_rows": max(64, len(ids) // 4)},
-                "encode": encode,
-            })
+            config = write_config(
+                Path(tmp) / "bench.yaml",
+                {
+                    "storage": {"root": "s3://bench/root", "options": {"endpoint_url": endpoint}},
+                    "ingest": {"input": str(corpus), "snapshot": "bench", "shard_rows": max(64, len(ids) // 4)},
+                    "encode": encode,
+                },
+            )
             summaries = {}
             for job in ("ingest", "encode"):
-                done = subprocess.run([sys.executable, "-m", f"jobs.{job}", "--config", str(config)], cwd=REPO,
-                                      capture_output=True, text=True)
+                done = subprocess.run(
+                    [sys.executable, "-m", f"jobs.{job}", "--config", str(config)],
+                    cwd=REPO,
+                    capture_output=True,
+                    text=True,
+                )
                 if done.returncode:
                     raise SystemExit(f"{job} failed:\n{done.stderr[-3000:]}")
                 summaries[job] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -141,10 +162,12 @@ def main() -> None:
 
     device = default_device()
     with tempfile.TemporaryDirectory() as tmp:
-        model, pooling = (random_dpr_base(Path(tmp) / "dpr-base"), "dpr") if args.random_dpr_base else (
-            args.model, args.pooling)
-        settings = EncoderSettings(model=model, pooling=pooling, max_length=256, normalize=pooling == "mean",
-                                   dtype=args.dtype)
+        model, pooling = (
+            (random_dpr_base(Path(tmp) / "dpr-base"), "dpr") if args.random_dpr_base else (args.model, args.pooling)
+        )
+        settings = EncoderSettings(
+            model=model, pooling=pooling, max_length=256, normalize=pooling == "mean", dtype=args.dtype
+        )
         ids, titles, texts = load_passages(args)
         naive = naive_rate(settings, titles, texts, device)
         encoder, mean_tokens, params = encoder_rate(settings, titles, texts, device, args.batch_tokens)

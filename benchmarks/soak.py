@@ -36,8 +36,11 @@ def rss_mb(pid: int) -> float | None:
 def replica_pids() -> dict[str, int]:
     from ray.util.state import list_actors
 
-    return {actor.class_name.removeprefix("ServeReplica:"): actor.pid
-            for actor in list_actors(filters=[("state", "=", "ALIVE")]) if actor.class_name.startswith("ServeReplica")}
+    return {
+        actor.class_name.removeprefix("ServeReplica:"): actor.pid
+        for actor in list_actors(filters=[("state", "=", "ALIVE")])
+        if actor.class_name.startswith("ServeReplica")
+    }
 
 
 def main() -> None:
@@ -82,19 +85,34 @@ def main() -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
-    growth = {name: round(100 * (at_end[name] - after_warmup[name]) / after_warmup[name], 1)
-              for name in pids if at_end.get(name) and after_warmup.get(name)}
+    growth = {
+        name: round(100 * (at_end[name] - after_warmup[name]) / after_warmup[name], 1)
+        for name in pids
+        if at_end.get(name) and after_warmup.get(name)
+    }
     total = result["requests"] + result["failed"]
-    print(json.dumps({
-        "benchmark": "soak", "seconds": args.seconds, "warmup_seconds": args.warmup, "clients": args.clients,
-        "requests": total, "errors": result["failed"], "error_rate": round(result["failed"] / max(1, total), 5),
-        "rps": result["rps"], "p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"],
-        "rss_mb_after_warmup": {k: round(v, 1) for k, v in after_warmup.items() if v},
-        "rss_mb_peak": {k: round(v, 1) for k, v in peak.items() if v},
-        "rss_mb_at_end": {k: round(v, 1) for k, v in at_end.items() if v},
-        "rss_growth_pct": growth, "max_rss_growth_pct": max(growth.values(), default=0.0),
-        "replicas_replaced": replaced,
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "soak",
+                "seconds": args.seconds,
+                "warmup_seconds": args.warmup,
+                "clients": args.clients,
+                "requests": total,
+                "errors": result["failed"],
+                "error_rate": round(result["failed"] / max(1, total), 5),
+                "rps": result["rps"],
+                "p50_ms": result["p50_ms"],
+                "p99_ms": result["p99_ms"],
+                "rss_mb_after_warmup": {k: round(v, 1) for k, v in after_warmup.items() if v},
+                "rss_mb_peak": {k: round(v, 1) for k, v in peak.items() if v},
+                "rss_mb_at_end": {k: round(v, 1) for k, v in at_end.items() if v},
+                "rss_growth_pct": growth,
+                "max_rss_growth_pct": max(growth.values(), default=0.0),
+                "replicas_replaced": replaced,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Train and publish a FAISS IVF-PQ index (with its docstore) from an encode job's embedding shards.
 
-    ray job submit --working-dir . -- python -m jobs.build_index --config configs/wiki21m.yaml
+ray job submit --working-dir . -- python -m jobs.build_index --config configs/wiki21m.yaml
 """
 
 import sys

@@ -31,13 +31,22 @@ def run_demo(config: PipelineConfig) -> dict[str, Any]:
     if not corpus.exists():
         log.info("writing the demo corpus (%d passages) to %s", write_demo_corpus(corpus), corpus)
     stages = {}
-    for stage, run in (("ingest", run_ingest), ("encode", run_encode), ("build_index", run_build_index),
-                       ("evaluate", run_evaluate)):
+    for stage, run in (
+        ("ingest", run_ingest),
+        ("encode", run_encode),
+        ("build_index", run_build_index),
+        ("evaluate", run_evaluate),
+    ):
         stages[stage] = run(config)
         log.info("%s: %s", stage, stages[stage])
     evaluated = stages["evaluate"]
-    log.info("top-k accuracy on %d demo questions, IVF-PQ vs exact: %s", evaluated["questions"], ", ".join(
-        f"top-{k} {evaluated[f'top{k}_ann']:.2f} vs {evaluated[f'top{k}_exact']:.2f}" for k in config.evaluate.k))
+    log.info(
+        "top-k accuracy on %d demo questions, IVF-PQ vs exact: %s",
+        evaluated["questions"],
+        ", ".join(
+            f"top-{k} {evaluated[f'top{k}_ann']:.2f} vs {evaluated[f'top{k}_exact']:.2f}" for k in config.evaluate.k
+        ),
+    )
     stages["serve"] = ask_once(config, DEMO_QUESTION)
     return {"stages": stages}
 

@@ -1,6 +1,6 @@
 """Encode a passage snapshot with the DPR context encoder on a Ray actor pool (one actor per GPU).
 
-    ray job submit --working-dir . -- python -m jobs.encode --config configs/wiki21m.yaml
+ray job submit --working-dir . -- python -m jobs.encode --config configs/wiki21m.yaml
 """
 
 import sys

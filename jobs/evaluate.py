@@ -1,6 +1,6 @@
 """Top-k retrieval accuracy of a published index vs exact search, on DPR's question files, in DPR's formats.
 
-    python -m jobs.evaluate --config configs/wiki21m.yaml --set evaluate.questions=s3://bucket/nq-test.qa.csv
+python -m jobs.evaluate --config configs/wiki21m.yaml --set evaluate.questions=s3://bucket/nq-test.qa.csv
 """
 
 import sys

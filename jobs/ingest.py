@@ -1,6 +1,6 @@
 """Ingest passage files into a Parquet passage snapshot.
 
-    python -m jobs.ingest --config configs/wiki21m.yaml --set ingest.snapshot=2026-11-26
+python -m jobs.ingest --config configs/wiki21m.yaml --set ingest.snapshot=2026-11-26
 """
 
 import sys

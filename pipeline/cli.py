@@ -20,9 +20,7 @@ log = logging.getLogger("pipeline")
 
 
 def _configure_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it tried, at every start
 
 
@@ -35,8 +33,9 @@ def _disconnect_ray() -> None:
             ray.shutdown()
 
 
-def _run(job: str, body: Callable[[PipelineConfig], dict[str, Any]], argv: Sequence[str] | None
-         ) -> tuple[int, dict[str, Any]]:
+def _run(
+    job: str, body: Callable[[PipelineConfig], dict[str, Any]], argv: Sequence[str] | None
+) -> tuple[int, dict[str, Any]]:
     args = argument_parser(job).parse_args(argv)  # argparse exits 2 on a bad command line
     started = time.perf_counter()
     try:
@@ -53,8 +52,11 @@ def _run(job: str, body: Callable[[PipelineConfig], dict[str, Any]], argv: Seque
         return 1, {"status": "error", "error": str(exc), "seconds": round(time.perf_counter() - started, 3)}
     except Exception as exc:  # noqa: BLE001 - an unexpected failure still ends with a summary line
         log.exception("%s failed unexpectedly", job)
-        return 1, {"status": "error", "error": f"{type(exc).__name__}: {exc}",
-                   "seconds": round(time.perf_counter() - started, 3)}
+        return 1, {
+            "status": "error",
+            "error": f"{type(exc).__name__}: {exc}",
+            "seconds": round(time.perf_counter() - started, 3),
+        }
     return 0, {"status": "ok", **summary, "seconds": round(time.perf_counter() - started, 3)}
 
 

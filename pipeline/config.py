@@ -91,13 +91,19 @@ class IngestConfig(Section):
     format: Literal["auto", "tsv", "jsonl", "parquet"] = "auto"
     shard_rows: int = Field(100_000, gt=0, description="passages per Parquet shard")
     max_text_chars: int = Field(100_000, gt=0, description="longer passages are rejected as bad input")
-    max_bad_rows: int = Field(0, ge=0, description="bad rows skipped and listed in the manifest's quarantine "
-                                                   "(0 = the first bad row fails the run)")
+    max_bad_rows: int = Field(
+        0,
+        ge=0,
+        description="bad rows skipped and listed in the manifest's quarantine (0 = the first bad row fails the run)",
+    )
     parallel: Literal["auto", "always", "never"] = Field(
         "auto", description="read files in Ray tasks: auto = when the input has more than one file"
     )
-    base: str | None = Field(None, description="write a delta on this snapshot: only new and changed rows, and "
-                                               "tombstones for the ids removed since (null = a full snapshot)")
+    base: str | None = Field(
+        None,
+        description="write a delta on this snapshot: only new and changed rows, and "
+        "tombstones for the ids removed since (null = a full snapshot)",
+    )
 
     _snapshot = field_validator("snapshot", "base", mode="before")(lambda cls, value: _snapshot_name(value))
 
@@ -115,8 +121,11 @@ class EncodeConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="compute dtype: auto = bf16 (fp16 without bf16) autocast on GPU, fp32 on CPU"
     )
-    cast_weights: bool = Field(True, description="run the weights in bf16/fp16 rather than autocast over fp32 "
-                               "weights (GPU: 1.45x the passages/s, min cosine 0.9999 vs fp32; no effect in fp32)")
+    cast_weights: bool = Field(
+        True,
+        description="run the weights in bf16/fp16 rather than autocast over fp32 "
+        "weights (GPU: 1.45x the passages/s, min cosine 0.9999 vs fp32; no effect in fp32)",
+    )
     batch_tokens: int | None = Field(
         None, gt=0, description="padded tokens per forward pass (default: 65536 on GPU, 4096 on CPU)"
     )
@@ -125,23 +134,43 @@ class EncodeConfig(Section):
     actors: int | None = Field(None, gt=0, description="encoder actors (default: one per GPU, else one on CPU)")
     cpu_threads: int | None = Field(None, gt=0, description="torch threads of a CPU actor (default: node CPUs)")
     tokenizer_actors: int | None = Field(
-        None, ge=0, description="CPU actors that read and tokenize shards for GPU actors (default: 6 per GPU "
-        "actor; 0 without GPUs, where encoder actors tokenize themselves)"
+        None,
+        ge=0,
+        description="CPU actors that read and tokenize shards for GPU actors (default: 6 per GPU "
+        "actor; 0 without GPUs, where encoder actors tokenize themselves)",
     )
     max_attempts: int = Field(3, gt=0, description="tries per shard when an encoder actor dies")
-    max_bad_shards: int = Field(0, ge=0, description="corrupt, empty, wrong-schema or oversized passage shards "
-                                                     "skipped and listed as quarantined (0 = the first fails the run)")
+    max_bad_shards: int = Field(
+        0,
+        ge=0,
+        description="corrupt, empty, wrong-schema or oversized passage shards "
+        "skipped and listed as quarantined (0 = the first fails the run)",
+    )
     max_shard_bytes: int = Field(2 * 2**30, gt=0, description="a passage shard larger than this is refused unread")
     _max_shard_bytes = field_validator("max_shard_bytes", mode="before")(lambda cls, value: parse_bytes(value))
-    carry_over: bool = Field(True, description="copy the vectors of unchanged passages (same id, content hash and "
-                                               "encoder fingerprint) from the previous snapshot instead of encoding")
-    previous_snapshot: str | None = Field(None, description="snapshot to carry vectors from (default: the one the "
-                                                            "published index was built from)")
+    carry_over: bool = Field(
+        True,
+        description="copy the vectors of unchanged passages (same id, content hash and "
+        "encoder fingerprint) from the previous snapshot instead of encoding",
+    )
+    previous_snapshot: str | None = Field(
+        None, description="snapshot to carry vectors from (default: the one the published index was built from)"
+    )
     _previous = field_validator("previous_snapshot", mode="before")(lambda cls, value: _snapshot_name(value))
 
 
-BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+BYTE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_bytes(value: Any) -> Any:
@@ -165,16 +194,28 @@ class IndexConfig(Section):
     min_recall: float = Field(0.9, ge=0, le=1, description="recall@100 below this is not published")
     max_memory: int = Field(32 * 2**30, gt=0, description="refuse to build when the estimate exceeds this (8GiB)")
     seed: int = 0
-    reuse_trained: bool = Field(True, description="add to the published index's trained quantizer (same encoder "
-                                                  "and factory) while its recall stays at min_recall; else retrain")
-    max_drift: float = Field(0.2, ge=0, description="a delta build adds to the published quantizer while the new rows' "
-                             "relative quantization error stays within this fraction above the error measured "
-                             "with the last recall; beyond it a full build measures recall again")
+    reuse_trained: bool = Field(
+        True,
+        description="add to the published index's trained quantizer (same encoder "
+        "and factory) while its recall stays at min_recall; else retrain",
+    )
+    max_drift: float = Field(
+        0.2,
+        ge=0,
+        description="a delta build adds to the published quantizer while the new rows' "
+        "relative quantization error stays within this fraction above the error measured "
+        "with the last recall; beyond it a full build measures recall again",
+    )
     max_segments: int = Field(8, gt=0, description="segments a version may list before they are merged")
-    max_tombstone_fraction: float = Field(0.2, gt=0, le=1, description="dead rows (deleted or replaced) a version "
-                                                                      "may carry, as a fraction, before merging")
-    compact: Literal["auto", "always", "never"] = Field("auto", description="merge segments past the two limits "
-                                                                             "above (auto), now (always) or never")
+    max_tombstone_fraction: float = Field(
+        0.2,
+        gt=0,
+        le=1,
+        description="dead rows (deleted or replaced) a version may carry, as a fraction, before merging",
+    )
+    compact: Literal["auto", "always", "never"] = Field(
+        "auto", description="merge segments past the two limits above (auto), now (always) or never"
+    )
     _max_memory = field_validator("max_memory", mode="before")(lambda cls, value: parse_bytes(value))
 
 
@@ -193,8 +234,9 @@ class ServeConfig(Section):
     _max_body = field_validator("max_body_bytes", mode="before")(lambda cls, value: parse_bytes(value))
     api_key_env: str | None = Field(None, description="environment variable holding the Bearer key (none = open)")
     batch_max_size: int = Field(32, gt=0, description="requests coalesced into one encode + search (1 = off)")
-    batch_wait_s: float = Field(0.02, ge=0, description="how long a batch waits to fill: latency traded for "
-                                                        "throughput under concurrent load")
+    batch_wait_s: float = Field(
+        0.02, ge=0, description="how long a batch waits to fill: latency traded for throughput under concurrent load"
+    )
     reader_passages: int = Field(10, gt=0, description="top passages the reader reads")
     reader_max_length: int = Field(256, gt=0)
     max_answer_tokens: int = Field(10, gt=0)
@@ -213,24 +255,33 @@ class ServeConfig(Section):
 
 
 class NightlyConfig(Section):
-    serve_address: str | None = Field(None, description="Ray dashboard URL whose Serve REST API gets the new "
-                                                        "index version, e.g. http://head:8265 (null = leave Serve)")
+    serve_address: str | None = Field(
+        None,
+        description="Ray dashboard URL whose Serve REST API gets the new "
+        "index version, e.g. http://head:8265 (null = leave Serve)",
+    )
     serve_app: str = Field("qa", description="the Serve application to update")
-    serve_url: str | None = Field(None, description="where the app answers HTTP, to check it serves the new "
-                                                    "version (default: http://serve.host:serve.port)")
+    serve_url: str | None = Field(
+        None,
+        description="where the app answers HTTP, to check it serves the new "
+        "version (default: http://serve.host:serve.port)",
+    )
     serve_timeout_s: float = Field(600, gt=0)
     full: bool = Field(False, description="write a full passage snapshot tonight instead of a delta")
     max_chain: int = Field(7, ge=0, description="delta snapshots in a row before a full one is written")
 
 
 class EvaluateConfig(Section):
-    questions: str | None = Field(None, description="DPR .qa.csv (question<TAB>['answers']) or JSONL "
-                                                    "{question, answers}: path or URL")
-    output: str | None = Field(None, description="where the results JSON, report and plot go "
-                                                 "(default: <root>/evaluations/<index version>)")
+    questions: str | None = Field(
+        None, description="DPR .qa.csv (question<TAB>['answers']) or JSONL {question, answers}: path or URL"
+    )
+    output: str | None = Field(
+        None, description="where the results JSON, report and plot go (default: <root>/evaluations/<index version>)"
+    )
     k: list[int] = Field([1, 5, 20, 100], min_length=1, description="top-k accuracies to report")
-    match: Literal["string", "regex"] = Field("string", description="DPR's answer matching: token sequences, "
-                                                                   "or regex (CuratedTREC)")
+    match: Literal["string", "regex"] = Field(
+        "string", description="DPR's answer matching: token sequences, or regex (CuratedTREC)"
+    )
     index_version: str | None = Field(None, description="index to evaluate (default: indexes/LATEST)")
     cache_dir: str = Field("/tmp/dpr-pipeline-index-cache", description="local copies of index versions")
 

@@ -113,7 +113,10 @@ class BadRows:
 
 
 def read_passages(
-    url: str, options: dict[str, Any] | None = None, fmt: str = "auto", max_text_chars: int = 100_000,
+    url: str,
+    options: dict[str, Any] | None = None,
+    fmt: str = "auto",
+    max_text_chars: int = 100_000,
     bad: BadRows | None = None,
 ) -> Iterator[Passage]:
     """Stream validated passages from one file; memory does not depend on the file's size."""
@@ -247,8 +250,10 @@ def _validated(url: str, rows: Iterable[Passage], max_text_chars: int, bad: BadR
         elif not passage.text.strip():
             problem = f"empty text for id {passage.id!r}"
         elif len(passage.text) > max_text_chars:
-            problem = (f"text of id {passage.id!r} has {len(passage.text)} characters "
-                       f"(ingest.max_text_chars is {max_text_chars})")
+            problem = (
+                f"text of id {passage.id!r} has {len(passage.text)} characters "
+                f"(ingest.max_text_chars is {max_text_chars})"
+            )
         if problem:
             bad.skip(InputError(url, passage.line, problem))
             continue

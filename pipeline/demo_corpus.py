@@ -9,20 +9,67 @@ from __future__ import annotations
 import gzip
 import importlib
 import inspect
+import pydoc_data.topics
 from collections.abc import Iterator
 from pathlib import Path
-
-import pydoc_data.topics
 
 # Modules that libraries imported by the pipeline do not patch (torch replaces inspect.getfile, for one), so the
 # corpus is the same whatever ran first.
 MODULES = (
-    "argparse", "array", "asyncio", "base64", "bisect", "calendar", "collections", "contextlib", "copy", "csv",
-    "dataclasses", "datetime", "decimal", "difflib", "enum", "fractions", "functools", "gzip", "hashlib", "heapq",
-    "hmac", "html", "io", "ipaddress", "itertools", "json", "logging", "math", "operator", "os",
-    "pathlib", "queue", "random", "re", "secrets", "shutil", "socket", "sqlite3", "statistics", "string",
-    "struct", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "time", "typing", "unittest",
-    "uuid", "warnings", "weakref", "zipfile", "zlib",
+    "argparse",
+    "array",
+    "asyncio",
+    "base64",
+    "bisect",
+    "calendar",
+    "collections",
+    "contextlib",
+    "copy",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "enum",
+    "fractions",
+    "functools",
+    "gzip",
+    "hashlib",
+    "heapq",
+    "hmac",
+    "html",
+    "io",
+    "ipaddress",
+    "itertools",
+    "json",
+    "logging",
+    "math",
+    "operator",
+    "os",
+    "pathlib",
+    "queue",
+    "random",
+    "re",
+    "secrets",
+    "shutil",
+    "socket",
+    "sqlite3",
+    "statistics",
+    "string",
+    "struct",
+    "subprocess",
+    "tarfile",
+    "tempfile",
+    "textwrap",
+    "threading",
+    "time",
+    "typing",
+    "unittest",
+    "uuid",
+    "warnings",
+    "weakref",
+    "zipfile",
+    "zlib",
 )
 WORDS_PER_PASSAGE = 100
 

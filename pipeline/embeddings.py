@@ -31,8 +31,15 @@ from pipeline.encoder import EncoderSettings, PassageTokenizer, TextEncoder, Tok
 from pipeline.errors import InputError, PipelineError, StorageError
 from pipeline.ingest import PASSAGE_SCHEMA
 from pipeline.raycluster import connect
-from pipeline.snapshots import (Link, content_keys, embedding_chain, embeddings_dir, keys_of, passage_chain,
-                                read_shard_keys)
+from pipeline.snapshots import (
+    Link,
+    content_keys,
+    embedding_chain,
+    embeddings_dir,
+    keys_of,
+    passage_chain,
+    read_shard_keys,
+)
 from pipeline.storage import FileEntry, Manifest, Storage, parquet_bytes, read_parquet_bytes
 
 log = logging.getLogger(__name__)
@@ -54,8 +61,13 @@ def embedding_table(ids: list[str], content_hashes: list[str], vectors: np.ndarr
     """id, content_hash (of the passage the vector was computed from, so a later snapshot can carry it over),
     embedding."""
     values = pa.array(np.ascontiguousarray(vectors, dtype=dtype).reshape(-1))
-    return pa.table({"id": pa.array(ids, pa.string()), "content_hash": pa.array(content_hashes, pa.string()),
-                     "embedding": pa.FixedSizeListArray.from_arrays(values, vectors.shape[1])})
+    return pa.table(
+        {
+            "id": pa.array(ids, pa.string()),
+            "content_hash": pa.array(content_hashes, pa.string()),
+            "embedding": pa.FixedSizeListArray.from_arrays(values, vectors.shape[1]),
+        }
+    )
 
 
 def embedding_matrix(table: pa.Table) -> np.ndarray:
@@ -168,8 +180,9 @@ class TokenizerActor:
     """The reader/mapper half, on CPU: verified passage shard → (ids, tokens). Long-lived, so the tokenizer and
     the imports are loaded once, before the first shard is timed. Also used inline by CPU encoder actors."""
 
-    def __init__(self, settings: EncoderSettings, storage_root: str, options: dict[str, Any],
-                 max_shard_bytes: int | None = None):
+    def __init__(
+        self, settings: EncoderSettings, storage_root: str, options: dict[str, Any], max_shard_bytes: int | None = None
+    ):
         self.storage = Storage(storage_root, options)
         self.max_shard_bytes = max_shard_bytes
         self.tokenize = PassageTokenizer(settings)
@@ -210,12 +223,22 @@ class EncoderActor:
         self.reader = TokenizerActor(settings, writer.storage_root, writer.storage_options, writer.max_shard_bytes)
 
     def describe(self) -> dict[str, Any]:
-        return {"fingerprint": self._fingerprint, "dim": self.encoder.dim, "device": str(self.encoder.device),
-                "dtype": str(self.encoder.compute_dtype).removeprefix("torch."), "pid": os.getpid()}
+        return {
+            "fingerprint": self._fingerprint,
+            "dim": self.encoder.dim,
+            "device": str(self.encoder.device),
+            "dtype": str(self.encoder.compute_dtype).removeprefix("torch."),
+            "pid": os.getpid(),
+        }
 
-    def encode_shard(self, output: str, passages: str, entry: FileEntry,
-                     shard: tuple[list[str], list[str], Tokens] | None,
-                     carry: Carry | None = None) -> FileEntry:
+    def encode_shard(
+        self,
+        output: str,
+        passages: str,
+        entry: FileEntry,
+        shard: tuple[list[str], list[str], Tokens] | None,
+        carry: Carry | None = None,
+    ) -> FileEntry:
         if carry is not None:
             ids, hashes, vectors, encoded = self._carry_and_encode(passages, entry, carry)
         else:
@@ -223,11 +246,13 @@ class EncoderActor:
             vectors, encoded = self.encoder.encode_tokens(tokens), len(ids)
         data = parquet_bytes(embedding_table(ids, hashes, vectors, self.writer.embedding_dtype))
         digest = self.storage.write_bytes(posixpath.join(output, entry.name), data)
-        return FileEntry(name=entry.name, bytes=len(data), sha256=digest, rows=len(ids), source_sha256=entry.sha256,
-                         encoded=encoded)
+        return FileEntry(
+            name=entry.name, bytes=len(data), sha256=digest, rows=len(ids), source_sha256=entry.sha256, encoded=encoded
+        )
 
-    def _carry_and_encode(self, passages: str, entry: FileEntry, carry: Carry
-                          ) -> tuple[list[str], list[str], np.ndarray, int]:
+    def _carry_and_encode(
+        self, passages: str, entry: FileEntry, carry: Carry
+    ) -> tuple[list[str], list[str], np.ndarray, int]:
         """Copy the vectors of passages whose id and content hash are unchanged; encode only the others."""
         table = read_passage_shard(self.storage, passages, entry, self.writer.max_shard_bytes)
         ids, hashes = table.column("id").to_pylist(), table.column("content_hash").to_pylist()
@@ -235,8 +260,9 @@ class EncoderActor:
         for directory, source in carry.sources:
             previous = read_shard(self.storage, directory, source)
             matrix = embedding_matrix(previous)
-            for row, (pid, digest) in enumerate(zip(previous.column("id").to_pylist(),
-                                                    previous.column("content_hash").to_pylist())):
+            for row, (pid, digest) in enumerate(
+                zip(previous.column("id").to_pylist(), previous.column("content_hash").to_pylist())
+            ):
                 found[pid] = (digest, matrix, row)
         vectors = np.empty((len(ids), self.encoder.dim), dtype=np.float32)
         todo = []
@@ -271,14 +297,17 @@ def _start_actors(config: PipelineConfig, settings: EncoderSettings, writer: Wri
     tokenizers = config.encode.tokenizer_actors
     if tokenizers is None:
         tokenizers = max(1, min(TOKENIZERS_PER_GPU * encoders, cpus - encoders)) if gpus else 0
-    log.info("starting %d encoder actor(s) on %s and %d tokenizer actor(s)", encoders, "GPU" if gpus else "CPU",
-             tokenizers)
+    log.info(
+        "starting %d encoder actor(s) on %s and %d tokenizer actor(s)", encoders, "GPU" if gpus else "CPU", tokenizers
+    )
     encoder_class = ray.remote(max_restarts=-1, max_task_retries=0, **options)(EncoderActor)
     tokenizer_class = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=0)(TokenizerActor)
     return ActorPool(
         encoders=[encoder_class.remote(settings, writer) for _ in range(encoders)],
-        tokenizers=[tokenizer_class.remote(settings, config.storage.root, config.storage.options,
-                                           writer.max_shard_bytes) for _ in range(tokenizers)],
+        tokenizers=[
+            tokenizer_class.remote(settings, config.storage.root, config.storage.options, writer.max_shard_bytes)
+            for _ in range(tokenizers)
+        ],
     )
 
 
@@ -304,8 +333,7 @@ class _ShardScheduler:
     PROBE_INTERVAL_S = 0.5
     RECOVERY_TIMEOUT_S = 600.0
 
-    def __init__(self, pool: ActorPool, config: EncodeConfig, output: str, passages: str,
-                 carries: dict[str, Carry]):
+    def __init__(self, pool: ActorPool, config: EncodeConfig, output: str, passages: str, carries: dict[str, Carry]):
         self.actors, self.tokenizers = pool.encoders, pool.tokenizers
         self.max_attempts, self.max_bad_shards = config.max_attempts, config.max_bad_shards
         self.output, self.passages, self.carries = output, passages, carries
@@ -325,7 +353,8 @@ class _ShardScheduler:
                 carry, shard = self.carries.get(entry.name), None
                 if self.tokenizers and carry is None:  # a carried shard tokenizes only its few changed rows
                     shard = self.tokenizers[self.submitted % len(self.tokenizers)].tokenize_shard.remote(
-                        self.passages, entry)
+                        self.passages, entry
+                    )
                 self.submitted += 1
                 ref = self.actors[actor].encode_shard.remote(self.output, self.passages, entry, shard, carry)
                 self.inflight[ref] = (actor, entry)
@@ -362,8 +391,10 @@ class _ShardScheduler:
                 self.attempts[entry.name] = self.attempts.get(entry.name, 0) + 1
                 if self.attempts[entry.name] >= self.max_attempts:
                     self._cancel()
-                    raise PipelineError(f"shard {entry.name}: encoder actor died {self.attempts[entry.name]} times "
-                                        f"({exc.__class__.__name__})") from None
+                    raise PipelineError(
+                        f"shard {entry.name}: encoder actor died {self.attempts[entry.name]} times "
+                        f"({exc.__class__.__name__})"
+                    ) from None
                 log.warning("encoder actor %d died with shard %s in flight; requeued", actor, entry.name)
                 self.retried += 1
                 queue.appendleft(entry)
@@ -398,10 +429,23 @@ def run_encode(config: PipelineConfig) -> dict[str, Any]:
     snapshot = config.encode.snapshot or latest_snapshot(storage)
     links = passage_chain(storage, snapshot)
     enc = config.encode
-    settings = EncoderSettings(model=enc.model, pooling=enc.pooling, max_length=enc.max_length,
-                               normalize=enc.normalize, dtype=enc.dtype, cast_weights=enc.cast_weights)
-    writer = WriterSettings(config.storage.root, config.storage.options, enc.embedding_dtype, enc.batch_tokens,
-                            enc.max_batch_size, enc.cpu_threads, enc.max_shard_bytes)
+    settings = EncoderSettings(
+        model=enc.model,
+        pooling=enc.pooling,
+        max_length=enc.max_length,
+        normalize=enc.normalize,
+        dtype=enc.dtype,
+        cast_weights=enc.cast_weights,
+    )
+    writer = WriterSettings(
+        config.storage.root,
+        config.storage.options,
+        enc.embedding_dtype,
+        enc.batch_tokens,
+        enc.max_batch_size,
+        enc.cpu_threads,
+        enc.max_shard_bytes,
+    )
     connect()
     pool = _start_actors(config, settings, writer)
     try:
@@ -417,12 +461,23 @@ def run_encode(config: PipelineConfig) -> dict[str, Any]:
     live = int(getattr(links[-1].passages, "live_rows", None) or links[-1].passages.rows or 0)
     diff = getattr(links[-1].passages, "diff", None) or head.pop("diff")
     head.pop("diff", None)
-    return {**head, "rows": encoded, "reused": max(0, live - encoded), **diff,
-            "snapshots_encoded": [link.snapshot for link, d in zip(links, done) if d["encoded_shards"]]}
+    return {
+        **head,
+        "rows": encoded,
+        "reused": max(0, live - encoded),
+        **diff,
+        "snapshots_encoded": [link.snapshot for link, d in zip(links, done) if d["encoded_shards"]],
+    }
 
 
-def _encode_snapshot(pool: ActorPool, storage: Storage, config: PipelineConfig, settings: EncoderSettings,
-                     described: dict[str, Any], link: Link) -> dict[str, Any]:
+def _encode_snapshot(
+    pool: ActorPool,
+    storage: Storage,
+    config: PipelineConfig,
+    settings: EncoderSettings,
+    described: dict[str, Any],
+    link: Link,
+) -> dict[str, Any]:
     """One snapshot of the chain: its own shards (a delta's new and changed rows), exactly once."""
     fingerprint, dim, device = described["fingerprint"], described["dim"], described["device"]
     output = embeddings_dir(link.snapshot, fingerprint)
@@ -431,14 +486,27 @@ def _encode_snapshot(pool: ActorPool, storage: Storage, config: PipelineConfig, 
     done = {e.name: e for e in published.files} if published else _load_progress(storage, output)
     todo, reused = plan_shards(passage_manifest.files, done)
     if todo:
-        log.info("encoding snapshot %s with %s (dim %d, %s) into %s", link.snapshot, fingerprint, dim, device,
-                 storage.url(output))
+        log.info(
+            "encoding snapshot %s with %s (dim %d, %s) into %s",
+            link.snapshot,
+            fingerprint,
+            dim,
+            device,
+            storage.url(output),
+        )
     previous = _previous_embeddings(storage, config, link, fingerprint) if todo else None
     diff, carries = _plan_carry(storage, config, link.passages_dir, passage_manifest.files, todo, previous)
     completed = list(reused)
     started = time.perf_counter()
-    with tqdm(total=passage_manifest.rows or 0, initial=sum(e.rows or 0 for e in reused), desc="encode",
-              unit=" passages", unit_scale=True, mininterval=2) as bar:
+    with tqdm(
+        total=passage_manifest.rows or 0,
+        initial=sum(e.rows or 0 for e in reused),
+        desc="encode",
+        unit=" passages",
+        unit_scale=True,
+        mininterval=2,
+    ) as bar:
+
         def on_done(entry: FileEntry) -> None:
             completed.append(entry)
             storage.write_json(posixpath.join(output, PROGRESS_NAME), [e.model_dump() for e in completed])
@@ -453,18 +521,34 @@ def _encode_snapshot(pool: ActorPool, storage: Storage, config: PipelineConfig, 
         storage.remove_unlisted(output, keep={e.name for e in completed})
         enc = config.encode
         storage.write_manifest(
-            output, "embeddings", completed, snapshot=link.snapshot, fingerprint=fingerprint, dim=dim,
-            encoder={**asdict(settings), "compute_dtype": described["dtype"]}, base=link.base,
-            embedding_dtype=enc.embedding_dtype, passages_manifest=passage_manifest.created_at,
-            carried_from=previous[-1][0] if previous else None, quarantine=scheduler.quarantine,
+            output,
+            "embeddings",
+            completed,
+            snapshot=link.snapshot,
+            fingerprint=fingerprint,
+            dim=dim,
+            encoder={**asdict(settings), "compute_dtype": described["dtype"]},
+            base=link.base,
+            embedding_dtype=enc.embedding_dtype,
+            passages_manifest=passage_manifest.created_at,
+            carried_from=previous[-1][0] if previous else None,
+            quarantine=scheduler.quarantine,
         )
     encoded = sum(getattr(e, "encoded", e.rows) or 0 for e in finished)
     previous_snapshot = link.base or (previous[-1][0].split("/")[1] if previous else None)
     return {
-        "rows": encoded, "diff": diff, "shards": len(completed), "encoded_shards": len(finished),
-        "retried_shards": scheduler.retried, "quarantine": scheduler.quarantine, "dim": dim, "device": device,
-        "passages_per_s": round(encoded / seconds, 1) if encoded else 0.0, "fingerprint": fingerprint,
-        "previous_snapshot": previous_snapshot, "output": storage.url(output),
+        "rows": encoded,
+        "diff": diff,
+        "shards": len(completed),
+        "encoded_shards": len(finished),
+        "retried_shards": scheduler.retried,
+        "quarantine": scheduler.quarantine,
+        "dim": dim,
+        "device": device,
+        "passages_per_s": round(encoded / seconds, 1) if encoded else 0.0,
+        "fingerprint": fingerprint,
+        "previous_snapshot": previous_snapshot,
+        "output": storage.url(output),
     }
 
 
@@ -486,8 +570,9 @@ def published_encoder(storage: Storage) -> dict[str, Any] | None:
     return getattr(_published_manifest(storage), "encoder", None)
 
 
-def _previous_embeddings(storage: Storage, config: PipelineConfig, link: Link,
-                         fingerprint: str) -> list[tuple[str, Manifest]] | None:
+def _previous_embeddings(
+    storage: Storage, config: PipelineConfig, link: Link, fingerprint: str
+) -> list[tuple[str, Manifest]] | None:
     """For a full snapshot: the earlier snapshot's embeddings by the same model (every link of its chain), whose
     unchanged vectors are copied rather than encoded again: `encode.previous_snapshot`, else the snapshot the
     published index was built from. A different fingerprint (another model or settings) carries nothing, and a
@@ -512,9 +597,14 @@ def _get_keys(refs: list) -> list[ShardKeys]:
         raise (exc.cause if isinstance(exc.cause, Exception) else PipelineError(str(exc))) from None
 
 
-def _plan_carry(storage: Storage, config: PipelineConfig, passages: str, files: list[FileEntry],
-                todo: list[FileEntry], previous: list[tuple[str, Manifest]] | None
-                ) -> tuple[dict[str, int], dict[str, Carry]]:
+def _plan_carry(
+    storage: Storage,
+    config: PipelineConfig,
+    passages: str,
+    files: list[FileEntry],
+    todo: list[FileEntry],
+    previous: list[tuple[str, Manifest]] | None,
+) -> tuple[dict[str, int], dict[str, Carry]]:
     """Diff counts against the previous snapshot, and for each shard still to do, where its unchanged vectors are.
     Every row of the previous chain counts, dead ones too: a vector depends only on its passage's content."""
     if previous is None:
@@ -528,9 +618,18 @@ def _plan_carry(storage: Storage, config: PipelineConfig, passages: str, files: 
         log.warning("cannot diff against %s (%s): every passage is encoded", storage.url(previous[-1][0]), exc)
         return {}, {}
     plan = plan_carry_over(new_keys, old_keys)
-    log.info("against %s: %d unchanged, %d new, %d changed, %d deleted passages", storage.url(previous[-1][0]),
-             plan.unchanged, plan.new, plan.changed, plan.deleted)
+    log.info(
+        "against %s: %d unchanged, %d new, %d changed, %d deleted passages",
+        storage.url(previous[-1][0]),
+        plan.unchanged,
+        plan.new,
+        plan.changed,
+        plan.deleted,
+    )
     position = {e.name: i for i, e in enumerate(files)}
-    carries = {e.name: Carry([sources[i] for i in plan.sources[position[e.name]]])
-               for e in todo if plan.sources[position[e.name]]}
+    carries = {
+        e.name: Carry([sources[i] for i in plan.sources[position[e.name]]])
+        for e in todo
+        if plan.sources[position[e.name]]
+    }
     return {"new": plan.new, "changed": plan.changed, "deleted": plan.deleted, "unchanged": plan.unchanged}, carries

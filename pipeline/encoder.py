@@ -30,7 +30,7 @@ def resolve_model_path(model: str) -> str:
     """`python-package:NAME` names a model shipped inside a pip package (offline demo); anything else is
     passed to `from_pretrained` unchanged (a hub name or a path)."""
     if model.startswith(PACKAGE_PREFIX):
-        return str(importlib.import_module(model[len(PACKAGE_PREFIX):]).get_model_path())
+        return str(importlib.import_module(model[len(PACKAGE_PREFIX) :]).get_model_path())
     return model
 
 
@@ -90,9 +90,11 @@ def load_model(settings: EncoderSettings) -> torch.nn.Module:
     model, info = model_class.from_pretrained(path, attn_implementation="sdpa", output_loading_info=True)
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
-        raise PipelineError(f"model {settings.model} lacks {len(missing)} weights for {model_class.__name__} "
-                            f"(e.g. {missing[0]}): is it a {'question' if settings.question else 'context'} "
-                            "encoder checkpoint?")
+        raise PipelineError(
+            f"model {settings.model} lacks {len(missing)} weights for {model_class.__name__} "
+            f"(e.g. {missing[0]}): is it a {'question' if settings.question else 'context'} "
+            "encoder checkpoint?"
+        )
     return model
 
 
@@ -134,8 +136,13 @@ class PassageTokenizer:
 
     def __call__(self, titles: Sequence[str] | None, texts: Sequence[str]) -> Tokens:
         args = (list(texts),) if titles is None else (list(titles), list(texts))
-        encoded = self.tokenizer(*args, truncation=True, max_length=self.settings.max_length,
-                                 return_attention_mask=False, return_token_type_ids=self.use_token_types)
+        encoded = self.tokenizer(
+            *args,
+            truncation=True,
+            max_length=self.settings.max_length,
+            return_attention_mask=False,
+            return_token_type_ids=self.use_token_types,
+        )
         return Tokens.from_lists(encoded["input_ids"], encoded["token_type_ids"] if self.use_token_types else None)
 
     def digest(self) -> bytes:
@@ -148,8 +155,13 @@ class PassageTokenizer:
 class TextEncoder:
     """A loaded encoder; `encode(titles, texts)` → float32 [n, dim] in input order."""
 
-    def __init__(self, settings: EncoderSettings, device: torch.device | str | None = None,
-                 batch_tokens: int | None = None, max_batch_size: int = 512):
+    def __init__(
+        self,
+        settings: EncoderSettings,
+        device: torch.device | str | None = None,
+        batch_tokens: int | None = None,
+        max_batch_size: int = 512,
+    ):
         self.settings = settings
         self.device = torch.device(device) if device is not None else default_device()
         self.compute_dtype = resolve_dtype(settings.dtype, self.device)
@@ -202,7 +214,9 @@ class TextEncoder:
         columns = np.arange(longest)
         real = columns[None, :] < batch_lengths[:, None]
         # Gather every row's tokens at once; positions past a row's end read its last token and are masked.
-        positions = tokens.offsets[batch][:, None] + np.minimum(columns[None, :], np.maximum(batch_lengths[:, None] - 1, 0))
+        positions = tokens.offsets[batch][:, None] + np.minimum(
+            columns[None, :], np.maximum(batch_lengths[:, None] - 1, 0)
+        )
         ids = np.where(real, tokens.input_ids[positions], self.tokenize.pad_id).astype(np.int64)
         inputs = {"input_ids": ids, "attention_mask": real.astype(np.int64)}
         if tokens.token_type_ids is not None:

@@ -102,8 +102,9 @@ def read_questions(url: str, options: dict[str, Any]) -> list[Question]:
 
 
 # -- answer matching (DPR's qa_validation.has_answer) ------------------------------------------------------------------
-_TOKEN = regex.compile(r"([\p{L}\p{N}\p{M}]+)|([^\p{Z}\p{C}])",
-                       flags=regex.IGNORECASE | regex.UNICODE | regex.MULTILINE)
+_TOKEN = regex.compile(
+    r"([\p{L}\p{N}\p{M}]+)|([^\p{Z}\p{C}])", flags=regex.IGNORECASE | regex.UNICODE | regex.MULTILINE
+)
 
 
 def dpr_words(text: str) -> list[str]:
@@ -116,8 +117,9 @@ def has_answer(answers: list[str], text: str, match: str = "string") -> bool:
         normalized = unicodedata.normalize("NFD", text)
         for pattern in answers:
             try:
-                compiled = regex.compile(unicodedata.normalize("NFD", pattern),
-                                         flags=regex.IGNORECASE | regex.UNICODE | regex.MULTILINE)
+                compiled = regex.compile(
+                    unicodedata.normalize("NFD", pattern), flags=regex.IGNORECASE | regex.UNICODE | regex.MULTILINE
+                )
             except regex.error:
                 continue  # as DPR: an invalid pattern matches nothing
             if compiled.search(normalized) is not None:
@@ -126,7 +128,7 @@ def has_answer(answers: list[str], text: str, match: str = "string") -> bool:
     words = dpr_words(text)
     for answer in answers:
         wanted = dpr_words(answer)
-        if wanted and any(words[i:i + len(wanted)] == wanted for i in range(len(words) - len(wanted) + 1)):
+        if wanted and any(words[i : i + len(wanted)] == wanted for i in range(len(words) - len(wanted) + 1)):
             return True
     return False
 
@@ -169,8 +171,9 @@ def exact_passages(live: LiveEmbeddings, positions: np.ndarray) -> pa.Table:
     return pa.concat_tables(parts).take(pa.array(np.argsort(np.concatenate(where), kind="stable")))
 
 
-def dpr_results(questions: list[Question], scores: np.ndarray, rows: np.ndarray, passages: pa.Table,
-                match: str) -> list[dict[str, Any]]:
+def dpr_results(
+    questions: list[Question], scores: np.ndarray, rows: np.ndarray, passages: pa.Table, match: str
+) -> list[dict[str, Any]]:
     """DPR's retriever-results JSON records, best first (scores as strings, as DPR writes them). `passages` holds
     the passage of each found row (rows >= 0, in order)."""
     ids, titles, texts = (passages.column(c).to_pylist() for c in ("id", "title", "text"))
@@ -181,8 +184,15 @@ def dpr_results(questions: list[Question], scores: np.ndarray, rows: np.ndarray,
             if r < 0:
                 continue
             text = texts[position]
-            ctxs.append({"id": ids[position], "title": titles[position], "text": text, "score": str(float(score)),
-                         "has_answer": has_answer(question.answers, text, match)})
+            ctxs.append(
+                {
+                    "id": ids[position],
+                    "title": titles[position],
+                    "text": text,
+                    "score": str(float(score)),
+                    "has_answer": has_answer(question.answers, text, match),
+                }
+            )
             position += 1
         records.append({"question": question.question, "answers": question.answers, "ctxs": ctxs})
     return records
@@ -222,8 +232,9 @@ def run_evaluate(config: PipelineConfig) -> dict[str, Any]:
     depth = max(ks)
     index = load_published(storage, version, ev.cache_dir)
     settings = question_settings(storage, version, config.serve.question_model, config.serve.question_pooling)
-    log.info("evaluating %d questions from %s on index %s (%d vectors)", len(questions), ev.questions, version,
-             index.vectors)
+    log.info(
+        "evaluating %d questions from %s on index %s (%d vectors)", len(questions), ev.questions, version, index.vectors
+    )
     started = time.perf_counter()
     vectors = TextEncoder(settings).encode(None, [q.question for q in questions])
     ann_scores, ann_rows = index.search(vectors, depth)
@@ -232,30 +243,49 @@ def run_evaluate(config: PipelineConfig) -> dict[str, Any]:
     live = LiveEmbeddings(storage, embedding_chain(storage, index.manifest.snapshot, index.manifest.fingerprint))
     exact_scores, exact_rows = exact_search(live, vectors, depth)
     ann = dpr_results(questions, ann_scores, ann_rows, index.passages(ann_rows[ann_rows >= 0]), ev.match)
-    exact = dpr_results(questions, exact_scores, exact_rows, exact_passages(live, exact_rows[exact_rows >= 0]),
-                        ev.match)
-    accuracy = {name: top_k_accuracy([[c["has_answer"] for c in r["ctxs"]] for r in records], ks)
-                for name, records in (("ann", ann), ("exact", exact))}
+    exact = dpr_results(
+        questions, exact_scores, exact_rows, exact_passages(live, exact_rows[exact_rows >= 0]), ev.match
+    )
+    accuracy = {
+        name: top_k_accuracy([[c["has_answer"] for c in r["ctxs"]] for r in records], ks)
+        for name, records in (("ann", ann), ("exact", exact))
+    }
     report = {
-        "index_version": version, "questions_file": ev.questions, "questions": len(questions), "match": ev.match,
-        "factory": getattr(index.manifest, "factory", None), "nprobe": getattr(index.manifest, "nprobe", None),
+        "index_version": version,
+        "questions_file": ev.questions,
+        "questions": len(questions),
+        "match": ev.match,
+        "factory": getattr(index.manifest, "factory", None),
+        "nprobe": getattr(index.manifest, "nprobe", None),
         "top_k": {name: {str(k): round(v, 4) for k, v in acc.items()} for name, acc in accuracy.items()},
         "difference_points": {str(k): round(100 * (accuracy["exact"][k] - accuracy["ann"][k]), 2) for k in ks},
         "questions_per_s": round(len(questions) / ann_seconds, 1),
     }
     output = ev.output or storage.url("evaluations", version)
     out_fs, out_path = resolve(output, config.storage.options)
-    files = {"retriever_results.json": json.dumps(ann, ensure_ascii=False, indent=1).encode(),
-             "retriever_results_exact.json": json.dumps(exact, ensure_ascii=False, indent=1).encode(),
-             "report.json": json.dumps(report, indent=1).encode(),
-             "top_k_accuracy.png": plot_accuracy({f"IVF-PQ ({report['factory']}, nprobe {report['nprobe']})":
-                                                  list(accuracy["ann"].values()),
-                                                  "exact inner product": list(accuracy["exact"].values())},
-                                                 ks, f"{len(questions)} questions, index {version}")}
+    files = {
+        "retriever_results.json": json.dumps(ann, ensure_ascii=False, indent=1).encode(),
+        "retriever_results_exact.json": json.dumps(exact, ensure_ascii=False, indent=1).encode(),
+        "report.json": json.dumps(report, indent=1).encode(),
+        "top_k_accuracy.png": plot_accuracy(
+            {
+                f"IVF-PQ ({report['factory']}, nprobe {report['nprobe']})": list(accuracy["ann"].values()),
+                "exact inner product": list(accuracy["exact"].values()),
+            },
+            ks,
+            f"{len(questions)} questions, index {version}",
+        ),
+    }
     out_fs.makedirs(out_path, exist_ok=True)
     for name, data in files.items():
         out_fs.pipe_file(posixpath.join(out_path, name), data)
     summary = {f"top{k}_{name}": round(accuracy[name][k], 4) for k in ks for name in ("ann", "exact")}
-    return {"questions": len(questions), "index_version": version, **summary,
-            "difference_points": report["difference_points"], "questions_per_s": report["questions_per_s"],
-            "output": output.rstrip("/"), "results": posixpath.join(output.rstrip("/"), "retriever_results.json")}
+    return {
+        "questions": len(questions),
+        "index_version": version,
+        **summary,
+        "difference_points": report["difference_points"],
+        "questions_per_s": report["questions_per_s"],
+        "output": output.rstrip("/"),
+        "results": posixpath.join(output.rstrip("/"), "retriever_results.json"),
+    }

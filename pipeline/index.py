@@ -40,9 +40,25 @@ from pipeline.config import IndexConfig, PipelineConfig
 from pipeline.embeddings import latest_snapshot
 from pipeline.encoder import EncoderSettings
 from pipeline.errors import InputError, PipelineError
-from pipeline.segments import (DOCSTORE_FILE, DOCSTORE_SCHEMA, INDEX_MANIFEST, IVF_FILE, KEYS_FILE, TOMBSTONES_FILE,
-                               SegmentRef, copy_live_codes, faiss_ids, fetch_verified, files_of, ivf_of,
-                               published_version, read_index_manifest, read_invlists, segments_of, write_invlists)
+from pipeline.segments import (
+    DOCSTORE_FILE,
+    DOCSTORE_SCHEMA,
+    INDEX_MANIFEST,
+    IVF_FILE,
+    KEYS_FILE,
+    TOMBSTONES_FILE,
+    SegmentRef,
+    copy_live_codes,
+    faiss_ids,
+    fetch_verified,
+    files_of,
+    ivf_of,
+    published_version,
+    read_index_manifest,
+    read_invlists,
+    segments_of,
+    write_invlists,
+)
 from pipeline.snapshots import Link, LiveEmbeddings, embedding_chain, keys_of, live_rows, npy_bytes, read_npy_file
 from pipeline.storage import FileEntry, Manifest, Storage, sha256_file
 
@@ -69,8 +85,9 @@ def plan_index(factory: str, dim: int, vectors: int, largest_shard: int, config:
     try:
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
-        raise PipelineError(f"index.factory {factory!r} is not a valid FAISS factory for dim {dim}: "
-                            f"{str(exc).splitlines()[-1]}") from None
+        raise PipelineError(
+            f"index.factory {factory!r} is not a valid FAISS factory for dim {dim}: {str(exc).splitlines()[-1]}"
+        ) from None
     ivf = faiss.try_extract_index_ivf(index)
     nlist = int(ivf.nlist) if ivf is not None else None
     wanted = 39 * max(nlist or 1, 256)
@@ -176,8 +193,10 @@ def drifted(reference: float | None, measured: float, max_drift: float) -> bool:
 def needs_compaction(segment_rows: Sequence[int], dead: int, config: IndexConfig) -> bool:
     """Merge when a version would list too many segments or carry too many dead rows (pure)."""
     total = sum(segment_rows)
-    return config.compact == "always" or (config.compact == "auto" and (
-        len(segment_rows) > config.max_segments or (total > 0 and dead / total > config.max_tombstone_fraction)))
+    return config.compact == "always" or (
+        config.compact == "auto"
+        and (len(segment_rows) > config.max_segments or (total > 0 and dead / total > config.max_tombstone_fraction))
+    )
 
 
 def plan_build(chain: Sequence[str], previous_snapshot: str | None, same_settings: bool) -> tuple[str, int]:
@@ -236,8 +255,9 @@ class SegmentWriter:
         return finish_segment(self.seq, self.rows, ivf_of(self.index).invlists, self._keys, self.directory)
 
 
-def finish_segment(seq: int, rows: int, invlists: faiss.InvertedLists, keys: list[np.ndarray],
-                   directory: str) -> LocalSegment:
+def finish_segment(
+    seq: int, rows: int, invlists: faiss.InvertedLists, keys: list[np.ndarray], directory: str
+) -> LocalSegment:
     """Write the inverted lists and keys beside an already written docstore."""
     paths = {name: os.path.join(directory, name) for name in (IVF_FILE, DOCSTORE_FILE, KEYS_FILE)}
     write_invlists(invlists, paths[IVF_FILE])
@@ -270,17 +290,27 @@ def _read_and_match(live: LiveEmbeddings, shard: int) -> tuple[np.ndarray, pa.Ta
     passages = live.passages(shard)
     if passages.column("id").to_pylist() != ids:
         link, entry = live.shards[shard]
-        raise InputError(live.storage.url(live.links[link].embeddings_dir, entry.name), None,
-                         "embedding ids do not match the passage shard of the same name")
+        raise InputError(
+            live.storage.url(live.links[link].embeddings_dir, entry.name),
+            None,
+            "embedding ids do not match the passage shard of the same name",
+        )
     return vectors[keep], passages.filter(pa.array(keep))
 
 
-def build_full(live: LiveEmbeddings, config: IndexConfig, plan: IndexPlan, work_dir: str, timer: PhaseTimer,
-               trained: faiss.Index | None = None) -> Built:
+def build_full(
+    live: LiveEmbeddings,
+    config: IndexConfig,
+    plan: IndexPlan,
+    work_dir: str,
+    timer: PhaseTimer,
+    trained: faiss.Index | None = None,
+) -> Built:
     """Train (unless given an already trained, empty index), add every live vector into one segment and measure
     recall on held-out corpus vectors against exact search."""
-    index = trained if trained is not None else faiss.index_factory(plan.dim, config.factory,
-                                                                    faiss.METRIC_INNER_PRODUCT)
+    index = (
+        trained if trained is not None else faiss.index_factory(plan.dim, config.factory, faiss.METRIC_INNER_PRODUCT)
+    )
     ivf_of(index)
     with timer("sample"):
         positions = sample_positions(live.stored_rows, plan.train_size + plan.queries, config.seed)
@@ -291,7 +321,7 @@ def build_full(live: LiveEmbeddings, config: IndexConfig, plan: IndexPlan, work_
                 parts.append(vectors[picks][keep[picks]])
         sample = np.concatenate(parts)
         order = np.random.default_rng(config.seed + 1).permutation(len(sample))
-        train, queries = sample[order[: plan.train_size]], sample[order[plan.train_size:]]
+        train, queries = sample[order[: plan.train_size]], sample[order[plan.train_size :]]
     if trained is None:
         with timer("train"), training_on_gpus(index):
             index.train(train)
@@ -301,8 +331,11 @@ def build_full(live: LiveEmbeddings, config: IndexConfig, plan: IndexPlan, work_
     writer = SegmentWriter(index, 1, work_dir)
     k = min(max(RECALL_K), plan.vectors)
     exact = faiss.ResultHeap(len(queries), k, keep_max=True)
-    with assigning_on_gpus(writer.index), timer("add"), \
-            tqdm(total=plan.vectors, desc="add", unit=" vectors", unit_scale=True, mininterval=2) as bar:
+    with (
+        assigning_on_gpus(writer.index),
+        timer("add"),
+        tqdm(total=plan.vectors, desc="add", unit=" vectors", unit_scale=True, mininterval=2) as bar,
+    ):
         for shard in range(len(live.shards)):
             vectors, passages = _read_and_match(live, shard)
             if not len(vectors):
@@ -318,8 +351,9 @@ def build_full(live: LiveEmbeddings, config: IndexConfig, plan: IndexPlan, work_
     return Built(quantizer, [writer.close()], np.empty(0, np.int64), recall, writer.rows, error, error)
 
 
-def build_delta(storage: Storage, previous: Manifest, deltas: list[Link], config: IndexConfig, work_dir: str,
-                timer: PhaseTimer) -> Built:
+def build_delta(
+    storage: Storage, previous: Manifest, deltas: list[Link], config: IndexConfig, work_dir: str, timer: PhaseTimer
+) -> Built:
     """One new segment for the rows the deltas add, on the published version's quantizer, and tombstones for the
     published rows they delete or replace. Recall is carried from the published version; the new rows'
     quantization error is measured for the drift gate."""
@@ -344,18 +378,25 @@ def build_delta(storage: Storage, previous: Manifest, deltas: list[Link], config
     reference = getattr(previous, "reference_distortion", None)
     with timer("measure"):
         vectors = np.concatenate(added) if added else np.empty((0, quantizer.d), np.float32)
-        picks = np.random.default_rng(config.seed).choice(len(vectors), min(config.queries, len(vectors)),
-                                                         replace=False)
+        picks = np.random.default_rng(config.seed).choice(
+            len(vectors), min(config.queries, len(vectors)), replace=False
+        )
         error = distortion(writer.index, vectors[np.sort(picks)])
     with timer("tombstone"):
         removed = np.unique(np.concatenate([link.tombstones for link in deltas] or [np.empty(0, np.uint64)]))
-        dead = [read_npy_file(path, np.int64, name)
+        dead = (
+            [
+                read_npy_file(path, np.int64, name)
                 for name, path in fetch_verified(storage, [files[previous.tombstones]], cache)[0].items()
-                ] if getattr(previous, "tombstones", None) else []
+            ]
+            if getattr(previous, "tombstones", None)
+            else []
+        )
         keys = fetch_verified(storage, [files[s.file(KEYS_FILE)] for s in segments], cache)[0]
         for segment in segments:
-            rows = np.nonzero(np.isin(read_npy_file(keys[segment.file(KEYS_FILE)], np.uint64, segment.name),
-                                      removed))[0]
+            rows = np.nonzero(np.isin(read_npy_file(keys[segment.file(KEYS_FILE)], np.uint64, segment.name), removed))[
+                0
+            ]
             dead.append(faiss_ids(segment.seq, 0, segment.rows)[rows])
         dead_ids = np.unique(np.concatenate(dead)) if dead else np.empty(0, np.int64)
     new = [writer.close()] if writer.rows else []
@@ -365,24 +406,37 @@ def build_delta(storage: Storage, previous: Manifest, deltas: list[Link], config
 def compact(storage: Storage, built: Built, files: dict[str, FileEntry], work_dir: str, timer: PhaseTimer) -> Built:
     """Merge every segment into one and drop tombstoned rows, copying codes (no vector is read or re-encoded)."""
     with timer("compact"):
-        paths = fetch_verified(storage, [files[s.file(n)] for s in built.segments if isinstance(s, SegmentRef)
-                                         for n in (IVF_FILE, DOCSTORE_FILE, KEYS_FILE)],
-                               os.path.join(work_dir, "published"))[0]
+        paths = fetch_verified(
+            storage,
+            [
+                files[s.file(n)]
+                for s in built.segments
+                if isinstance(s, SegmentRef)
+                for n in (IVF_FILE, DOCSTORE_FILE, KEYS_FILE)
+            ],
+            os.path.join(work_dir, "published"),
+        )[0]
         local = {s.seq: s.paths for s in built.segments if isinstance(s, LocalSegment)}
 
         def path(segment, name: str) -> str:
             return local[segment.seq][name] if segment.seq in local else paths[segment.file(name)]
 
-        quantizer = faiss.read_index(built.quantizer if isinstance(built.quantizer, str) else
-                                     fetch_verified(storage, [built.quantizer], os.path.join(work_dir, "published")
-                                                    )[0][built.quantizer.name])
+        quantizer = faiss.read_index(
+            built.quantizer
+            if isinstance(built.quantizer, str)
+            else fetch_verified(storage, [built.quantizer], os.path.join(work_dir, "published"))[0][
+                built.quantizer.name
+            ]
+        )
         ivf = ivf_of(quantizer)
         seq = max(s.seq for s in built.segments) + 1
         directory = os.path.join(work_dir, f"segment-{seq:06d}")
         os.makedirs(directory, exist_ok=True)
         remap, sources, keys, rows = {}, [], [], 0
-        with pa.OSFile(os.path.join(directory, DOCSTORE_FILE), "wb") as sink, \
-                pa.ipc.new_file(sink, DOCSTORE_SCHEMA) as out:
+        with (
+            pa.OSFile(os.path.join(directory, DOCSTORE_FILE), "wb") as sink,
+            pa.ipc.new_file(sink, DOCSTORE_SCHEMA) as out,
+        ):
             for segment in built.segments:
                 alive = ~np.isin(faiss_ids(segment.seq, 0, segment.rows), built.dead)
                 remap[segment.seq] = np.where(alive, rows + np.cumsum(alive) - 1, -1)
@@ -393,10 +447,23 @@ def compact(storage: Storage, built: Built, files: dict[str, FileEntry], work_di
                 keys.append(read_npy_file(path(segment, KEYS_FILE), np.uint64, segment.name)[alive])
         merged = copy_live_codes(sources, remap, seq, ivf.nlist, ivf.code_size)
         segment = finish_segment(seq, rows, merged, keys, directory)
-    log.info("compacted %d segments (%d rows, %d dead) into %s (%d rows)", len(built.segments), built.stored,
-             len(built.dead), segment.name, rows)
-    return Built(built.quantizer, [segment], np.empty(0, np.int64), built.recall, built.new_rows,
-                 built.reference_distortion, built.distortion)
+    log.info(
+        "compacted %d segments (%d rows, %d dead) into %s (%d rows)",
+        len(built.segments),
+        built.stored,
+        len(built.dead),
+        segment.name,
+        rows,
+    )
+    return Built(
+        built.quantizer,
+        [segment],
+        np.empty(0, np.int64),
+        built.recall,
+        built.new_rows,
+        built.reference_distortion,
+        built.distortion,
+    )
 
 
 # -- publishing -----------------------------------------------------------------------------------------------------
@@ -410,8 +477,9 @@ def _upload_once(storage: Storage, path: str, rel: str) -> tuple[FileEntry, int]
     return entry, entry.bytes
 
 
-def publish(storage: Storage, version: str, built: Built, previous_files: dict[str, FileEntry],
-            lineage: dict[str, Any]) -> tuple[Manifest | None, int]:
+def publish(
+    storage: Storage, version: str, built: Built, previous_files: dict[str, FileEntry], lineage: dict[str, Any]
+) -> tuple[Manifest | None, int]:
     """Upload what is new (segments and quantizer are content-addressed: what exists is not written again), the
     tombstones, then the manifest (sha256 of every file the version needs), then LATEST: a version is complete or
     invisible. The manifest is created with a conditional write: of two runs racing to publish one version, one
@@ -441,12 +509,26 @@ def publish(storage: Storage, version: str, built: Built, previous_files: dict[s
     if len(built.dead):
         tombstones = posixpath.join(version, TOMBSTONES_FILE)
         data = npy_bytes(np.sort(built.dead).astype(np.int64))
-        entries.append(FileEntry(name=tombstones, bytes=len(data),
-                                 sha256=storage.write_bytes(posixpath.join("indexes", tombstones), data)))
+        entries.append(
+            FileEntry(
+                name=tombstones,
+                bytes=len(data),
+                sha256=storage.write_bytes(posixpath.join("indexes", tombstones), data),
+            )
+        )
         written += len(data)
-    manifest = storage.write_manifest(posixpath.join("indexes", version), "index", entries, name=INDEX_MANIFEST,
-                                      exclusive=True, version=version, quantizer=entries[0].name,
-                                      segments=segments, tombstones=tombstones, **lineage)
+    manifest = storage.write_manifest(
+        posixpath.join("indexes", version),
+        "index",
+        entries,
+        name=INDEX_MANIFEST,
+        exclusive=True,
+        version=version,
+        quantizer=entries[0].name,
+        segments=segments,
+        tombstones=tombstones,
+        **lineage,
+    )
     if manifest is None:
         log.warning("index %s was published by another run meanwhile: not publishing it again", version)
         return None, written
@@ -460,29 +542,49 @@ def find_embeddings(storage: Storage, config: IndexConfig) -> tuple[str, str]:
     snapshot = config.snapshot or latest_snapshot(storage)
     base = posixpath.join("embeddings", snapshot)
     candidates = [config.fingerprint] if config.fingerprint else storage.list_names(base)
-    published = [(m, name) for name in candidates
-                 if (m := storage.read_manifest(posixpath.join(base, name))) is not None]
+    published = [
+        (m, name) for name in candidates if (m := storage.read_manifest(posixpath.join(base, name))) is not None
+    ]
     if not published:
-        raise PipelineError(f"no published embeddings under {storage.url(base)}"
-                            f"{'/' + config.fingerprint if config.fingerprint else ''}: run jobs.encode first")
+        raise PipelineError(
+            f"no published embeddings under {storage.url(base)}"
+            f"{'/' + config.fingerprint if config.fingerprint else ''}: run jobs.encode first"
+        )
     return snapshot, max(published, key=lambda item: item[0].created_at)[1]
 
 
 def settings_digest(config: IndexConfig) -> str:
     """What, besides the vectors, decides a version's content."""
-    return hashlib.sha256(json.dumps({
-        "factory": config.factory, "nprobe": config.nprobe, "train_size": config.train_size,
-        "queries": config.queries, "seed": config.seed}, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(
+        json.dumps(
+            {
+                "factory": config.factory,
+                "nprobe": config.nprobe,
+                "train_size": config.train_size,
+                "queries": config.queries,
+                "seed": config.seed,
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:16]
 
 
 def index_version(snapshot: str, links: Sequence[Link], config: IndexConfig, on: str | None = None) -> str:
     """Same inputs and settings → same version, so a rerun finds its own published work."""
-    digest = hashlib.sha256(json.dumps({
-        "embeddings": [(link.snapshot, [(e.name, e.sha256) for e in link.embeddings.files]) for link in links],
-        "tombstones": [link.tombstones.tobytes().hex()[:64] + str(len(link.tombstones)) for link in links],
-        "settings": settings_digest(config), "on": on, "compact": config.compact,
-        "max_segments": config.max_segments, "max_tombstone_fraction": config.max_tombstone_fraction,
-    }, sort_keys=True).encode()).hexdigest()
+    digest = hashlib.sha256(
+        json.dumps(
+            {
+                "embeddings": [(link.snapshot, [(e.name, e.sha256) for e in link.embeddings.files]) for link in links],
+                "tombstones": [link.tombstones.tobytes().hex()[:64] + str(len(link.tombstones)) for link in links],
+                "settings": settings_digest(config),
+                "on": on,
+                "compact": config.compact,
+                "max_segments": config.max_segments,
+                "max_tombstone_fraction": config.max_tombstone_fraction,
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()
     return f"{snapshot}-{digest[:10]}"
 
 
@@ -496,9 +598,12 @@ def compatible_previous(storage: Storage, config: IndexConfig, embeddings: Manif
     except FileNotFoundError:
         return None
     manifest = storage.read_manifest(posixpath.join("indexes", version), name=INDEX_MANIFEST)
-    if manifest is None or not getattr(manifest, "quantizer", None) or (
-            manifest.fingerprint, manifest.factory, manifest.dim) != (embeddings.fingerprint, config.factory,
-                                                                      embeddings.dim):
+    if (
+        manifest is None
+        or not getattr(manifest, "quantizer", None)
+        or (manifest.fingerprint, manifest.factory, manifest.dim)
+        != (embeddings.fingerprint, config.factory, embeddings.dim)
+    ):
         return None
     return version, manifest
 
@@ -507,14 +612,26 @@ def _reused(storage: Storage, version: str, manifest: Manifest) -> dict[str, Any
     """The summary of a version published earlier (by this run's inputs, or one that already indexes them)."""
     storage.write_bytes("indexes/LATEST", f"{version}\n".encode())
     seconds = dict(manifest.seconds or {})
-    return {"version": version, "output": storage.url("indexes", version), "vectors": manifest.vectors,
-            "mode": "current", "segments": len(segments_of(manifest)), "tombstones": None, "added": 0,
-            "recall_at_10": manifest.recall_at_10, "recall_at_100": manifest.recall_at_100,
-            "distortion": getattr(manifest, "distortion", None),
-            "bytes_per_vector": manifest.bytes_per_vector, "bytes_written": 0,
-            "train_seconds": seconds.get("train", 0.0), "add_seconds": seconds.get("add", 0.0),
-            "phase_seconds": seconds, "retrained": manifest.retrained, "trained_from": manifest.trained_from,
-            "reused": True}
+    return {
+        "version": version,
+        "output": storage.url("indexes", version),
+        "vectors": manifest.vectors,
+        "mode": "current",
+        "segments": len(segments_of(manifest)),
+        "tombstones": None,
+        "added": 0,
+        "recall_at_10": manifest.recall_at_10,
+        "recall_at_100": manifest.recall_at_100,
+        "distortion": getattr(manifest, "distortion", None),
+        "bytes_per_vector": manifest.bytes_per_vector,
+        "bytes_written": 0,
+        "train_seconds": seconds.get("train", 0.0),
+        "add_seconds": seconds.get("add", 0.0),
+        "phase_seconds": seconds,
+        "retrained": manifest.retrained,
+        "trained_from": manifest.trained_from,
+        "reused": True,
+    }
 
 
 def run_build_index(config: PipelineConfig) -> dict[str, Any]:
@@ -523,17 +640,20 @@ def run_build_index(config: PipelineConfig) -> dict[str, Any]:
     links = embedding_chain(storage, snapshot, fingerprint)
     head = links[-1].embeddings
     previous = compatible_previous(storage, config.index, head)
-    mode, start = plan_build([link.snapshot for link in links], previous[1].snapshot if previous else None,
-                             previous is not None and getattr(previous[1], "settings", None)
-                             == settings_digest(config.index))
+    mode, start = plan_build(
+        [link.snapshot for link in links],
+        previous[1].snapshot if previous else None,
+        previous is not None and getattr(previous[1], "settings", None) == settings_digest(config.index),
+    )
     compact_already = len(segments_of(previous[1])) <= 1 and not previous[1].tombstones if previous else False
     if mode == "current" and (config.index.compact != "always" or compact_already):
         log.info("index %s already serves snapshot %s: pointing LATEST at it", previous[0], snapshot)
         return _reused(storage, *previous)
     if mode == "current":
         mode, start = "delta", len(links)
-    version = index_version(snapshot, links[start:] if mode == "delta" else links, config.index,
-                            previous[0] if mode == "delta" else None)
+    version = index_version(
+        snapshot, links[start:] if mode == "delta" else links, config.index, previous[0] if mode == "delta" else None
+    )
     existing = storage.read_manifest(posixpath.join("indexes", version), name=INDEX_MANIFEST)
     if existing is not None:
         log.info("index %s is already published: pointing LATEST at it", version)
@@ -541,50 +661,98 @@ def run_build_index(config: PipelineConfig) -> dict[str, Any]:
     live = LiveEmbeddings(storage, links)
     rows = live.stored_rows
     plan = plan_index(config.index.factory, int(head.dim), live_rows(links), max(rows), config.index)
-    log.info("plan: %s build, %d live vectors x %d, nlist %s, train on %d, %d held-out queries, ~%.2f GiB peak",
-             mode, plan.vectors, plan.dim, plan.nlist, plan.train_size, plan.queries, plan.memory_bytes / GiB)
+    log.info(
+        "plan: %s build, %d live vectors x %d, nlist %s, train on %d, %d held-out queries, ~%.2f GiB peak",
+        mode,
+        plan.vectors,
+        plan.dim,
+        plan.nlist,
+        plan.train_size,
+        plan.queries,
+        plan.memory_bytes / GiB,
+    )
     if mode == "full" and plan.memory_bytes > config.index.max_memory:
-        raise PipelineError(f"building {config.index.factory} over {plan.vectors} x {plan.dim} vectors needs about "
-                            f"{plan.memory_bytes / GiB:.2f} GiB, over index.max_memory "
-                            f"({config.index.max_memory / GiB:.2f} GiB): raise it or choose a smaller factory")
+        raise PipelineError(
+            f"building {config.index.factory} over {plan.vectors} x {plan.dim} vectors needs about "
+            f"{plan.memory_bytes / GiB:.2f} GiB, over index.max_memory "
+            f"({config.index.max_memory / GiB:.2f} GiB): raise it or choose a smaller factory"
+        )
     timer = PhaseTimer()
     with tempfile.TemporaryDirectory(prefix="build-index-") as work_dir:
-        built, trained_from, mode = _build(storage, mode, links, start, previous, config.index, plan, work_dir,
-                                           timer)
+        built, trained_from, mode = _build(storage, mode, links, start, previous, config.index, plan, work_dir, timer)
         recall = built.recall[100]
-        log.info("recall@10 %.4f, recall@100 %.4f vs exact at nprobe %d", built.recall[10], recall,
-                 config.index.nprobe)
+        log.info("recall@10 %.4f, recall@100 %.4f vs exact at nprobe %d", built.recall[10], recall, config.index.nprobe)
         if recall < config.index.min_recall:
-            raise PipelineError(f"recall@100 {recall:.4f} of {config.index.factory} at nprobe "
-                                f"{config.index.nprobe} is below index.min_recall {config.index.min_recall}: "
-                                f"version {version} not published")
+            raise PipelineError(
+                f"recall@100 {recall:.4f} of {config.index.factory} at nprobe "
+                f"{config.index.nprobe} is below index.min_recall {config.index.min_recall}: "
+                f"version {version} not published"
+            )
         previous_files = files_of(previous[1]) if previous else {}
         if needs_compaction([s.rows for s in built.segments], len(built.dead), config.index) and (
-                len(built.segments) > 1 or len(built.dead)):
+            len(built.segments) > 1 or len(built.dead)
+        ):
             built = compact(storage, built, previous_files, work_dir, timer)
         with timer("publish"):
-            ivf_bytes = sum(os.path.getsize(s.paths[IVF_FILE]) if isinstance(s, LocalSegment)
-                            else previous_files[s.file(IVF_FILE)].bytes for s in built.segments)
+            ivf_bytes = sum(
+                os.path.getsize(s.paths[IVF_FILE])
+                if isinstance(s, LocalSegment)
+                else previous_files[s.file(IVF_FILE)].bytes
+                for s in built.segments
+            )
             vectors = built.stored - len(built.dead)
             bytes_per_vector = round(ivf_bytes / max(1, vectors), 2)
-            manifest, written = publish(storage, version, built, previous_files, {
-                "snapshot": snapshot, "embeddings": storage.url(links[-1].embeddings_dir),
-                "fingerprint": head.fingerprint, "encoder": head.encoder, "dim": plan.dim,
-                "factory": config.index.factory, "metric": "inner_product", "nprobe": config.index.nprobe,
-                "settings": settings_digest(config.index), "train_size": plan.train_size, "vectors": vectors,
-                "queries": plan.queries, "recall_at_10": built.recall[10], "recall_at_100": recall,
-                "reference_distortion": built.reference_distortion, "distortion": built.distortion,
-                "bytes_per_vector": bytes_per_vector, "passages_manifest": links[-1].passages.created_at,
-                "seconds": timer.seconds, "trained_from": trained_from, "retrained": trained_from is None,
-                "built_on": previous[0] if mode == "delta" else None, "mode": mode,
-            })
-    return {"version": version, "output": storage.url("indexes", version), "vectors": vectors, "mode": mode,
-            "segments": len(built.segments), "tombstones": len(built.dead), "added": built.new_rows,
-            "recall_at_10": round(built.recall[10], 4), "recall_at_100": round(recall, 4),
-            "distortion": round(built.distortion, 5), "bytes_per_vector": bytes_per_vector, "bytes_written": written,
-            "train_seconds": timer.seconds.get("train", 0.0), "add_seconds": timer.seconds.get("add", 0.0),
-            "phase_seconds": timer.seconds, "retrained": trained_from is None, "trained_from": trained_from,
-            "reused": manifest is None}
+            manifest, written = publish(
+                storage,
+                version,
+                built,
+                previous_files,
+                {
+                    "snapshot": snapshot,
+                    "embeddings": storage.url(links[-1].embeddings_dir),
+                    "fingerprint": head.fingerprint,
+                    "encoder": head.encoder,
+                    "dim": plan.dim,
+                    "factory": config.index.factory,
+                    "metric": "inner_product",
+                    "nprobe": config.index.nprobe,
+                    "settings": settings_digest(config.index),
+                    "train_size": plan.train_size,
+                    "vectors": vectors,
+                    "queries": plan.queries,
+                    "recall_at_10": built.recall[10],
+                    "recall_at_100": recall,
+                    "reference_distortion": built.reference_distortion,
+                    "distortion": built.distortion,
+                    "bytes_per_vector": bytes_per_vector,
+                    "passages_manifest": links[-1].passages.created_at,
+                    "seconds": timer.seconds,
+                    "trained_from": trained_from,
+                    "retrained": trained_from is None,
+                    "built_on": previous[0] if mode == "delta" else None,
+                    "mode": mode,
+                },
+            )
+    return {
+        "version": version,
+        "output": storage.url("indexes", version),
+        "vectors": vectors,
+        "mode": mode,
+        "segments": len(built.segments),
+        "tombstones": len(built.dead),
+        "added": built.new_rows,
+        "recall_at_10": round(built.recall[10], 4),
+        "recall_at_100": round(recall, 4),
+        "distortion": round(built.distortion, 5),
+        "bytes_per_vector": bytes_per_vector,
+        "bytes_written": written,
+        "train_seconds": timer.seconds.get("train", 0.0),
+        "add_seconds": timer.seconds.get("add", 0.0),
+        "phase_seconds": timer.seconds,
+        "retrained": trained_from is None,
+        "trained_from": trained_from,
+        "reused": manifest is None,
+    }
 
 
 def run_compact(config: PipelineConfig) -> dict[str, Any]:
@@ -593,12 +761,28 @@ def run_compact(config: PipelineConfig) -> dict[str, Any]:
     storage = Storage(config.storage.root, config.storage.options)
     version = published_version(storage)
     manifest = read_index_manifest(storage, version)
-    return run_build_index(config.model_copy(update={"index": config.index.model_copy(update={
-        "snapshot": manifest.snapshot, "fingerprint": manifest.fingerprint, "compact": "always"})}))
+    return run_build_index(
+        config.model_copy(
+            update={
+                "index": config.index.model_copy(
+                    update={"snapshot": manifest.snapshot, "fingerprint": manifest.fingerprint, "compact": "always"}
+                )
+            }
+        )
+    )
 
 
-def _build(storage: Storage, mode: str, links: list[Link], start: int, previous: tuple[str, Manifest] | None,
-           config: IndexConfig, plan: IndexPlan, work_dir: str, timer: PhaseTimer) -> tuple[Built, str | None, str]:
+def _build(
+    storage: Storage,
+    mode: str,
+    links: list[Link],
+    start: int,
+    previous: tuple[str, Manifest] | None,
+    config: IndexConfig,
+    plan: IndexPlan,
+    work_dir: str,
+    timer: PhaseTimer,
+) -> tuple[Built, str | None, str]:
     """A delta segment while the new rows fit the published quantizer; else everything, on the published quantizer
     while its recall holds (no k-means), else on a newly trained one. Returns the build, the version whose
     quantizer it used (None: trained now) and the mode it ran."""
@@ -607,19 +791,30 @@ def _build(storage: Storage, mode: str, links: list[Link], start: int, previous:
         built = build_delta(storage, manifest, links[start:], config, work_dir, timer)
         if not drifted(built.reference_distortion, built.distortion, config.max_drift):
             return built, manifest.trained_from or version, "delta"
-        log.info("the new rows' quantization error %.4f is over %s's reference %s by more than index.max_drift "
-                 "%.2f: a full build", built.distortion, version, built.reference_distortion, config.max_drift)
+        log.info(
+            "the new rows' quantization error %.4f is over %s's reference %s by more than index.max_drift "
+            "%.2f: a full build",
+            built.distortion,
+            version,
+            built.reference_distortion,
+            config.max_drift,
+        )
     live = LiveEmbeddings(storage, links)
     if previous is not None:
         version, manifest = previous
-        path = fetch_verified(storage, [files_of(manifest)[manifest.quantizer]],
-                              os.path.join(work_dir, "published"))[0][manifest.quantizer]
+        path = fetch_verified(storage, [files_of(manifest)[manifest.quantizer]], os.path.join(work_dir, "published"))[
+            0
+        ][manifest.quantizer]
         built = build_full(live, config, plan, work_dir, timer, faiss.read_index(path))
         if built.recall[100] >= config.min_recall:
             log.info("reused the quantizer trained for %s (recall@100 %.4f)", version, built.recall[100])
             return built, manifest.trained_from or version, "full"
-        log.info("the quantizer of %s gives recall@100 %.4f on the new vectors, below %.2f: retraining", version,
-                 built.recall[100], config.min_recall)
+        log.info(
+            "the quantizer of %s gives recall@100 %.4f on the new vectors, below %.2f: retraining",
+            version,
+            built.recall[100],
+            config.min_recall,
+        )
     return build_full(live, config, plan, work_dir, timer), None, "full"
 
 
@@ -627,5 +822,11 @@ def question_settings(storage: Storage, version: str | None, model: str, pooling
     """The question side must match how the index's passages were encoded (pooling, normalization, length)."""
     encoder = dict(read_index_manifest(storage, published_version(storage, version)).encoder)
     pooling = pooling or encoder.get("pooling", "dpr")
-    return EncoderSettings(model=model, pooling=pooling, max_length=int(encoder.get("max_length", 256)),
-                           normalize=bool(encoder.get("normalize", False)), dtype="auto", question=pooling == "dpr")
+    return EncoderSettings(
+        model=model,
+        pooling=pooling,
+        max_length=int(encoder.get("max_length", 256)),
+        normalize=bool(encoder.get("normalize", False)),
+        dtype="auto",
+        question=pooling == "dpr",
+    )

@@ -23,8 +23,16 @@ from tqdm import tqdm
 from pipeline.config import IngestConfig, PipelineConfig
 from pipeline.corpus import BadRows, InputFile, content_hash, list_input_files, read_passages
 from pipeline.errors import InputError, PipelineError
-from pipeline.snapshots import (TOMBSTONES_NAME, Link, content_keys, npy_bytes, passage_chain, read_shard_keys,
-                                removed_later, snapshot_dir)
+from pipeline.snapshots import (
+    TOMBSTONES_NAME,
+    Link,
+    content_keys,
+    npy_bytes,
+    passage_chain,
+    read_shard_keys,
+    removed_later,
+    snapshot_dir,
+)
 from pipeline.storage import FileEntry, Manifest, Storage, parquet_bytes, read_parquet_bytes
 
 log = logging.getLogger(__name__)
@@ -96,8 +104,15 @@ def ingest_file(
     def write(table: pa.Table) -> None:
         name = shard_name(file_index, len(shards))
         data = parquet_bytes(table)
-        shards.append(FileEntry(name=name, bytes=len(data), sha256=storage.write_bytes(f"{directory}/{name}", data),
-                                rows=table.num_rows, source=source.url))
+        shards.append(
+            FileEntry(
+                name=name,
+                bytes=len(data),
+                sha256=storage.write_bytes(f"{directory}/{name}", data),
+                rows=table.num_rows,
+                source=source.url,
+            )
+        )
 
     def flush(final: bool = False) -> None:
         rows = len(batch["id"])
@@ -136,9 +151,15 @@ def ingest_file(
         if len(batch["id"]) >= config.shard_rows:
             flush()
     flush(final=True)
-    return FileResult(file_index, shards, np.frombuffer(hashes, dtype=np.uint64), np.frombuffer(lines, dtype=np.int64),
-                      bad.rows, np.concatenate(written) if written else np.zeros(0, bool),
-                      np.concatenate(changed) if changed else np.empty(0, np.uint64))
+    return FileResult(
+        file_index,
+        shards,
+        np.frombuffer(hashes, dtype=np.uint64),
+        np.frombuffer(lines, dtype=np.int64),
+        bad.rows,
+        np.concatenate(written) if written else np.zeros(0, bool),
+        np.concatenate(changed) if changed else np.empty(0, np.uint64),
+    )
 
 
 def _ingest_sequential(files: list[InputFile], config: PipelineConfig, base: BaseKeys | None) -> list[FileResult]:
@@ -182,8 +203,9 @@ def _shard_ids(storage: Storage, directory: str, name: str) -> list[str]:
     return read_parquet_bytes(storage.read_bytes(f"{directory}/{name}"), ["id"]).column("id").to_pylist()
 
 
-def check_unique_ids(results: list[FileResult], files: list[InputFile], storage: Storage, directory: str,
-                     shard_rows: int) -> None:
+def check_unique_ids(
+    results: list[FileResult], files: list[InputFile], storage: Storage, directory: str, shard_rows: int
+) -> None:
     """Raise InputError for the first id key seen twice, naming both places: the same id, or (about once in 10^5
     corpora of 21M) two ids whose 64-bit keys collide, which tombstones could not tell apart."""
     hashes = np.concatenate([r.id_hashes for r in results]) if results else np.zeros(0, np.uint64)
@@ -207,8 +229,11 @@ def check_unique_ids(results: list[FileResult], files: list[InputFile], storage:
     (r1, row1, id1), (r2, row2, id2) = locate(first), locate(second)
     where = f"{files[r1.file_index].url}, line {int(r1.lines[row1])}"
     if id1 is not None and id2 is not None and id1 != id2:
-        raise InputError(files[r2.file_index].url, int(r2.lines[row2]),
-                         f"id {id2!r} has the same 64-bit key as id {id1!r} ({where}): rename one of them")
+        raise InputError(
+            files[r2.file_index].url,
+            int(r2.lines[row2]),
+            f"id {id2!r} has the same 64-bit key as id {id1!r} ({where}): rename one of them",
+        )
     shown = f" {id2!r}" if id2 is not None else f" {id1!r}" if id1 is not None else ""
     raise InputError(files[r2.file_index].url, int(r2.lines[row2]), f"duplicate id{shown} (first seen in {where})")
 
@@ -257,17 +282,25 @@ def run_ingest(config: PipelineConfig) -> dict[str, Any]:
 
     keys, links = base_keys(storage, base) if base else (None, [])
     parallel = config.ingest.parallel == "always" or (config.ingest.parallel == "auto" and len(files) > 1)
-    log.info("ingesting %d file(s) into %s%s%s", len(files), storage.url(directory), " with Ray" if parallel else "",
-             f" as a delta on {base} ({len(keys.ids)} live rows)" if base else "")
+    log.info(
+        "ingesting %d file(s) into %s%s%s",
+        len(files),
+        storage.url(directory),
+        " with Ray" if parallel else "",
+        f" as a delta on {base} ({len(keys.ids)} live rows)" if base else "",
+    )
     results = _ingest_parallel(files, config, keys) if parallel else _ingest_sequential(files, config, keys)
     if not any(result.rows for result in results):
         raise InputError(config.ingest.input, None, "no passages found")
     check_unique_ids(results, files, storage, directory, config.ingest.shard_rows)
     quarantine = [row for result in results for row in result.bad_rows]
     if len(quarantine) > config.ingest.max_bad_rows:  # each file kept under the limit, together they are not
-        raise InputError(quarantine[-1]["file"], quarantine[-1]["line"],
-                         f"{quarantine[-1]['problem']} (bad row {len(quarantine)}, over ingest.max_bad_rows="
-                         f"{config.ingest.max_bad_rows})")
+        raise InputError(
+            quarantine[-1]["file"],
+            quarantine[-1]["line"],
+            f"{quarantine[-1]['problem']} (bad row {len(quarantine)}, over ingest.max_bad_rows="
+            f"{config.ingest.max_bad_rows})",
+        )
     entries = [entry for result in results for entry in result.shards]
     storage.remove_unlisted(directory, keep={e.name for e in entries})
     live = sum(result.rows for result in results)
@@ -279,15 +312,31 @@ def run_ingest(config: PipelineConfig) -> dict[str, Any]:
         tombstones = np.union1d(deleted, changed).astype(np.uint64)
         if len(tombstones):
             data = npy_bytes(tombstones)
-            fields["tombstones"] = FileEntry(name=TOMBSTONES_NAME, bytes=len(data), sha256=storage.write_bytes(
-                posixpath.join(directory, TOMBSTONES_NAME), data)).model_dump()
+            fields["tombstones"] = FileEntry(
+                name=TOMBSTONES_NAME,
+                bytes=len(data),
+                sha256=storage.write_bytes(posixpath.join(directory, TOMBSTONES_NAME), data),
+            ).model_dump()
         written = sum(e.rows or 0 for e in entries)
-        fields.update(depth=int(getattr(links[-1].passages, "depth", 0) or 0) + 1, diff={
-            "new": written - len(changed), "changed": len(changed), "deleted": len(deleted),
-            "unchanged": live - written})
+        fields.update(
+            depth=int(getattr(links[-1].passages, "depth", 0) or 0) + 1,
+            diff={
+                "new": written - len(changed),
+                "changed": len(changed),
+                "deleted": len(deleted),
+                "unchanged": live - written,
+            },
+        )
     manifest = storage.write_manifest(
-        directory, "passages", entries, snapshot=snapshot, source=source, content_hash=CONTENT_HASH,
-        schema={field.name: str(field.type) for field in PASSAGE_SCHEMA}, quarantine=quarantine, **fields,
+        directory,
+        "passages",
+        entries,
+        snapshot=snapshot,
+        source=source,
+        content_hash=CONTENT_HASH,
+        schema={field.name: str(field.type) for field in PASSAGE_SCHEMA},
+        quarantine=quarantine,
+        **fields,
     )
     storage.write_bytes("passages/LATEST", f"{snapshot}\n".encode())
     return _summary(storage, directory, manifest, False)
@@ -295,7 +344,15 @@ def run_ingest(config: PipelineConfig) -> dict[str, Any]:
 
 def _summary(storage: Storage, directory: str, manifest: Manifest, reused: bool) -> dict:
     quarantine = getattr(manifest, "quarantine", None) or []
-    return {"rows": getattr(manifest, "live_rows", None) or manifest.rows or 0, "written_rows": manifest.rows or 0,
-            "shards": len(manifest.files), "snapshot": manifest.snapshot, "base": getattr(manifest, "base", None),
-            **(getattr(manifest, "diff", None) or {}), "reused": reused, "bad_rows": len(quarantine),
-            "quarantine": quarantine[:100], "output": storage.url(directory)}
+    return {
+        "rows": getattr(manifest, "live_rows", None) or manifest.rows or 0,
+        "written_rows": manifest.rows or 0,
+        "shards": len(manifest.files),
+        "snapshot": manifest.snapshot,
+        "base": getattr(manifest, "base", None),
+        **(getattr(manifest, "diff", None) or {}),
+        "reused": reused,
+        "bad_rows": len(quarantine),
+        "quarantine": quarantine[:100],
+        "output": storage.url(directory),
+    }

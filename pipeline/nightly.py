@@ -42,8 +42,12 @@ def delta_base(storage: Storage, config: PipelineConfig, previous: str | None) -
     if base is None or int(getattr(base, "depth", 0) or 0) + 1 > config.nightly.max_chain:
         return None
     published = published_encoder(storage)
-    wanted = {"model": config.encode.model, "pooling": config.encode.pooling, "max_length": config.encode.max_length,
-              "normalize": config.encode.normalize}
+    wanted = {
+        "model": config.encode.model,
+        "pooling": config.encode.pooling,
+        "max_length": config.encode.max_length,
+        "normalize": config.encode.normalize,
+    }
     if published is not None and {key: published.get(key) for key in wanted} != wanted:
         log.info("the encoder settings changed since the published index: writing a full snapshot")
         return None
@@ -56,8 +60,12 @@ def night_record(storage: Storage, config: PipelineConfig) -> dict[str, Any]:
     rel = f"nightly/{snapshot}.json"
     previous = published_snapshot(storage)
     previous = None if previous == snapshot else previous
-    record = {"snapshot": snapshot, "previous_snapshot": previous, "base": delta_base(storage, config, previous),
-              "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    record = {
+        "snapshot": snapshot,
+        "previous_snapshot": previous,
+        "base": delta_base(storage, config, previous),
+        "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
     if not storage.create_exclusive(rel, json.dumps(record, indent=1).encode()):
         record = storage.read_json(rel)
         log.info("resuming the run of %s (diffing against %s)", snapshot, record["previous_snapshot"])
@@ -70,15 +78,25 @@ def run_nightly(config: PipelineConfig) -> dict[str, Any]:
     record = night_record(storage, config)
     timer = PhaseTimer()
     with timer("ingest"):
-        ingested = run_ingest(config.model_copy(update={"ingest": config.ingest.model_copy(update={
-            "base": record.get("base")})}))
-    encode_config = config.model_copy(update={"encode": config.encode.model_copy(update={
-        "snapshot": snapshot, "previous_snapshot": record["previous_snapshot"],
-        "carry_over": record["previous_snapshot"] is not None})})
+        ingested = run_ingest(
+            config.model_copy(update={"ingest": config.ingest.model_copy(update={"base": record.get("base")})})
+        )
+    encode_config = config.model_copy(
+        update={
+            "encode": config.encode.model_copy(
+                update={
+                    "snapshot": snapshot,
+                    "previous_snapshot": record["previous_snapshot"],
+                    "carry_over": record["previous_snapshot"] is not None,
+                }
+            )
+        }
+    )
     with timer("encode"):
         encoded = run_encode(encode_config)
-    index_config = config.model_copy(update={"index": config.index.model_copy(update={
-        "snapshot": snapshot, "fingerprint": encoded["fingerprint"]})})
+    index_config = config.model_copy(
+        update={"index": config.index.model_copy(update={"snapshot": snapshot, "fingerprint": encoded["fingerprint"]})}
+    )
     with timer("build_index"):
         built = run_build_index(index_config)
     served = None
@@ -86,23 +104,37 @@ def run_nightly(config: PipelineConfig) -> dict[str, Any]:
         with timer("serve"):
             served = point_serve_at(config, built["version"])
     return {
-        "snapshot": snapshot, "previous_snapshot": record["previous_snapshot"], "base": record.get("base"),
-        "passages": ingested["rows"], "new": encoded.get("new", encoded["rows"]),
-        "changed": encoded.get("changed", 0), "deleted": encoded.get("deleted", 0), "reused": encoded["reused"],
-        "encoded": encoded["rows"], "retrained": built.get("retrained"), "version": built["version"],
-        "index_build": built.get("mode"), "segments": built.get("segments"), "published": not built["reused"],
-        "vectors": built["vectors"], "recall_at_100": built["recall_at_100"], "distortion": built.get("distortion"),
+        "snapshot": snapshot,
+        "previous_snapshot": record["previous_snapshot"],
+        "base": record.get("base"),
+        "passages": ingested["rows"],
+        "new": encoded.get("new", encoded["rows"]),
+        "changed": encoded.get("changed", 0),
+        "deleted": encoded.get("deleted", 0),
+        "reused": encoded["reused"],
+        "encoded": encoded["rows"],
+        "retrained": built.get("retrained"),
+        "version": built["version"],
+        "index_build": built.get("mode"),
+        "segments": built.get("segments"),
+        "published": not built["reused"],
+        "vectors": built["vectors"],
+        "recall_at_100": built["recall_at_100"],
+        "distortion": built.get("distortion"),
         "served": served,
-        "phase_seconds": timer.seconds, "output": built["output"],
+        "phase_seconds": timer.seconds,
+        "output": built["output"],
     }
 
 
 # -- telling the Serve app -----------------------------------------------------------------------------------------
-def _http_json(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None,
-               timeout: float = 30) -> Any:
+def _http_json(
+    method: str, url: str, body: Any = None, headers: dict[str, str] | None = None, timeout: float = 30
+) -> Any:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method,
-                                     headers={"content-type": "application/json", **(headers or {})})
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"content-type": "application/json", **(headers or {})}
+    )
     with urllib.request.urlopen(request, timeout=timeout) as response:
         raw = response.read()
     return json.loads(raw) if raw else None
@@ -113,8 +145,10 @@ def with_index_version(deploy_config: dict[str, Any], app: str, version: str) ->
     applications = [dict(a) for a in deploy_config["applications"]]
     target = next((a for a in applications if a.get("name") == app), None)
     if target is None:
-        raise PipelineError(f"Serve has no application named {app!r} deployed from a config "
-                            f"(found {[a.get('name') for a in applications]}): check nightly.serve_app")
+        raise PipelineError(
+            f"Serve has no application named {app!r} deployed from a config "
+            f"(found {[a.get('name') for a in applications]}): check nightly.serve_app"
+        )
     deployments = [dict(d) for d in target.get("deployments", [])]
     retriever = next((d for d in deployments if d.get("name") == "Retriever"), None)
     if retriever is None:
@@ -134,13 +168,19 @@ def point_serve_at(config: PipelineConfig, version: str) -> dict[str, Any]:
     applications = details.get("applications", {})
     imperative = [name for name, app in applications.items() if not app.get("deployed_app_config")]
     if imperative:  # a declarative PUT would delete them
-        raise PipelineError(f"Serve applications {imperative} were started with serve.run, not from a config: "
-                            f"deploy the QA app with `serve deploy` or a RayService so the nightly can update it")
+        raise PipelineError(
+            f"Serve applications {imperative} were started with serve.run, not from a config: "
+            f"deploy the QA app with `serve deploy` or a RayService so the nightly can update it"
+        )
     deployed = [app["deployed_app_config"] for app in applications.values()]
-    current = {key: details[key] for key in ("proxy_location", "http_options", "grpc_options")
-               if details.get(key) is not None}
-    _http_json("PUT", f"{base}/api/serve/applications/",
-               with_index_version({**current, "applications": deployed}, night.serve_app, version))
+    current = {
+        key: details[key] for key in ("proxy_location", "http_options", "grpc_options") if details.get(key) is not None
+    }
+    _http_json(
+        "PUT",
+        f"{base}/api/serve/applications/",
+        with_index_version({**current, "applications": deployed}, night.serve_app, version),
+    )
     host = "127.0.0.1" if config.serve.host == "0.0.0.0" else config.serve.host
     url = (night.serve_url or f"http://{host}:{config.serve.port}").rstrip("/") + "/v1/index"
     key = os.environ.get(config.serve.api_key_env) if config.serve.api_key_env else None
@@ -158,5 +198,6 @@ def point_serve_at(config: PipelineConfig, version: str) -> dict[str, Any]:
         except (urllib.error.URLError, OSError, ValueError) as exc:
             seen = f"unreachable ({exc})"
         time.sleep(1)
-    raise PipelineError(f"index {version} was published, but {url} still answers from {seen} after "
-                        f"{night.serve_timeout_s:.0f}s")
+    raise PipelineError(
+        f"index {version} was published, but {url} still answers from {seen} after {night.serve_timeout_s:.0f}s"
+    )

@@ -57,8 +57,10 @@ def connect() -> None:
     if ray.is_initialized():
         return
     address, source = _target()
-    advice = ("run `ray stop` to clear a dead local cluster (or `ray start --head` for a new one), or set "
-              "RAY_ADDRESS to the cluster to use (RAY_ADDRESS=local starts a private Ray for this job)")
+    advice = (
+        "run `ray stop` to clear a dead local cluster (or `ray start --head` for a new one), or set "
+        "RAY_ADDRESS to the cluster to use (RAY_ADDRESS=local starts a private Ray for this job)"
+    )
     host_port = address not in ("local", "auto") and "://" not in address
     if host_port and not _answers(address):
         raise RayUnavailable(f"no Ray answers at {address} ({source}): {advice}")

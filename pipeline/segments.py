@@ -87,8 +87,9 @@ def search_parameters(index: faiss.Index, nprobe: int, dead: np.ndarray) -> tupl
     return ivf_params, keep
 
 
-def copy_live_codes(sources: Sequence[faiss.InvertedLists], remap: dict[int, np.ndarray], seq: int, nlist: int,
-                    code_size: int) -> faiss.ArrayInvertedLists:
+def copy_live_codes(
+    sources: Sequence[faiss.InvertedLists], remap: dict[int, np.ndarray], seq: int, nlist: int, code_size: int
+) -> faiss.ArrayInvertedLists:
     """Compaction without the vectors: the codes of live rows copied list by list into one new inverted file,
     their ids renumbered to `seq << 40 | new row`. `remap[old seq]` gives each old row its new row (-1 = dead)."""
     merged = faiss.ArrayInvertedLists(nlist, code_size)
@@ -215,8 +216,10 @@ def fetch_verified(storage: Storage, entries: Sequence[FileEntry], cache_dir: st
         digest = sha256_file(path)
         if digest != entry.sha256:
             os.remove(path)
-            raise PipelineError(f"{storage.url('indexes', entry.name)}: checksum mismatch (manifest "
-                                f"{entry.sha256[:12]}…, file {digest[:12]}…)")
+            raise PipelineError(
+                f"{storage.url('indexes', entry.name)}: checksum mismatch (manifest "
+                f"{entry.sha256[:12]}…, file {digest[:12]}…)"
+            )
         paths[entry.name] = path
     return paths, fetched
 
@@ -248,16 +251,19 @@ def load_published(storage: Storage, version: str | None, cache_dir: str) -> Pub
     for segment in segments:
         table = pa.ipc.open_file(pa.memory_map(paths[segment.file(DOCSTORE_FILE)], "r")).read_all()
         if table.num_rows != segment.rows:
-            raise PipelineError(f"index {version}: {segment.name} has {table.num_rows} docstore rows for "
-                                f"{segment.rows} vectors")
+            raise PipelineError(
+                f"index {version}: {segment.name} has {table.num_rows} docstore rows for {segment.rows} vectors"
+            )
         docstores[segment.seq] = table
     tombstones = getattr(manifest, "tombstones", None)
     dead = read_npy_file(paths[tombstones], np.int64, tombstones) if tombstones else np.empty(0, np.int64)
     params, keep = search_parameters(index, int(manifest.nprobe), dead)
-    log.info("index %s: %d segments, %d live vectors, %d bytes fetched", version, len(segments), total - len(dead),
-             fetched)
-    return PublishedIndex(version, manifest, index, docstores, np.sort(dead), fetched, params,
-                          [invlists, stacked, hstack, *keep])
+    log.info(
+        "index %s: %d segments, %d live vectors, %d bytes fetched", version, len(segments), total - len(dead), fetched
+    )
+    return PublishedIndex(
+        version, manifest, index, docstores, np.sort(dead), fetched, params, [invlists, stacked, hstack, *keep]
+    )
 
 
 def evict(cache_dir: str, keep: Sequence[Manifest]) -> list[str]:

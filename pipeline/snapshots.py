@@ -57,8 +57,9 @@ def read_shard_keys(storage: Storage, directory: str, name: str) -> tuple[np.nda
 
     fs, root = pyarrow_filesystem(storage.root_url, storage.options)
     try:
-        table = pq.read_table(posixpath.join(root, directory, name), columns=["id", "content_hash"], filesystem=fs,
-                              use_threads=False)
+        table = pq.read_table(
+            posixpath.join(root, directory, name), columns=["id", "content_hash"], filesystem=fs, use_threads=False
+        )
     except (pa.ArrowInvalid, KeyError, OSError) as exc:
         raise InputError(storage.url(directory, name), None, f"cannot read its keys ({exc})") from None
     return keys_of(table.column("id").to_pylist()), content_keys(table.column("content_hash").to_pylist())
@@ -122,10 +123,13 @@ def passage_chain(storage: Storage, snapshot: str) -> list[Link]:
         manifest = storage.read_manifest(snapshot_dir(name))
         if manifest is None:
             if wanted_by is None:
-                raise PipelineError(f"{storage.url(snapshot_dir(name))} has no manifest: ingest snapshot {name!r} "
-                                    "first")
-            raise PipelineError(f"snapshot {wanted_by!r} is a delta on {name!r}, whose manifest "
-                                f"{storage.url(snapshot_dir(name), '_manifest.json')} is missing")
+                raise PipelineError(
+                    f"{storage.url(snapshot_dir(name))} has no manifest: ingest snapshot {name!r} first"
+                )
+            raise PipelineError(
+                f"snapshot {wanted_by!r} is a delta on {name!r}, whose manifest "
+                f"{storage.url(snapshot_dir(name), '_manifest.json')} is missing"
+            )
         links.append(Link(name, manifest, read_tombstones(storage, snapshot_dir(name), manifest)))
         if len(links) > MAX_CHAIN:
             raise PipelineError(f"snapshot {snapshot!r}: its chain of bases is longer than {MAX_CHAIN} (a cycle?)")
@@ -140,8 +144,10 @@ def embedding_chain(storage: Storage, snapshot: str, fingerprint: str) -> list[L
         directory = embeddings_dir(link.snapshot, fingerprint)
         manifest = storage.read_manifest(directory)
         if manifest is None:
-            raise PipelineError(f"{storage.url(directory)} has no manifest: the embeddings of snapshot "
-                                f"{link.snapshot!r} (in the chain of {snapshot!r}) are missing: run jobs.encode")
+            raise PipelineError(
+                f"{storage.url(directory)} has no manifest: the embeddings of snapshot "
+                f"{link.snapshot!r} (in the chain of {snapshot!r}) are missing: run jobs.encode"
+            )
         links.append(Link(link.snapshot, link.passages, link.tombstones, directory, manifest))
     return links
 

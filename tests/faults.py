@@ -79,8 +79,10 @@ class FaultyS3Proxy:
                     return
                 if fault in ("500", "503"):
                     code = "InternalError" if fault == "500" else "SlowDown"
-                    payload = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
-                               f"<Message>injected fault</Message></Error>").encode()
+                    payload = (
+                        f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
+                        f"<Message>injected fault</Message></Error>"
+                    ).encode()
                     self.send_response(int(fault))
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(payload)))

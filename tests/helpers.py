@@ -32,15 +32,22 @@ class JobRun:
         return json.loads(lines[-1])
 
 
-def run_job(job: str, config: Path | str, *overrides: str, timeout: float = 600,
-            env: dict[str, str] | None = None) -> JobRun:
+def run_job(
+    job: str, config: Path | str, *overrides: str, timeout: float = 600, env: dict[str, str] | None = None
+) -> JobRun:
     """`python -m jobs.<job> --config ... --set ...` in the repository, as a user runs it (in this process's
     environment unless `env` is given)."""
     command = [sys.executable, "-m", f"jobs.{job}", "--config", str(config)]
     for item in overrides:
         command += ["--set", item]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env=os.environ.copy() if env is None else env)
+    done = subprocess.run(
+        command,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=os.environ.copy() if env is None else env,
+    )
     return JobRun(done.returncode, done.stdout, done.stderr)
 
 
@@ -82,12 +89,18 @@ def write_parquet(path: Path, columns: dict[str, list[Any]]) -> Path:
 
 def synthetic_rows(count: int, start: int = 1, words: int = 100) -> list[tuple[str, str, str]]:
     """Deterministic passages in psgs_w100 shape (id, text, title)."""
-    vocabulary = ("river mountain city history music science king war church language school village family "
-                  "film game species island county station company album party season team energy water "
-                  "north south empire bridge road museum theatre novel poet army ship castle garden").split()
+    vocabulary = (
+        "river mountain city history music science king war church language school village family "
+        "film game species island county station company album party season team energy water "
+        "north south empire bridge road museum theatre novel poet army ship castle garden"
+    ).split()
     rows = []
     for i in range(start, start + count):
-        text = " ".join(vocabulary[(i * 2654435761 + j * 40503 + (i * j) % 97) % 9973 % len(vocabulary)]
-                        for j in range(words)) + f" passage {i}"
+        text = (
+            " ".join(
+                vocabulary[(i * 2654435761 + j * 40503 + (i * j) % 97) % 9973 % len(vocabulary)] for j in range(words)
+            )
+            + f" passage {i}"
+        )
         rows.append((str(i), text, f"Article {i // 10}"))
     return rows

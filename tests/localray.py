@@ -32,7 +32,7 @@ def _processes() -> dict[int, tuple[int, str]]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        parent = int(stat[stat.rindex(")") + 2:].split()[1])
+        parent = int(stat[stat.rindex(")") + 2 :].split()[1])
         found[int(entry.name)] = (parent, command)
     return found
 
@@ -67,15 +67,25 @@ class LocalRay:
 
     def start(self) -> str:
         ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
-        command = [ray_bin, "start", "--head", f"--node-ip-address={HOST}", f"--port={self.port}",
-                   f"--temp-dir={self.temp_dir}", "--disable-usage-stats"]
+        command = [
+            ray_bin,
+            "start",
+            "--head",
+            f"--node-ip-address={HOST}",
+            f"--port={self.port}",
+            f"--temp-dir={self.temp_dir}",
+            "--disable-usage-stats",
+        ]
         if self.num_cpus is not None:
             command += [f"--num-cpus={self.num_cpus}", "--num-gpus=0"]
         if self.dashboard_port is None:
             command.append("--include-dashboard=false")
         else:
-            command += ["--include-dashboard=true", f"--dashboard-host={HOST}",
-                        f"--dashboard-port={self.dashboard_port}"]
+            command += [
+                "--include-dashboard=true",
+                f"--dashboard-host={HOST}",
+                f"--dashboard-port={self.dashboard_port}",
+            ]
         env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # loopback only; no token left in ~/.ray demanded
         try:
             subprocess.run(command, check=True, capture_output=True, timeout=120, env=env)
@@ -121,6 +131,7 @@ def _zombie(pid: int) -> bool:
 
 def exit_on_signals() -> None:
     """SIGTERM and SIGINT end the process through SystemExit, so `finally` blocks and `with` exits run."""
+
     def _exit(signum, _frame):
         raise SystemExit(128 + signum)
 

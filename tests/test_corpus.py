@@ -48,8 +48,9 @@ def test_tsv_reports_the_starting_line_of_each_record(tmp_path):
 def test_jsonl_and_parquet_with_integer_ids(tmp_path):
     records = [{"id": i, "title": f"T{i}", "text": f"text {i}"} for i in range(1, 4)]
     jsonl = write_jsonl(tmp_path / "p.jsonl.gz", records)
-    parquet = write_parquet(tmp_path / "p.parquet", {"id": [1, 2, 3], "title": ["T1", "T2", "T3"],
-                                                      "text": ["text 1", "text 2", "text 3"]})
+    parquet = write_parquet(
+        tmp_path / "p.parquet", {"id": [1, 2, 3], "title": ["T1", "T2", "T3"], "text": ["text 1", "text 2", "text 3"]}
+    )
     expected = [(str(r["id"]), r["title"], r["text"]) for r in records]
     for path in (jsonl, parquet):
         assert [(p.id, p.title, p.text) for p in read_passages(str(path))] == expected
@@ -59,7 +60,9 @@ def test_content_hash_changes_with_title_or_text():
     base = content_hash("Title", "text")
     assert base == content_hash("Title", "text")
     assert len(base) == 32
-    assert len({base, content_hash("Title", "text."), content_hash("Title2", "text"), content_hash("Titlet", "ext")}) == 4
+    assert (
+        len({base, content_hash("Title", "text."), content_hash("Title2", "text"), content_hash("Titlet", "ext")}) == 4
+    )
 
 
 def _truncated_gzip(tmp_path):
@@ -76,11 +79,17 @@ BAD_INPUTS = {
     "non utf-8": (lambda d: _raw(d / "c.tsv", b'id\ttext\ttitle\n1\t"ok"\tT\n2\t"caf\xe9"\tT\n'), 3, "not UTF-8"),
     "field count": (lambda d: _raw(d / "d.tsv", b"id\ttext\ttitle\n1\tonly two\n"), 2, "expected 3"),
     "truncated gzip": (_truncated_gzip, None, "truncated or corrupt"),
-    "invalid json": (lambda d: _raw(d / "e.jsonl", b'{"id": 1, "title": "", "text": "x"}\n{"id": 2,\n'), 2,
-                     "invalid JSON"),
+    "invalid json": (
+        lambda d: _raw(d / "e.jsonl", b'{"id": 1, "title": "", "text": "x"}\n{"id": 2,\n'),
+        2,
+        "invalid JSON",
+    ),
     "json missing field": (lambda d: write_jsonl(d / "f.jsonl", [{"id": 1, "text": "x"}]), 1, "missing field(s) title"),
-    "parquet missing column": (lambda d: write_parquet(d / "g.parquet", {"id": ["1"], "text": ["x"]}), None,
-                               "missing column(s) title"),
+    "parquet missing column": (
+        lambda d: write_parquet(d / "g.parquet", {"id": ["1"], "text": ["x"]}),
+        None,
+        "missing column(s) title",
+    ),
     "not parquet": (lambda d: _raw(d / "h.parquet", b"PAR1 this is not parquet"), None, "not a readable Parquet"),
     "too long": (lambda d: write_tsv(d / "i.tsv", [("1", "x" * 200, "T")]), 2, "ingest.max_text_chars"),
 }

@@ -29,11 +29,14 @@ def corpus(tmp_path, tiny_models, s3_endpoint, s3_bucket, s3_client, ray_address
     session's Ray)."""
     source = write_tsv(tmp_path / "psgs_w100.tsv.gz", ROWS)
     s3_client.upload_file(str(source), s3_bucket, "in/psgs_w100.tsv.gz")
-    config = write_config(tmp_path / "c.yaml", {
-        "storage": {"root": f"s3://{s3_bucket}/root", "options": {"endpoint_url": s3_endpoint}},
-        "ingest": {"input": f"s3://{s3_bucket}/in/psgs_w100.tsv.gz", "snapshot": "snap", "shard_rows": 25},
-        "encode": {"model": tiny_models["ctx"], "pooling": "dpr", "max_length": 64, "max_attempts": 5},
-    })
+    config = write_config(
+        tmp_path / "c.yaml",
+        {
+            "storage": {"root": f"s3://{s3_bucket}/root", "options": {"endpoint_url": s3_endpoint}},
+            "ingest": {"input": f"s3://{s3_bucket}/in/psgs_w100.tsv.gz", "snapshot": "snap", "shard_rows": 25},
+            "encode": {"model": tiny_models["ctx"], "pooling": "dpr", "max_length": 64, "max_attempts": 5},
+        },
+    )
     assert run_job("ingest", config).returncode == 0
     return config
 
@@ -81,8 +84,14 @@ def test_encode_end_to_end_exactly_once_and_exact(corpus, tiny_models, s3_endpoi
 
 def _start_encode(config, *overrides):
     sets = [arg for item in overrides for arg in ("--set", item)]
-    return subprocess.Popen([sys.executable, "-m", "jobs.encode", "--config", str(config), *sets], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    return subprocess.Popen(
+        [sys.executable, "-m", "jobs.encode", "--config", str(config), *sets],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+    )
 
 
 def _progress(fs, bucket):
@@ -180,8 +189,9 @@ def test_bad_passage_shard_names_the_shard_and_lists_nothing(corpus, s3_endpoint
     else:
         import pyarrow as pa
 
-        data = parquet_bytes(pa.table({"id": list(range(25)), "title": ["t"] * 25, "text": ["x"] * 25,
-                                       "content_hash": ["h"] * 25}))
+        data = parquet_bytes(
+            pa.table({"id": list(range(25)), "title": ["t"] * 25, "text": ["x"] * 25, "content_hash": ["h"] * 25})
+        )
         fs.pipe_file(f"{directory}/{entry['name']}", data)
         entry.update(sha256=sha256_hex(data), bytes=len(data))
         fs.pipe_file(f"{directory}/_manifest.json", json.dumps(manifest).encode())
@@ -202,11 +212,19 @@ def test_bad_shards_are_quarantined_within_max_bad_shards(corpus, s3_endpoint, s
     manifest = json.loads(fs.cat_file(f"{directory}/_manifest.json"))
     corrupt, empty, oversized = (manifest["files"][i] for i in (3, 7, 11))
     fs.pipe_file(f"{directory}/{corrupt['name']}", b"PAR1" + b"\0" * (corrupt["bytes"] - 4))  # same size, bad bytes
-    schema = pa.schema([("id", pa.string()), ("title", pa.string()), ("text", pa.string()),
-                        ("content_hash", pa.string())])
-    for entry, table in ((empty, schema.empty_table()),
-                         (oversized, pa.table({"id": ["big"], "title": ["t"], "text": [os.urandom(150_000).hex()],
-                                               "content_hash": ["h"]}, schema=schema))):
+    schema = pa.schema(
+        [("id", pa.string()), ("title", pa.string()), ("text", pa.string()), ("content_hash", pa.string())]
+    )
+    for entry, table in (
+        (empty, schema.empty_table()),
+        (
+            oversized,
+            pa.table(
+                {"id": ["big"], "title": ["t"], "text": [os.urandom(150_000).hex()], "content_hash": ["h"]},
+                schema=schema,
+            ),
+        ),
+    ):
         data = parquet_bytes(table)
         fs.pipe_file(f"{directory}/{entry['name']}", data)
         entry.update(sha256=sha256_hex(data), bytes=len(data), rows=table.num_rows)

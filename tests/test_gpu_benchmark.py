@@ -13,8 +13,15 @@ from tests.helpers import REPO
 
 def test_quick_run_prints_every_figure(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path))
-    run = subprocess.run([sys.executable, "benchmarks/gpu.py", "--quick", "--commit", "abc123"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=300, check=False)
+    run = subprocess.run(
+        [sys.executable, "benchmarks/gpu.py", "--quick", "--commit", "abc123"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     lines = [line for line in run.stdout.splitlines() if line.strip()]
     assert len(lines) == 1, run.stdout
@@ -23,15 +30,27 @@ def test_quick_run_prints_every_figure(tmp_path):
     assert not [key for key in result if key.endswith("_error")]
     assert result["quick"] is True and result["commit"] == "abc123"
     assert result["passages"] == 2000 and 120 <= result["tokens_median"] <= 160 and result["tokens_p95"] <= 256
-    assert set(result["encoder"]) == {f"{mode}_{tokens}" for mode in ("autocast", "bf16_weights")
-                                      for tokens in (2048, 4096, 8192)}
+    assert set(result["encoder"]) == {
+        f"{mode}_{tokens}" for mode in ("autocast", "bf16_weights") for tokens in (2048, 4096, 8192)
+    }
     assert result["encoder_best"] in result["encoder"]
     for figures in result["encoder"].values():
         assert figures["passages_per_s"] > 0 and figures["tflops"] > 0 and figures["peak_fraction"] > 0
-    for key in ("matmul_tflops", "encoder_passages_per_s", "dpr_loop_fp32_passages_per_s",
-                "dpr_loop_fp16_passages_per_s", "speedup_vs_dpr_fp32", "speedup_vs_dpr_fp16",
-                "tokenizer_passages_per_s", "tokenizer_tokens_mean", "tokenizer_cores_per_gpu", "question_p50_ms",
-                "question_batch64_per_s", "reader_batch1_questions_per_s", "reader_batch8_questions_per_s"):
+    for key in (
+        "matmul_tflops",
+        "encoder_passages_per_s",
+        "dpr_loop_fp32_passages_per_s",
+        "dpr_loop_fp16_passages_per_s",
+        "speedup_vs_dpr_fp32",
+        "speedup_vs_dpr_fp16",
+        "tokenizer_passages_per_s",
+        "tokenizer_tokens_mean",
+        "tokenizer_cores_per_gpu",
+        "question_p50_ms",
+        "question_batch64_per_s",
+        "reader_batch1_questions_per_s",
+        "reader_batch8_questions_per_s",
+    ):
         assert result[key] > 0, key
     # bf16 against fp32 on the same weights: close, but not bit-identical (the bf16 path really ran).
     assert 0.9 < result["bf16_min_cosine_centered_autocast"] < 1.0

@@ -66,17 +66,19 @@ def encoded(tmp_path_factory, tiny_models, s3_endpoint, ray_address):
     fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
     fs.mkdir("idx")
     fs.put_file(str(write_tsv(tmp / "psgs.tsv.gz", ROWS)), "idx/in/psgs.tsv.gz")
-    config = write_config(tmp / "c.yaml", {
-        "storage": {"root": "s3://idx/root", "options": {"endpoint_url": s3_endpoint}},
-        "ingest": {"input": "s3://idx/in/psgs.tsv.gz", "snapshot": "snap", "shard_rows": 150},
-        "encode": {"model": tiny_models["ctx"], "pooling": "dpr", "max_length": 64},
-        "index": {"factory": "IVF4,PQ32x8", "nprobe": 4, "queries": 200, "min_recall": 0.9},
-    })
+    config = write_config(
+        tmp / "c.yaml",
+        {
+            "storage": {"root": "s3://idx/root", "options": {"endpoint_url": s3_endpoint}},
+            "ingest": {"input": "s3://idx/in/psgs.tsv.gz", "snapshot": "snap", "shard_rows": 150},
+            "encode": {"model": tiny_models["ctx"], "pooling": "dpr", "max_length": 64},
+            "index": {"factory": "IVF4,PQ32x8", "nprobe": 4, "queries": 200, "min_recall": 0.9},
+        },
+    )
     for job in ("ingest", "encode"):
         run = run_job(job, config)
         assert run.returncode == 0, run.stderr[-3000:]
-    return {"config": config, "fs": fs, "storage": Storage("s3://idx/root", {"endpoint_url": s3_endpoint}),
-            "tmp": tmp}
+    return {"config": config, "fs": fs, "storage": Storage("s3://idx/root", {"endpoint_url": s3_endpoint}), "tmp": tmp}
 
 
 def _latest(fs):
@@ -119,8 +121,9 @@ def test_build_index_end_to_end(encoded):
 
 def test_recall_gate_refuses_a_bad_factory(encoded):
     before = _latest(encoded["fs"])
-    run = run_job("build_index", encoded["config"], "index.factory=IVF32,PQ2x4", "index.nprobe=1",
-                  "index.min_recall=0.9")
+    run = run_job(
+        "build_index", encoded["config"], "index.factory=IVF32,PQ2x4", "index.nprobe=1", "index.min_recall=0.9"
+    )
     assert run.returncode == 1
     assert "below index.min_recall 0.9" in run.stderr and "not published" in run.summary["error"]
     version = run.summary["error"].split("version ")[1].split()[0]
@@ -138,19 +141,22 @@ def test_memory_estimate_refuses_before_building(encoded):
 @pytest.mark.reliability
 @pytest.mark.parametrize(
     ("name", "damage", "expected"),
-    [(".faiss", "flip", ".faiss: checksum mismatch"),  # the shared quantizer
-     ("ivf.bin", "flip", "ivf.bin: checksum mismatch"),  # a segment's inverted lists
-     ("docstore.arrow", "flip", "docstore.arrow: checksum mismatch"),
-     ("ivf.bin", "truncate", "ivf.bin: checksum mismatch"),
-     ("manifest.json", "truncate", "unreadable manifest")],
+    [
+        (".faiss", "flip", ".faiss: checksum mismatch"),  # the shared quantizer
+        ("ivf.bin", "flip", "ivf.bin: checksum mismatch"),  # a segment's inverted lists
+        ("docstore.arrow", "flip", "docstore.arrow: checksum mismatch"),
+        ("ivf.bin", "truncate", "ivf.bin: checksum mismatch"),
+        ("manifest.json", "truncate", "unreadable manifest"),
+    ],
 )
 def test_tampered_files_are_refused_before_read_index(encoded, name, damage, expected):
     run = run_job("build_index", encoded["config"])
     assert run.returncode == 0, run.stderr[-3000:]
     fs, version = encoded["fs"], run.summary["version"]
     listed = json.loads(fs.cat_file(f"idx/root/indexes/{version}/manifest.json"))["files"]
-    relative = f"{version}/{name}" if name == "manifest.json" else next(
-        e["name"] for e in listed if e["name"].endswith(name))
+    relative = (
+        f"{version}/{name}" if name == "manifest.json" else next(e["name"] for e in listed if e["name"].endswith(name))
+    )
     path = f"idx/root/indexes/{relative}"
     original = fs.cat_file(path)
     try:
@@ -178,8 +184,9 @@ def test_a_build_killed_mid_way_reruns_to_the_bytes_of_a_clean_build(encoded):
     command = [sys.executable, "-m", "jobs.build_index", "--config", str(encoded["config"])]
     for item in overrides:
         command += ["--set", item]
-    job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                           start_new_session=True)
+    job = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     for line in job.stderr:
         if "pipeline.index: train…" in line:
             os.killpg(job.pid, signal.SIGKILL)
@@ -249,8 +256,9 @@ def test_copied_codes_search_like_the_segments_they_merge():
     for seq in (1, 2):
         remap[seq] = np.where(alive[seq], rows + np.cumsum(alive[seq]) - 1, -1)
         rows += int(alive[seq].sum())
-    merged = copy_live_codes([faiss.extract_index_ivf(p).invlists for p in parts], remap, 3, 8,
-                             faiss.extract_index_ivf(quantizer).code_size)
+    merged = copy_live_codes(
+        [faiss.extract_index_ivf(p).invlists for p in parts], remap, 3, 8, faiss.extract_index_ivf(quantizer).code_size
+    )
     compacted = faiss.clone_index(quantizer)
     compacted.replace_invlists(merged, False)
     compacted.ntotal = rows
@@ -263,8 +271,11 @@ def test_copied_codes_search_like_the_segments_they_merge():
     merged_params, _ = search_parameters(compacted, 8, np.empty(0, np.int64))
     merged_scores, merged_found = compacted.search(queries, 10, params=merged_params)
     assert np.allclose(scores, merged_scores)
-    old = {int(faiss_ids(seq, r, 1)[0]): int(faiss_ids(3, remap[seq][r], 1)[0])
-           for seq in (1, 2) for r in np.nonzero(alive[seq])[0]}
+    old = {
+        int(faiss_ids(seq, r, 1)[0]): int(faiss_ids(3, remap[seq][r], 1)[0])
+        for seq in (1, 2)
+        for r in np.nonzero(alive[seq])[0]
+    }
     assert [[old[i] for i in row] for row in found.tolist()] == merged_found.tolist()
     assert (merged_found >> SEQ_SHIFT == 3).all()
 

@@ -56,8 +56,11 @@ def test_rayjobs_submit_a_real_job_with_a_real_config(job):
     assert "runtimeEnvYAML" not in spec  # nothing (and no secret) rides in runtime_env env vars
     _check_cluster(spec["rayClusterSpec"])
     if job in ("encode", "nightly"):
-        gpus = [g for g in spec["rayClusterSpec"]["workerGroupSpecs"]
-                if g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")]
+        gpus = [
+            g
+            for g in spec["rayClusterSpec"]["workerGroupSpecs"]
+            if g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
+        ]
         assert gpus, "encoding needs GPU workers"
 
 
@@ -75,8 +78,12 @@ def test_rayservice_serves_the_app_from_the_serve_config():
 
     assert all(hasattr(serve_app, d["name"]) for d in app["deployments"])  # names of the app's deployments
     _check_cluster(doc["spec"]["rayClusterConfig"])
-    keyed = [env for spec in _pod_specs(doc["spec"]["rayClusterConfig"])
-             for env in spec["containers"][0].get("env", []) if env["name"] == config.serve.api_key_env]
+    keyed = [
+        env
+        for spec in _pod_specs(doc["spec"]["rayClusterConfig"])
+        for env in spec["containers"][0].get("env", [])
+        if env["name"] == config.serve.api_key_env
+    ]
     assert keyed and all("secretKeyRef" in env["valueFrom"] for env in keyed)
     # the nightly job finds this service's dashboard and HTTP port by the names KubeRay gives them
     nightly = _documents(KUBERAY / "rayjob-nightly.yaml")[0]["spec"]["entrypoint"]
@@ -113,8 +120,9 @@ def test_cluster_launcher_config_has_gpu_workers_and_a_role_not_keys():
 
 
 def test_no_manifest_or_config_holds_a_credential():
-    texts = {p: p.read_text() for p in [*(REPO / "infra").rglob("*"), *(REPO / "configs").glob("*.yaml")]
-             if p.is_file()}
+    texts = {
+        p: p.read_text() for p in [*(REPO / "infra").rglob("*"), *(REPO / "configs").glob("*.yaml")] if p.is_file()
+    }
     for path, text in texts.items():
         assert not re.search(r"aws_secret_access_key|aws_access_key_id", text, re.IGNORECASE), path
         assert not re.search(r"\bAKIA[0-9A-Z]{12,}", text), path

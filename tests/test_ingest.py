@@ -34,8 +34,10 @@ def assert_same_passages(rows, expected):
 
 @pytest.fixture
 def local_config(tmp_path):
-    return write_config(tmp_path / "config.yaml", {"storage": {"root": str(tmp_path / "store")},
-                                                   "ingest": {"snapshot": "s1", "shard_rows": 300}})
+    return write_config(
+        tmp_path / "config.yaml",
+        {"storage": {"root": str(tmp_path / "store")}, "ingest": {"snapshot": "s1", "shard_rows": 300}},
+    )
 
 
 def test_ingest_tsv_gz_to_local_path(tmp_path, local_config):
@@ -60,11 +62,17 @@ def test_ingest_tsv_gz_to_local_path(tmp_path, local_config):
 def test_ingest_tsv_gz_to_s3(tmp_path, s3_endpoint, s3_bucket, s3_client):
     source = write_tsv(tmp_path / "psgs_w100.tsv.gz", ROWS)
     s3_client.upload_file(str(source), s3_bucket, "incoming/psgs_w100.tsv.gz")
-    config = write_config(tmp_path / "c.yaml", {
-        "storage": {"root": "s3://placeholder"}, "ingest": {"snapshot": "2026-11-26", "shard_rows": 400}})
-    run = run_job("ingest", config, f"storage.root=s3://{s3_bucket}/dpr",
-                  f"storage.options.endpoint_url={s3_endpoint}",
-                  f"ingest.input=s3://{s3_bucket}/incoming/psgs_w100.tsv.gz")
+    config = write_config(
+        tmp_path / "c.yaml",
+        {"storage": {"root": "s3://placeholder"}, "ingest": {"snapshot": "2026-11-26", "shard_rows": 400}},
+    )
+    run = run_job(
+        "ingest",
+        config,
+        f"storage.root=s3://{s3_bucket}/dpr",
+        f"storage.options.endpoint_url={s3_endpoint}",
+        f"ingest.input=s3://{s3_bucket}/incoming/psgs_w100.tsv.gz",
+    )
     assert run.returncode == 0, run.stderr
     assert run.summary["output"] == f"s3://{s3_bucket}/dpr/passages/2026-11-26"
     assert run.summary["rows"] == len(ROWS) and run.summary["shards"] == 3
@@ -95,10 +103,17 @@ def test_rerun_reuses_and_a_changed_source_is_refused(tmp_path, local_config):
     [
         (lambda d: write_tsv(d / "dup.tsv", ROWS[:500] + [ROWS[3]]), "line 502: duplicate id '4'"),
         (lambda d: write_tsv(d / "empty.tsv", ROWS[:450] + [("x9", " ", "T")]), "line 452: empty text"),
-        (lambda d: (d / "bad.tsv").write_bytes(b'id\ttext\ttitle\n' + b'1\t"a"\tT\n' * 1 + b'2\t"\xff"\tT\n') and
-         d / "bad.tsv", "line 3: not UTF-8"),
-        (lambda d: write_tsv(d / "nocol.tsv", ROWS[:3]).write_text("id\ttext\n1\tx\n") and d / "nocol.tsv",
-         "line 1: missing column(s) title"),
+        (
+            lambda d: (
+                (d / "bad.tsv").write_bytes(b"id\ttext\ttitle\n" + b'1\t"a"\tT\n' * 1 + b'2\t"\xff"\tT\n')
+                and d / "bad.tsv"
+            ),
+            "line 3: not UTF-8",
+        ),
+        (
+            lambda d: write_tsv(d / "nocol.tsv", ROWS[:3]).write_text("id\ttext\n1\tx\n") and d / "nocol.tsv",
+            "line 1: missing column(s) title",
+        ),
     ],
 )
 @pytest.mark.reliability
@@ -128,14 +143,20 @@ def test_many_files_are_ingested_by_ray_tasks_on_s3(tmp_path, ray_address, s3_en
     parts = [
         write_tsv(tmp_path / "a.tsv.gz", ROWS[:400]),
         write_jsonl(tmp_path / "b.jsonl", [{"id": p, "title": t, "text": x} for p, x, t in ROWS[400:700]]),
-        write_parquet(tmp_path / "c.parquet", {"id": [r[0] for r in ROWS[700:]], "title": [r[2] for r in ROWS[700:]],
-                                                "text": [r[1] for r in ROWS[700:]]}),
+        write_parquet(
+            tmp_path / "c.parquet",
+            {"id": [r[0] for r in ROWS[700:]], "title": [r[2] for r in ROWS[700:]], "text": [r[1] for r in ROWS[700:]]},
+        ),
     ]
     for path in parts:
         s3_client.upload_file(str(path), s3_bucket, f"in/{path.name}")
-    config = write_config(tmp_path / "c.yaml", {
-        "storage": {"root": f"s3://{s3_bucket}/root", "options": {"endpoint_url": s3_endpoint}},
-        "ingest": {"input": f"s3://{s3_bucket}/in/", "snapshot": "multi", "shard_rows": 250}})
+    config = write_config(
+        tmp_path / "c.yaml",
+        {
+            "storage": {"root": f"s3://{s3_bucket}/root", "options": {"endpoint_url": s3_endpoint}},
+            "ingest": {"input": f"s3://{s3_bucket}/in/", "snapshot": "multi", "shard_rows": 250},
+        },
+    )
     run = run_job("ingest", config)
     assert run.returncode == 0, run.stderr
     assert run.summary["rows"] == len(ROWS) and run.summary["shards"] == 2 + 2 + 2
@@ -145,8 +166,10 @@ def test_many_files_are_ingested_by_ray_tasks_on_s3(tmp_path, ray_address, s3_en
     s3_client.put_object(Bucket=s3_bucket, Key="in/d.jsonl", Body=json.dumps({"id": "12", "title": "", "text": "x"}))
     run = run_job("ingest", config, "ingest.snapshot=dups")
     assert run.returncode == 1
-    assert f"s3://{s3_bucket}/in/d.jsonl, line 1: duplicate id '12' (first seen in s3://{s3_bucket}/in/a.tsv.gz, " \
-           "line 13)" in run.stderr
+    assert (
+        f"s3://{s3_bucket}/in/d.jsonl, line 1: duplicate id '12' (first seen in s3://{s3_bucket}/in/a.tsv.gz, "
+        "line 13)" in run.stderr
+    )
     assert not s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="root/passages/dups/_manifest.json").get("Contents")
 
 
@@ -162,8 +185,9 @@ def test_a_delta_snapshot_stores_only_new_and_changed_rows_and_tombstones_the_re
     assert first.returncode == 0, first.stderr[-2000:]
     deleted = {str(i) for i in range(20, 30)}
     edited = {str(i) for i in range(500, 505)}
-    night = [(pid, text + " (edited)" if pid in edited else text, title)
-             for pid, text, title in ROWS if pid not in deleted]
+    night = [
+        (pid, text + " (edited)" if pid in edited else text, title) for pid, text, title in ROWS if pid not in deleted
+    ]
     night[400:400] = synthetic_rows(7, start=5000)
     (tmp_path / "n2").mkdir()
     write_tsv(tmp_path / "n2" / "a.tsv", night[:600])
@@ -191,8 +215,13 @@ def test_a_chain_whose_base_is_missing_fails_naming_it(tmp_path, local_config):
     overrides = ["ingest.snapshot=s2", "ingest.base=s1", f"ingest.input={write_tsv(tmp_path / 'n2.tsv', ROWS[:40])}"]
     assert run_job("ingest", local_config, *overrides).returncode == 0
     (tmp_path / "store" / "passages" / "s1" / "_manifest.json").unlink()
-    run = run_job("ingest", local_config, "ingest.snapshot=s3", "ingest.base=s2",
-                  f"ingest.input={write_tsv(tmp_path / 'n3.tsv', ROWS[:30])}")
+    run = run_job(
+        "ingest",
+        local_config,
+        "ingest.snapshot=s3",
+        "ingest.base=s2",
+        f"ingest.input={write_tsv(tmp_path / 'n3.tsv', ROWS[:30])}",
+    )
     assert run.returncode == 1
     assert "snapshot 's2' is a delta on 's1', whose manifest" in run.summary["error"]
     assert str(tmp_path / "store" / "passages" / "s1" / "_manifest.json") in run.summary["error"]

@@ -11,17 +11,15 @@ import sys
 import threading
 import time
 
+import faiss
 import numpy as np
 import pytest
 import requests
 import s3fs
 
-import faiss
-
 from pipeline.embeddings import ShardKeys, plan_carry_over, shard_keys
-from pipeline.segments import load_published
 from pipeline.nightly import with_index_version
-from pipeline.segments import KEYS_FILE, split_ids
+from pipeline.segments import KEYS_FILE, load_published, split_ids
 from pipeline.snapshots import LiveEmbeddings, embedding_chain, keys_of
 from pipeline.storage import Storage
 from tests.conftest import RAY_DASHBOARD_PORT
@@ -36,8 +34,10 @@ def _keys(pairs: list[tuple[str, str]]) -> ShardKeys:
 
 def test_carry_plan_counts_the_diff_and_finds_moved_passages():
     old = [_keys([("1", "a" * 32), ("2", "b" * 32)]), _keys([("3", "c" * 32), ("4", "d" * 32)])]
-    new = [_keys([("2", "b" * 32), ("3", "c" * 32)]),  # 3 moved to another shard
-           _keys([("4", "e" * 32), ("5", "f" * 32)])]  # 4 changed, 5 new; 1 deleted
+    new = [
+        _keys([("2", "b" * 32), ("3", "c" * 32)]),  # 3 moved to another shard
+        _keys([("4", "e" * 32), ("5", "f" * 32)]),
+    ]  # 4 changed, 5 new; 1 deleted
     plan = plan_carry_over(new, old)
     assert plan.sources == [[0, 1], []]
     assert (plan.unchanged, plan.new, plan.changed, plan.deleted) == (2, 1, 1, 1)
@@ -46,11 +46,21 @@ def test_carry_plan_counts_the_diff_and_finds_moved_passages():
 
 
 def test_index_version_goes_into_the_retriever_user_config_only():
-    deploy = {"http_options": {"port": 8000}, "applications": [
-        {"name": "other", "import_path": "x:y"},
-        {"name": "qa", "import_path": "pipeline.serve.app:app", "args": {"config": "c.yaml"},
-         "deployments": [{"name": "QAService", "num_replicas": 2},
-                         {"name": "Retriever", "user_config": {"index_version": None, "keep": 1}}]}]}
+    deploy = {
+        "http_options": {"port": 8000},
+        "applications": [
+            {"name": "other", "import_path": "x:y"},
+            {
+                "name": "qa",
+                "import_path": "pipeline.serve.app:app",
+                "args": {"config": "c.yaml"},
+                "deployments": [
+                    {"name": "QAService", "num_replicas": 2},
+                    {"name": "Retriever", "user_config": {"index_version": None, "keep": 1}},
+                ],
+            },
+        ],
+    }
     updated = with_index_version(deploy, "qa", "v2")
     retriever = updated["applications"][1]["deployments"][1]
     assert retriever == {"name": "Retriever", "user_config": {"index_version": "v2", "keep": 1}}
@@ -104,8 +114,13 @@ def _matches_a_scratch_build(storage: Storage, version: str, snapshot: str, cach
     want = [[order[j] for j in row] for row in expected]
     assert np.mean([g == w for g, w in zip(got, want)]) >= 0.95  # equal up to ties in score
     lists = faiss.extract_index_ivf(published.index).invlists
-    stored = np.concatenate([faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
-                             for i in range(lists.nlist) if lists.list_size(i)])
+    stored = np.concatenate(
+        [
+            faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+            for i in range(lists.nlist)
+            if lists.list_size(i)
+        ]
+    )
     seqs, rows = split_ids(stored)
     for segment in published.manifest.segments:
         assert sorted(rows[seqs == segment["seq"]].tolist()) == list(range(segment["rows"]))
@@ -126,22 +141,38 @@ def nights(tmp_path_factory, tiny_models, s3_endpoint, ray_address):
     tmp = tmp_path_factory.mktemp("nightly")
     port = free_port()
     dashboard = f"http://127.0.0.1:{RAY_DASHBOARD_PORT}"
-    config_path = write_config(tmp / "c.yaml", {
-        "storage": {"root": "s3://nightly/root", "options": {"endpoint_url": s3_endpoint}},
-        "ingest": {"shard_rows": 100},
-        "encode": {"model": tiny_models["ctx"], "pooling": "dpr", "max_length": 64},
-        "index": {"factory": "IVF4,PQ32x8", "nprobe": 4, "queries": 50, "min_recall": 0.6},
-        "serve": {"question_model": tiny_models["question"], "reader_model": None, "port": port,
-                  "cache_dir": str(tmp / "cache"), "retriever_cpus": 0.25, "encoder_cpus": 0.25},
-        "nightly": {"serve_address": dashboard, "serve_timeout_s": 120},
-    })
+    config_path = write_config(
+        tmp / "c.yaml",
+        {
+            "storage": {"root": "s3://nightly/root", "options": {"endpoint_url": s3_endpoint}},
+            "ingest": {"shard_rows": 100},
+            "encode": {"model": tiny_models["ctx"], "pooling": "dpr", "max_length": 64},
+            "index": {"factory": "IVF4,PQ32x8", "nprobe": 4, "queries": 50, "min_recall": 0.6},
+            "serve": {
+                "question_model": tiny_models["question"],
+                "reader_model": None,
+                "port": port,
+                "cache_dir": str(tmp / "cache"),
+                "retriever_cpus": 0.25,
+                "encoder_cpus": 0.25,
+            },
+            "nightly": {"serve_address": dashboard, "serve_timeout_s": 120},
+        },
+    )
     first = run_job("nightly", config_path, *_night(tmp, ROWS, "d1"), "nightly.serve_address=null")
     assert first.returncode == 0, first.stderr[-3000:]
-    application = {"name": "qa", "route_prefix": "/", "import_path": "pipeline.serve.app:app",
-                   "args": {"config": str(config_path)},
-                   "deployments": [{"name": "Retriever", "user_config": {"index_version": None}}]}
-    deployed = requests.put(f"{dashboard}/api/serve/applications/", timeout=60, json={
-        "http_options": {"host": "127.0.0.1", "port": port}, "applications": [application]})
+    application = {
+        "name": "qa",
+        "route_prefix": "/",
+        "import_path": "pipeline.serve.app:app",
+        "args": {"config": str(config_path)},
+        "deployments": [{"name": "Retriever", "user_config": {"index_version": None}}],
+    }
+    deployed = requests.put(
+        f"{dashboard}/api/serve/applications/",
+        timeout=60,
+        json={"http_options": {"host": "127.0.0.1", "port": port}, "applications": [application]},
+    )
     assert deployed.status_code == 200, deployed.text
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -153,9 +184,16 @@ def nights(tmp_path_factory, tiny_models, s3_endpoint, ray_address):
         except requests.RequestException:
             pass
         time.sleep(1)
-    yield {"config": config_path, "tmp": tmp, "first": first.summary, "first_served": served, "url": url,
-           "storage": Storage("s3://nightly/root", {"endpoint_url": s3_endpoint}), "fs": fs,
-           "objects": _objects(fs)}
+    yield {
+        "config": config_path,
+        "tmp": tmp,
+        "first": first.summary,
+        "first_served": served,
+        "url": url,
+        "storage": Storage("s3://nightly/root", {"endpoint_url": s3_endpoint}),
+        "fs": fs,
+        "objects": _objects(fs),
+    }
     ray.init(address=ray_address, logging_level="WARNING", log_to_driver=False)
     serve.shutdown()
     ray.shutdown()
@@ -169,8 +207,9 @@ def night2(nights):
     storage = nights["storage"]
     deleted = {str(i) for i in range(11, 31)}
     changed = {str(i) for i in range(101, 116)}
-    rows = [(pid, text + " revised" if pid in changed else text, title)
-            for pid, text, title in ROWS if pid not in deleted]
+    rows = [
+        (pid, text + " revised" if pid in changed else text, title) for pid, text, title in ROWS if pid not in deleted
+    ]
     rows[300:300] = synthetic_rows(25, start=1001, words=30)  # inserted mid-file: later shard boundaries move
     cache = nights["tmp"] / "replica-cache"
     load_published(storage, nights["first"]["version"], str(cache))  # a replica serving night 1
@@ -180,8 +219,7 @@ def night2(nights):
         session = requests.Session()
         while not stop.is_set():
             try:
-                response = session.post(f"{nights['url']}/v1/search", json={"questions": ["river"], "k": 3},
-                                        timeout=30)
+                response = session.post(f"{nights['url']}/v1/search", json={"questions": ["river"], "k": 3}, timeout=30)
                 answered.append((response.status_code, response.json().get("index_version")))
             except (requests.RequestException, ValueError) as exc:
                 answered.append((0, repr(exc)))
@@ -202,9 +240,17 @@ def night2(nights):
     hits = requests.post(f"{nights['url']}/v1/search", json={"questions": ["river"], "k": 3}, timeout=30).json()
     again = run_job("nightly", nights["config"], *_night(nights["tmp"], rows, "d2"))
     assert again.returncode == 0, again.stderr[-3000:]
-    return {"rows": rows, "changed": changed, "deleted": deleted, "summary": run.summary,
-            "served": hits["index_version"], "rerun": again.summary, "answered": answered, "written": written,
-            "fetched": moved.fetched}
+    return {
+        "rows": rows,
+        "changed": changed,
+        "deleted": deleted,
+        "summary": run.summary,
+        "served": hits["index_version"],
+        "rerun": again.summary,
+        "answered": answered,
+        "written": written,
+        "fetched": moved.fetched,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -213,11 +259,18 @@ def night3(nights, night2):
     version, then run to the end, then again."""
     storage = nights["storage"]
     rows = [(pid, text + " third" if pid in {"200", "201", "202"} else text, title) for pid, text, title in ROWS]
-    command = [sys.executable, "-m", "jobs.nightly", "--config", str(nights["config"]),
-               *[arg for item in _night(nights["tmp"], rows, "d3") for arg in ("--set", item)]]
+    command = [
+        sys.executable,
+        "-m",
+        "jobs.nightly",
+        "--config",
+        str(nights["config"]),
+        *[arg for item in _night(nights["tmp"], rows, "d3") for arg in ("--set", item)],
+    ]
     [fingerprint] = storage.list_names("embeddings/d2")
-    job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
+    job = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and job.poll() is None:
         storage.fs.invalidate_cache()
@@ -228,8 +281,9 @@ def night3(nights, night2):
     job.wait(timeout=60)
     record = storage.read_json("nightly/d3.json")
     # Killed again while its index build uploads the new segment and tombstones.
-    upload = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)
+    upload = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     for line in upload.stderr:
         if "pipeline.index: publish…" in line:
             os.killpg(upload.pid, signal.SIGKILL)
@@ -240,8 +294,14 @@ def night3(nights, night2):
     assert run.returncode == 0, run.stderr[-3000:]
     created = storage.read_json(f"indexes/{run.summary['version']}/manifest.json")["created_at"]
     again = run_job("nightly", nights["config"], *_night(nights["tmp"], rows, "d3"))
-    return {"killed": job.returncode, "record": record, "summary": run.summary, "created_at": created,
-            "rerun": again, "during_upload": during_upload}
+    return {
+        "killed": job.returncode,
+        "record": record,
+        "summary": run.summary,
+        "created_at": created,
+        "rerun": again,
+        "during_upload": during_upload,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -251,8 +311,14 @@ def compacted(nights, night3):
     storage = nights["storage"]
     killed = []
     for phase in ("compact…", "publish…"):
-        job = subprocess.Popen([sys.executable, "-m", "jobs.compact", "--config", str(nights["config"])], cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        job = subprocess.Popen(
+            [sys.executable, "-m", "jobs.compact", "--config", str(nights["config"])],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         for line in job.stderr:
             if f"pipeline.index: {phase}" in line:
                 os.killpg(job.pid, signal.SIGKILL)
@@ -315,15 +381,24 @@ def test_second_night_writes_and_fetches_only_what_changed(nights, night2):
     assert sum(size[p] for p in written) < 0.25 * sum(size[p] for p in first)
     assert not any("/quantizers/" in p for p in written)
     second = nights["storage"].read_json(f"indexes/{night2['summary']['version']}/manifest.json")
-    new_files = [e for e in second["files"] if e["name"].startswith("segments/") and
-                 f"nightly/root/indexes/{e['name']}" in written or e["name"].endswith("tombstones.npy")]
+    new_files = [
+        e
+        for e in second["files"]
+        if e["name"].startswith("segments/")
+        and f"nightly/root/indexes/{e['name']}" in written
+        or e["name"].endswith("tombstones.npy")
+    ]
     assert 0 < night2["fetched"] == sum(e["bytes"] for e in new_files) < 0.5 * sum(e["bytes"] for e in second["files"])
 
 
 def test_each_version_equals_a_scratch_build_and_hides_the_dead(nights, night2, night3, compacted):
     storage, tmp = nights["storage"], nights["tmp"]
-    for name, version, snapshot in (("1", nights["first"]["version"], "d1"), ("2", night2["summary"]["version"], "d2"),
-                                    ("3", night3["summary"]["version"], "d3"), ("c", compacted["version"], "d3")):
+    for name, version, snapshot in (
+        ("1", nights["first"]["version"], "d1"),
+        ("2", night2["summary"]["version"], "d2"),
+        ("3", night3["summary"]["version"], "d3"),
+        ("c", compacted["version"], "d3"),
+    ):
         _matches_a_scratch_build(storage, version, snapshot, tmp / f"scratch-{name}")
     second = load_published(storage, night2["summary"]["version"], str(tmp / "scratch-2"))
     old = _embeddings(storage, "d1")
@@ -385,8 +460,13 @@ def test_a_crash_after_encode_resumes_without_re_encoding_and_publishes_once(nig
 def test_a_new_encoder_forces_a_full_encode(nights, night3, compacted):
     """Another fingerprint (here: another max_length) shares no vectors with the published index. It runs after the
     other nights (night3), whose carry-over it would otherwise break."""
-    run = run_job("nightly", nights["config"], *_night(nights["tmp"], ROWS, "d4"), "encode.max_length=48",
-                  "nightly.serve_address=null")
+    run = run_job(
+        "nightly",
+        nights["config"],
+        *_night(nights["tmp"], ROWS, "d4"),
+        "encode.max_length=48",
+        "nightly.serve_address=null",
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     fourth = run.summary
     assert fourth["encoded"] == 600 and fourth["reused"] == 0 and fourth["retrained"] is True
@@ -400,12 +480,21 @@ def test_evaluate_searches_exactly_over_a_delta_chain(nights, night2):
     rows = {pid: text for pid, text, _ in night2["rows"]}
     asked = ["101", "102", "200", "1001"]
     questions = nights["tmp"] / "questions.jsonl"
-    questions.write_text("".join(json.dumps({"question": " ".join(rows[p].split()[:8]), "answers": [rows[p][-20:]]})
-                                 + "\n" for p in asked))
+    questions.write_text(
+        "".join(
+            json.dumps({"question": " ".join(rows[p].split()[:8]), "answers": [rows[p][-20:]]}) + "\n" for p in asked
+        )
+    )
     output = nights["tmp"] / "evaluation"
-    run = run_job("evaluate", nights["config"], f"evaluate.questions={questions}", f"evaluate.output={output}",
-                  f"evaluate.index_version={night2['summary']['version']}", "evaluate.k=[1,10]",
-                  f"evaluate.cache_dir={nights['tmp'] / 'evaluate-cache'}")
+    run = run_job(
+        "evaluate",
+        nights["config"],
+        f"evaluate.questions={questions}",
+        f"evaluate.output={output}",
+        f"evaluate.index_version={night2['summary']['version']}",
+        "evaluate.k=[1,10]",
+        f"evaluate.cache_dir={nights['tmp'] / 'evaluate-cache'}",
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     exact = json.loads((output / "retriever_results_exact.json").read_text())
     found = [ctx for record in exact for ctx in record["ctxs"]]

@@ -23,8 +23,10 @@ def _two_file_ingest(tmp_path):
     (tmp_path / "in").mkdir()
     write_tsv(tmp_path / "in" / "a.tsv", synthetic_rows(20, words=10))
     write_tsv(tmp_path / "in" / "b.tsv", synthetic_rows(20, start=100, words=10))
-    return write_config(tmp_path / "c.yaml", {"storage": {"root": str(tmp_path / "store")},
-                                              "ingest": {"input": str(tmp_path / "in"), "snapshot": "s1"}})
+    return write_config(
+        tmp_path / "c.yaml",
+        {"storage": {"root": str(tmp_path / "store")}, "ingest": {"input": str(tmp_path / "in"), "snapshot": "s1"}},
+    )
 
 
 @pytest.fixture
@@ -59,8 +61,7 @@ def test_a_dead_recorded_cluster_fails_at_once_and_says_what_to_do(tmp_path, sho
 
 
 def _ours(marker: str) -> list[tuple[int, str]]:
-    return [(pid, command) for pid, (_, command) in _processes().items()
-            if marker in command and pid != os.getpid()]
+    return [(pid, command) for pid, (_, command) in _processes().items() if marker in command and pid != os.getpid()]
 
 
 def test_a_benchmark_stopped_by_sigterm_leaves_no_ray_behind(short_tmp):
@@ -70,8 +71,14 @@ def test_a_benchmark_stopped_by_sigterm_leaves_no_ray_behind(short_tmp):
     machine_record = tmp_path / "machine-tmp" / "ray" / "ray_current_cluster"
     env = {**os.environ, "TMPDIR": str(tmp_path), "RAY_TMPDIR": str(tmp_path / "machine-tmp")}
     env.pop("RAY_ADDRESS")
-    bench = subprocess.Popen([sys.executable, "benchmarks/nightly.py", "--passages", "3000"], cwd=REPO, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    bench = subprocess.Popen(
+        [sys.executable, "benchmarks/nightly.py", "--passages", "3000"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and bench.poll() is None:

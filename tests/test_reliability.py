@@ -17,12 +17,15 @@ ROWS = synthetic_rows(500, words=30)
 
 
 def _config(tmp_path, bucket, endpoint, tiny_models, **options):
-    return write_config(tmp_path / "c.yaml", {
-        "storage": {"root": f"s3://{bucket}/root", "options": {"endpoint_url": endpoint, **options}},
-        "ingest": {"input": str(write_tsv(tmp_path / "p.tsv", ROWS)), "snapshot": "s1", "shard_rows": 100},
-        "encode": {"model": tiny_models["ctx"], "pooling": "dpr", "max_length": 64},
-        "index": {"factory": "IVF4,PQ32x8", "nprobe": 4, "queries": 40, "min_recall": 0.5},
-    })
+    return write_config(
+        tmp_path / "c.yaml",
+        {
+            "storage": {"root": f"s3://{bucket}/root", "options": {"endpoint_url": endpoint, **options}},
+            "ingest": {"input": str(write_tsv(tmp_path / "p.tsv", ROWS)), "snapshot": "s1", "shard_rows": 100},
+            "encode": {"model": tiny_models["ctx"], "pooling": "dpr", "max_length": 64},
+            "index": {"factory": "IVF4,PQ32x8", "nprobe": 4, "queries": 40, "min_recall": 0.5},
+        },
+    )
 
 
 def _listed_objects_are_whole(storage: Storage) -> int:
@@ -37,15 +40,17 @@ def _listed_objects_are_whole(storage: Storage) -> int:
     return checked
 
 
-def test_jobs_ride_out_s3_faults_and_manifests_list_only_whole_objects(tmp_path, s3_endpoint, s3_bucket,
-                                                                       tiny_models, ray_address):
+def test_jobs_ride_out_s3_faults_and_manifests_list_only_whole_objects(
+    tmp_path, s3_endpoint, s3_bucket, tiny_models, ray_address
+):
     with FaultyS3Proxy(s3_endpoint, rate=0.15, seed=11) as proxy:
         config = _config(tmp_path, s3_bucket, proxy.url, tiny_models)
         for job in ("ingest", "encode", "build_index"):
             run = run_job(job, config)
             assert run.returncode == 0, f"{job}: {run.stderr[-3000:]}"
-    assert sum(proxy.injected.values()) >= 8 and {"500", "503", "drop", "truncate"} <= set(proxy.injected), \
+    assert sum(proxy.injected.values()) >= 8 and {"500", "503", "drop", "truncate"} <= set(proxy.injected), (
         proxy.injected
+    )
     storage = Storage(f"s3://{s3_bucket}/root", {"endpoint_url": s3_endpoint})
     assert run.summary["vectors"] == 500
     assert _listed_objects_are_whole(storage) >= 5 + 5 + 2
@@ -53,8 +58,13 @@ def test_jobs_ride_out_s3_faults_and_manifests_list_only_whole_objects(tmp_path,
 
 def test_a_lasting_s3_outage_fails_clearly_and_publishes_nothing(tmp_path, s3_endpoint, s3_bucket, tiny_models):
     with FaultyS3Proxy(s3_endpoint, rate=1.0, seed=5) as proxy:
-        config = _config(tmp_path, s3_bucket, proxy.url, tiny_models,
-                         config_kwargs={"retries": {"max_attempts": 2, "mode": "standard"}})
+        config = _config(
+            tmp_path,
+            s3_bucket,
+            proxy.url,
+            tiny_models,
+            config_kwargs={"retries": {"max_attempts": 2, "mode": "standard"}},
+        )
         run = run_job("ingest", config)
     assert run.returncode == 1
     error = run.summary["error"]
@@ -63,8 +73,9 @@ def test_a_lasting_s3_outage_fails_clearly_and_publishes_nothing(tmp_path, s3_en
     assert storage.read_manifest("passages/s1") is None and not storage.exists("passages/LATEST")
 
 
-def test_secrets_never_reach_logs_summaries_manifests_or_errors(tmp_path, s3_endpoint, s3_bucket, tiny_models,
-                                                                ray_address):
+def test_secrets_never_reach_logs_summaries_manifests_or_errors(
+    tmp_path, s3_endpoint, s3_bucket, tiny_models, ray_address
+):
     """The S3 keys are in every job's environment; none of what the jobs write or print may contain them."""
     secrets = [value for key, value in FAKE_CREDENTIALS.items() if key != "AWS_DEFAULT_REGION"]
     assert all(os.environ[key] == FAKE_CREDENTIALS[key] for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))
@@ -85,8 +96,11 @@ def test_secrets_never_reach_logs_summaries_manifests_or_errors(tmp_path, s3_end
 
     outputs.append(load_config(config).model_dump_json())
     storage = Storage(f"s3://{s3_bucket}/root", {"endpoint_url": s3_endpoint})
-    outputs += [storage.fs.cat_file(path).decode("utf-8", "replace")
-                for path in storage.fs.find(storage.root_path) if path.endswith(".json") or "LATEST" in path]
+    outputs += [
+        storage.fs.cat_file(path).decode("utf-8", "replace")
+        for path in storage.fs.find(storage.root_path)
+        if path.endswith(".json") or "LATEST" in path
+    ]
     scanned = 0
     for temp_dir in RAY_TEMP_DIRS:
         for path in temp_dir.rglob("*"):
@@ -103,16 +117,20 @@ def test_secrets_never_reach_logs_summaries_manifests_or_errors(tmp_path, s3_end
 def test_bad_rows_are_quarantined_within_max_bad_rows(tmp_path):
     """Row-level problems are skipped and listed (file, line, problem) up to ingest.max_bad_rows; one more fails
     the run naming that row, and nothing is published."""
-    lines = ['{"id": "1", "title": "A", "text": "good one"}',
-             '{"id": "2", "title": "B", "text": ""}',
-             "{not json",
-             '{"id": "4", "title": "D", "text": "good two"}',
-             '{"id": "5", "title": "E"}',
-             '{"id": "6", "title": "F", "text": "good three"}']
+    lines = [
+        '{"id": "1", "title": "A", "text": "good one"}',
+        '{"id": "2", "title": "B", "text": ""}',
+        "{not json",
+        '{"id": "4", "title": "D", "text": "good two"}',
+        '{"id": "5", "title": "E"}',
+        '{"id": "6", "title": "F", "text": "good three"}',
+    ]
     source = tmp_path / "p.jsonl"
     source.write_text("\n".join(lines) + "\n")
-    config = write_config(tmp_path / "c.yaml", {"storage": {"root": str(tmp_path / "store")},
-                                                "ingest": {"input": str(source), "snapshot": "q1"}})
+    config = write_config(
+        tmp_path / "c.yaml",
+        {"storage": {"root": str(tmp_path / "store")}, "ingest": {"input": str(source), "snapshot": "q1"}},
+    )
     strict = run_job("ingest", config, "ingest.max_bad_rows=2")
     assert strict.returncode == 1 and f"{source}, line 5: missing field(s) text" in strict.summary["error"]
     assert not (tmp_path / "store" / "passages" / "q1" / "_manifest.json").exists()

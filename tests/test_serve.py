@@ -29,16 +29,29 @@ def qa(tmp_path_factory, tiny_models, ray_address):
 
     tmp = tmp_path_factory.mktemp("serve")
     port = free_port()
-    config_path = write_config(tmp / "c.yaml", {
-        "storage": {"root": str(tmp / "store")},
-        "ingest": {"input": str(write_tsv(tmp / "psgs.tsv", ROWS)), "snapshot": "s1", "shard_rows": 100},
-        "encode": {"model": tiny_models["ctx"], "pooling": "dpr", "max_length": 64},
-        "index": {"factory": "IVF4,PQ32x8", "nprobe": 4, "queries": 40, "min_recall": 0.5},
-        "serve": {"question_model": tiny_models["question"], "reader_model": tiny_models["reader"],
-                  "cache_dir": str(tmp / "cache"), "port": port, "retriever_cpus": 0.25, "reader_cpus": 0.25,
-                  "encoder_cpus": 0.25, "max_question_chars": 200, "max_k": 50, "max_batch_questions": 8,
-                  "max_body_bytes": 4096, "reader_max_length": 96},
-    })
+    config_path = write_config(
+        tmp / "c.yaml",
+        {
+            "storage": {"root": str(tmp / "store")},
+            "ingest": {"input": str(write_tsv(tmp / "psgs.tsv", ROWS)), "snapshot": "s1", "shard_rows": 100},
+            "encode": {"model": tiny_models["ctx"], "pooling": "dpr", "max_length": 64},
+            "index": {"factory": "IVF4,PQ32x8", "nprobe": 4, "queries": 40, "min_recall": 0.5},
+            "serve": {
+                "question_model": tiny_models["question"],
+                "reader_model": tiny_models["reader"],
+                "cache_dir": str(tmp / "cache"),
+                "port": port,
+                "retriever_cpus": 0.25,
+                "reader_cpus": 0.25,
+                "encoder_cpus": 0.25,
+                "max_question_chars": 200,
+                "max_k": 50,
+                "max_batch_questions": 8,
+                "max_body_bytes": 4096,
+                "reader_max_length": 96,
+            },
+        },
+    )
     for job in ("ingest", "encode", "build_index"):
         run = run_job(job, config_path)
         assert run.returncode == 0, run.stderr[-3000:]
@@ -46,8 +59,13 @@ def qa(tmp_path_factory, tiny_models, ray_address):
     ray.init(address=ray_address, logging_level="WARNING", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config), name="qa", route_prefix="/")
-    state = {"config_path": config_path, "config": config, "url": f"http://127.0.0.1:{port}",
-             "storage": Storage(config.storage.root), "tmp": tmp}
+    state = {
+        "config_path": config_path,
+        "config": config,
+        "url": f"http://127.0.0.1:{port}",
+        "storage": Storage(config.storage.root),
+        "tmp": tmp,
+    }
     yield state
     serve.shutdown()
     ray.shutdown()
@@ -86,17 +104,22 @@ def test_ask_spans_equal_decode_best_spans(qa, tiny_models):
     from transformers import DPRReader, DPRReaderTokenizerFast
 
     question = "which river flows past the castle"
-    response = requests.post(f"{qa['url']}/v1/ask", json={"question": question, "k": 4, "top_answers": 2},
-                             timeout=60)
+    response = requests.post(f"{qa['url']}/v1/ask", json={"question": question, "k": 4, "top_answers": 2}, timeout=60)
     assert response.status_code == 200, response.text
     body = response.json()
     passages = body["passages"]
     assert len(passages) == 4 and body["index_version"] == _latest(qa)
     tokenizer = DPRReaderTokenizerFast.from_pretrained(tiny_models["reader"])
     model = DPRReader.from_pretrained(tiny_models["reader"]).eval()
-    inputs = tokenizer(questions=[question] * 4, titles=[p["title"] for p in passages],
-                       texts=[p["text"] for p in passages], padding="max_length", truncation=True, max_length=96,
-                       return_tensors="pt")
+    inputs = tokenizer(
+        questions=[question] * 4,
+        titles=[p["title"] for p in passages],
+        texts=[p["text"] for p in passages],
+        padding="max_length",
+        truncation=True,
+        max_length=96,
+        return_tensors="pt",
+    )
     with torch.no_grad():
         output = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
     spans = tokenizer.decode_best_spans(inputs, output, num_spans=2, max_answer_length=10)
@@ -128,8 +151,7 @@ def test_ask_spans_equal_decode_best_spans(qa, tiny_models):
 @pytest.mark.reliability
 def test_bad_input_gets_a_json_error_never_a_500(qa, path, body, status, message):
     started = time.perf_counter()
-    response = requests.post(f"{qa['url']}{path}", data=body, headers={"content-type": "application/json"},
-                             timeout=30)
+    response = requests.post(f"{qa['url']}{path}", data=body, headers={"content-type": "application/json"}, timeout=30)
     assert response.status_code == status, response.text
     assert message in str(response.json())
     assert time.perf_counter() - started < 1.0  # refused before any model or index work
@@ -165,8 +187,9 @@ def test_hot_swap_under_load(qa):
     def client():
         while not stop.is_set() and len(seen) + len(failures) < 5000:
             try:
-                r = requests.post(f"{qa['url']}/v1/search", json={"questions": ["north south road"], "k": 3},
-                                  timeout=30)
+                r = requests.post(
+                    f"{qa['url']}/v1/search", json={"questions": ["north south road"], "k": 3}, timeout=30
+                )
                 (seen if r.status_code == 200 else failures).append(r.json().get("index_version", r.text))
             except requests.RequestException as exc:
                 failures.append(repr(exc))
@@ -186,7 +209,7 @@ def test_hot_swap_under_load(qa):
     assert failures == []
     assert set(seen) == {old, new} and seen[-1] == new
     switched = seen.index(new)
-    assert seen.count(old) >= 1 and all(v == new for v in seen[switched + 3 * 3:])
+    assert seen.count(old) >= 1 and all(v == new for v in seen[switched + 3 * 3 :])
 
 
 @pytest.mark.reliability
@@ -213,8 +236,13 @@ def test_a_corrupt_version_is_refused_and_the_current_one_keeps_serving(qa):
 
 
 def test_api_key_when_configured(qa):
-    keyed = qa["config"].model_copy(update={"serve": qa["config"].serve.model_copy(
-        update={"api_key_env": "QA_TEST_API_KEY", "index_version": _latest(qa)})})
+    keyed = qa["config"].model_copy(
+        update={
+            "serve": qa["config"].serve.model_copy(
+                update={"api_key_env": "QA_TEST_API_KEY", "index_version": _latest(qa)}
+            )
+        }
+    )
     _deploy(keyed)
     try:
         url = f"{qa['url']}/v1/search"
@@ -227,8 +255,11 @@ def test_api_key_when_configured(qa):
         assert ok.status_code == 200
         assert requests.get(f"{qa['url']}/healthz", timeout=10).status_code == 200
     finally:
-        _deploy(qa["config"].model_copy(update={"serve": qa["config"].serve.model_copy(
-            update={"index_version": _latest(qa)})}))
+        _deploy(
+            qa["config"].model_copy(
+                update={"serve": qa["config"].serve.model_copy(update={"index_version": _latest(qa)})}
+            )
+        )
 
 
 @pytest.mark.reliability
@@ -240,10 +271,10 @@ def test_overload_is_answered_503_at_once_and_admitted_requests_succeed(qa):
 
     from pipeline.serve.app import build_app
 
-    tight = qa["config"].serve.model_copy(update={"max_ongoing_requests": 1, "max_queued_requests": 1,
-                                                  "index_version": _latest(qa)})
-    serve.run(build_app(qa["config"].model_copy(update={"serve": tight})), name="overload",
-              route_prefix="/overload")
+    tight = qa["config"].serve.model_copy(
+        update={"max_ongoing_requests": 1, "max_queued_requests": 1, "index_version": _latest(qa)}
+    )
+    serve.run(build_app(qa["config"].model_copy(update={"serve": tight})), name="overload", route_prefix="/overload")
     url = f"{qa['url']}/overload/v1/ask"
     assert requests.post(url, json={"question": "warm up", "k": 10}, timeout=60).status_code == 200
     alone = []
@@ -321,8 +352,9 @@ def test_a_replica_killed_under_load_costs_at_most_one_percent(qa):
     assert len(retrievers()) == 2
     failed = [s for s in statuses if s != 200]
     assert len(statuses) >= 100 and len(failed) <= 0.01 * len(statuses), (len(statuses), failed)
-    _deploy(qa["config"].model_copy(update={"serve": qa["config"].serve.model_copy(
-        update={"index_version": _latest(qa)})}))
+    _deploy(
+        qa["config"].model_copy(update={"serve": qa["config"].serve.model_copy(update={"index_version": _latest(qa)})})
+    )
 
 
 def test_serve_config_file_names_the_app():

@@ -115,10 +115,20 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("qa_requests", "HTTP requests", ["route", "status"], registry=self.registry)
-        self.latency = Histogram("qa_request_seconds", "request latency", ["route"], registry=self.registry,
-                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-        self.stage = Histogram("qa_stage_seconds", "latency per stage", ["stage"], registry=self.registry,
-                               buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+        self.latency = Histogram(
+            "qa_request_seconds",
+            "request latency",
+            ["route"],
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.stage = Histogram(
+            "qa_stage_seconds",
+            "latency per stage",
+            ["stage"],
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
         self.version = Gauge("qa_index_version_info", "index version answering", ["version"], registry=self.registry)
 
 
@@ -154,8 +164,9 @@ class Guard:
         if self.api_key and path not in OPEN_PATHS:
             scheme, _, token = headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), self.api_key.encode()):
-                return JSONResponse({"error": "missing or wrong API key"}, status_code=401,
-                                    headers={"WWW-Authenticate": "Bearer"}), receive
+                return JSONResponse(
+                    {"error": "missing or wrong API key"}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+                ), receive
         limit = self.settings.max_body_bytes
         length = headers.get("content-length")
         if length is not None:
@@ -200,12 +211,15 @@ class QAService:
     def _check(self, questions: list[str], k: int) -> JSONResponse | None:
         s = self.settings
         if len(questions) > s.max_batch_questions:
-            return _error(413, f"{len(questions)} questions in one request; serve.max_batch_questions is "
-                               f"{s.max_batch_questions}")
+            return _error(
+                413, f"{len(questions)} questions in one request; serve.max_batch_questions is {s.max_batch_questions}"
+            )
         for i, question in enumerate(questions):
             if len(question) > s.max_question_chars:
-                return _error(413, f"question {i} has {len(question)} characters; serve.max_question_chars is "
-                                   f"{s.max_question_chars}")
+                return _error(
+                    413,
+                    f"question {i} has {len(question)} characters; serve.max_question_chars is {s.max_question_chars}",
+                )
             if not question.strip():
                 return _error(422, f"question {i} is empty")
         if k > s.max_k:
@@ -232,7 +246,7 @@ class QAService:
             self.metrics.version.labels(version).set(1)
         answered, position = [], 0
         for questions, k in requests:
-            results = [hits[:k] for hits in found["results"][position:position + len(questions)]]
+            results = [hits[:k] for hits in found["results"][position : position + len(questions)]]
             answered.append({"index_version": version, "results": results})
             position += len(questions)
         return answered
@@ -254,11 +268,21 @@ class QAService:
         if self.reader is not None and passages:
             started = time.perf_counter()
             read = passages[: self.settings.reader_passages]
-            spans = await _with_one_retry(self.reader.read, {"question": body.question, "passages": read,
-                                                   "top_answers": body.top_answers})
+            spans = await _with_one_retry(
+                self.reader.read, {"question": body.question, "passages": read, "top_answers": body.top_answers}
+            )
             self.metrics.stage.labels("read").observe(time.perf_counter() - started)
-            answers = [{"text": s["text"], "score": s["score"], "passage_id": read[s["passage"]]["id"],
-                        "title": read[s["passage"]]["title"], "start": s["start"], "end": s["end"]} for s in spans]
+            answers = [
+                {
+                    "text": s["text"],
+                    "score": s["score"],
+                    "passage_id": read[s["passage"]]["id"],
+                    "title": read[s["passage"]]["title"],
+                    "start": s["start"],
+                    "end": s["end"],
+                }
+                for s in spans
+            ]
         return JSONResponse({"answers": answers, "passages": passages, "index_version": found["index_version"]})
 
     @api.get("/v1/index")
@@ -279,17 +303,20 @@ def build_app(config: PipelineConfig):
     s = config.serve
     storage = Storage(config.storage.root, config.storage.options)
     encoder = QuestionEncoder.options(
-        num_replicas=s.encoder_replicas, ray_actor_options={"num_cpus": s.encoder_cpus, "num_gpus": s.encoder_gpus},
+        num_replicas=s.encoder_replicas,
+        ray_actor_options={"num_cpus": s.encoder_cpus, "num_gpus": s.encoder_gpus},
     ).bind(question_settings(storage, s.index_version, s.question_model, s.question_pooling), s.batch_max_size)
     # Local paths are made absolute here: replicas do not share the working directory of `serve run`.
     retriever = Retriever.options(
-        num_replicas=s.retriever_replicas, user_config={"index_version": s.index_version},
+        num_replicas=s.retriever_replicas,
+        user_config={"index_version": s.index_version},
         ray_actor_options={"num_cpus": s.retriever_cpus},
     ).bind(storage.root_url, config.storage.options, os.path.abspath(s.cache_dir), s.batch_max_size)
     reader = None
     if s.reader_model:
         reader = Reader.options(
-            num_replicas=s.reader_replicas, ray_actor_options={"num_cpus": s.reader_cpus, "num_gpus": s.reader_gpus},
+            num_replicas=s.reader_replicas,
+            ray_actor_options={"num_cpus": s.reader_cpus, "num_gpus": s.reader_gpus},
         ).bind(s.reader_model, s.reader_max_length, s.max_answer_tokens)
     # The index version lives only in the retriever's user_config: with `serve deploy` (or a RayService) a
     # change is applied in place by Retriever.reconfigure; `serve.run` rolls new replicas in before old leave.
@@ -298,8 +325,10 @@ def build_app(config: PipelineConfig):
     # A replaced ingress replica drains its in-flight requests (each retried on the new replicas of the others,
     # which may take a while to load their models) instead of being killed after Serve's default 20 s.
     ingress = QAService.options(
-        max_ongoing_requests=s.max_ongoing_requests, max_queued_requests=s.max_queued_requests,
-        ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=120,
+        max_ongoing_requests=s.max_ongoing_requests,
+        max_queued_requests=s.max_queued_requests,
+        ray_actor_options={"num_cpus": 0},
+        graceful_shutdown_timeout_s=120,
     )
     return ingress.bind(encoder, retriever, reader, settings)
 

@@ -73,8 +73,9 @@ class Retriever:
     async def search(self, requests: list[tuple[np.ndarray, int]]) -> list[dict[str, Any]]:
         """Concurrent requests' questions in one FAISS search and one docstore take; each request gets its rows."""
         current = self.current  # one version for the whole batch, whatever reconfigure does meanwhile
-        queries = np.concatenate([np.asarray(vectors, dtype=np.float32).reshape(-1, current.d)
-                                  for vectors, _ in requests])
+        queries = np.concatenate(
+            [np.asarray(vectors, dtype=np.float32).reshape(-1, current.d) for vectors, _ in requests]
+        )
         scores, rows = current.search(queries, max(k for _, k in requests))
         table = current.passages([int(r) for r in rows.ravel() if r >= 0])
         ids, titles, texts = (table.column(c).to_pylist() for c in ("id", "title", "text"))
@@ -87,8 +88,14 @@ class Retriever:
                     if row < 0:
                         continue
                     if rank < k:
-                        hits.append({"id": ids[position], "title": titles[position], "text": texts[position],
-                                     "score": float(scores[question, rank])})
+                        hits.append(
+                            {
+                                "id": ids[position],
+                                "title": titles[position],
+                                "text": texts[position],
+                                "score": float(scores[question, rank]),
+                            }
+                        )
                     position += 1
                 results.append(hits)
                 question += 1
@@ -98,8 +105,12 @@ class Retriever:
     def info(self) -> dict[str, Any]:
         current = self.current
         manifest = current.manifest.model_dump(exclude={"files"})
-        return {"index_version": current.version, "vectors": current.vectors, "lineage": manifest,
-                "last_error": self.last_error}
+        return {
+            "index_version": current.version,
+            "vectors": current.vectors,
+            "lineage": manifest,
+            "last_error": self.last_error,
+        }
 
 
 @serve.deployment

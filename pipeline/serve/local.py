@@ -14,8 +14,9 @@ log = logging.getLogger(__name__)
 
 
 def post_json(url: str, body: dict[str, Any], timeout: float = 60) -> dict[str, Any]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"content-type": "application/json"})
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), method="POST", headers={"content-type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
 
@@ -37,8 +38,12 @@ def ask_once(config: PipelineConfig, question: str, k: int = 3) -> dict[str, Any
             log.info("  %d. [%s] %.3f %s…", rank, passage["title"], passage["score"], passage["text"][:90])
         for item in answer["answers"]:
             log.info("  answer: %r (%.2f, %s)", item["text"], item["score"], item["title"])
-        return {"question": question, "index_version": answer["index_version"],
-                "passages": [p["title"] for p in answer["passages"]], "answers": [a["text"] for a in answer["answers"]],
-                "url": url}
+        return {
+            "question": question,
+            "index_version": answer["index_version"],
+            "passages": [p["title"] for p in answer["passages"]],
+            "answers": [a["text"] for a in answer["answers"]],
+            "url": url,
+        }
     finally:
         serve.shutdown()
