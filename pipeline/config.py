@@ -202,9 +202,9 @@ class IndexConfig(Section):
     max_drift: float = Field(
         0.2,
         ge=0,
-        description="a delta build adds to the published quantizer while the new rows' "
-        "relative quantization error stays within this fraction above the error measured "
-        "with the last recall; beyond it a full build measures recall again",
+        description="a delta build adds to the published quantizer while the version's relative quantization error "
+        "(its rows at their recorded error, the new rows measured) stays within this fraction above the error "
+        "measured with the last recall; beyond it a full build measures recall again",
     )
     max_segments: int = Field(8, gt=0, description="segments a version may list before they are merged")
     max_tombstone_fraction: float = Field(

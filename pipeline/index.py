@@ -4,9 +4,10 @@ atomically (the format is in `pipeline.segments`).
 A build is one of three kinds, planned before any work (`plan_build`):
 - delta: the published version was built for an earlier snapshot of the same chain with the same settings: one new
   segment for the rows the later delta snapshots add, on the published quantizer, and tombstones for the published
-  rows they delete or replace. Work and bytes follow the change, not the corpus. It stands while the new rows'
-  relative quantization error stays within `index.max_drift` of the error measured with the last recall; else
-  the build is a full one, which measures recall again.
+  rows they delete or replace. Work and bytes follow the change, not the corpus. It stands while the version's
+  relative quantization error (its rows at their recorded error, the new rows measured) stays within
+  `index.max_drift` of the error measured with the last recall; else the build is a full one, which measures
+  recall again.
 - full: every live row of the chain into one segment, on the published quantizer while its recall holds, else on a
   newly trained one. Phases, each timed: plan (training size, memory estimate: refuse before any work when it
   cannot fit) → sample (uniform over all shards: psgs_w100 is ordered by article) → train (on GPU when faiss sees
@@ -184,10 +185,18 @@ def distortion(index: faiss.Index, vectors: np.ndarray) -> float:
     return float(((vectors - decoded) ** 2).sum() / max(float((vectors**2).sum()), 1e-30))
 
 
-def drifted(reference: float | None, measured: float, max_drift: float) -> bool:
-    """Whether new rows fit the quantizer worse than the rows its recall was measured on, past the allowance
-    (pure). Without a reference (a version built before it was recorded) a delta cannot be vouched for."""
-    return reference is None or measured > reference * (1 + max_drift)
+def blended(rows: int, error: float | None, new_rows: int, new_error: float) -> float | None:
+    """A version's error after a delta (pure): its rows at the error recorded for them, the new rows at theirs.
+    Nights accumulate: a quantizer that fits each night's rows a little worse drifts away night after night."""
+    if error is None:
+        return None
+    return (rows * error + new_rows * new_error) / max(rows + new_rows, 1)
+
+
+def drifted(reference: float | None, measured: float | None, max_drift: float) -> bool:
+    """Whether a version's rows fit the quantizer worse than the rows its recall was measured on, past the
+    allowance (pure). Without figures (a version built before they were recorded) a delta cannot be vouched for."""
+    return reference is None or measured is None or measured > reference * (1 + max_drift)
 
 
 def needs_compaction(segment_rows: Sequence[int], dead: int, config: IndexConfig) -> bool:
@@ -277,7 +286,7 @@ class Built:
     new_rows: int  # vectors added to a new segment this run
     # Relative quantization error on the rows recall was measured with (the reference), and on this run's rows.
     reference_distortion: float | None
-    distortion: float
+    distortion: float | None
 
     @property
     def stored(self) -> int:
@@ -373,7 +382,8 @@ def build_delta(
                 writer.add(vectors, passages)
                 added.append(vectors)
     # Recall@k among a night's few new rows says little about the version (their top 100 is a large share of
-    # them): the quantizer's fit to the new rows is compared instead with its fit when recall was last measured.
+    # them): the quantizer's fit to the version's rows is compared instead with its fit when recall was last
+    # measured, as the full build's recall is measured over the whole corpus.
     recall = {r: float(getattr(previous, f"recall_at_{r}")) for r in RECALL_K}
     reference = getattr(previous, "reference_distortion", None)
     with timer("measure"):
@@ -381,7 +391,9 @@ def build_delta(
         picks = np.random.default_rng(config.seed).choice(
             len(vectors), min(config.queries, len(vectors)), replace=False
         )
-        error = distortion(writer.index, vectors[np.sort(picks)])
+        new_error = distortion(writer.index, vectors[np.sort(picks)])
+        error = blended(previous.vectors, getattr(previous, "distortion", None), len(vectors), new_error)
+        log.info("new rows' quantization error %.4f, the version's %s (reference %s)", new_error, error, reference)
     with timer("tombstone"):
         removed = np.unique(np.concatenate([link.tombstones for link in deltas] or [np.empty(0, np.uint64)]))
         dead = (
@@ -792,7 +804,7 @@ def _build(
         if not drifted(built.reference_distortion, built.distortion, config.max_drift):
             return built, manifest.trained_from or version, "delta"
         log.info(
-            "the new rows' quantization error %.4f is over %s's reference %s by more than index.max_drift "
+            "the version's quantization error %s would be over %s's reference %s by more than index.max_drift "
             "%.2f: a full build",
             built.distortion,
             version,

@@ -285,7 +285,7 @@ def test_delta_gate_reads_the_quantizers_fit_at_any_number_of_new_rows():
     of them; rows from elsewhere fit measurably worse and send the night to a full build."""
     import faiss
 
-    from pipeline.index import distortion, drifted
+    from pipeline.index import blended, distortion, drifted
 
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(40, 32)).astype(np.float32)
@@ -304,5 +304,12 @@ def test_delta_gate_reads_the_quantizers_fit_at_any_number_of_new_rows():
         assert not drifted(reference, measured, 0.2)
     elsewhere = distortion(index, draw(300, shift=3.0))
     assert elsewhere > 1.5 * reference and drifted(reference, elsewhere, 0.2)
-    assert drifted(None, reference, 0.2)  # a version that recorded no reference
+    assert drifted(None, reference, 0.2) and drifted(reference, None, 0.2)  # figures a version did not record
     assert distortion(index, np.empty((0, 32), np.float32)) == 0.0
+    # A version of 30,000 rows: 300 ill-fitting rows a night move it a little, and night after night past the limit.
+    version, nights = reference, 0
+    while not drifted(reference, version, 0.2):
+        version = blended(30_000, version, 300, elsewhere)
+        nights += 1
+    assert 3 <= nights <= 60, nights
+    assert blended(30_000, None, 300, elsewhere) is None

@@ -363,3 +363,16 @@ def test_serve_config_file_names_the_app():
     assert application["import_path"] == "pipeline.serve.app:app"
     assert load_config(application["args"]["config"]).serve.reader_model is None
     assert application["deployments"][0]["name"] == "Retriever"
+
+
+def test_retriever_replicas_never_load_torch(qa):
+    """The index half of the app holds no model: its replicas map no libtorch, unlike the question encoder's."""
+    from ray.util.state import list_actors
+
+    def mapped(deployment: str) -> list[tuple[int, bool]]:
+        actors = list_actors(filters=[("class_name", "=", f"ServeReplica:qa:{deployment}"), ("state", "=", "ALIVE")])
+        assert actors, deployment
+        return [(a.pid, "libtorch" in open(f"/proc/{a.pid}/maps").read()) for a in actors]
+
+    assert all(not torch for _, torch in mapped("Retriever")), mapped("Retriever")
+    assert all(torch for _, torch in mapped("QuestionEncoder"))

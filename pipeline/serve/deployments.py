@@ -1,19 +1,25 @@
-"""The model and index halves of the QA service, one Ray Serve deployment each so they scale apart."""
+"""The model and index halves of the QA service, one Ray Serve deployment each so they scale apart.
+
+The model code (torch, transformers) is imported inside the model deployments only: a Retriever replica, which
+holds the index, never loads it.
+"""
 
 from __future__ import annotations
 
 import logging
 import tempfile
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from ray import serve
 
-from pipeline.encoder import EncoderSettings, TextEncoder
 from pipeline.errors import PipelineError
 from pipeline.segments import PublishedIndex, evict, load_published
 from pipeline.storage import Storage
+
+if TYPE_CHECKING:
+    from pipeline.encoder import EncoderSettings
 
 log = logging.getLogger("ray.serve")
 
@@ -23,6 +29,8 @@ class QuestionEncoder:
     """Questions → vectors, batched across concurrent requests with `serve.batch` (GPU when present)."""
 
     def __init__(self, settings: EncoderSettings, batch_max_size: int):
+        from pipeline.encoder import TextEncoder
+
         self.encoder = TextEncoder(settings)
         self.encode.set_max_batch_size(batch_max_size)
 
