@@ -30,17 +30,18 @@ from pipeline.config import EncodeConfig, PipelineConfig
 from pipeline.encoder import EncoderSettings, PassageTokenizer, TextEncoder, Tokens
 from pipeline.errors import InputError, PipelineError, StorageError
 from pipeline.ingest import PASSAGE_SCHEMA
+from pipeline.layout import embeddings_dir, latest_snapshot, published_index
+from pipeline.manifests import EmbeddingManifest, FileEntry
 from pipeline.raycluster import connect
 from pipeline.snapshots import (
     Link,
     content_keys,
     embedding_chain,
-    embeddings_dir,
     keys_of,
     passage_chain,
     read_shard_keys,
 )
-from pipeline.storage import FileEntry, Manifest, Storage, parquet_bytes, read_parquet_bytes
+from pipeline.storage import Storage, parquet_bytes, read_parquet_bytes
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +49,6 @@ PROGRESS_NAME = "_progress.json"
 # One CPU core tokenizes 2,100-3,100 psgs_w100 passages/s and a BERT-base encoder on an H200 takes 13,200/s
 # (benchmarks/results/gpu-h200-2026-11-27.jsonl): about 6 cores keep one GPU fed.
 TOKENIZERS_PER_GPU = 6
-
-
-def latest_snapshot(storage: Storage) -> str:
-    try:
-        return storage.read_bytes("passages/LATEST").decode().strip()
-    except FileNotFoundError:
-        raise PipelineError(f"no passage snapshot under {storage.url('passages')}: run jobs.ingest first") from None
 
 
 def embedding_table(ids: list[str], content_hashes: list[str], vectors: np.ndarray, dtype: str) -> pa.Table:
@@ -109,7 +103,7 @@ def plan_shards(passage_files: list[FileEntry], done: dict[str, FileEntry]) -> t
     todo, reused = [], []
     for entry in passage_files:
         previous = done.get(entry.name)
-        if previous is not None and getattr(previous, "source_sha256", None) == entry.sha256:
+        if previous is not None and previous.source_sha256 == entry.sha256:
             reused.append(previous)
         else:
             todo.append(entry)
@@ -458,8 +452,8 @@ def run_encode(config: PipelineConfig) -> dict[str, Any]:
     finally:
         pool.kill()
     head, encoded = done[-1], sum(d["rows"] for d in done)
-    live = int(getattr(links[-1].passages, "live_rows", None) or links[-1].passages.rows or 0)
-    diff = getattr(links[-1].passages, "diff", None) or head.pop("diff")
+    live = links[-1].passages.live_rows
+    diff = links[-1].passages.diff or head.pop("diff")
     head.pop("diff", None)
     return {
         **head,
@@ -482,7 +476,7 @@ def _encode_snapshot(
     fingerprint, dim, device = described["fingerprint"], described["dim"], described["device"]
     output = embeddings_dir(link.snapshot, fingerprint)
     passage_manifest = link.passages
-    published = storage.read_manifest(output)
+    published = storage.read_manifest(output, EmbeddingManifest)
     done = {e.name: e for e in published.files} if published else _load_progress(storage, output)
     todo, reused = plan_shards(passage_manifest.files, done)
     if todo:
@@ -522,19 +516,20 @@ def _encode_snapshot(
         enc = config.encode
         storage.write_manifest(
             output,
-            "embeddings",
-            completed,
-            snapshot=link.snapshot,
-            fingerprint=fingerprint,
-            dim=dim,
-            encoder={**asdict(settings), "compute_dtype": described["dtype"]},
-            base=link.base,
-            embedding_dtype=enc.embedding_dtype,
-            passages_manifest=passage_manifest.created_at,
-            carried_from=previous[-1][0] if previous else None,
-            quarantine=scheduler.quarantine,
+            EmbeddingManifest(
+                files=completed,
+                snapshot=link.snapshot,
+                fingerprint=fingerprint,
+                dim=dim,
+                encoder={**asdict(settings), "compute_dtype": described["dtype"]},
+                base=link.base,
+                embedding_dtype=enc.embedding_dtype,
+                passages_manifest=passage_manifest.created_at,
+                carried_from=previous[-1][0] if previous else None,
+                quarantine=scheduler.quarantine,
+            ),
         )
-    encoded = sum(getattr(e, "encoded", e.rows) or 0 for e in finished)
+    encoded = sum((e.rows if e.encoded is None else e.encoded) or 0 for e in finished)
     previous_snapshot = link.base or (previous[-1][0].split("/")[1] if previous else None)
     return {
         "rows": encoded,
@@ -552,27 +547,21 @@ def _encode_snapshot(
     }
 
 
-def _published_manifest(storage: Storage) -> Manifest | None:
-    try:
-        version = storage.read_bytes("indexes/LATEST").decode().strip()
-    except FileNotFoundError:
-        return None
-    return storage.read_manifest(posixpath.join("indexes", version), name="manifest.json")
-
-
 def published_snapshot(storage: Storage) -> str | None:
     """The passage snapshot the serving index (indexes/LATEST) was built from."""
-    return getattr(_published_manifest(storage), "snapshot", None)
+    manifest = published_index(storage)
+    return manifest.snapshot if manifest else None
 
 
 def published_encoder(storage: Storage) -> dict[str, Any] | None:
     """The encoder settings the serving index's passages were encoded with."""
-    return getattr(_published_manifest(storage), "encoder", None)
+    manifest = published_index(storage)
+    return manifest.encoder if manifest else None
 
 
 def _previous_embeddings(
     storage: Storage, config: PipelineConfig, link: Link, fingerprint: str
-) -> list[tuple[str, Manifest]] | None:
+) -> list[tuple[str, EmbeddingManifest]] | None:
     """For a full snapshot: the earlier snapshot's embeddings by the same model (every link of its chain), whose
     unchanged vectors are copied rather than encoded again: `encode.previous_snapshot`, else the snapshot the
     published index was built from. A different fingerprint (another model or settings) carries nothing, and a
@@ -603,7 +592,7 @@ def _plan_carry(
     passages: str,
     files: list[FileEntry],
     todo: list[FileEntry],
-    previous: list[tuple[str, Manifest]] | None,
+    previous: list[tuple[str, EmbeddingManifest]] | None,
 ) -> tuple[dict[str, int], dict[str, Carry]]:
     """Diff counts against the previous snapshot, and for each shard still to do, where its unchanged vectors are.
     Every row of the previous chain counts, dead ones too: a vector depends only on its passage's content."""

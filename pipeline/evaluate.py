@@ -30,7 +30,8 @@ from pipeline.config import PipelineConfig
 from pipeline.encoder import TextEncoder
 from pipeline.errors import InputError, PipelineError
 from pipeline.index import question_settings
-from pipeline.segments import load_published, published_version
+from pipeline.layout import published_version
+from pipeline.segments import load_published
 from pipeline.snapshots import LiveEmbeddings, embedding_chain
 from pipeline.storage import Storage, resolve
 
@@ -255,8 +256,8 @@ def run_evaluate(config: PipelineConfig) -> dict[str, Any]:
         "questions_file": ev.questions,
         "questions": len(questions),
         "match": ev.match,
-        "factory": getattr(index.manifest, "factory", None),
-        "nprobe": getattr(index.manifest, "nprobe", None),
+        "factory": index.manifest.factory,
+        "nprobe": index.manifest.nprobe,
         "top_k": {name: {str(k): round(v, 4) for k, v in acc.items()} for name, acc in accuracy.items()},
         "difference_points": {str(k): round(100 * (accuracy["exact"][k] - accuracy["ann"][k]), 2) for k in ks},
         "questions_per_s": round(len(questions) / ann_seconds, 1),

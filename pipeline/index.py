@@ -38,13 +38,22 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from pipeline.config import IndexConfig, PipelineConfig
-from pipeline.embeddings import latest_snapshot
 from pipeline.encoder import EncoderSettings
 from pipeline.errors import InputError, PipelineError
+from pipeline.layout import (
+    INDEX_MANIFEST,
+    INDEXES,
+    latest_snapshot,
+    point_latest,
+    published_version,
+    read_index_manifest,
+    read_latest,
+    version_dir,
+)
+from pipeline.manifests import EmbeddingManifest, FileEntry, IndexManifest, SegmentEntry
 from pipeline.segments import (
     DOCSTORE_FILE,
     DOCSTORE_SCHEMA,
-    INDEX_MANIFEST,
     IVF_FILE,
     KEYS_FILE,
     TOMBSTONES_FILE,
@@ -54,14 +63,12 @@ from pipeline.segments import (
     fetch_verified,
     files_of,
     ivf_of,
-    published_version,
-    read_index_manifest,
     read_invlists,
     segments_of,
     write_invlists,
 )
 from pipeline.snapshots import Link, LiveEmbeddings, embedding_chain, keys_of, live_rows, npy_bytes, read_npy_file
-from pipeline.storage import FileEntry, Manifest, Storage, sha256_file
+from pipeline.storage import Storage, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -361,7 +368,7 @@ def build_full(
 
 
 def build_delta(
-    storage: Storage, previous: Manifest, deltas: list[Link], config: IndexConfig, work_dir: str, timer: PhaseTimer
+    storage: Storage, previous: IndexManifest, deltas: list[Link], config: IndexConfig, work_dir: str, timer: PhaseTimer
 ) -> Built:
     """One new segment for the rows the deltas add, on the published version's quantizer, and tombstones for the
     published rows they delete or replace. Recall is carried from the published version; the new rows'
@@ -384,15 +391,15 @@ def build_delta(
     # Recall@k among a night's few new rows says little about the version (their top 100 is a large share of
     # them): the quantizer's fit to the version's rows is compared instead with its fit when recall was last
     # measured, as the full build's recall is measured over the whole corpus.
-    recall = {r: float(getattr(previous, f"recall_at_{r}")) for r in RECALL_K}
-    reference = getattr(previous, "reference_distortion", None)
+    recall = {10: previous.recall_at_10, 100: previous.recall_at_100}
+    reference = previous.reference_distortion
     with timer("measure"):
         vectors = np.concatenate(added) if added else np.empty((0, quantizer.d), np.float32)
         picks = np.random.default_rng(config.seed).choice(
             len(vectors), min(config.queries, len(vectors)), replace=False
         )
         new_error = distortion(writer.index, vectors[np.sort(picks)])
-        error = blended(previous.vectors, getattr(previous, "distortion", None), len(vectors), new_error)
+        error = blended(previous.vectors, previous.distortion, len(vectors), new_error)
         log.info("new rows' quantization error %.4f, the version's %s (reference %s)", new_error, error, reference)
     with timer("tombstone"):
         removed = np.unique(np.concatenate([link.tombstones for link in deltas] or [np.empty(0, np.uint64)]))
@@ -401,7 +408,7 @@ def build_delta(
                 read_npy_file(path, np.int64, name)
                 for name, path in fetch_verified(storage, [files[previous.tombstones]], cache)[0].items()
             ]
-            if getattr(previous, "tombstones", None)
+            if previous.tombstones
             else []
         )
         keys = fetch_verified(storage, [files[s.file(KEYS_FILE)] for s in segments], cache)[0]
@@ -491,7 +498,7 @@ def _upload_once(storage: Storage, path: str, rel: str) -> tuple[FileEntry, int]
 
 def publish(
     storage: Storage, version: str, built: Built, previous_files: dict[str, FileEntry], lineage: dict[str, Any]
-) -> tuple[Manifest | None, int]:
+) -> tuple[IndexManifest | None, int]:
     """Upload what is new (segments and quantizer are content-addressed: what exists is not written again), the
     tombstones, then the manifest (sha256 of every file the version needs), then LATEST: a version is complete or
     invisible. The manifest is created with a conditional write: of two runs racing to publish one version, one
@@ -513,10 +520,10 @@ def publish(
                 entry, size = _upload_once(storage, path, posixpath.join(name, file))
                 entries.append(entry)
                 written += size
-            segments.append({"name": name, "seq": segment.seq, "rows": segment.rows})
+            segments.append(SegmentEntry(name=name, seq=segment.seq, rows=segment.rows))
         else:
             entries += [previous_files[segment.file(n)] for n in (DOCSTORE_FILE, IVF_FILE, KEYS_FILE)]
-            segments.append({"name": segment.name, "seq": segment.seq, "rows": segment.rows})
+            segments.append(SegmentEntry(name=segment.name, seq=segment.seq, rows=segment.rows))
     tombstones = None
     if len(built.dead):
         tombstones = posixpath.join(version, TOMBSTONES_FILE)
@@ -531,20 +538,21 @@ def publish(
         written += len(data)
     manifest = storage.write_manifest(
         posixpath.join("indexes", version),
-        "index",
-        entries,
+        IndexManifest(
+            files=entries,
+            version=version,
+            quantizer=entries[0].name,
+            segments=segments,
+            tombstones=tombstones,
+            **lineage,
+        ),
         name=INDEX_MANIFEST,
         exclusive=True,
-        version=version,
-        quantizer=entries[0].name,
-        segments=segments,
-        tombstones=tombstones,
-        **lineage,
     )
     if manifest is None:
         log.warning("index %s was published by another run meanwhile: not publishing it again", version)
         return None, written
-    storage.write_bytes("indexes/LATEST", f"{version}\n".encode())
+    point_latest(storage, INDEXES, version)
     return manifest, written
 
 
@@ -555,7 +563,9 @@ def find_embeddings(storage: Storage, config: IndexConfig) -> tuple[str, str]:
     base = posixpath.join("embeddings", snapshot)
     candidates = [config.fingerprint] if config.fingerprint else storage.list_names(base)
     published = [
-        (m, name) for name in candidates if (m := storage.read_manifest(posixpath.join(base, name))) is not None
+        (m, name)
+        for name in candidates
+        if (m := storage.read_manifest(posixpath.join(base, name), EmbeddingManifest)) is not None
     ]
     if not published:
         raise PipelineError(
@@ -600,29 +610,33 @@ def index_version(snapshot: str, links: Sequence[Link], config: IndexConfig, on:
     return f"{snapshot}-{digest[:10]}"
 
 
-def compatible_previous(storage: Storage, config: IndexConfig, embeddings: Manifest) -> tuple[str, Manifest] | None:
+def compatible_previous(
+    storage: Storage, config: IndexConfig, embeddings: EmbeddingManifest
+) -> tuple[str, IndexManifest] | None:
     """The published version, when it was built for the same encoder, dimension and factory (vectors of another
     model live in another space) in the segmented format."""
     if not config.reuse_trained:
         return None
-    try:
-        version = storage.read_bytes("indexes/LATEST").decode().strip()
-    except FileNotFoundError:
+    version = read_latest(storage, INDEXES)
+    if version is None:
         return None
-    manifest = storage.read_manifest(posixpath.join("indexes", version), name=INDEX_MANIFEST)
-    if (
-        manifest is None
-        or not getattr(manifest, "quantizer", None)
-        or (manifest.fingerprint, manifest.factory, manifest.dim)
-        != (embeddings.fingerprint, config.factory, embeddings.dim)
+    try:
+        manifest = storage.read_manifest(version_dir(version), IndexManifest, name=INDEX_MANIFEST)
+    except PipelineError as exc:  # e.g. a version of an older format: build anew rather than on it
+        log.warning("not building on the published version %s: %s", version, exc)
+        return None
+    if manifest is None or (manifest.fingerprint, manifest.factory, manifest.dim) != (
+        embeddings.fingerprint,
+        config.factory,
+        embeddings.dim,
     ):
         return None
     return version, manifest
 
 
-def _reused(storage: Storage, version: str, manifest: Manifest) -> dict[str, Any]:
+def _reused(storage: Storage, version: str, manifest: IndexManifest) -> dict[str, Any]:
     """The summary of a version published earlier (by this run's inputs, or one that already indexes them)."""
-    storage.write_bytes("indexes/LATEST", f"{version}\n".encode())
+    point_latest(storage, INDEXES, version)
     seconds = dict(manifest.seconds or {})
     return {
         "version": version,
@@ -634,7 +648,7 @@ def _reused(storage: Storage, version: str, manifest: Manifest) -> dict[str, Any
         "added": 0,
         "recall_at_10": manifest.recall_at_10,
         "recall_at_100": manifest.recall_at_100,
-        "distortion": getattr(manifest, "distortion", None),
+        "distortion": manifest.distortion,
         "bytes_per_vector": manifest.bytes_per_vector,
         "bytes_written": 0,
         "train_seconds": seconds.get("train", 0.0),
@@ -655,7 +669,7 @@ def run_build_index(config: PipelineConfig) -> dict[str, Any]:
     mode, start = plan_build(
         [link.snapshot for link in links],
         previous[1].snapshot if previous else None,
-        previous is not None and getattr(previous[1], "settings", None) == settings_digest(config.index),
+        previous is not None and previous[1].settings == settings_digest(config.index),
     )
     compact_already = len(segments_of(previous[1])) <= 1 and not previous[1].tombstones if previous else False
     if mode == "current" and (config.index.compact != "always" or compact_already):
@@ -666,7 +680,7 @@ def run_build_index(config: PipelineConfig) -> dict[str, Any]:
     version = index_version(
         snapshot, links[start:] if mode == "delta" else links, config.index, previous[0] if mode == "delta" else None
     )
-    existing = storage.read_manifest(posixpath.join("indexes", version), name=INDEX_MANIFEST)
+    existing = storage.read_manifest(version_dir(version), IndexManifest, name=INDEX_MANIFEST)
     if existing is not None:
         log.info("index %s is already published: pointing LATEST at it", version)
         return _reused(storage, version, existing)
@@ -789,7 +803,7 @@ def _build(
     mode: str,
     links: list[Link],
     start: int,
-    previous: tuple[str, Manifest] | None,
+    previous: tuple[str, IndexManifest] | None,
     config: IndexConfig,
     plan: IndexPlan,
     work_dir: str,

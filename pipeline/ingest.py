@@ -23,6 +23,8 @@ from tqdm import tqdm
 from pipeline.config import IngestConfig, PipelineConfig
 from pipeline.corpus import BadRows, InputFile, content_hash, list_input_files, read_passages
 from pipeline.errors import InputError, PipelineError
+from pipeline.layout import PASSAGES, point_latest, snapshot_dir
+from pipeline.manifests import FileEntry, PassageManifest
 from pipeline.snapshots import (
     TOMBSTONES_NAME,
     Link,
@@ -31,9 +33,8 @@ from pipeline.snapshots import (
     passage_chain,
     read_shard_keys,
     removed_later,
-    snapshot_dir,
 )
-from pipeline.storage import FileEntry, Manifest, Storage, parquet_bytes, read_parquet_bytes
+from pipeline.storage import Storage, parquet_bytes, read_parquet_bytes
 
 log = logging.getLogger(__name__)
 
@@ -270,9 +271,9 @@ def run_ingest(config: PipelineConfig) -> dict[str, Any]:
     directory = snapshot_dir(snapshot)
     files = list_input_files(config.ingest.input, config.storage.options)
     source = {"input": config.ingest.input, "files": [asdict(f) for f in files], "base": base}
-    existing = storage.read_manifest(directory)
+    existing = storage.read_manifest(directory, PassageManifest)
     if existing is not None:
-        if getattr(existing, "source", None) != source:
+        if existing.source != source:
             raise PipelineError(
                 f"snapshot {snapshot!r} is already published at {storage.url(directory)} from another source (or "
                 "base); snapshots never change: choose a new ingest.snapshot"
@@ -304,7 +305,16 @@ def run_ingest(config: PipelineConfig) -> dict[str, Any]:
     entries = [entry for result in results for entry in result.shards]
     storage.remove_unlisted(directory, keep={e.name for e in entries})
     live = sum(result.rows for result in results)
-    fields: dict[str, Any] = {"base": base, "depth": 0, "live_rows": live, "tombstones": None}
+    manifest = PassageManifest(
+        files=entries,
+        snapshot=snapshot,
+        source=source,
+        content_hash=CONTENT_HASH,
+        schema={field.name: str(field.type) for field in PASSAGE_SCHEMA},
+        quarantine=quarantine,
+        base=base,
+        live_rows=live,
+    )
     if keys is not None:
         seen = np.concatenate([r.id_hashes for r in results])
         changed = np.concatenate([r.changed for r in results])
@@ -312,45 +322,33 @@ def run_ingest(config: PipelineConfig) -> dict[str, Any]:
         tombstones = np.union1d(deleted, changed).astype(np.uint64)
         if len(tombstones):
             data = npy_bytes(tombstones)
-            fields["tombstones"] = FileEntry(
+            manifest.tombstones = FileEntry(
                 name=TOMBSTONES_NAME,
                 bytes=len(data),
                 sha256=storage.write_bytes(posixpath.join(directory, TOMBSTONES_NAME), data),
-            ).model_dump()
-        written = sum(e.rows or 0 for e in entries)
-        fields.update(
-            depth=int(getattr(links[-1].passages, "depth", 0) or 0) + 1,
-            diff={
-                "new": written - len(changed),
-                "changed": len(changed),
-                "deleted": len(deleted),
-                "unchanged": live - written,
-            },
-        )
-    manifest = storage.write_manifest(
-        directory,
-        "passages",
-        entries,
-        snapshot=snapshot,
-        source=source,
-        content_hash=CONTENT_HASH,
-        schema={field.name: str(field.type) for field in PASSAGE_SCHEMA},
-        quarantine=quarantine,
-        **fields,
-    )
-    storage.write_bytes("passages/LATEST", f"{snapshot}\n".encode())
+            )
+        written = manifest.rows or 0
+        manifest.depth = links[-1].passages.depth + 1
+        manifest.diff = {
+            "new": written - len(changed),
+            "changed": len(changed),
+            "deleted": len(deleted),
+            "unchanged": live - written,
+        }
+    storage.write_manifest(directory, manifest)
+    point_latest(storage, PASSAGES, snapshot)
     return _summary(storage, directory, manifest, False)
 
 
-def _summary(storage: Storage, directory: str, manifest: Manifest, reused: bool) -> dict:
-    quarantine = getattr(manifest, "quarantine", None) or []
+def _summary(storage: Storage, directory: str, manifest: PassageManifest, reused: bool) -> dict:
+    quarantine = manifest.quarantine
     return {
-        "rows": getattr(manifest, "live_rows", None) or manifest.rows or 0,
+        "rows": manifest.live_rows,
         "written_rows": manifest.rows or 0,
         "shards": len(manifest.files),
         "snapshot": manifest.snapshot,
-        "base": getattr(manifest, "base", None),
-        **(getattr(manifest, "diff", None) or {}),
+        "base": manifest.base,
+        **(manifest.diff or {}),
         "reused": reused,
         "bad_rows": len(quarantine),
         "quarantine": quarantine[:100],

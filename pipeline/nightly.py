@@ -26,7 +26,8 @@ from pipeline.embeddings import published_encoder, published_snapshot, run_encod
 from pipeline.errors import PipelineError
 from pipeline.index import PhaseTimer, run_build_index
 from pipeline.ingest import run_ingest
-from pipeline.snapshots import snapshot_dir
+from pipeline.layout import nightly_record, snapshot_dir
+from pipeline.manifests import PassageManifest
 from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,8 @@ def delta_base(storage: Storage, config: PipelineConfig, previous: str | None) -
     of the previous snapshot can be reused then)."""
     if config.nightly.full or previous is None:
         return None
-    base = storage.read_manifest(snapshot_dir(previous))
-    if base is None or int(getattr(base, "depth", 0) or 0) + 1 > config.nightly.max_chain:
+    base = storage.read_manifest(snapshot_dir(previous), PassageManifest)
+    if base is None or base.depth + 1 > config.nightly.max_chain:
         return None
     published = published_encoder(storage)
     wanted = {
@@ -57,7 +58,7 @@ def delta_base(storage: Storage, config: PipelineConfig, previous: str | None) -
 def night_record(storage: Storage, config: PipelineConfig) -> dict[str, Any]:
     """The first run of a night records what it diffs against and whether it writes a delta; reruns read it."""
     snapshot = config.ingest.snapshot
-    rel = f"nightly/{snapshot}.json"
+    rel = nightly_record(snapshot)
     previous = published_snapshot(storage)
     previous = None if previous == snapshot else previous
     record = {

@@ -28,12 +28,13 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.errors import PipelineError
+from pipeline.layout import published_version, read_index_manifest
+from pipeline.manifests import FileEntry, IndexManifest
 from pipeline.snapshots import read_npy_file
-from pipeline.storage import FileEntry, Manifest, Storage, sha256_file
+from pipeline.storage import Storage, sha256_file
 
 log = logging.getLogger(__name__)
 
-INDEX_MANIFEST = "manifest.json"
 IVF_FILE, DOCSTORE_FILE, KEYS_FILE, TOMBSTONES_FILE = "ivf.bin", "docstore.arrow", "keys.npy", "tombstones.npy"
 DOCSTORE_SCHEMA = pa.schema([("id", pa.string()), ("title", pa.string()), ("text", pa.string())])
 SEQ_SHIFT = 40
@@ -124,11 +125,11 @@ class SegmentRef:
         return posixpath.join(self.name, name)
 
 
-def segments_of(manifest: Manifest) -> list[SegmentRef]:
-    return [SegmentRef(s["name"], int(s["seq"]), int(s["rows"])) for s in getattr(manifest, "segments", None) or []]
+def segments_of(manifest: IndexManifest) -> list[SegmentRef]:
+    return [SegmentRef(s.name, s.seq, s.rows) for s in manifest.segments]
 
 
-def files_of(manifest: Manifest) -> dict[str, FileEntry]:
+def files_of(manifest: IndexManifest) -> dict[str, FileEntry]:
     return {entry.name: entry for entry in manifest.files}
 
 
@@ -139,7 +140,7 @@ class PublishedIndex:
     on it (memory-mapped), the tombstone filter, and the segments' docstores (memory-mapped Arrow)."""
 
     version: str
-    manifest: Manifest
+    manifest: IndexManifest
     index: faiss.Index
     docstores: dict[int, pa.Table]  # seq → the segment's docstore, row i = FAISS id (seq << 40 | i)
     dead: np.ndarray  # sorted FAISS ids of tombstoned rows
@@ -185,22 +186,6 @@ class PublishedIndex:
         return np.concatenate(ids) if ids else np.empty(0, np.int64), names
 
 
-def published_version(storage: Storage, version: str | None = None) -> str:
-    if version:
-        return version
-    try:
-        return storage.read_bytes("indexes/LATEST").decode().strip()
-    except FileNotFoundError:
-        raise PipelineError(f"no published index under {storage.url('indexes')}: run jobs.build_index") from None
-
-
-def read_index_manifest(storage: Storage, version: str) -> Manifest:
-    manifest = storage.read_manifest(posixpath.join("indexes", version), name=INDEX_MANIFEST)
-    if manifest is None:
-        raise PipelineError(f"index version {version!r} is not published ({storage.url('indexes', version)})")
-    return manifest
-
-
 def fetch_verified(storage: Storage, entries: Sequence[FileEntry], cache_dir: str) -> tuple[dict[str, str], int]:
     """Local copies of objects under `indexes/`, each checked against its sha256 before anything parses it.
     Objects already in the cache (content-addressed names) are not downloaded again. (paths, bytes fetched)"""
@@ -229,8 +214,6 @@ def load_published(storage: Storage, version: str | None, cache_dir: str) -> Pub
     it. FAISS and Arrow never parse an unverified file (FAISS's reader is not safe on untrusted input)."""
     version = published_version(storage, version)
     manifest = read_index_manifest(storage, version)
-    if not getattr(manifest, "quantizer", None):
-        raise PipelineError(f"index {version} predates segmented versions: rebuild it with jobs.build_index")
     try:
         paths, fetched = fetch_verified(storage, manifest.files, cache_dir)
     except PipelineError as exc:
@@ -255,7 +238,7 @@ def load_published(storage: Storage, version: str | None, cache_dir: str) -> Pub
                 f"index {version}: {segment.name} has {table.num_rows} docstore rows for {segment.rows} vectors"
             )
         docstores[segment.seq] = table
-    tombstones = getattr(manifest, "tombstones", None)
+    tombstones = manifest.tombstones
     dead = read_npy_file(paths[tombstones], np.int64, tombstones) if tombstones else np.empty(0, np.int64)
     params, keep = search_parameters(index, int(manifest.nprobe), dead)
     log.info(
@@ -266,7 +249,7 @@ def load_published(storage: Storage, version: str | None, cache_dir: str) -> Pub
     )
 
 
-def evict(cache_dir: str, keep: Sequence[Manifest]) -> list[str]:
+def evict(cache_dir: str, keep: Sequence[IndexManifest]) -> list[str]:
     """Delete cached objects that none of `keep` lists (a mapped file stays readable until it is unmapped)."""
     wanted = {os.path.join(cache_dir, *e.name.split("/")) for manifest in keep for e in manifest.files}
     removed = []

@@ -22,18 +22,12 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.errors import InputError, PipelineError
-from pipeline.storage import FileEntry, Manifest, Storage
+from pipeline.layout import embeddings_dir, snapshot_dir
+from pipeline.manifests import EmbeddingManifest, PassageManifest
+from pipeline.storage import Storage
 
 TOMBSTONES_NAME = "_tombstones.npy"
 MAX_CHAIN = 1000  # a guard against a cycle of bases, far above any configured nightly.max_chain
-
-
-def snapshot_dir(snapshot: str) -> str:
-    return posixpath.join("passages", snapshot)
-
-
-def embeddings_dir(snapshot: str, fingerprint: str) -> str:
-    return posixpath.join("embeddings", snapshot, fingerprint)
 
 
 def keys_of(ids: list[str]) -> np.ndarray:
@@ -93,10 +87,10 @@ class Link:
     """One snapshot of a chain: its passage shards, its embeddings (when asked for) and what it removes."""
 
     snapshot: str
-    passages: Manifest
+    passages: PassageManifest
     tombstones: np.ndarray  # sorted uint64 keys removed from the links before this one
     embeddings_dir: str | None = None
-    embeddings: Manifest | None = None
+    embeddings: EmbeddingManifest | None = None
 
     @property
     def passages_dir(self) -> str:
@@ -104,14 +98,13 @@ class Link:
 
     @property
     def base(self) -> str | None:
-        return getattr(self.passages, "base", None)
+        return self.passages.base
 
 
-def read_tombstones(storage: Storage, directory: str, manifest: Manifest) -> np.ndarray:
-    entry = getattr(manifest, "tombstones", None)
-    if not entry:
+def read_tombstones(storage: Storage, directory: str, manifest: PassageManifest) -> np.ndarray:
+    entry = manifest.tombstones
+    if entry is None:
         return np.empty(0, np.uint64)
-    entry = FileEntry.model_validate(entry)
     data = storage.read_verified(directory, entry)
     return read_npy(data, np.dtype(np.uint64), storage.url(directory, entry.name))
 
@@ -120,7 +113,7 @@ def passage_chain(storage: Storage, snapshot: str) -> list[Link]:
     """The snapshot and its bases, oldest (a full snapshot) first; a missing base is an error naming it."""
     links, name, wanted_by = [], snapshot, None
     while name is not None:
-        manifest = storage.read_manifest(snapshot_dir(name))
+        manifest = storage.read_manifest(snapshot_dir(name), PassageManifest)
         if manifest is None:
             if wanted_by is None:
                 raise PipelineError(
@@ -133,7 +126,7 @@ def passage_chain(storage: Storage, snapshot: str) -> list[Link]:
         links.append(Link(name, manifest, read_tombstones(storage, snapshot_dir(name), manifest)))
         if len(links) > MAX_CHAIN:
             raise PipelineError(f"snapshot {snapshot!r}: its chain of bases is longer than {MAX_CHAIN} (a cycle?)")
-        wanted_by, name = name, getattr(manifest, "base", None)
+        wanted_by, name = name, manifest.base
     return links[::-1]
 
 
@@ -142,7 +135,7 @@ def embedding_chain(storage: Storage, snapshot: str, fingerprint: str) -> list[L
     links = []
     for link in passage_chain(storage, snapshot):
         directory = embeddings_dir(link.snapshot, fingerprint)
-        manifest = storage.read_manifest(directory)
+        manifest = storage.read_manifest(directory, EmbeddingManifest)
         if manifest is None:
             raise PipelineError(
                 f"{storage.url(directory)} has no manifest: the embeddings of snapshot "
@@ -162,9 +155,8 @@ def removed_later(links: list[Link]) -> list[np.ndarray]:
 
 
 def live_rows(links: list[Link]) -> int:
-    """Passages in the chain's last snapshot (recorded by ingest; stored rows for manifests written before)."""
-    recorded = getattr(links[-1].passages, "live_rows", None)
-    return int(recorded) if recorded is not None else sum(e.rows or 0 for link in links for e in link.passages.files)
+    """Passages in the chain's last snapshot (recorded by ingest)."""
+    return links[-1].passages.live_rows
 
 
 class LiveEmbeddings:

@@ -8,27 +8,27 @@ lists every object with its sha256, and is the only thing readers trust: objects
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import hashlib
 import json
 import logging
 import os
 import posixpath
 import uuid
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 import pyarrow as pa
 import pyarrow.fs
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
-from pydantic import BaseModel, ConfigDict
 
 from pipeline.errors import PipelineError, StorageError
+from pipeline.manifests import FileEntry, Manifest
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "_manifest.json"
+M = TypeVar("M", bound=Manifest)
 try:
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -86,26 +86,6 @@ def read_parquet_bytes(data: bytes, columns: list[str] | None = None) -> pa.Tabl
     exits abort it ("terminate called without an active exception", exit 134), seen with pyarrow 25 and 26.
     """
     return pq.read_table(pa.BufferReader(data), columns=columns, use_threads=False)
-
-
-class FileEntry(BaseModel):
-    """One object a manifest vouches for."""
-
-    model_config = ConfigDict(extra="allow")
-    name: str
-    bytes: int
-    sha256: str
-    rows: int | None = None
-
-
-class Manifest(BaseModel):
-    """What a reader trusts about a directory; stage-specific fields ride along as extras."""
-
-    model_config = ConfigDict(extra="allow")
-    kind: str
-    created_at: str
-    files: list[FileEntry]
-    rows: int | None = None
 
 
 class Storage:
@@ -231,41 +211,26 @@ class Storage:
         return json.loads(self.read_bytes(rel))
 
     # -- manifests ----------------------------------------------------------------------------------------------
-    def write_manifest(
-        self,
-        rel_dir: str,
-        kind: str,
-        files: list[FileEntry],
-        name: str = MANIFEST_NAME,
-        exclusive: bool = False,
-        **fields: Any,
-    ) -> Manifest | None:
+    def write_manifest(self, rel_dir: str, manifest: M, name: str = MANIFEST_NAME, exclusive: bool = False) -> M | None:
         """Publish a directory: the manifest is written after every object it lists. `exclusive`: only if no
         manifest exists yet (None when one does)."""
-        rows = sum(f.rows for f in files if f.rows is not None) if any(f.rows is not None for f in files) else None
-        manifest = Manifest(
-            kind=kind,
-            created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            files=files,
-            rows=rows,
-            **fields,
-        )
         rel = posixpath.join(rel_dir, name)
+        value = manifest.model_dump(mode="json", by_alias=True)
         if exclusive:
-            data = (json.dumps(manifest.model_dump(mode="json"), indent=1, sort_keys=True) + "\n").encode()
+            data = (json.dumps(value, indent=1, sort_keys=True) + "\n").encode()
             return manifest if self.create_exclusive(rel, data) else None
-        self.write_json(rel, manifest.model_dump(mode="json"))
+        self.write_json(rel, value)
         return manifest
 
-    def read_manifest(self, rel_dir: str, name: str = MANIFEST_NAME) -> Manifest | None:
-        """The directory's manifest, or None when the directory was never published."""
+    def read_manifest(self, rel_dir: str, model: type[M], name: str = MANIFEST_NAME) -> M | None:
+        """The directory's manifest, validated as `model`, or None when the directory was never published."""
         rel = posixpath.join(rel_dir, name)
         try:
             raw = self.read_bytes(rel)
         except FileNotFoundError:
             return None
         try:
-            return Manifest.model_validate_json(raw)
+            return model.model_validate_json(raw)
         except ValueError as exc:
             raise PipelineError(f"{self.url(rel)}: unreadable manifest: {exc}") from None
 

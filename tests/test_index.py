@@ -100,7 +100,7 @@ def test_build_index_end_to_end(encoded):
     ids, names = published.live_ids()
     assert names == [pid for pid, _, _ in ROWS]  # one segment, in corpus order
     assert published.passages(ids).column("title").to_pylist() == [title for _, _, title in ROWS]
-    assert [s["rows"] for s in published.manifest.segments] == [800] and published.manifest.tombstones is None
+    assert [s.rows for s in published.manifest.segments] == [800] and published.manifest.tombstones is None
     manifest = published.manifest
     assert manifest.snapshot == "snap" and manifest.factory == "IVF4,PQ32x8" and manifest.nprobe == 4
     assert manifest.fingerprint.startswith("dpr-ctx-tiny-") and manifest.encoder["pooling"] == "dpr"

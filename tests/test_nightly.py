@@ -123,9 +123,9 @@ def _matches_a_scratch_build(storage: Storage, version: str, snapshot: str, cach
     )
     seqs, rows = split_ids(stored)
     for segment in published.manifest.segments:
-        assert sorted(rows[seqs == segment["seq"]].tolist()) == list(range(segment["rows"]))
-        table = published.docstores[segment["seq"]]
-        keys = np.load(cache / segment["name"] / KEYS_FILE)
+        assert sorted(rows[seqs == segment.seq].tolist()) == list(range(segment.rows))
+        table = published.docstores[segment.seq]
+        keys = np.load(cache / segment.name / KEYS_FILE)
         assert (keys == keys_of(table.column("id").to_pylist())).all()
 
 

@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from pipeline.manifests import EmbeddingManifest, IndexManifest, PassageManifest
 from pipeline.storage import Storage
 from tests.conftest import FAKE_CREDENTIALS, RAY_TEMP_DIRS
 from tests.faults import FaultyS3Proxy
@@ -33,7 +34,10 @@ def _listed_objects_are_whole(storage: Storage) -> int:
     checked = 0
     for manifest_path in storage.fs.glob(storage.path("**/*manifest.json")):
         directory = manifest_path.rsplit("/", 1)[0].removeprefix(storage.root_path + "/")
-        manifest = storage.read_manifest(directory, name=manifest_path.rsplit("/", 1)[1])
+        model = {"passages": PassageManifest, "embeddings": EmbeddingManifest, "indexes": IndexManifest}
+        manifest = storage.read_manifest(
+            directory, model[directory.split("/")[0]], name=manifest_path.rsplit("/", 1)[1]
+        )
         for entry in manifest.files:  # an index version names its files relative to indexes/ (shared segments)
             storage.read_verified("indexes" if manifest.kind == "index" else directory, entry)
             checked += 1
@@ -70,7 +74,7 @@ def test_a_lasting_s3_outage_fails_clearly_and_publishes_nothing(tmp_path, s3_en
     error = run.summary["error"]
     assert f"s3://{s3_bucket}/root/passages/s1/" in error and "failed after retries with backoff" in error, error
     storage = Storage(f"s3://{s3_bucket}/root", {"endpoint_url": s3_endpoint})
-    assert storage.read_manifest("passages/s1") is None and not storage.exists("passages/LATEST")
+    assert storage.read_manifest("passages/s1", PassageManifest) is None and not storage.exists("passages/LATEST")
 
 
 def test_secrets_never_reach_logs_summaries_manifests_or_errors(
@@ -139,5 +143,5 @@ def test_bad_rows_are_quarantined_within_max_bad_rows(tmp_path):
     assert run.summary["rows"] == 3 and run.summary["bad_rows"] == 3
     assert [(q["file"], q["line"]) for q in run.summary["quarantine"]] == [(str(source), n) for n in (2, 3, 5)]
     assert "empty text" in run.summary["quarantine"][0]["problem"]
-    manifest = Storage(str(tmp_path / "store")).read_manifest("passages/q1")
+    manifest = Storage(str(tmp_path / "store")).read_manifest("passages/q1", PassageManifest)
     assert manifest.quarantine == run.summary["quarantine"] and manifest.rows == 3
