@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.errors import ConfigError
 
@@ -146,8 +146,7 @@ class EncodeConfig(Section):
         description="corrupt, empty, wrong-schema or oversized passage shards "
         "skipped and listed as quarantined (0 = the first fails the run)",
     )
-    max_shard_bytes: int = Field(2 * 2**30, gt=0, description="a passage shard larger than this is refused unread")
-    _max_shard_bytes = field_validator("max_shard_bytes", mode="before")(lambda cls, value: parse_bytes(value))
+    max_shard_bytes: ByteSize = Field(2 * 2**30, gt=0, description="a passage shard larger than this is refused unread")
     carry_over: bool = Field(
         True,
         description="copy the vectors of unchanged passages (same id, content hash and "
@@ -159,30 +158,6 @@ class EncodeConfig(Section):
     _previous = field_validator("previous_snapshot", mode="before")(lambda cls, value: _snapshot_name(value))
 
 
-BYTE_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-
-
-def parse_bytes(value: Any) -> Any:
-    """`8GiB`, `512 MB` or a plain number of bytes."""
-    if isinstance(value, str):
-        match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", value)
-        if not match or match.group(2).lower() not in BYTE_UNITS:
-            raise ValueError(f"{value!r} is not a size such as 8GiB or 512MB")
-        return int(float(match.group(1)) * BYTE_UNITS[match.group(2).lower()])
-    return value
-
-
 class IndexConfig(Section):
     snapshot: str | None = Field(None, description="passage snapshot (default: the latest ingested)")
     fingerprint: str | None = Field(None, description="encoder fingerprint (default: newest encode of the snapshot)")
@@ -192,7 +167,7 @@ class IndexConfig(Section):
     train_size: int = Field(1_000_000, gt=0, description="cap on training vectors (>= 39 per centroid wanted)")
     queries: int = Field(1000, gt=0, description="held-out corpus vectors used to measure recall vs exact search")
     min_recall: float = Field(0.9, ge=0, le=1, description="recall@100 below this is not published")
-    max_memory: int = Field(32 * 2**30, gt=0, description="refuse to build when the estimate exceeds this (8GiB)")
+    max_memory: ByteSize = Field(32 * 2**30, gt=0, description="refuse to build when the estimate exceeds this (8GiB)")
     seed: int = 0
     reuse_trained: bool = Field(
         True,
@@ -216,7 +191,6 @@ class IndexConfig(Section):
     compact: Literal["auto", "always", "never"] = Field(
         "auto", description="merge segments past the two limits above (auto), now (always) or never"
     )
-    _max_memory = field_validator("max_memory", mode="before")(lambda cls, value: parse_bytes(value))
 
 
 class ServeConfig(Section):
@@ -230,8 +204,7 @@ class ServeConfig(Section):
     max_question_chars: int = Field(1000, gt=0)
     max_k: int = Field(100, gt=0)
     max_batch_questions: int = Field(64, gt=0, description="questions per /v1/search request")
-    max_body_bytes: int = Field(256 * 1024, gt=0)
-    _max_body = field_validator("max_body_bytes", mode="before")(lambda cls, value: parse_bytes(value))
+    max_body_bytes: ByteSize = Field(256 * 1024, gt=0)
     api_key_env: str | None = Field(None, description="environment variable holding the Bearer key (none = open)")
     batch_max_size: int = Field(32, gt=0, description="requests coalesced into one encode + search (1 = off)")
     batch_wait_s: float = Field(

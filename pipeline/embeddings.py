@@ -32,7 +32,7 @@ from pipeline.errors import InputError, PipelineError, StorageError
 from pipeline.ingest import PASSAGE_SCHEMA
 from pipeline.layout import embeddings_dir, latest_snapshot, published_index
 from pipeline.manifests import EmbeddingManifest, FileEntry
-from pipeline.raycluster import connect
+from pipeline.raycluster import connect, task_error
 from pipeline.snapshots import (
     Link,
     content_keys,
@@ -396,7 +396,7 @@ class _ShardScheduler:
                     self.recovering[actor] = time.monotonic()
                     self._probe(actor)
             except ray.exceptions.RayTaskError as exc:
-                cause = exc.cause if isinstance(exc.cause, Exception) else PipelineError(str(exc))
+                cause = task_error(exc)
                 if isinstance(cause, InputError) and len(self.quarantine) < self.max_bad_shards:
                     log.warning("quarantined: %s", cause)
                     self.quarantine.append({"shard": entry.name, "problem": str(cause)})
@@ -583,7 +583,7 @@ def _get_keys(refs: list) -> list[ShardKeys]:
     try:
         return ray.get(refs)
     except ray.exceptions.RayTaskError as exc:
-        raise (exc.cause if isinstance(exc.cause, Exception) else PipelineError(str(exc))) from None
+        raise task_error(exc) from None
 
 
 def _plan_carry(

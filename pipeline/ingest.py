@@ -174,7 +174,7 @@ def _ingest_sequential(files: list[InputFile], config: PipelineConfig, base: Bas
 def _ingest_parallel(files: list[InputFile], config: PipelineConfig, base: BaseKeys | None) -> list[FileResult]:
     import ray
 
-    from pipeline.raycluster import connect
+    from pipeline.raycluster import connect, task_error
 
     connect()
     task = ray.remote(num_cpus=1, max_retries=3)(ingest_file)
@@ -192,8 +192,7 @@ def _ingest_parallel(files: list[InputFile], config: PipelineConfig, base: BaseK
             except ray.exceptions.RayTaskError as exc:
                 for ref in pending:
                     ray.cancel(ref)
-                cause = exc.cause if isinstance(exc.cause, Exception) else exc
-                raise cause from None
+                raise task_error(exc) from None
             results.append(result)
             bar.update(1)
             bar.set_postfix(rows=sum(r.rows for r in results))

@@ -71,3 +71,9 @@ def connect() -> None:
         raise RayUnavailable(f"could not join Ray at {address} ({source}): {error}; {advice}") from error
     resources = ray.cluster_resources()
     log.info("ray: %s (%s CPUs, %s GPUs)", source, resources.get("CPU", 0), resources.get("GPU", 0))
+
+
+def task_error(exc: ray.exceptions.RayTaskError) -> Exception:
+    """The exception a Ray task or actor method raised (an InputError naming a file stays one), for re-raising in
+    the driver; a cause Ray could not carry back becomes a PipelineError with Ray's message."""
+    return exc.cause if isinstance(exc.cause, Exception) else PipelineError(str(exc))
