@@ -4,7 +4,7 @@
     python benchmarks/encode.py --random-dpr-base --passages 200000   # BERT-base DPR at random weights (GPU)
 
 naive    = the HF model called as DPR's generate_dense_embeddings does: pad to 256, batch 32, fp32, in order.
-encoder  = pipeline.encoder.TextEncoder alone (tokenization included), no Ray.
+encoder  = pipeline.text_encoder.TextEncoder alone (tokenization included), no Ray.
 pipeline = `python -m jobs.encode` from Parquet shards on a local S3 API server (moto) to embedding shards, the
            job's own passages_per_s (actor start-up excluded: it is paid once per run, not per passage).
 """
@@ -57,7 +57,7 @@ def random_dpr_base(directory: Path) -> str:
 def naive_rate(settings, titles, texts, device) -> float:
     from transformers import AutoTokenizer
 
-    from pipeline.encoder import load_model, resolve_model_path
+    from pipeline.text_encoder import load_model, resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(settings.model))
     model = load_model(settings).to(device).eval()
@@ -82,7 +82,7 @@ def naive_rate(settings, titles, texts, device) -> float:
 
 
 def encoder_rate(settings, titles, texts, device, batch_tokens) -> tuple[float, float, int]:
-    from pipeline.encoder import TextEncoder
+    from pipeline.text_encoder import TextEncoder
 
     encoder = TextEncoder(settings, device=device, batch_tokens=batch_tokens)
     encoder.encode(titles[:64], texts[:64])  # warm-up
@@ -158,7 +158,7 @@ def main() -> None:
     parser.add_argument("--skip-pipeline", action="store_true")
     args = parser.parse_args()
 
-    from pipeline.encoder import EncoderSettings, default_device
+    from pipeline.text_encoder import EncoderSettings, default_device
 
     device = default_device()
     with tempfile.TemporaryDirectory() as tmp:

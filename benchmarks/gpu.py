@@ -3,7 +3,7 @@
     python3 benchmarks/gpu.py            # BERT-base DPR models at random weights on the GPU (about 3 minutes)
     python3 benchmarks/gpu.py --quick    # the same code on CPU with tiny models, in seconds (CI runs it)
 
-Measured (all through the project's own code: `pipeline.encoder.TextEncoder`, `PassageTokenizer`,
+Measured (all through the project's own code: `pipeline.text_encoder.TextEncoder`, `PassageTokenizer`,
 `pipeline.reader.SpanReader`):
 - context encoder: passages/s of `encode_tokens` (bf16 autocast, token-budget batches) at three `batch_tokens`,
   over passages whose token lengths follow psgs_w100 (title + text: median 140, p95 256 BERT tokens), vs DPR's
@@ -205,7 +205,7 @@ def psgs_w100_lengths(count: int, seed: int = 0) -> np.ndarray:
 
 def random_tokens(lengths: np.ndarray, seed: int = 1):
     """[CLS] words [SEP] at the given lengths, word ids drawn uniformly from the vocabulary."""
-    from pipeline.encoder import Tokens
+    from pipeline.text_encoder import Tokens
 
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -216,13 +216,13 @@ def random_tokens(lengths: np.ndarray, seed: int = 1):
 
 
 def subset(tokens, count: int):
-    from pipeline.encoder import Tokens
+    from pipeline.text_encoder import Tokens
 
     return Tokens(tokens.input_ids[: tokens.offsets[count]], tokens.offsets[: count + 1])
 
 
 def shards(tokens, size: int):
-    from pipeline.encoder import Tokens
+    from pipeline.text_encoder import Tokens
 
     for start in range(0, len(tokens), size):
         end = min(start + size, len(tokens))
@@ -240,7 +240,7 @@ def flops_per_passage(config, lengths: np.ndarray) -> np.ndarray:
 
 def context_encoder(model_dir: str, device: torch.device, sizes: dict, result: dict) -> dict:
     """bf16 both ways: autocast over fp32 weights (LayerNorms and residuals in fp32) and weights cast to bf16."""
-    from pipeline.encoder import EncoderSettings, TextEncoder
+    from pipeline.text_encoder import EncoderSettings, TextEncoder
 
     lengths = psgs_w100_lengths(sizes["passages"])
     tokens = random_tokens(lengths)
@@ -349,7 +349,7 @@ def real_passages(count: int) -> tuple[list[str], list[str]]:
 
 def tokenize_on_one_core(model_dir: str, count: int) -> dict:
     """In a child process pinned to one core (the tokenizer's own threads off): what one tokenizer actor does."""
-    from pipeline.encoder import EncoderSettings, PassageTokenizer
+    from pipeline.text_encoder import EncoderSettings, PassageTokenizer
 
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     torch.set_num_threads(1)
@@ -388,7 +388,7 @@ def questions(count: int, seed: int = 2) -> list[str]:
 
 
 def question_encoder(model_dir: str, device: torch.device, sizes: dict) -> dict:
-    from pipeline.encoder import EncoderSettings, TextEncoder
+    from pipeline.text_encoder import EncoderSettings, TextEncoder
 
     encoder = TextEncoder(EncoderSettings(model=model_dir, question=True), device=device)
     asked = questions(max(sizes["questions"], 64 * sizes["question_batches"]))

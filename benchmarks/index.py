@@ -25,8 +25,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipeline.build_index import plan_index, recall_at  # noqa: E402
 from pipeline.config import IndexConfig, load_config  # noqa: E402
-from pipeline.index import plan_index, recall_at  # noqa: E402
 from pipeline.segments import load_published  # noqa: E402
 from pipeline.snapshots import LiveEmbeddings, embedding_chain  # noqa: E402
 from pipeline.storage import Storage  # noqa: E402
@@ -110,7 +110,7 @@ def synthetic_vectors(args) -> np.ndarray:
 def demo_window_vectors(count: int) -> np.ndarray:
     """Real embeddings: MiniLM over `count` overlapping 100-word windows (stride 10) of the demo's articles."""
     from pipeline.demo_corpus import articles
-    from pipeline.encoder import EncoderSettings, TextEncoder
+    from pipeline.text_encoder import EncoderSettings, TextEncoder
 
     titles, texts = [], []
     for title, text in articles():

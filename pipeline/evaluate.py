@@ -26,14 +26,14 @@ import pyarrow as pa
 import regex
 from tqdm import tqdm
 
+from pipeline.build_index import question_settings
 from pipeline.config import PipelineConfig
-from pipeline.encoder import TextEncoder
 from pipeline.errors import InputError, PipelineError
-from pipeline.index import question_settings
 from pipeline.layout import published_version
 from pipeline.segments import load_published
 from pipeline.snapshots import LiveEmbeddings, embedding_chain
 from pipeline.storage import Storage, resolve
+from pipeline.text_encoder import TextEncoder
 
 log = logging.getLogger(__name__)
 

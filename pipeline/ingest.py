@@ -25,6 +25,7 @@ from pipeline.corpus import BadRows, InputFile, content_hash, list_input_files, 
 from pipeline.errors import InputError, PipelineError
 from pipeline.layout import PASSAGES, point_latest, snapshot_dir
 from pipeline.manifests import FileEntry, PassageManifest
+from pipeline.shards import CONTENT_HASH, PASSAGE_SCHEMA
 from pipeline.snapshots import (
     TOMBSTONES_NAME,
     Link,
@@ -37,11 +38,6 @@ from pipeline.snapshots import (
 from pipeline.storage import Storage, parquet_bytes, read_parquet_bytes
 
 log = logging.getLogger(__name__)
-
-PASSAGE_SCHEMA = pa.schema(
-    [("id", pa.string()), ("title", pa.string()), ("text", pa.string()), ("content_hash", pa.string())]
-)
-CONTENT_HASH = "blake2b-128(utf8(title) 0x1f utf8(text))"
 
 
 def shard_name(file_index: int, shard_index: int) -> str:

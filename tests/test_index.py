@@ -7,9 +7,9 @@ import pytest
 import requests
 import s3fs
 
+from pipeline.build_index import needs_compaction, plan_build, plan_index, recall_at, sample_positions
 from pipeline.config import IndexConfig
 from pipeline.errors import PipelineError
-from pipeline.index import needs_compaction, plan_build, plan_index, recall_at, sample_positions
 from pipeline.segments import load_published
 from pipeline.storage import Storage
 from tests.helpers import run_job, synthetic_rows, write_config, write_tsv
@@ -106,7 +106,7 @@ def test_build_index_end_to_end(encoded):
     assert manifest.fingerprint.startswith("dpr-ctx-tiny-") and manifest.encoder["pooling"] == "dpr"
 
     # each passage's own vector finds itself first
-    from pipeline.encoder import EncoderSettings, TextEncoder
+    from pipeline.text_encoder import EncoderSettings, TextEncoder
 
     encoder = TextEncoder(EncoderSettings(manifest.encoder["model"], "dpr", max_length=64), device="cpu")
     vectors = encoder.encode([t for _, _, t in ROWS], [x for _, x, _ in ROWS])
@@ -135,7 +135,7 @@ def test_memory_estimate_refuses_before_building(encoded):
     run = run_job("build_index", encoded["config"], "index.max_memory=64KB", "index.seed=3")
     assert run.returncode == 1
     assert "needs about" in run.stderr and "index.max_memory" in run.stderr
-    assert "train" not in [line.split(": ")[-1] for line in run.stderr.splitlines() if "pipeline.index" in line]
+    assert "train" not in [line.split(": ")[-1] for line in run.stderr.splitlines() if "pipeline.build_index" in line]
 
 
 @pytest.mark.reliability
@@ -188,7 +188,7 @@ def test_a_build_killed_mid_way_reruns_to_the_bytes_of_a_clean_build(encoded):
         command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     for line in job.stderr:
-        if "pipeline.index: train…" in line:
+        if "pipeline.build_index: train…" in line:
             os.killpg(job.pid, signal.SIGKILL)
             break
     job.wait(timeout=120)
@@ -285,7 +285,7 @@ def test_delta_gate_reads_the_quantizers_fit_at_any_number_of_new_rows():
     of them; rows from elsewhere fit measurably worse and send the night to a full build."""
     import faiss
 
-    from pipeline.index import blended, distortion, drifted
+    from pipeline.build_index import blended, distortion, drifted
 
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(40, 32)).astype(np.float32)

@@ -17,7 +17,7 @@ import pytest
 import requests
 import s3fs
 
-from pipeline.embeddings import ShardKeys, plan_carry_over, shard_keys
+from pipeline.encode import ShardKeys, plan_carry_over, shard_keys
 from pipeline.nightly import with_index_version
 from pipeline.segments import KEYS_FILE, load_published, split_ids
 from pipeline.snapshots import LiveEmbeddings, embedding_chain, keys_of
@@ -285,7 +285,7 @@ def night3(nights, night2):
         command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     for line in upload.stderr:
-        if "pipeline.index: publish…" in line:
+        if "pipeline.build_index: publish…" in line:
             os.killpg(upload.pid, signal.SIGKILL)
             break
     upload.wait(timeout=120)
@@ -320,7 +320,7 @@ def compacted(nights, night3):
             start_new_session=True,
         )
         for line in job.stderr:
-            if f"pipeline.index: {phase}" in line:
+            if f"pipeline.build_index: {phase}" in line:
                 os.killpg(job.pid, signal.SIGKILL)
                 break
         job.wait(timeout=120)

@@ -9,9 +9,9 @@ import requests
 import yaml
 
 from pipeline.config import load_config
-from pipeline.encoder import EncoderSettings, TextEncoder
 from pipeline.segments import load_published
 from pipeline.storage import Storage
+from pipeline.text_encoder import EncoderSettings, TextEncoder
 from tests.conftest import TEST_API_KEY
 from tests.helpers import free_port, run_job, synthetic_rows, write_config, write_tsv
 

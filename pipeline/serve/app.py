@@ -1,95 +1,30 @@
 """Ray Serve QA application: `serve run configs/serve.yaml` (import path `pipeline.serve.app:app`).
 
-HTTP API (fixed paths): POST /v1/search, POST /v1/ask, GET /v1/index, GET /healthz, GET /metrics, OpenAPI at
-/docs. Errors are JSON `{"error": ...}`: 401 bad key, 413 body/question/batch too large, 422 malformed input;
-503 when `max_queued_requests` is exceeded (from the Serve proxy) or when a backend replica is lost twice in a
-row. Never a 500 for bad input. Concurrent requests are coalesced into one encoder call and one index search.
+The ingress (`QAService`) checks requests, coalesces concurrent ones into one question-encoder call and one index
+search, and asks the reader; its HTTP API (`pipeline.serve.routes`) is built per replica. The model and index
+deployments are in `pipeline.serve.deployments`.
 """
 
-# No `from __future__ import annotations` here: FastAPI resolves the request models from real annotations.
+from __future__ import annotations
 
-import hmac
 import logging
 import os
 import time
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, Field
+from fastapi.responses import JSONResponse
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
-from starlette.exceptions import HTTPException
 
+from pipeline.build_index import question_settings
 from pipeline.config import PipelineConfig, ServeConfig, load_config
-from pipeline.index import question_settings
 from pipeline.serve.deployments import QuestionEncoder, Reader, Retriever
+from pipeline.serve.guard import error
+from pipeline.serve.metrics import Metrics
+from pipeline.serve.routes import build_api
 from pipeline.storage import Storage
 
 log = logging.getLogger("ray.serve")
-OPEN_PATHS = {"/healthz", "/metrics", "/docs", "/openapi.json", "/docs/oauth2-redirect"}
-ROUTES = {"/v1/search", "/v1/ask", "/v1/index", "/healthz", "/metrics"}
-
-
-class SearchRequest(BaseModel):
-    questions: list[str] = Field(min_length=1, description="questions to retrieve passages for")
-    k: int = Field(10, ge=1, description="passages per question (at most serve.max_k)")
-
-
-class Passage(BaseModel):
-    id: str
-    title: str
-    text: str
-    score: float
-
-
-class SearchResponse(BaseModel):
-    index_version: str
-    results: list[list[Passage]]
-
-
-class AskRequest(BaseModel):
-    question: str = Field(min_length=1)
-    k: int = Field(10, ge=1, description="passages to retrieve (at most serve.max_k)")
-    top_answers: int = Field(3, ge=1, le=20)
-
-
-class Answer(BaseModel):
-    text: str
-    score: float
-    passage_id: str
-    title: str
-    start: int
-    end: int
-
-
-class AskResponse(BaseModel):
-    answers: list[Answer]
-    passages: list[Passage]
-    index_version: str
-
-
-api = FastAPI(title="DPR question answering", version="1", description=__doc__)
-
-
-def _error(status: int, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": message, **extra}, status_code=status)
-
-
-@api.exception_handler(RequestValidationError)
-async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-    problems = [{"field": ".".join(str(p) for p in e["loc"][1:]) or "body", "problem": e["msg"]} for e in exc.errors()]
-    return _error(422, "invalid request", detail=problems)
-
-
-@api.exception_handler(HTTPException)
-async def _http(request: Request, exc: HTTPException) -> JSONResponse:
-    return _error(exc.status_code, str(exc.detail))
-
-
 REPLICA_LOST = (RayActorError, ActorUnavailableError)
 
 
@@ -103,127 +38,38 @@ async def _with_one_retry(method, *args):
         return await method.remote(*args)
 
 
-@api.exception_handler(RayActorError)
-@api.exception_handler(ActorUnavailableError)
-async def _replica_lost(request: Request, exc: Exception) -> JSONResponse:
-    return _error(503, "a backend replica is restarting; retry shortly")
-
-
-class Metrics:
-    """Prometheus series of this ingress replica (scraped at /metrics)."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter("qa_requests", "HTTP requests", ["route", "status"], registry=self.registry)
-        self.latency = Histogram(
-            "qa_request_seconds",
-            "request latency",
-            ["route"],
-            registry=self.registry,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-        )
-        self.stage = Histogram(
-            "qa_stage_seconds",
-            "latency per stage",
-            ["stage"],
-            registry=self.registry,
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
-        )
-        self.version = Gauge("qa_index_version_info", "index version answering", ["version"], registry=self.registry)
-
-
-class Guard:
-    """Pure ASGI middleware (no per-request task like `BaseHTTPMiddleware`): API key, body size, request metrics.
-    Runs before FastAPI parses anything, so an oversized or unauthorised body costs nothing."""
-
-    def __init__(self, app, settings: ServeConfig, api_key: str | None, metrics: Metrics):
-        self.app, self.settings, self.api_key, self.metrics = app, settings, api_key, metrics
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started, status = time.perf_counter(), [500]
-        path = scope["path"].removeprefix(scope.get("root_path", ""))  # the app's own path under its prefix
-
-        async def send_counted(message) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            rejection, receive = await self._admit(scope, path, receive)
-            await (rejection or self.app)(scope, receive, send_counted)
-        finally:
-            route = path if path in ROUTES else "other"
-            self.metrics.requests.labels(route, str(status[0])).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
-
-    async def _admit(self, scope, path: str, receive):
-        """(a response refusing the request, or None; the receive channel to pass on)."""
-        headers = {key.decode("latin-1"): value.decode("latin-1") for key, value in scope["headers"]}
-        if self.api_key and path not in OPEN_PATHS:
-            scheme, _, token = headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), self.api_key.encode()):
-                return JSONResponse(
-                    {"error": "missing or wrong API key"}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
-                ), receive
-        limit = self.settings.max_body_bytes
-        length = headers.get("content-length")
-        if length is not None:
-            if not length.isdigit() or int(length) > limit:
-                return _error(413, f"request body over {limit} bytes"), receive
-            return None, receive
-        if scope["method"] != "POST":
-            return None, receive
-        # chunked body: read it up to the limit here, then replay it to the app
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return None, receive
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            more = message.get("more_body", False)
-            if size > limit:
-                return _error(413, f"request body over {limit} bytes"), receive
-        body = b"".join(chunks)
-
-        async def replay():
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        return None, replay
-
-
 @serve.deployment
-@serve.ingress(api)
+@serve.ingress()
 class QAService:
     def __init__(self, encoder, retriever, reader, settings: ServeConfig):
         self.encoder, self.retriever, self.reader, self.settings = encoder, retriever, reader, settings
-        api_key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
-        if settings.api_key_env and not api_key:
+        self.api_key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
+        if settings.api_key_env and not self.api_key:
             raise RuntimeError(f"serve.api_key_env names {settings.api_key_env}, which is not set on this replica")
         self.metrics = Metrics()
-        self._served_version: str | None = None
         self._retrieve_together.set_max_batch_size(settings.batch_max_size)
         self._retrieve_together.set_batch_wait_timeout_s(settings.batch_wait_s)
-        api.add_middleware(Guard, settings=settings, api_key=api_key, metrics=self.metrics)
+
+    def __serve_build_asgi_app__(self):
+        """Serve asks each replica for its ASGI app once the replica is constructed."""
+        return build_api(self, self.api_key)
 
     def _check(self, questions: list[str], k: int) -> JSONResponse | None:
         s = self.settings
         if len(questions) > s.max_batch_questions:
-            return _error(
+            return error(
                 413, f"{len(questions)} questions in one request; serve.max_batch_questions is {s.max_batch_questions}"
             )
         for i, question in enumerate(questions):
             if len(question) > s.max_question_chars:
-                return _error(
+                return error(
                     413,
                     f"question {i} has {len(question)} characters; serve.max_question_chars is {s.max_question_chars}",
                 )
             if not question.strip():
-                return _error(422, f"question {i} is empty")
+                return error(422, f"question {i} is empty")
         if k > s.max_k:
-            return _error(422, f"k={k} is over serve.max_k={s.max_k}")
+            return error(422, f"k={k} is over serve.max_k={s.max_k}")
         return None
 
     async def _retrieve(self, questions: list[str], k: int) -> dict[str, Any]:
@@ -239,11 +85,7 @@ class QAService:
         found = await _with_one_retry(self.retriever.search, (vectors, max(k for _, k in requests)))
         self.metrics.stage.labels("search").observe(time.perf_counter() - started)
         version = found["index_version"]
-        if version != self._served_version:
-            if self._served_version:
-                self.metrics.version.remove(self._served_version)
-            self._served_version = version
-            self.metrics.version.labels(version).set(1)
+        self.metrics.serving(version)
         answered, position = [], 0
         for questions, k in requests:
             results = [hits[:k] for hits in found["results"][position : position + len(questions)]]
@@ -251,25 +93,23 @@ class QAService:
             position += len(questions)
         return answered
 
-    @api.post("/v1/search", response_model=SearchResponse, responses={413: {}, 422: {}, 401: {}})
-    async def search(self, body: SearchRequest):
-        problem = self._check(body.questions, body.k)
+    async def search(self, questions: list[str], k: int) -> JSONResponse:
+        problem = self._check(questions, k)
         # Already the response model's shape: sent as is, not validated and re-encoded field by field again.
-        return problem or JSONResponse(await self._retrieve(body.questions, body.k))
+        return problem or JSONResponse(await self._retrieve(questions, k))
 
-    @api.post("/v1/ask", response_model=AskResponse, responses={413: {}, 422: {}, 401: {}})
-    async def ask(self, body: AskRequest):
-        problem = self._check([body.question], body.k)
+    async def ask(self, question: str, k: int, top_answers: int) -> JSONResponse:
+        problem = self._check([question], k)
         if problem:
             return problem
-        found = await self._retrieve([body.question], body.k)
+        found = await self._retrieve([question], k)
         passages = found["results"][0]
         answers = []
         if self.reader is not None and passages:
             started = time.perf_counter()
             read = passages[: self.settings.reader_passages]
             spans = await _with_one_retry(
-                self.reader.read, {"question": body.question, "passages": read, "top_answers": body.top_answers}
+                self.reader.read, {"question": question, "passages": read, "top_answers": top_answers}
             )
             self.metrics.stage.labels("read").observe(time.perf_counter() - started)
             answers = [
@@ -285,17 +125,8 @@ class QAService:
             ]
         return JSONResponse({"answers": answers, "passages": passages, "index_version": found["index_version"]})
 
-    @api.get("/v1/index")
-    async def index(self):
+    async def index(self) -> dict[str, Any]:
         return await _with_one_retry(self.retriever.info)
-
-    @api.get("/healthz")
-    async def healthz(self):
-        return {"status": "ok"}
-
-    @api.get("/metrics")
-    async def metrics(self):
-        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def build_app(config: PipelineConfig):

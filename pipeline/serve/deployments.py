@@ -19,7 +19,7 @@ from pipeline.segments import PublishedIndex, evict, load_published
 from pipeline.storage import Storage
 
 if TYPE_CHECKING:
-    from pipeline.encoder import EncoderSettings
+    from pipeline.text_encoder import EncoderSettings
 
 log = logging.getLogger("ray.serve")
 
@@ -29,7 +29,7 @@ class QuestionEncoder:
     """Questions → vectors, batched across concurrent requests with `serve.batch` (GPU when present)."""
 
     def __init__(self, settings: EncoderSettings, batch_max_size: int):
-        from pipeline.encoder import TextEncoder
+        from pipeline.text_encoder import TextEncoder
 
         self.encoder = TextEncoder(settings)
         self.encode.set_max_batch_size(batch_max_size)

@@ -22,17 +22,15 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import ray
 from tqdm import tqdm
 
 from pipeline.config import EncodeConfig, PipelineConfig
-from pipeline.encoder import EncoderSettings, PassageTokenizer, TextEncoder, Tokens
-from pipeline.errors import InputError, PipelineError, StorageError
-from pipeline.ingest import PASSAGE_SCHEMA
+from pipeline.errors import InputError, PipelineError
 from pipeline.layout import embeddings_dir, latest_snapshot, published_index
 from pipeline.manifests import EmbeddingManifest, FileEntry
 from pipeline.raycluster import connect, task_error
+from pipeline.shards import embedding_matrix, embedding_table, read_passage_shard, read_shard
 from pipeline.snapshots import (
     Link,
     content_keys,
@@ -41,7 +39,8 @@ from pipeline.snapshots import (
     passage_chain,
     read_shard_keys,
 )
-from pipeline.storage import Storage, parquet_bytes, read_parquet_bytes
+from pipeline.storage import Storage, parquet_bytes
+from pipeline.text_encoder import EncoderSettings, PassageTokenizer, TextEncoder, Tokens
 
 log = logging.getLogger(__name__)
 
@@ -49,53 +48,6 @@ PROGRESS_NAME = "_progress.json"
 # One CPU core tokenizes 2,100-3,100 psgs_w100 passages/s and a BERT-base encoder on an H200 takes 13,200/s
 # (benchmarks/results/gpu-h200-2026-11-27.jsonl): about 6 cores keep one GPU fed.
 TOKENIZERS_PER_GPU = 6
-
-
-def embedding_table(ids: list[str], content_hashes: list[str], vectors: np.ndarray, dtype: str) -> pa.Table:
-    """id, content_hash (of the passage the vector was computed from, so a later snapshot can carry it over),
-    embedding."""
-    values = pa.array(np.ascontiguousarray(vectors, dtype=dtype).reshape(-1))
-    return pa.table(
-        {
-            "id": pa.array(ids, pa.string()),
-            "content_hash": pa.array(content_hashes, pa.string()),
-            "embedding": pa.FixedSizeListArray.from_arrays(values, vectors.shape[1]),
-        }
-    )
-
-
-def embedding_matrix(table: pa.Table) -> np.ndarray:
-    """[n, dim] view of an embedding shard's vectors (no copy for the flat values)."""
-    column = table.column("embedding").combine_chunks()
-    return column.values.to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
-
-
-def read_shard(storage: Storage, directory: str, entry: FileEntry, max_bytes: int | None = None) -> pa.Table:
-    """A Parquet shard a manifest lists, checked against its size and sha256; every failure names the shard."""
-    url = storage.url(directory, entry.name)
-    try:
-        return read_parquet_bytes(storage.read_verified(directory, entry, max_bytes))
-    except FileNotFoundError:
-        raise InputError(url, None, "shard listed in the manifest is missing") from None
-    except StorageError:
-        raise
-    except PipelineError as exc:
-        raise InputError(url, None, str(exc).split(": ", 1)[-1]) from None
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(url, None, f"not a readable Parquet shard ({exc})") from None
-
-
-def read_passage_shard(storage: Storage, directory: str, entry: FileEntry, max_bytes: int | None = None) -> pa.Table:
-    """A passage shard, checked against its manifest entry and the passage schema; errors name the shard."""
-    url = storage.url(directory, entry.name)
-    table = read_shard(storage, directory, entry, max_bytes)
-    if table.num_rows == 0:
-        raise InputError(url, None, "shard has no rows")
-    for field in PASSAGE_SCHEMA:
-        if field.name not in table.column_names or table.schema.field(field.name).type != field.type:
-            found = table.schema.field(field.name).type if field.name in table.column_names else "missing"
-            raise InputError(url, None, f"column '{field.name}' must be {field.type} (found {found})")
-    return table
 
 
 def plan_shards(passage_files: list[FileEntry], done: dict[str, FileEntry]) -> tuple[list[FileEntry], list[FileEntry]]:

@@ -38,7 +38,6 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from pipeline.config import IndexConfig, PipelineConfig
-from pipeline.encoder import EncoderSettings
 from pipeline.errors import InputError, PipelineError
 from pipeline.layout import (
     INDEX_MANIFEST,
@@ -69,6 +68,7 @@ from pipeline.segments import (
 )
 from pipeline.snapshots import Link, LiveEmbeddings, embedding_chain, keys_of, live_rows, npy_bytes, read_npy_file
 from pipeline.storage import Storage, sha256_file
+from pipeline.text_encoder import EncoderSettings
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,42 @@
+"""The HTTP API's request and response bodies (FastAPI validates requests against them and documents them at
+/docs)."""
+
+from pydantic import BaseModel, Field
+
+
+class SearchRequest(BaseModel):
+    questions: list[str] = Field(min_length=1, description="questions to retrieve passages for")
+    k: int = Field(10, ge=1, description="passages per question (at most serve.max_k)")
+
+
+class Passage(BaseModel):
+    id: str
+    title: str
+    text: str
+    score: float
+
+
+class SearchResponse(BaseModel):
+    index_version: str
+    results: list[list[Passage]]
+
+
+class AskRequest(BaseModel):
+    question: str = Field(min_length=1)
+    k: int = Field(10, ge=1, description="passages to retrieve (at most serve.max_k)")
+    top_answers: int = Field(3, ge=1, le=20)
+
+
+class Answer(BaseModel):
+    text: str
+    score: float
+    passage_id: str
+    title: str
+    start: int
+    end: int
+
+
+class AskResponse(BaseModel):
+    answers: list[Answer]
+    passages: list[Passage]
+    index_version: str
