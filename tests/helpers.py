@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -49,6 +50,22 @@ def run_job(
         env=os.environ.copy() if env is None else env,
     )
     return JobRun(done.returncode, done.stdout, done.stderr)
+
+
+def kill_when_logged(job: str, config: Path | str, text: str, *overrides: str) -> int:
+    """Run `python -m jobs.<job>` and SIGKILL its whole process group as soon as its stderr logs `text` (a phase
+    starting, say); returns its exit status (-9 when killed, else what it exited with)."""
+    command = [sys.executable, "-m", f"jobs.{job}", "--config", str(config)]
+    for item in overrides:
+        command += ["--set", item]
+    process = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    for line in process.stderr:
+        if text in line:
+            os.killpg(process.pid, signal.SIGKILL)
+            break
+    return process.wait(timeout=120)
 
 
 def free_port() -> int:

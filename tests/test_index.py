@@ -12,7 +12,7 @@ from pipeline.config import IndexConfig
 from pipeline.errors import PipelineError
 from pipeline.segments import load_published
 from pipeline.storage import Storage
-from tests.helpers import run_job, synthetic_rows, write_config, write_tsv
+from tests.helpers import kill_when_logged, run_job, synthetic_rows, write_config, write_tsv
 
 ROWS = synthetic_rows(800, words=30)
 
@@ -172,27 +172,12 @@ def test_tampered_files_are_refused_before_read_index(encoded, name, damage, exp
 @pytest.mark.reliability
 def test_a_build_killed_mid_way_reruns_to_the_bytes_of_a_clean_build(encoded):
     """SIGKILL during training: nothing is published; the rerun publishes, byte for byte, what a clean build does."""
-    import os
     import signal
-    import subprocess
-    import sys
-
-    from tests.helpers import REPO
 
     fs, before = encoded["fs"], _latest(encoded["fs"])
     overrides = ["index.seed=7", "index.reuse_trained=false"]
-    command = [sys.executable, "-m", "jobs.build_index", "--config", str(encoded["config"])]
-    for item in overrides:
-        command += ["--set", item]
-    job = subprocess.Popen(
-        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    for line in job.stderr:
-        if "pipeline.build_index: train…" in line:
-            os.killpg(job.pid, signal.SIGKILL)
-            break
-    job.wait(timeout=120)
-    assert job.returncode == -signal.SIGKILL
+    killed = kill_when_logged("build_index", encoded["config"], "pipeline.build_index: train…", *overrides)
+    assert killed == -signal.SIGKILL
     assert _latest(fs) == before
 
     rerun = run_job("build_index", encoded["config"], *overrides)

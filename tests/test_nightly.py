@@ -23,7 +23,7 @@ from pipeline.segments import KEYS_FILE, load_published, split_ids
 from pipeline.snapshots import LiveEmbeddings, embedding_chain, keys_of
 from pipeline.storage import Storage
 from tests.conftest import RAY_DASHBOARD_PORT
-from tests.helpers import REPO, free_port, run_job, synthetic_rows, write_config, write_tsv
+from tests.helpers import REPO, free_port, kill_when_logged, run_job, synthetic_rows, write_config, write_tsv
 
 ROWS = synthetic_rows(600, words=30)
 
@@ -281,15 +281,10 @@ def night3(nights, night2):
     job.wait(timeout=60)
     record = storage.read_json("nightly/d3.json")
     # Killed again while its index build uploads the new segment and tombstones.
-    upload = subprocess.Popen(
-        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    killed = kill_when_logged(
+        "nightly", nights["config"], "pipeline.build_index: publish…", *_night(nights["tmp"], rows, "d3")
     )
-    for line in upload.stderr:
-        if "pipeline.build_index: publish…" in line:
-            os.killpg(upload.pid, signal.SIGKILL)
-            break
-    upload.wait(timeout=120)
-    during_upload = (upload.returncode, storage.read_bytes("indexes/LATEST").decode().strip())
+    during_upload = (killed, storage.read_bytes("indexes/LATEST").decode().strip())
     run = run_job("nightly", nights["config"], *_night(nights["tmp"], rows, "d3"))
     assert run.returncode == 0, run.stderr[-3000:]
     created = storage.read_json(f"indexes/{run.summary['version']}/manifest.json")["created_at"]
@@ -311,20 +306,8 @@ def compacted(nights, night3):
     storage = nights["storage"]
     killed = []
     for phase in ("compact…", "publish…"):
-        job = subprocess.Popen(
-            [sys.executable, "-m", "jobs.compact", "--config", str(nights["config"])],
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        for line in job.stderr:
-            if f"pipeline.build_index: {phase}" in line:
-                os.killpg(job.pid, signal.SIGKILL)
-                break
-        job.wait(timeout=120)
-        killed.append((job.returncode, storage.read_bytes("indexes/LATEST").decode().strip()))
+        status = kill_when_logged("compact", nights["config"], f"pipeline.build_index: {phase}")
+        killed.append((status, storage.read_bytes("indexes/LATEST").decode().strip()))
     run = run_job("compact", nights["config"])
     assert run.returncode == 0, run.stderr[-3000:]
     again = run_job("compact", nights["config"])
