@@ -118,6 +118,8 @@ def main() -> None:
     parser.add_argument("--factory", default=None, help="default: IVF256,PQ64 (tiny), IVF64,PQ96x4 (minilm)")
     parser.add_argument("--max-segments", type=int, default=3, help="a night past this many segments compacts")
     parser.add_argument("--shard-rows", type=int, default=20000)
+    parser.add_argument("--nprobe", type=int, default=16, help="16 at 50k-250k; 32 at 1M keeps recall@100 over 0.5")
+    parser.add_argument("--min-recall", type=float, default=0.5)
     args = parser.parse_args()
     from pipeline.segments import load_published
     from pipeline.storage import Storage
@@ -146,7 +148,12 @@ def main() -> None:
                 "storage": {"root": str(work / "store")},
                 "ingest": {"shard_rows": args.shard_rows},
                 "encode": encode,
-                "index": {"factory": factory, "nprobe": 16, "min_recall": 0.5, "max_segments": args.max_segments},
+                "index": {
+                    "factory": factory,
+                    "nprobe": args.nprobe,
+                    "min_recall": args.min_recall,
+                    "max_segments": args.max_segments,
+                },
             },
         )
         storage, cache = Storage(str(work / "store")), str(work / "replica-cache")
@@ -189,6 +196,7 @@ def main() -> None:
                 "encoder": args.encoder,
                 "passages": args.passages,
                 "factory": factory,
+                "nprobe": args.nprobe,
                 "changed_fraction": args.changed,
                 "nights": nights,
                 "time_ratio": round(second["seconds"] / first["seconds"], 4),
