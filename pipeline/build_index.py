@@ -35,6 +35,8 @@ from typing import Any
 import faiss
 import numpy as np
 import pyarrow as pa
+from faiss.contrib.evaluation import knn_intersection_measure
+from faiss.contrib.exhaustive_search import knn_ground_truth
 from tqdm import tqdm
 
 from pipeline.config import IndexConfig, PipelineConfig
@@ -172,8 +174,7 @@ def assigning_on_gpus(index: faiss.Index):
 def recall_at(ann: np.ndarray, exact: np.ndarray, k: int) -> float:
     """Mean |ANN top-k ∩ exact top-k| / k over the queries."""
     k = min(k, exact.shape[1])
-    hits = [len(set(a[:k].tolist()) & set(e[:k].tolist())) for a, e in zip(ann, exact)]
-    return float(np.mean(hits)) / k
+    return float(knn_intersection_measure(ann[:, :k], exact[:, :k]))
 
 
 def measure_recall(index: faiss.Index, queries: np.ndarray, exact: np.ndarray, nprobe: int) -> dict[int, float]:
@@ -345,24 +346,27 @@ def build_full(
     quantizer = os.path.join(work_dir, "quantizer.faiss")
     faiss.write_index(index, quantizer)
     writer = SegmentWriter(index, 1, work_dir)
-    k = min(max(RECALL_K), plan.vectors)
-    exact = faiss.ResultHeap(len(queries), k, keep_max=True)
     with (
         assigning_on_gpus(writer.index),
         timer("add"),
         tqdm(total=plan.vectors, desc="add", unit=" vectors", unit_scale=True, mininterval=2) as bar,
     ):
-        for shard in range(len(live.shards)):
-            vectors, passages = _read_and_match(live, shard)
-            if not len(vectors):
-                continue
-            ids = writer.add(vectors, passages)
-            distances, labels = faiss.knn(queries, vectors, min(k, len(vectors)), metric=faiss.METRIC_INNER_PRODUCT)
-            exact.add_result(distances, np.where(labels >= 0, ids[np.maximum(labels, 0)], -1))
-            bar.update(len(vectors))
-    exact.finalize()
+
+        def added():
+            """Each shard's live vectors, added to the segment on the way (one read serves both)."""
+            for shard in range(len(live.shards)):
+                vectors, passages = _read_and_match(live, shard)
+                if len(vectors):
+                    writer.add(vectors, passages)
+                    bar.update(len(vectors))
+                    yield vectors
+
+        # The exact top-k of the held-out queries, accumulated over the same pass; positions are segment rows.
+        scores, rows = knn_ground_truth(queries, added(), min(max(RECALL_K), plan.vectors), faiss.METRIC_INNER_PRODUCT)
+    found = np.isfinite(scores) & (rows >= 0)
+    exact = np.where(found, faiss_ids(writer.seq, 0, writer.rows)[np.where(found, rows, 0)], -1)
     with timer("measure"):
-        recall = measure_recall(writer.index, queries, exact.I, config.nprobe)
+        recall = measure_recall(writer.index, queries, exact, config.nprobe)
         error = distortion(writer.index, queries)
     return Built(quantizer, [writer.close()], np.empty(0, np.int64), recall, writer.rows, error, error)
 

@@ -24,6 +24,7 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import regex
+from faiss.contrib.exhaustive_search import knn_ground_truth
 from tqdm import tqdm
 
 from pipeline.build_index import question_settings
@@ -143,15 +144,9 @@ def top_k_accuracy(hits: list[list[bool]], ks: list[int]) -> dict[int, float]:
 # -- retrieval ------------------------------------------------------------------------------------------------------
 def exact_search(live: LiveEmbeddings, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Inner-product top-k over every live embedding of the chain (streamed); hits numbered by live position."""
-    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
-    offset = 0
-    for _, _, vectors in tqdm(live, total=len(live.shards), desc="exact", unit=" shards"):
-        if len(vectors):
-            scores, rows = faiss.knn(queries, vectors, min(k, len(vectors)), metric=faiss.METRIC_INNER_PRODUCT)
-            heap.add_result(scores, np.where(rows >= 0, rows + offset, -1))
-        offset += len(vectors)
-    heap.finalize()
-    return heap.D, heap.I
+    blocks = (vectors for _, _, vectors in tqdm(live, total=len(live.shards), desc="exact", unit=" shards"))
+    scores, rows = knn_ground_truth(queries, blocks, k, faiss.METRIC_INNER_PRODUCT)
+    return scores, np.where(np.isfinite(scores), rows, -1)  # fewer than k passages: no result, not a position
 
 
 def exact_passages(live: LiveEmbeddings, positions: np.ndarray) -> pa.Table:
