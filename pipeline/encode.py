@@ -499,18 +499,6 @@ def _encode_snapshot(
     }
 
 
-def published_snapshot(storage: Storage) -> str | None:
-    """The passage snapshot the serving index (indexes/LATEST) was built from."""
-    manifest = published_index(storage)
-    return manifest.snapshot if manifest else None
-
-
-def published_encoder(storage: Storage) -> dict[str, Any] | None:
-    """The encoder settings the serving index's passages were encoded with."""
-    manifest = published_index(storage)
-    return manifest.encoder if manifest else None
-
-
 def _previous_embeddings(
     storage: Storage, config: PipelineConfig, link: Link, fingerprint: str
 ) -> list[tuple[str, EmbeddingManifest]] | None:
@@ -520,7 +508,8 @@ def _previous_embeddings(
     delta snapshot carries nothing (its unchanged rows stay in its base)."""
     if not config.encode.carry_over or link.base is not None:
         return None
-    previous = config.encode.previous_snapshot or published_snapshot(storage)
+    published = published_index(storage)  # the snapshot the serving index was built from
+    previous = config.encode.previous_snapshot or (published.snapshot if published else None)
     if not previous or previous == link.snapshot:
         return None
     try:

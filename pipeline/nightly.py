@@ -23,17 +23,19 @@ from typing import Any
 
 from pipeline.build_index import PhaseTimer, run_build_index
 from pipeline.config import PipelineConfig
-from pipeline.encode import published_encoder, published_snapshot, run_encode
+from pipeline.encode import run_encode
 from pipeline.errors import PipelineError
 from pipeline.ingest import run_ingest
-from pipeline.layout import nightly_record, snapshot_dir
-from pipeline.manifests import PassageManifest
+from pipeline.layout import nightly_record, published_index, snapshot_dir
+from pipeline.manifests import IndexManifest, PassageManifest
 from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
 
 
-def delta_base(storage: Storage, config: PipelineConfig, previous: str | None) -> str | None:
+def delta_base(
+    storage: Storage, config: PipelineConfig, previous: str | None, published: IndexManifest | None
+) -> str | None:
     """The snapshot tonight's is written as a delta on, or None for a full one: on request (`nightly.full`), on
     the first night, once `nightly.max_chain` deltas are stacked, and when the encoder settings changed (no vector
     of the previous snapshot can be reused then)."""
@@ -42,14 +44,14 @@ def delta_base(storage: Storage, config: PipelineConfig, previous: str | None) -
     base = storage.read_manifest(snapshot_dir(previous), PassageManifest)
     if base is None or base.depth + 1 > config.nightly.max_chain:
         return None
-    published = published_encoder(storage)
+    encoder = published.encoder if published is not None else None
     wanted = {
         "model": config.encode.model,
         "pooling": config.encode.pooling,
         "max_length": config.encode.max_length,
         "normalize": config.encode.normalize,
     }
-    if published is not None and {key: published.get(key) for key in wanted} != wanted:
+    if encoder is not None and {key: encoder.get(key) for key in wanted} != wanted:
         log.info("the encoder settings changed since the published index: writing a full snapshot")
         return None
     return previous
@@ -59,12 +61,12 @@ def night_record(storage: Storage, config: PipelineConfig) -> dict[str, Any]:
     """The first run of a night records what it diffs against and whether it writes a delta; reruns read it."""
     snapshot = config.ingest.snapshot
     rel = nightly_record(snapshot)
-    previous = published_snapshot(storage)
-    previous = None if previous == snapshot else previous
+    published = published_index(storage)  # read once: what tonight diffs against and was encoded with
+    previous = published.snapshot if published is not None and published.snapshot != snapshot else None
     record = {
         "snapshot": snapshot,
         "previous_snapshot": previous,
-        "base": delta_base(storage, config, previous),
+        "base": delta_base(storage, config, previous, published),
         "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     if not storage.create_exclusive(rel, json.dumps(record, indent=1).encode()):
