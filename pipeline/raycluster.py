@@ -77,3 +77,11 @@ def task_error(exc: ray.exceptions.RayTaskError) -> Exception:
     """The exception a Ray task or actor method raised (an InputError naming a file stays one), for re-raising in
     the driver; a cause Ray could not carry back becomes a PipelineError with Ray's message."""
     return exc.cause if isinstance(exc.cause, Exception) else PipelineError(str(exc))
+
+
+def get(refs: list) -> list:
+    """`ray.get` that raises what the task raised (see `task_error`)."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as exc:
+        raise task_error(exc) from None
