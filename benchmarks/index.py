@@ -3,6 +3,7 @@
     python benchmarks/index.py                          # the index `make demo` published (MiniLM, demo corpus)
     python benchmarks/index.py --synthetic 500000 --dim 384 --factory IVF1024,PQ48 --nprobe 32
     python benchmarks/index.py --demo-windows 10000 --factory IVF64,PQ96 --nprobe 16
+    python benchmarks/index.py --distributed 100000,400000 --dim 256 --factory IVF1024,PQ32 --nprobe 32
 
 recall@k = |IVF-PQ top-k ∩ exact top-k| / k on held-out corpus vectors; QPS are batched top-100 searches on this
 machine's threads (exact = IndexFlatIP over the same float32 vectors). --synthetic draws a clustered Gaussian
@@ -157,6 +158,73 @@ def built(args, vectors: np.ndarray, source: str) -> dict:
     }
 
 
+def distributed(args) -> dict:
+    """The merge job on this machine's own Ray clusters, over random clustered embeddings of each size: build
+    seconds with 1 and 2 add workers (a one-CPU node each), and the driver's peak RSS with and without
+    `index.segment_vectors` (at two sizes: the distributed driver's should not grow)."""
+    import os
+    import shutil
+    import subprocess
+
+    from tests.helpers import synthetic_rows, write_config, write_random_embeddings, write_tsv
+    from tests.localray import LocalRay
+
+    def job(name: str, config: Path, address: str, *overrides: str) -> dict:
+        command = [sys.executable, "-m", f"jobs.{name}", "--config", str(config)]
+        for item in overrides:
+            command += ["--set", item]
+        env = {**os.environ, "RAY_ADDRESS": address}
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
+        if done.returncode:
+            raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    sizes = [int(size) for size in args.distributed.split(",")]
+    result: dict = {"dim": args.dim, "factory": args.factory, "nprobe": args.nprobe, "sizes": sizes}
+    with tempfile.TemporaryDirectory(prefix="bi-", dir="/tmp") as tmp:
+        for size in sizes:
+            root, segment = Path(tmp) / f"store-{size}", max(1, size // 8)
+            config = write_config(
+                Path(tmp) / f"c{size}.yaml",
+                {
+                    "storage": {"root": str(root)},
+                    "ingest": {
+                        "input": str(write_tsv(Path(tmp) / f"p{size}.tsv", synthetic_rows(size, words=4))),
+                        "snapshot": "s",
+                        "shard_rows": max(1, size // 32),
+                    },
+                    "index": {"factory": args.factory, "nprobe": args.nprobe, "queries": 200, "min_recall": 0.0},
+                },
+            )
+            job("ingest", config, "local")
+            write_random_embeddings(str(root), {}, "s", dim=args.dim)
+            runs = {}
+            for workers in (1, 2):
+                cluster = LocalRay(Path(tmp) / f"ray{size}-{workers}", num_cpus=1)
+                with cluster as address:
+                    if workers == 2:
+                        cluster.add_node(num_cpus=1, resources={"worker": 1})
+                    shutil.rmtree(root / "indexes", ignore_errors=True)
+                    runs[workers] = job("build_index", config, address, f"index.segment_vectors={segment}")
+            shutil.rmtree(root / "indexes", ignore_errors=True)
+            one = job("build_index", config, "local")
+            result[str(size)] = {
+                "segments": runs[1]["segments"],
+                "build_seconds_1_worker": round(sum(runs[1]["phase_seconds"].values()), 1),
+                "build_seconds_2_workers": round(sum(runs[2]["phase_seconds"].values()), 1),
+                "add_nodes_2_workers": runs[2]["add_nodes"],
+                "recall_at_100": runs[2]["recall_at_100"],
+                "driver_peak_rss_mib": round(runs[2]["driver_peak_rss"] / 2**20, 1),
+                "one_process_peak_rss_mib": round(one["driver_peak_rss"] / 2**20, 1),
+                "one_process_seconds": round(sum(one["phase_seconds"].values()), 1),
+            }
+            shutil.rmtree(root, ignore_errors=True)
+    low, high = (result[str(size)] for size in (sizes[0], sizes[-1]))
+    result["driver_rss_growth_mib"] = round(high["driver_peak_rss_mib"] - low["driver_peak_rss_mib"], 1)
+    result["one_process_rss_growth_mib"] = round(high["one_process_peak_rss_mib"] - low["one_process_peak_rss_mib"], 1)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="configs/demo.yaml", help="deployment whose published index to measure")
@@ -167,8 +235,11 @@ def main() -> None:
     parser.add_argument("--clusters", type=int, default=2000)
     parser.add_argument("--factory", default="IVF1024,PQ48")
     parser.add_argument("--nprobe", type=int, default=32)
+    parser.add_argument("--distributed", help="sizes, e.g. 100000,400000: the merge job on 1 and 2 Ray add workers")
     args = parser.parse_args()
-    if args.synthetic:
+    if args.distributed:
+        result = distributed(args)
+    elif args.synthetic:
         result = built(args, synthetic_vectors(args), "synthetic clustered")
     elif args.demo_windows:
         result = built(args, demo_window_vectors(args.demo_windows), "MiniLM over demo text windows")

@@ -29,18 +29,31 @@ import posixpath
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import faiss
 import numpy as np
 import pyarrow as pa
+import ray
 from faiss.contrib.evaluation import knn_intersection_measure
 from faiss.contrib.exhaustive_search import knn_ground_truth
 from tqdm import tqdm
 
 from pipeline.config import IndexConfig, PipelineConfig
-from pipeline.errors import InputError, PipelineError
+from pipeline.errors import PipelineError
+from pipeline.index_workers import (
+    AddedSegment,
+    add_group,
+    assigning_on_gpus,
+    exact_ids,
+    merge_topk,
+    peak_rss,
+    plan_groups,
+    read_and_match,
+    reset_peak_rss,
+    sample_group,
+)
 from pipeline.layout import (
     INDEX_MANIFEST,
     INDEXES,
@@ -52,24 +65,29 @@ from pipeline.layout import (
     version_dir,
 )
 from pipeline.manifests import EmbeddingManifest, FileEntry, IndexManifest, SegmentEntry
+from pipeline.raycluster import connect, get
 from pipeline.segments import (
     DOCSTORE_FILE,
     DOCSTORE_SCHEMA,
     IVF_FILE,
     KEYS_FILE,
     TOMBSTONES_FILE,
+    LocalSegment,
     SegmentRef,
+    SegmentWriter,
     copy_live_codes,
     faiss_ids,
     fetch_verified,
     files_of,
+    finish_segment,
     ivf_of,
     read_invlists,
     segments_of,
-    write_invlists,
+    split_ids,
+    upload_once,
 )
-from pipeline.snapshots import Link, LiveEmbeddings, embedding_chain, keys_of, live_rows, npy_bytes, read_npy_file
-from pipeline.storage import Storage, sha256_file
+from pipeline.snapshots import Link, LiveEmbeddings, embedding_chain, live_rows, npy_bytes, read_npy_file
+from pipeline.storage import Storage
 from pipeline.text_encoder import EncoderSettings
 
 log = logging.getLogger(__name__)
@@ -91,7 +109,8 @@ class IndexPlan:
 
 
 def plan_index(factory: str, dim: int, vectors: int, largest_shard: int, config: IndexConfig) -> IndexPlan:
-    """Size the build before doing it: training points (>= 39 per centroid, capped) and peak memory."""
+    """Size the build before doing it: training points (>= 39 per centroid, capped) and the peak memory of the
+    process that adds (with `segment_vectors`, each add task holds one segment's codes, not the corpus's)."""
     try:
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
@@ -105,7 +124,7 @@ def plan_index(factory: str, dim: int, vectors: int, largest_shard: int, config:
     train_size = min(config.train_size, wanted, vectors - queries)
     code_bytes = int(ivf.code_size) + 8 if ivf is not None else int(index.sa_code_size())
     memory = (
-        vectors * code_bytes  # the codes (and ids) of every vector
+        min(vectors, config.segment_vectors or vectors) * code_bytes  # the codes (and ids) of the vectors added
         + train_size * dim * 4 * 2  # the training sample, and its transformed copy during training
         + (nlist or 0) * dim * 4  # coarse centroids
         + largest_shard * dim * 4 * 2  # one shard being added (read + float32 copy)
@@ -154,23 +173,6 @@ def training_on_gpus(index: faiss.Index):
         ivf.clustering_index = None
 
 
-@contextlib.contextmanager
-def assigning_on_gpus(index: faiss.Index):
-    """Coarse assignment during add on the GPUs (65536 centroids x 21M vectors is hours on CPU); the trained CPU
-    quantizer is put back before the index is saved."""
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is None or faiss.get_num_gpus() == 0:
-        yield
-        return
-    cpu_quantizer = ivf.quantizer
-    gpu_quantizer = faiss.index_cpu_to_all_gpus(cpu_quantizer)  # referenced here until restored
-    ivf.quantizer = gpu_quantizer
-    try:
-        yield
-    finally:
-        ivf.quantizer = cpu_quantizer
-
-
 def recall_at(ann: np.ndarray, exact: np.ndarray, k: int) -> float:
     """Mean |ANN top-k ∩ exact top-k| / k over the queries."""
     k = min(k, exact.shape[1])
@@ -207,13 +209,24 @@ def drifted(reference: float | None, measured: float | None, max_drift: float) -
     return reference is None or measured is None or measured > reference * (1 + max_drift)
 
 
-def needs_compaction(segment_rows: Sequence[int], dead: int, config: IndexConfig) -> bool:
-    """Merge when a version would list too many segments or carry too many dead rows (pure)."""
-    total = sum(segment_rows)
-    return config.compact == "always" or (
-        config.compact == "auto"
-        and (len(segment_rows) > config.max_segments or (total > 0 and dead / total > config.max_tombstone_fraction))
-    )
+def plan_compaction(rows: Sequence[int], dead: Sequence[int], config: IndexConfig) -> list[int]:
+    """Which segments to merge into one (positions; empty: none), Lucene-style (pure). Past `max_segments` small
+    segments or `max_tombstone_fraction` dead rows: every segment, or with `segment_vectors` set only the small ones
+    (under half of it: nightly deltas) and those whose own dead fraction is past the limit, so a merge stays within a
+    few segments' size and the big segments of a distributed build are not copied again."""
+    if config.compact == "never":
+        return []
+    bound = config.segment_vectors
+    small = [i for i, count in enumerate(rows) if bound is None or count < bound // 2]
+    heavy = [i for i, (count, gone) in enumerate(zip(rows, dead)) if gone > config.max_tombstone_fraction * count]
+    total = sum(rows)
+    if config.compact == "always":
+        merge = sorted(set(small) | {i for i, gone in enumerate(dead) if gone})
+    elif len(small) > config.max_segments or (total and sum(dead) / total > config.max_tombstone_fraction):
+        merge = sorted(set(small) | set(heavy))
+    else:
+        return []
+    return merge if len(merge) > 1 or any(dead[i] for i in merge) else []
 
 
 def plan_build(chain: Sequence[str], previous_snapshot: str | None, same_settings: bool) -> tuple[str, int]:
@@ -229,60 +242,6 @@ def plan_build(chain: Sequence[str], previous_snapshot: str | None, same_setting
     return "full", 0
 
 
-# -- segments -------------------------------------------------------------------------------------------------------
-@dataclass
-class LocalSegment:
-    """A segment written in the work dir, not yet uploaded."""
-
-    seq: int
-    rows: int
-    paths: dict[str, str]  # ivf.bin, docstore.arrow, keys.npy → local path
-
-    @property
-    def name(self) -> str:
-        """Content-addressed: the same rows on the same quantizer give the same name."""
-        digest = hashlib.sha256("".join(sha256_file(self.paths[n]) for n in sorted(self.paths)).encode())
-        return f"segments/{self.seq:06d}-{digest.hexdigest()[:16]}"
-
-
-class SegmentWriter:
-    """Adds vectors to a copy of the trained quantizer under ids `seq << 40 | row`, and writes the docstore part
-    and the keys in the same row order."""
-
-    def __init__(self, quantizer: faiss.Index, seq: int, work_dir: str):
-        self.index, self.seq, self.rows = faiss.clone_index(quantizer), seq, 0
-        self.directory = os.path.join(work_dir, f"segment-{seq:06d}")
-        os.makedirs(self.directory, exist_ok=True)
-        self._sink = pa.OSFile(os.path.join(self.directory, DOCSTORE_FILE), "wb")
-        self._docstore = pa.ipc.new_file(self._sink, DOCSTORE_SCHEMA)
-        self._keys: list[np.ndarray] = []
-
-    def add(self, vectors: np.ndarray, passages: pa.Table) -> np.ndarray:
-        """Returns the FAISS ids given to the rows."""
-        ids = faiss_ids(self.seq, self.rows, len(vectors))
-        self.index.add_with_ids(vectors, ids)
-        self._docstore.write_table(passages.select(DOCSTORE_SCHEMA.names))
-        self._keys.append(keys_of(passages.column("id").to_pylist()))
-        self.rows += len(vectors)
-        return ids
-
-    def close(self) -> LocalSegment:
-        self._docstore.close()
-        self._sink.close()
-        return finish_segment(self.seq, self.rows, ivf_of(self.index).invlists, self._keys, self.directory)
-
-
-def finish_segment(
-    seq: int, rows: int, invlists: faiss.InvertedLists, keys: list[np.ndarray], directory: str
-) -> LocalSegment:
-    """Write the inverted lists and keys beside an already written docstore."""
-    paths = {name: os.path.join(directory, name) for name in (IVF_FILE, DOCSTORE_FILE, KEYS_FILE)}
-    write_invlists(invlists, paths[IVF_FILE])
-    with open(paths[KEYS_FILE], "wb") as handle:
-        handle.write(npy_bytes(np.concatenate(keys) if keys else np.empty(0, np.uint64)))
-    return LocalSegment(seq, rows, paths)
-
-
 @dataclass
 class Built:
     """Everything a version needs before publication."""
@@ -295,24 +254,14 @@ class Built:
     # Relative quantization error on the rows recall was measured with (the reference), and on this run's rows.
     reference_distortion: float | None
     distortion: float | None
+    # A distributed build's segments are uploaded by the tasks that wrote them: their entries, and bytes written.
+    uploaded: dict[str, FileEntry] = field(default_factory=dict)
+    written: int = 0
+    nodes: tuple[str, ...] = ()  # the Ray nodes its add tasks ran on
 
     @property
     def stored(self) -> int:
         return sum(s.rows for s in self.segments)
-
-
-def _read_and_match(live: LiveEmbeddings, shard: int) -> tuple[np.ndarray, pa.Table]:
-    """A shard's live vectors and their passages (id, title, text), after checking both list the same ids."""
-    ids, vectors, keep = live.read(shard)
-    passages = live.passages(shard)
-    if passages.column("id").to_pylist() != ids:
-        link, entry = live.shards[shard]
-        raise InputError(
-            live.storage.url(live.links[link].embeddings_dir, entry.name),
-            None,
-            "embedding ids do not match the passage shard of the same name",
-        )
-    return vectors[keep], passages.filter(pa.array(keep))
 
 
 def build_full(
@@ -355,7 +304,7 @@ def build_full(
         def added():
             """Each shard's live vectors, added to the segment on the way (one read serves both)."""
             for shard in range(len(live.shards)):
-                vectors, passages = _read_and_match(live, shard)
+                vectors, passages = read_and_match(live, shard)
                 if len(vectors):
                     writer.add(vectors, passages)
                     bar.update(len(vectors))
@@ -363,12 +312,99 @@ def build_full(
 
         # The exact top-k of the held-out queries, accumulated over the same pass; positions are segment rows.
         scores, rows = knn_ground_truth(queries, added(), min(max(RECALL_K), plan.vectors), faiss.METRIC_INNER_PRODUCT)
-    found = np.isfinite(scores) & (rows >= 0)
-    exact = np.where(found, faiss_ids(writer.seq, 0, writer.rows)[np.where(found, rows, 0)], -1)
+    exact = exact_ids(scores, rows, writer.seq, writer.rows)
     with timer("measure"):
         recall = measure_recall(writer.index, queries, exact, config.nprobe)
         error = distortion(writer.index, queries)
     return Built(quantizer, [writer.close()], np.empty(0, np.int64), recall, writer.rows, error, error)
+
+
+def build_distributed(
+    live: LiveEmbeddings,
+    config: IndexConfig,
+    plan: IndexPlan,
+    work_dir: str,
+    timer: PhaseTimer,
+    trained: faiss.Index | None = None,
+) -> Built:
+    """`build_full` spread over the Ray cluster: sampling and adding run as tasks, one per group of at most
+    `index.segment_vectors` rows, each writing its own segment to storage (`pipeline.index_workers`). The driver
+    trains and merges the held-out queries' top-k: its memory follows the settings, not the corpus."""
+    connect()
+    groups = plan_groups(live.stored_rows, config.segment_vectors)
+    root, options = live.storage.root_url, live.storage.options
+    links = ray.put(live.links)
+    resources = {"num_cpus": config.add_cpus, "num_gpus": config.add_gpus}
+    log.info("%d add tasks of at most %d vectors each", len(groups), config.segment_vectors)
+    with timer("sample"):
+        positions = sample_positions(live.stored_rows, plan.train_size + plan.queries, config.seed)
+        sampler = ray.remote(sample_group).options(num_cpus=config.add_cpus)
+        parts = get(
+            [
+                sampler.remote(root, options, links, group, [positions[s] for s in group])
+                for group in groups
+                if any(len(positions[s]) for s in group)
+            ]
+        )
+        sample = np.concatenate([part for part in parts if part is not None])
+        order = np.random.default_rng(config.seed + 1).permutation(len(sample))
+        train, queries = sample[order[: plan.train_size]], sample[order[plan.train_size :]]
+    index = (
+        trained if trained is not None else faiss.index_factory(plan.dim, config.factory, faiss.METRIC_INNER_PRODUCT)
+    )
+    if trained is None:
+        with timer("train"), training_on_gpus(index):
+            index.train(train)
+    del train, sample
+    quantizer = os.path.join(work_dir, "quantizer.faiss")
+    faiss.write_index(index, quantizer)
+    k = min(max(RECALL_K), plan.vectors)
+    serialized, held_out = ray.put(faiss.serialize_index(index)), ray.put(queries)
+    adder = ray.remote(add_group).options(**resources)
+    with (
+        timer("add"),
+        tqdm(total=plan.vectors, desc="add", unit=" vectors", unit_scale=True, mininterval=2) as bar,
+    ):
+        pending = [
+            adder.remote(root, options, links, group, seq, serialized, held_out, config.nprobe, k)
+            for seq, group in enumerate(groups, start=1)
+        ]
+        added: list[AddedSegment] = []
+        try:
+            while pending:
+                [ref], pending = ray.wait(pending, num_returns=1)
+                [result] = get([ref])
+                added.append(result)
+                bar.update(result.segment.rows)
+        except BaseException:
+            for ref in pending:
+                ray.cancel(ref)
+            raise
+    added.sort(key=lambda a: a.segment.seq)
+    with timer("measure"):
+        _, exact = merge_topk([a.exact for a in added], k)
+        _, ann = merge_topk([a.ann for a in added], k)
+        recall = {r: recall_at(ann, exact, r) for r in RECALL_K}
+        error = distortion(index, queries)
+    log.info(
+        "add tasks: %d on %d node(s), peak worker RSS %.0f MiB",
+        len(added),
+        len({a.node for a in added}),
+        max(a.peak_rss for a in added) / 2**20,
+    )
+    kept = [a for a in added if a.segment.rows]
+    return Built(
+        quantizer,
+        [SegmentRef(a.segment.name, a.segment.seq, a.segment.rows) for a in kept],
+        np.empty(0, np.int64),
+        recall,
+        sum(a.segment.rows for a in added),
+        error,
+        error,
+        uploaded={entry.name: entry for a in kept for entry in a.files},
+        written=sum(a.written for a in added),
+        nodes=tuple(sorted({a.node for a in added})),
+    )
 
 
 def build_delta(
@@ -388,7 +424,7 @@ def build_delta(
     added = []
     with timer("add"):
         for shard in range(len(live.shards)):
-            vectors, passages = _read_and_match(live, shard)
+            vectors, passages = read_and_match(live, shard)
             if len(vectors):
                 writer.add(vectors, passages)
                 added.append(vectors)
@@ -426,8 +462,14 @@ def build_delta(
     return Built(quantizer_entry, [*segments, *new], dead_ids, recall, writer.rows, reference, error)
 
 
-def compact(storage: Storage, built: Built, files: dict[str, FileEntry], work_dir: str, timer: PhaseTimer) -> Built:
-    """Merge every segment into one and drop tombstoned rows, copying codes (no vector is read or re-encoded)."""
+def compact(
+    storage: Storage, built: Built, merge: list[int], files: dict[str, FileEntry], work_dir: str, timer: PhaseTimer
+) -> Built:
+    """Merge the segments at positions `merge` into one and drop their tombstoned rows, copying codes (no vector is
+    read or re-encoded); the other segments and their tombstones stay as they are."""
+    kept = [s for i, s in enumerate(built.segments) if i not in merge]
+    merged_seqs = {built.segments[i].seq for i in merge}
+    built = replace(built, segments=[built.segments[i] for i in merge])
     with timer("compact"):
         paths = fetch_verified(
             storage,
@@ -452,7 +494,7 @@ def compact(storage: Storage, built: Built, files: dict[str, FileEntry], work_di
             ]
         )
         ivf = ivf_of(quantizer)
-        seq = max(s.seq for s in built.segments) + 1
+        seq = max(s.seq for s in [*kept, *built.segments]) + 1
         directory = os.path.join(work_dir, f"segment-{seq:06d}")
         os.makedirs(directory, exist_ok=True)
         remap, sources, keys, rows = {}, [], [], 0
@@ -470,36 +512,23 @@ def compact(storage: Storage, built: Built, files: dict[str, FileEntry], work_di
                 keys.append(read_npy_file(path(segment, KEYS_FILE), np.uint64, segment.name)[alive])
         merged = copy_live_codes(sources, remap, seq, ivf.nlist, ivf.code_size)
         segment = finish_segment(seq, rows, merged, keys, directory)
+    dead_seqs, _ = split_ids(built.dead)
     log.info(
         "compacted %d segments (%d rows, %d dead) into %s (%d rows)",
         len(built.segments),
         built.stored,
-        len(built.dead),
+        int(np.isin(dead_seqs, list(merged_seqs)).sum()),
         segment.name,
         rows,
     )
-    return Built(
-        built.quantizer,
-        [segment],
-        np.empty(0, np.int64),
-        built.recall,
-        built.new_rows,
-        built.reference_distortion,
-        built.distortion,
+    return replace(
+        built,
+        segments=[*kept, segment],
+        dead=built.dead[~np.isin(dead_seqs, list(merged_seqs))],
     )
 
 
 # -- publishing -----------------------------------------------------------------------------------------------------
-def _upload_once(storage: Storage, path: str, rel: str) -> tuple[FileEntry, int]:
-    """Upload a content-addressed object unless it is already there whole; (its entry, bytes written)."""
-    entry = FileEntry(name=rel, bytes=os.path.getsize(path), sha256=sha256_file(path))
-    target = posixpath.join("indexes", rel)
-    if storage.exists(target) and storage.fs.size(storage.path(target)) == entry.bytes:
-        return entry, 0
-    storage.upload(path, target)
-    return entry, entry.bytes
-
-
 def publish(
     storage: Storage, version: str, built: Built, previous_files: dict[str, FileEntry], lineage: dict[str, Any]
 ) -> tuple[IndexManifest | None, int]:
@@ -511,7 +540,7 @@ def publish(
     if isinstance(built.quantizer, str):
         with open(built.quantizer, "rb") as handle:
             name = f"quantizers/{hashlib.sha256(handle.read()).hexdigest()[:16]}.faiss"
-        entry, size = _upload_once(storage, built.quantizer, name)
+        entry, size = upload_once(storage, built.quantizer, name)
         entries.append(entry)
         written += size
     else:
@@ -521,7 +550,7 @@ def publish(
         if isinstance(segment, LocalSegment):
             name = segment.name
             for file, path in sorted(segment.paths.items()):
-                entry, size = _upload_once(storage, path, posixpath.join(name, file))
+                entry, size = upload_once(storage, path, posixpath.join(name, file))
                 entries.append(entry)
                 written += size
             segments.append(SegmentEntry(name=name, seq=segment.seq, rows=segment.rows))
@@ -665,6 +694,7 @@ def _reused(storage: Storage, version: str, manifest: IndexManifest) -> dict[str
 
 
 def run_build_index(config: PipelineConfig) -> dict[str, Any]:
+    reset_peak_rss()  # the summary's driver_peak_rss: the build's own, not the imports'
     storage = Storage(config.storage.root, config.storage.options)
     snapshot, fingerprint = find_embeddings(storage, config.index)
     links = embedding_chain(storage, snapshot, fingerprint)
@@ -718,11 +748,13 @@ def run_build_index(config: PipelineConfig) -> dict[str, Any]:
                 f"{config.index.nprobe} is below index.min_recall {config.index.min_recall}: "
                 f"version {version} not published"
             )
-        previous_files = files_of(previous[1]) if previous else {}
-        if needs_compaction([s.rows for s in built.segments], len(built.dead), config.index) and (
-            len(built.segments) > 1 or len(built.dead)
-        ):
-            built = compact(storage, built, previous_files, work_dir, timer)
+        previous_files = {**(files_of(previous[1]) if previous else {}), **built.uploaded}
+        dead_seqs = split_ids(built.dead)[0]
+        merge = plan_compaction(
+            [s.rows for s in built.segments], [int((dead_seqs == s.seq).sum()) for s in built.segments], config.index
+        )
+        if merge:
+            built = compact(storage, built, merge, previous_files, work_dir, timer)
         with timer("publish"):
             ivf_bytes = sum(
                 os.path.getsize(s.paths[IVF_FILE])
@@ -775,13 +807,15 @@ def run_build_index(config: PipelineConfig) -> dict[str, Any]:
         "recall_at_100": round(recall, 4),
         "distortion": round(built.distortion, 5),
         "bytes_per_vector": bytes_per_vector,
-        "bytes_written": written,
+        "bytes_written": written + built.written,
         "train_seconds": timer.seconds.get("train", 0.0),
         "add_seconds": timer.seconds.get("add", 0.0),
         "phase_seconds": timer.seconds,
         "retrained": trained_from is None,
         "trained_from": trained_from,
         "reused": manifest is None,
+        "add_nodes": len(built.nodes),
+        "driver_peak_rss": peak_rss(),
     }
 
 
@@ -830,12 +864,13 @@ def _build(
             config.max_drift,
         )
     live = LiveEmbeddings(storage, links)
+    full = build_distributed if config.segment_vectors else build_full
     if previous is not None:
         version, manifest = previous
         path = fetch_verified(storage, [files_of(manifest)[manifest.quantizer]], os.path.join(work_dir, "published"))[
             0
         ][manifest.quantizer]
-        built = build_full(live, config, plan, work_dir, timer, faiss.read_index(path))
+        built = full(live, config, plan, work_dir, timer, faiss.read_index(path))
         if built.recall[100] >= config.min_recall:
             log.info("reused the quantizer trained for %s (recall@100 %.4f)", version, built.recall[100])
             return built, manifest.trained_from or version, "full"
@@ -845,7 +880,7 @@ def _build(
             built.recall[100],
             config.min_recall,
         )
-    return build_full(live, config, plan, work_dir, timer), None, "full"
+    return full(live, config, plan, work_dir, timer), None, "full"
 
 
 def question_settings(storage: Storage, version: str | None, model: str, pooling: str | None) -> EncoderSettings:

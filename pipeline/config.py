@@ -181,7 +181,17 @@ class IndexConfig(Section):
         "(its rows at their recorded error, the new rows measured) stays within this fraction above the error "
         "measured with the last recall; beyond it a full build measures recall again",
     )
-    max_segments: int = Field(8, gt=0, description="segments a version may list before they are merged")
+    segment_vectors: int | None = Field(
+        None,
+        gt=0,
+        description="build on the Ray cluster: one add task per group of embedding shards of at most this many "
+        "vectors, each writing its own segment (bounds a task's memory); null = add in the job's own process",
+    )
+    add_cpus: float = Field(1, gt=0, description="CPUs per add task (faiss threads)")
+    add_gpus: float = Field(0, ge=0, description="GPUs per add task: coarse assignment runs on them (faiss GPU build)")
+    max_segments: int = Field(
+        8, gt=0, description="small segments (under half of segment_vectors) a version may list before they are merged"
+    )
     max_tombstone_fraction: float = Field(
         0.2,
         gt=0,

@@ -17,6 +17,7 @@ same scores as a from-scratch build of the same passages.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import posixpath
@@ -30,7 +31,7 @@ import pyarrow as pa
 from pipeline.errors import PipelineError
 from pipeline.layout import published_version, read_index_manifest
 from pipeline.manifests import FileEntry, IndexManifest
-from pipeline.snapshots import read_npy_file
+from pipeline.snapshots import keys_of, npy_bytes, read_npy_file
 from pipeline.storage import Storage, sha256_file
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,70 @@ def copy_live_codes(
 
 
 # -- the manifest of a version ----------------------------------------------------------------------------------------
+# -- writing -------------------------------------------------------------------------------------------------------
+@dataclass
+class LocalSegment:
+    """A segment written in the work dir, not yet uploaded."""
+
+    seq: int
+    rows: int
+    paths: dict[str, str]  # ivf.bin, docstore.arrow, keys.npy → local path
+
+    @property
+    def name(self) -> str:
+        """Content-addressed: the same rows on the same quantizer give the same name."""
+        digest = hashlib.sha256("".join(sha256_file(self.paths[n]) for n in sorted(self.paths)).encode())
+        return f"segments/{self.seq:06d}-{digest.hexdigest()[:16]}"
+
+
+class SegmentWriter:
+    """Adds vectors to a copy of the trained quantizer under ids `seq << 40 | row`, and writes the docstore part
+    and the keys in the same row order."""
+
+    def __init__(self, quantizer: faiss.Index, seq: int, work_dir: str):
+        self.index, self.seq, self.rows = faiss.clone_index(quantizer), seq, 0
+        self.directory = os.path.join(work_dir, f"segment-{seq:06d}")
+        os.makedirs(self.directory, exist_ok=True)
+        self._sink = pa.OSFile(os.path.join(self.directory, DOCSTORE_FILE), "wb")
+        self._docstore = pa.ipc.new_file(self._sink, DOCSTORE_SCHEMA)
+        self._keys: list[np.ndarray] = []
+
+    def add(self, vectors: np.ndarray, passages: pa.Table) -> np.ndarray:
+        """Returns the FAISS ids given to the rows."""
+        ids = faiss_ids(self.seq, self.rows, len(vectors))
+        self.index.add_with_ids(vectors, ids)
+        self._docstore.write_table(passages.select(DOCSTORE_SCHEMA.names))
+        self._keys.append(keys_of(passages.column("id").to_pylist()))
+        self.rows += len(vectors)
+        return ids
+
+    def close(self) -> LocalSegment:
+        self._docstore.close()
+        self._sink.close()
+        return finish_segment(self.seq, self.rows, ivf_of(self.index).invlists, self._keys, self.directory)
+
+
+def finish_segment(
+    seq: int, rows: int, invlists: faiss.InvertedLists, keys: list[np.ndarray], directory: str
+) -> LocalSegment:
+    """Write the inverted lists and keys beside an already written docstore."""
+    paths = {name: os.path.join(directory, name) for name in (IVF_FILE, DOCSTORE_FILE, KEYS_FILE)}
+    write_invlists(invlists, paths[IVF_FILE])
+    with open(paths[KEYS_FILE], "wb") as handle:
+        handle.write(npy_bytes(np.concatenate(keys) if keys else np.empty(0, np.uint64)))
+    return LocalSegment(seq, rows, paths)
+
+
+def upload_once(storage: Storage, path: str, rel: str) -> tuple[FileEntry, int]:
+    """Upload a content-addressed object unless it is already there whole; (its entry, bytes written)."""
+    entry = FileEntry(name=rel, bytes=os.path.getsize(path), sha256=sha256_file(path))
+    target = posixpath.join("indexes", rel)
+    if storage.exists(target) and storage.fs.size(storage.path(target)) == entry.bytes:
+        return entry, 0
+    storage.upload(path, target)
+    return entry, entry.bytes
+
+
 @dataclass(frozen=True)
 class SegmentRef:
     name: str  # segments/<seq>-<hash>, relative to indexes/

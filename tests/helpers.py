@@ -121,3 +121,47 @@ def synthetic_rows(count: int, start: int = 1, words: int = 100) -> list[tuple[s
         )
         rows.append((str(i), text, f"Article {i // 10}"))
     return rows
+
+
+def write_random_embeddings(root: str, options: dict[str, Any], snapshot: str, dim: int, seed: int = 0) -> str:
+    """Embeddings for an ingested snapshot without a model: unit vectors drawn around 64 random centres (what an
+    encoder's clustered output looks like to IVF), one shard per passage shard, published with their manifest as
+    the encode job does. Returns the fingerprint directory's name. For build tests and benchmarks at sizes an
+    encoder on this machine would take too long for."""
+    import numpy as np
+
+    from pipeline.layout import embeddings_dir
+    from pipeline.manifests import EmbeddingManifest, FileEntry, PassageManifest
+    from pipeline.shards import embedding_table, read_passage_shard
+    from pipeline.storage import Storage, parquet_bytes
+
+    storage = Storage(root, options)
+    passages = storage.read_manifest(f"passages/{snapshot}", PassageManifest)
+    fingerprint = f"random-{dim}-{seed}"
+    output = embeddings_dir(snapshot, fingerprint)
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(64, dim)).astype(np.float32)
+    files = []
+    for entry in passages.files:
+        table = read_passage_shard(storage, f"passages/{snapshot}", entry)
+        vectors = centres[rng.integers(0, 64, table.num_rows)] + 0.5 * rng.normal(size=(table.num_rows, dim))
+        vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+        ids, hashes = table.column("id").to_pylist(), table.column("content_hash").to_pylist()
+        data = parquet_bytes(embedding_table(ids, hashes, vectors, "float32"))
+        digest = storage.write_bytes(f"{output}/{entry.name}", data)
+        files.append(
+            FileEntry(name=entry.name, bytes=len(data), sha256=digest, rows=len(ids), source_sha256=entry.sha256)
+        )
+    storage.write_manifest(
+        output,
+        EmbeddingManifest(
+            files=files,
+            snapshot=snapshot,
+            fingerprint=fingerprint,
+            dim=dim,
+            encoder={"model": "random", "pooling": "mean", "max_length": 32, "normalize": True},
+            embedding_dtype="float32",
+            passages_manifest=passages.created_at,
+        ),
+    )
+    return fingerprint

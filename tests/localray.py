@@ -8,6 +8,7 @@ those whose command line names its temp dir or its GCS address, and their descen
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -58,9 +59,19 @@ def alive(pids: list[int]) -> list[int]:
 class LocalRay:
     """`ray start --head` on 127.0.0.1 with its own temp dir; `stop` (also on exit from a `with`) ends it."""
 
-    def __init__(self, temp_dir: Path, *, num_cpus: int | None = None, dashboard_port: int | None = None):
+    def __init__(
+        self,
+        temp_dir: Path,
+        *,
+        num_cpus: int | None = None,
+        dashboard_port: int | None = None,
+        resources: dict[str, float] | None = None,
+        env: dict[str, str] | None = None,
+    ):
         self.temp_dir = Path(temp_dir)
+        self.env = env  # the environment its processes (and so its jobs' drivers) start with
         self.num_cpus = num_cpus
+        self.resources = resources
         self.dashboard_port = dashboard_port
         self.port = free_port()
         self.address = f"{HOST}:{self.port}"
@@ -78,6 +89,8 @@ class LocalRay:
         ]
         if self.num_cpus is not None:
             command += [f"--num-cpus={self.num_cpus}", "--num-gpus=0"]
+        if self.resources:
+            command.append(f"--resources={json.dumps(self.resources)}")
         if self.dashboard_port is None:
             command.append("--include-dashboard=false")
         else:
@@ -86,13 +99,37 @@ class LocalRay:
                 f"--dashboard-host={HOST}",
                 f"--dashboard-port={self.dashboard_port}",
             ]
-        env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # loopback only; no token left in ~/.ray demanded
+        self._run(command)
+        return self.address
+
+    def add_node(self, num_cpus: int, resources: dict[str, float]) -> None:
+        """A second node on this machine (its own raylet and object store) joining the head: what `ray start
+        --address` does on another host of a real cluster."""
+        ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+        self._run(
+            [
+                ray_bin,
+                "start",
+                f"--address={self.address}",
+                f"--node-ip-address={HOST}",
+                f"--num-cpus={num_cpus}",
+                "--num-gpus=0",
+                f"--resources={json.dumps(resources)}",
+                "--disable-usage-stats",
+            ]
+        )
+
+    def _run(self, command: list[str]) -> None:
+        # loopback only; no token left in ~/.ray demanded
+        env = {**(self.env or os.environ), "RAY_AUTH_MODE": "disabled"}
         try:
             subprocess.run(command, check=True, capture_output=True, timeout=120, env=env)
+        except subprocess.CalledProcessError as exc:
+            self.stop()
+            raise RuntimeError(f"{' '.join(command)} failed:\n{exc.stderr.decode()[-3000:]}") from None
         except BaseException:
             self.stop()
             raise
-        return self.address
 
     def pids(self) -> list[int]:
         """This cluster's processes: those naming its temp dir or GCS address, and all their descendants."""

@@ -7,9 +7,10 @@ import pytest
 import requests
 import s3fs
 
-from pipeline.build_index import needs_compaction, plan_build, plan_index, recall_at, sample_positions
+from pipeline.build_index import plan_build, plan_compaction, plan_index, recall_at, sample_positions
 from pipeline.config import IndexConfig
 from pipeline.errors import PipelineError
+from pipeline.index_workers import merge_topk, plan_groups
 from pipeline.segments import load_published
 from pipeline.storage import Storage
 from tests.helpers import kill_when_logged, run_job, synthetic_rows, write_config, write_tsv
@@ -212,11 +213,56 @@ def test_plan_build_picks_delta_full_or_current():
 
 def test_compaction_thresholds():
     config = IndexConfig(max_segments=3, max_tombstone_fraction=0.2)
-    assert not needs_compaction([100, 10, 10], 20, config)
-    assert needs_compaction([100, 10, 10, 10], 0, config)  # a fourth segment
-    assert needs_compaction([100, 10], 23, config)  # 23 of 110 rows dead
-    assert needs_compaction([100], 0, config.model_copy(update={"compact": "always"}))
-    assert not needs_compaction([100] * 9, 90, config.model_copy(update={"compact": "never"}))
+    assert plan_compaction([100, 10, 10], [20, 0, 0], config) == []
+    assert plan_compaction([100, 10, 10, 10], [0] * 4, config) == [0, 1, 2, 3]  # a fourth segment: all merged
+    assert plan_compaction([100, 10], [23, 0], config) == [0, 1]  # 23 of 110 rows dead
+    assert plan_compaction([100], [0], config.model_copy(update={"compact": "always"})) == []  # nothing to gain
+    assert plan_compaction([100], [1], config.model_copy(update={"compact": "always"})) == [0]
+    assert plan_compaction([100] * 9, [90] * 9, config.model_copy(update={"compact": "never"})) == []
+
+
+def test_compaction_with_bounded_segments_merges_the_small_and_the_dead_heavy_only():
+    """A distributed build's big segments are not copied again because nightly deltas pile up beside them."""
+    config = IndexConfig(max_segments=2, max_tombstone_fraction=0.2, segment_vectors=1000)
+    big = [1000, 1000, 900]
+    assert plan_compaction(big + [10, 10], [0] * 5, config) == []  # two small segments: within the limit
+    assert plan_compaction(big + [10, 10, 10], [0] * 6, config) == [3, 4, 5]
+    assert plan_compaction(big + [10, 10, 10], [0, 300, 0, 0, 0, 0], config) == [1, 3, 4, 5]  # 30% of one dead
+    assert plan_compaction(big + [10], [0, 150, 0, 0], config) == []  # 5% of the version dead
+    assert plan_compaction([1000, 1000], [0, 600], config) == [1]  # 30% of the version: the dead-heavy one alone
+    assert plan_compaction([1000, 600, 10], [0, 0, 0], config.model_copy(update={"compact": "always"})) == []
+    assert plan_compaction([1000, 10, 10], [1, 0, 0], config.model_copy(update={"compact": "always"})) == [0, 1, 2]
+
+
+def test_shard_groups_bound_each_segment():
+    assert plan_groups([100, 100, 100, 100, 100], 250) == [[0, 1], [2, 3], [4]]
+    assert plan_groups([100, 400, 50, 50], 250) == [[0], [1], [2, 3]]  # a shard over the bound goes alone
+    assert plan_groups([10] * 3, 1000) == [[0, 1, 2]]
+    assert plan_groups([], 10) == []
+
+
+def test_merged_topk_is_the_topk_of_the_union():
+    rng = np.random.default_rng(3)
+    scores = rng.normal(size=(5, 40)).astype(np.float32)
+    scores[:, 7] = scores[:, 8]  # a tie, broken by the smaller id
+    ids = np.arange(40, dtype=np.int64)[None].repeat(5, 0)
+    parts = []
+    for cut in ((0, 13), (13, 14), (14, 40)):
+        part_scores, part_ids = scores[:, cut[0] : cut[1]], ids[:, cut[0] : cut[1]]
+        order = np.argsort(-part_scores, axis=1, kind="stable")[:, :10]
+        top_scores = np.take_along_axis(part_scores, order, 1)
+        top_ids = np.take_along_axis(part_ids, order, 1)
+        if top_ids.shape[1] < 10:  # a part with fewer rows than k pads with -1, as FAISS does
+            pad = 10 - top_ids.shape[1]
+            top_scores = np.pad(top_scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+            top_ids = np.pad(top_ids, ((0, 0), (0, pad)), constant_values=-1)
+        parts.append((top_scores, top_ids))
+    merged_scores, merged_ids = merge_topk(parts, 10)
+    expected = np.lexsort((ids, -scores), axis=-1)[:, :10]
+    assert (merged_ids == expected).all()
+    assert np.allclose(merged_scores, np.take_along_axis(scores, expected, 1))
+    few_scores, few_ids = merge_topk([(np.array([[1.0, -np.inf]]), np.array([[4, -1]]))], 2)
+    assert few_ids.tolist() == [[4, -1]]
 
 
 def test_copied_codes_search_like_the_segments_they_merge():
@@ -298,3 +344,70 @@ def test_delta_gate_reads_the_quantizers_fit_at_any_number_of_new_rows():
         nights += 1
     assert 3 <= nights <= 60, nights
     assert blended(30_000, None, 300, elsewhere) is None
+
+
+def test_a_distributed_build_publishes_what_the_one_process_build_does(encoded):
+    """Add tasks on the Ray cluster, one segment per group of shards: the same quantizer (same sample), the same
+    recall, and every search answers with the same passages and scores as the one-segment build."""
+    overrides = ["index.seed=5", "index.reuse_trained=false", "index.compact=never"]
+    single = run_job("build_index", encoded["config"], *overrides)
+    assert single.returncode == 0, single.stderr[-3000:]
+    version, storage = single.summary["version"], encoded["storage"]
+    one = load_published(storage, version, str(encoded["tmp"] / "cache-one"))
+    queries = np.random.default_rng(0).normal(size=(50, one.d)).astype(np.float32)
+    one_scores, one_ids = one.search(queries, 20)
+    one_names = [one.passages(row).column("id").to_pylist() for row in one_ids]
+    encoded["fs"].rm(f"idx/root/indexes/{version}", recursive=True)
+
+    spread = run_job("build_index", encoded["config"], *overrides, "index.segment_vectors=300")
+    assert spread.returncode == 0, spread.stderr[-3000:]
+    summary = spread.summary
+    assert summary["version"] == version and summary["segments"] == 3 and summary["add_nodes"] >= 1
+    assert summary["recall_at_10"] == single.summary["recall_at_10"]
+    assert summary["recall_at_100"] == single.summary["recall_at_100"]
+    assert summary["distortion"] == single.summary["distortion"]
+    many = load_published(storage, version, str(encoded["tmp"] / "cache-many"))
+    assert [s.rows for s in many.manifest.segments] == [300, 300, 200]  # shards of 150 rows, grouped by 2
+    assert many.manifest.quantizer == one.manifest.quantizer  # the same trained bytes
+    assert many.live_ids()[1] == one.live_ids()[1]
+    many_scores, many_ids = many.search(queries, 20)
+    assert np.allclose(many_scores, one_scores, atol=1e-5)
+    assert [many.passages(row).column("id").to_pylist() for row in many_ids] == one_names
+
+
+def test_the_driver_of_a_distributed_build_does_not_grow_with_the_corpus(tmp_path, ray_address):
+    """At 10k and 40k vectors of 512 dims (IVF,Flat: 2 KiB of codes each), the one-process build's peak grows with
+    the codes it holds; the distributed build's driver holds the sample and the queries only."""
+    import shutil
+
+    from tests.helpers import write_random_embeddings
+
+    growth = {}
+    for count in (10_000, 40_000):
+        root = tmp_path / f"store-{count}"
+        config = write_config(
+            tmp_path / f"c{count}.yaml",
+            {
+                "storage": {"root": str(root)},
+                "ingest": {
+                    "input": str(write_tsv(tmp_path / f"p{count}.tsv", synthetic_rows(count, words=4))),
+                    "snapshot": "s",
+                    "shard_rows": 2500,
+                },
+                "index": {"factory": "IVF16,Flat", "nprobe": 16, "queries": 50, "train_size": 1000, "min_recall": 0.5},
+            },
+        )
+        assert run_job("ingest", config).returncode == 0
+        write_random_embeddings(str(root), {}, "s", dim=512)
+        for mode, extra in (("one", []), ("spread", ["index.segment_vectors=5000"])):
+            shutil.rmtree(root / "indexes", ignore_errors=True)
+            run = run_job("build_index", config, *extra)
+            assert run.returncode == 0, run.stderr[-3000:]
+            assert run.summary["vectors"] == count and run.summary["segments"] == (
+                1 if mode == "one" else count // 5000
+            )
+            growth.setdefault(mode, []).append(run.summary["driver_peak_rss"])
+    one, spread = (growth[m][1] - growth[m][0] for m in ("one", "spread"))
+    codes = 30_000 * (2048 + 8)
+    assert one > 0.6 * codes, growth  # the test can tell: the one-process driver holds every code
+    assert spread < 0.25 * codes, growth
