@@ -264,6 +264,31 @@ class Built:
         return sum(s.rows for s in self.segments)
 
 
+def _train(
+    parts: list[np.ndarray],
+    trained: faiss.Index | None,
+    config: IndexConfig,
+    plan: IndexPlan,
+    work_dir: str,
+    timer: PhaseTimer,
+) -> tuple[faiss.Index, str, np.ndarray]:
+    """Split the sample (drawn in shard order) into training vectors and held-out queries, and train a new index
+    unless given a trained one. Returns the trained, empty index, its file in the work dir and the queries."""
+    sample = np.concatenate(parts)
+    order = np.random.default_rng(config.seed + 1).permutation(len(sample))
+    train, queries = sample[order[: plan.train_size]], sample[order[plan.train_size :]]
+    index = (
+        trained if trained is not None else faiss.index_factory(plan.dim, config.factory, faiss.METRIC_INNER_PRODUCT)
+    )
+    ivf_of(index)
+    if trained is None:
+        with timer("train"), training_on_gpus(index):
+            index.train(train)
+    quantizer = os.path.join(work_dir, "quantizer.faiss")
+    faiss.write_index(index, quantizer)
+    return index, quantizer, queries
+
+
 def build_full(
     live: LiveEmbeddings,
     config: IndexConfig,
@@ -274,10 +299,6 @@ def build_full(
 ) -> Built:
     """Train (unless given an already trained, empty index), add every live vector into one segment and measure
     recall on held-out corpus vectors against exact search."""
-    index = (
-        trained if trained is not None else faiss.index_factory(plan.dim, config.factory, faiss.METRIC_INNER_PRODUCT)
-    )
-    ivf_of(index)
     with timer("sample"):
         positions = sample_positions(live.stored_rows, plan.train_size + plan.queries, config.seed)
         parts = []
@@ -285,15 +306,7 @@ def build_full(
             if len(picks):
                 _, vectors, keep = live.read(shard)
                 parts.append(vectors[picks][keep[picks]])
-        sample = np.concatenate(parts)
-        order = np.random.default_rng(config.seed + 1).permutation(len(sample))
-        train, queries = sample[order[: plan.train_size]], sample[order[plan.train_size :]]
-    if trained is None:
-        with timer("train"), training_on_gpus(index):
-            index.train(train)
-    del train
-    quantizer = os.path.join(work_dir, "quantizer.faiss")
-    faiss.write_index(index, quantizer)
+    index, quantizer, queries = _train(parts, trained, config, plan, work_dir, timer)
     writer = SegmentWriter(index, 1, work_dir)
     with (
         assigning_on_gpus(writer.index),
@@ -346,18 +359,7 @@ def build_distributed(
                 if any(len(positions[s]) for s in group)
             ]
         )
-        sample = np.concatenate([part for part in parts if part is not None])
-        order = np.random.default_rng(config.seed + 1).permutation(len(sample))
-        train, queries = sample[order[: plan.train_size]], sample[order[plan.train_size :]]
-    index = (
-        trained if trained is not None else faiss.index_factory(plan.dim, config.factory, faiss.METRIC_INNER_PRODUCT)
-    )
-    if trained is None:
-        with timer("train"), training_on_gpus(index):
-            index.train(train)
-    del train, sample
-    quantizer = os.path.join(work_dir, "quantizer.faiss")
-    faiss.write_index(index, quantizer)
+    index, quantizer, queries = _train([p for p in parts if p is not None], trained, config, plan, work_dir, timer)
     k = min(max(RECALL_K), plan.vectors)
     serialized, held_out = ray.put(faiss.serialize_index(index)), ray.put(queries)
     adder = ray.remote(add_group).options(**resources)
