@@ -636,6 +636,7 @@ def index_version(snapshot: str, links: Sequence[Link], config: IndexConfig, on:
                 "settings": settings_digest(config),
                 "on": on,
                 "compact": config.compact,
+                "segment_vectors": config.segment_vectors,  # how the rows are cut into segments (and so shards)
                 "max_segments": config.max_segments,
                 "max_tombstone_fraction": config.max_tombstone_fraction,
             },

@@ -229,6 +229,15 @@ class ServeConfig(Section):
     port: int = Field(8000, gt=0)
     encoder_replicas: int = Field(1, gt=0)
     retriever_replicas: int = Field(1, gt=0, description="2+ so that a lost replica costs no request")
+    shards: int = Field(
+        1,
+        gt=0,
+        description="index shards: a Retriever deployment each (retriever_replicas replicas of retriever_cpus), "
+        "holding the segments assigned to it (balanced by vectors); the ingress searches all and merges",
+    )
+    shard_timeout_s: float = Field(
+        10, gt=0, description="an index shard that does not answer within this gets a 503 naming it"
+    )
     reader_replicas: int = Field(1, gt=0)
     encoder_gpus: float = Field(0, ge=0, description="GPUs per question-encoder replica (1 on a GPU cluster)")
     encoder_cpus: float = Field(1, ge=0)

@@ -28,6 +28,7 @@ from pipeline.errors import PipelineError
 from pipeline.ingest import run_ingest
 from pipeline.layout import nightly_record, published_index, snapshot_dir
 from pipeline.manifests import IndexManifest, PassageManifest
+from pipeline.serve.fanout import retriever_names
 from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -143,8 +144,9 @@ def _http_json(
     return json.loads(raw) if raw else None
 
 
-def with_index_version(deploy_config: dict[str, Any], app: str, version: str) -> dict[str, Any]:
-    """The Serve deploy config with only the app's Retriever `user_config.index_version` changed (pure)."""
+def with_index_version(deploy_config: dict[str, Any], app: str, version: str, shards: int = 1) -> dict[str, Any]:
+    """The Serve deploy config with only the app's Retriever `user_config.index_version` changed, on every index
+    shard's deployment (pure)."""
     applications = [dict(a) for a in deploy_config["applications"]]
     target = next((a for a in applications if a.get("name") == app), None)
     if target is None:
@@ -153,11 +155,12 @@ def with_index_version(deploy_config: dict[str, Any], app: str, version: str) ->
             f"(found {[a.get('name') for a in applications]}): check nightly.serve_app"
         )
     deployments = [dict(d) for d in target.get("deployments", [])]
-    retriever = next((d for d in deployments if d.get("name") == "Retriever"), None)
-    if retriever is None:
-        retriever = {"name": "Retriever"}
-        deployments.append(retriever)
-    retriever["user_config"] = {**(retriever.get("user_config") or {}), "index_version": version}
+    for name in retriever_names(shards):
+        retriever = next((d for d in deployments if d.get("name") == name), None)
+        if retriever is None:
+            retriever = {"name": name}
+            deployments.append(retriever)
+        retriever["user_config"] = {**(retriever.get("user_config") or {}), "index_version": version}
     target["deployments"] = deployments
     return {**deploy_config, "applications": applications}
 
@@ -182,7 +185,7 @@ def point_serve_at(config: PipelineConfig, version: str) -> dict[str, Any]:
     _http_json(
         "PUT",
         f"{base}/api/serve/applications/",
-        with_index_version({**current, "applications": deployed}, night.serve_app, version),
+        with_index_version({**current, "applications": deployed}, night.serve_app, version, config.serve.shards),
     )
     host = "127.0.0.1" if config.serve.host == "0.0.0.0" else config.serve.host
     url = (night.serve_url or f"http://{host}:{config.serve.port}").rstrip("/") + "/v1/index"

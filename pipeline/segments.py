@@ -194,6 +194,19 @@ def segments_of(manifest: IndexManifest) -> list[SegmentRef]:
     return [SegmentRef(s.name, s.seq, s.rows) for s in manifest.segments]
 
 
+def assign_segments(segments: Sequence[SegmentRef], shards: int) -> dict[int, int]:
+    """Which serving shard holds each segment (seq → shard), balanced by vector count (pure): the largest segment
+    first, each to the shard holding the fewest vectors so far (ties: the lower shard). Versions that only add
+    small segments (nightly deltas) place the big ones where they were, so a shard's replicas keep their cache."""
+    load = [0] * shards
+    owner = {}
+    for segment in sorted(segments, key=lambda s: (-s.rows, s.seq)):
+        shard = min(range(shards), key=lambda i: (load[i], i))
+        owner[segment.seq] = shard
+        load[shard] += segment.rows
+    return owner
+
+
 def files_of(manifest: IndexManifest) -> dict[str, FileEntry]:
     return {entry.name: entry for entry in manifest.files}
 
@@ -259,7 +272,7 @@ def fetch_verified(storage: Storage, entries: Sequence[FileEntry], cache_dir: st
         path = os.path.join(cache_dir, *entry.name.split("/"))
         if not os.path.exists(path) or os.path.getsize(path) != entry.bytes:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            partial = f"{path}.partial"
+            partial = f"{path}.{os.getpid()}.partial"  # replicas and shards on a node share the cache
             storage.download(posixpath.join("indexes", entry.name), partial)
             os.replace(partial, path)
             fetched += entry.bytes
@@ -274,18 +287,29 @@ def fetch_verified(storage: Storage, entries: Sequence[FileEntry], cache_dir: st
     return paths, fetched
 
 
-def load_published(storage: Storage, version: str | None, cache_dir: str) -> PublishedIndex:
+def load_published(
+    storage: Storage, version: str | None, cache_dir: str, shard: tuple[int, int] = (0, 1)
+) -> PublishedIndex:
     """Fetch what a version lists that the cache lacks, check every file's sha256 against the manifest, then open
-    it. FAISS and Arrow never parse an unverified file (FAISS's reader is not safe on untrusted input)."""
+    it. FAISS and Arrow never parse an unverified file (FAISS's reader is not safe on untrusted input). With
+    `shard` = (i, n), only the segments `assign_segments` gives shard i (and the quantizer and tombstones)."""
     version = published_version(storage, version)
     manifest = read_index_manifest(storage, version)
+    number, shards = shard
+    owner = assign_segments(segments_of(manifest), shards)
+    segments = [s for s in segments_of(manifest) if owner[s.seq] == number]
+    if shards == 1:
+        needed = manifest.files
+    else:
+        files = files_of(manifest)
+        names = [manifest.quantizer, *(s.file(n) for s in segments for n in (IVF_FILE, DOCSTORE_FILE, KEYS_FILE))]
+        needed = [files[name] for name in names + ([manifest.tombstones] if manifest.tombstones else [])]
     try:
-        paths, fetched = fetch_verified(storage, manifest.files, cache_dir)
+        paths, fetched = fetch_verified(storage, needed, cache_dir)
     except PipelineError as exc:
         raise PipelineError(f"{exc}: refusing to load index {version}") from None
     index = faiss.read_index(paths[manifest.quantizer])
     ivf = ivf_of(index)
-    segments = segments_of(manifest)
     invlists = [read_invlists(paths[s.file(IVF_FILE)]) for s in segments]
     stacked = faiss.InvertedListsPtrVector()
     for lists in invlists:
@@ -305,9 +329,16 @@ def load_published(storage: Storage, version: str | None, cache_dir: str) -> Pub
         docstores[segment.seq] = table
     tombstones = manifest.tombstones
     dead = read_npy_file(paths[tombstones], np.int64, tombstones) if tombstones else np.empty(0, np.int64)
+    dead = dead[np.isin(split_ids(dead)[0], [s.seq for s in segments])]  # this shard's dead rows
     params, keep = search_parameters(index, int(manifest.nprobe), dead)
     log.info(
-        "index %s: %d segments, %d live vectors, %d bytes fetched", version, len(segments), total - len(dead), fetched
+        "index %s shard %d/%d: %d segments, %d live vectors, %d bytes fetched",
+        version,
+        number,
+        shards,
+        len(segments),
+        total - len(dead),
+        fetched,
     )
     return PublishedIndex(
         version, manifest, index, docstores, np.sort(dead), fetched, params, [invlists, stacked, hstack, *keep]

@@ -70,6 +70,13 @@ def test_index_version_goes_into_the_retriever_user_config_only():
     assert bare["applications"][0]["deployments"] == [{"name": "Retriever", "user_config": {"index_version": "v3"}}]
     with pytest.raises(Exception, match="no application named 'missing'"):
         with_index_version(deploy, "missing", "v2")
+    sharded = with_index_version(deploy, "qa", "v4", shards=2)["applications"][1]["deployments"]
+    assert {d["name"]: d.get("user_config") for d in sharded} == {
+        "QAService": None,
+        "Retriever": {"index_version": None, "keep": 1},  # not a deployment of a 2-shard app: left alone
+        "Retriever0": {"index_version": "v4"},
+        "Retriever1": {"index_version": "v4"},
+    }
 
 
 def _night(tmp, rows, snapshot):

@@ -9,6 +9,7 @@ import requests
 import yaml
 
 from pipeline.config import load_config
+from pipeline.manifests import IndexManifest
 from pipeline.segments import load_published
 from pipeline.storage import Storage
 from pipeline.text_encoder import EncoderSettings, TextEncoder
@@ -376,3 +377,152 @@ def test_retriever_replicas_never_load_torch(qa):
 
     assert all(not torch for _, torch in mapped("Retriever")), mapped("Retriever")
     assert all(torch for _, torch in mapped("QuestionEncoder"))
+
+
+@pytest.fixture(scope="module")
+def segmented(qa):
+    """Two versions of the same 400 passages in 4 segments each (distributed builds of 100-vector groups, other
+    seeds: other codes, other scores); LATEST is put back."""
+    before = _latest(qa)
+    versions = []
+    for seed in (11, 12):
+        run = run_job(
+            "build_index",
+            qa["config_path"],
+            "index.segment_vectors=100",
+            f"index.seed={seed}",
+            "index.reuse_trained=false",
+            "index.compact=never",
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert run.summary["segments"] == 4
+        versions.append(run.summary["version"])
+    qa["storage"].write_bytes("indexes/LATEST", f"{before}\n".encode())
+    return versions
+
+
+def _sharded(qa, name: str, version: str, shards: int, **settings) -> str:
+    """A retrieval-only app on its own route serving `version` from `shards` index shards."""
+    from ray import serve
+
+    from pipeline.serve.app import build_app
+
+    settings = qa["config"].serve.model_copy(
+        update={
+            "index_version": version,
+            "reader_model": None,
+            "encoder_cpus": 0.1,
+            "retriever_cpus": 0.1,
+            "shards": shards,
+            **settings,
+        }
+    )
+    serve.run(build_app(qa["config"].model_copy(update={"serve": settings})), name=name, route_prefix=f"/{name}")
+    return f"{qa['url']}/{name}"
+
+
+QUESTIONS = ["river mountain city", "castle garden poet", "north road bridge", "old stone market"]
+
+
+def test_three_shards_answer_as_one(qa, segmented):
+    from ray import serve
+
+    version = segmented[0]
+    try:
+        one, three = _sharded(qa, "one", version, 1), _sharded(qa, "three", version, 3)
+        body = {"questions": QUESTIONS, "k": 20}
+        whole = requests.post(f"{one}/v1/search", json=body, timeout=60)
+        split = requests.post(f"{three}/v1/search", json=body, timeout=60)
+        assert whole.status_code == split.status_code == 200, split.text
+        assert split.json() == whole.json() and split.json()["index_version"] == version
+        assert all(len(hits) == 20 for hits in split.json()["results"])
+        info = requests.get(f"{three}/v1/index", timeout=30).json()
+        assert info["index_version"] == version and info["vectors"] == 400
+        assert sorted(s["segments"] for s in info["shards"]) == [1, 1, 2]
+        assert sorted(s["vectors"] for s in info["shards"]) == [100, 100, 200]
+    finally:
+        serve.delete("one")
+        serve.delete("three")
+
+
+@pytest.mark.reliability
+def test_a_swap_across_three_shards_under_load_fails_nothing_and_mixes_nothing(qa, segmented):
+    """Every response equals, hit for hit, the answer of the one version it names: no response mixes shards on
+    different versions, and none fails while the shards move one after another."""
+    from ray import serve
+
+    old, new = segmented
+    body = {"questions": QUESTIONS[:2], "k": 10}
+    try:
+        url = _sharded(qa, "swap", new, 3)
+        expected = {new: requests.post(f"{url}/v1/search", json=body, timeout=60).json()}
+        url = _sharded(qa, "swap", old, 3)
+        expected[old] = requests.post(f"{url}/v1/search", json=body, timeout=60).json()
+        assert expected[old]["results"] != expected[new]["results"]
+        answers, stop = [], threading.Event()
+
+        def client():
+            session = requests.Session()
+            while not stop.is_set():
+                response = session.post(f"{url}/v1/search", json=body, timeout=60)
+                answers.append((response.status_code, response.json()))
+
+        threads = [threading.Thread(target=client) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        time.sleep(1)
+        _sharded(qa, "swap", new, 3)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (not answers or answers[-1][1].get("index_version") != new):
+            time.sleep(0.2)
+        time.sleep(1)
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    finally:
+        serve.delete("swap")
+    assert [a for a in answers if a[0] != 200] == []
+    assert {a[1]["index_version"] for a in answers} == {old, new}
+    assert all(answer == expected[answer["index_version"]] for _, answer in answers)
+
+
+@pytest.mark.reliability
+def test_a_shard_without_live_replicas_gets_a_503_naming_it(qa, segmented):
+    """Shard 2's only replica is SIGKILLed while its segment on storage is damaged and gone from its cache, so no
+    replacement can load it: searches get a 503 naming the shard within serve.shard_timeout_s, never the other
+    shards' hits presented as the whole answer."""
+    import os
+    import signal
+
+    from ray import serve
+    from ray.util.state import list_actors
+
+    from pipeline.segments import assign_segments, segments_of
+
+    version = segmented[0]
+    cache = qa["tmp"] / "cache-down"
+    manifest = qa["storage"].read_manifest(f"indexes/{version}", IndexManifest, name="manifest.json")
+    owner = assign_segments(segments_of(manifest), 3)
+    segment = next(s for s in segments_of(manifest) if owner[s.seq] == 2)
+    stored = qa["storage"].path("indexes", segment.file("ivf.bin"))
+    original = open(stored, "rb").read()
+    try:
+        url = _sharded(qa, "down", version, 3, cache_dir=str(cache), shard_timeout_s=3)
+        body = {"questions": ["castle road"], "k": 5}
+        assert requests.post(f"{url}/v1/search", json=body, timeout=60).status_code == 200
+        with open(stored, "r+b") as handle:
+            handle.seek(len(original) // 2)
+            handle.write(bytes(16))
+        (cache / segment.file("ivf.bin")).unlink()
+        [replica] = list_actors(filters=[("class_name", "=", "ServeReplica:down:Retriever2"), ("state", "=", "ALIVE")])
+        os.kill(replica.pid, signal.SIGKILL)
+        time.sleep(1)
+        started = time.monotonic()
+        response = requests.post(f"{url}/v1/search", json=body, timeout=60)
+        assert response.status_code == 503, response.text
+        assert "index shard 2 (Retriever2)" in response.json()["error"]
+        assert time.monotonic() - started < 3 + 5
+    finally:
+        with open(stored, "wb") as handle:
+            handle.write(original)
+        serve.delete("down")

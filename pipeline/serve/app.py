@@ -7,6 +7,7 @@ deployments are in `pipeline.serve.deployments`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -19,6 +20,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from pipeline.build_index import question_settings
 from pipeline.config import PipelineConfig, ServeConfig, load_config
 from pipeline.serve.deployments import QuestionEncoder, Reader, Retriever
+from pipeline.serve.fanout import ShardUnavailable, agreed_version, retriever_names, search_shards
 from pipeline.serve.guard import error
 from pipeline.serve.metrics import Metrics
 from pipeline.serve.routes import build_api
@@ -41,8 +43,8 @@ async def _with_one_retry(method, *args):
 @serve.deployment
 @serve.ingress()
 class QAService:
-    def __init__(self, encoder, retriever, reader, settings: ServeConfig):
-        self.encoder, self.retriever, self.reader, self.settings = encoder, retriever, reader, settings
+    def __init__(self, encoder, retrievers: list, reader, settings: ServeConfig):
+        self.encoder, self.retrievers, self.reader, self.settings = encoder, retrievers, reader, settings
         self.api_key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
         if settings.api_key_env and not self.api_key:
             raise RuntimeError(f"serve.api_key_env names {settings.api_key_env}, which is not set on this replica")
@@ -82,16 +84,30 @@ class QAService:
         vectors = await _with_one_retry(self.encoder.encode, [q for questions, _ in requests for q in questions])
         self.metrics.stage.labels("encode").observe(time.perf_counter() - started)
         started = time.perf_counter()
-        found = await _with_one_retry(self.retriever.search, (vectors, max(k for _, k in requests)))
+        found = await search_shards(self._search_shard, len(self.retrievers), vectors, max(k for _, k in requests))
         self.metrics.stage.labels("search").observe(time.perf_counter() - started)
         version = found["index_version"]
         self.metrics.serving(version)
         answered, position = [], 0
         for questions, k in requests:
-            results = [hits[:k] for hits in found["results"][position : position + len(questions)]]
+            results = [
+                [{key: value for key, value in hit.items() if key != "key"} for hit in hits[:k]]
+                for hits in found["results"][position : position + len(questions)]
+            ]
             answered.append({"index_version": version, "results": results})
             position += len(questions)
         return answered
+
+    async def _search_shard(self, shard: int, request: tuple) -> dict[str, Any]:
+        timeout = self.settings.shard_timeout_s
+        try:
+            return await asyncio.wait_for(_with_one_retry(self.retrievers[shard].search, request), timeout)
+        except asyncio.TimeoutError:
+            name = retriever_names(len(self.retrievers))[shard]
+            raise ShardUnavailable(
+                f"index shard {shard} ({name}) did not answer within serve.shard_timeout_s={timeout:g}s: "
+                "its replicas are down or overloaded"
+            ) from None
 
     async def search(self, questions: list[str], k: int) -> JSONResponse:
         problem = self._check(questions, k)
@@ -126,23 +142,45 @@ class QAService:
         return JSONResponse({"answers": answers, "passages": passages, "index_version": found["index_version"]})
 
     async def index(self) -> dict[str, Any]:
-        return await _with_one_retry(self.retriever.info)
+        """The version a search is answered from now, its lineage, and with shards each shard's part."""
+        infos = await asyncio.gather(*(_with_one_retry(r.info) for r in self.retrievers))
+        if len(infos) == 1:
+            return infos[0]
+        versions = {info["index_version"] for info in infos}
+        return {
+            **infos[0],
+            "index_version": versions.pop() if len(versions) == 1 else agreed_version(infos),
+            "vectors": sum(info["vectors"] for info in infos),
+            "last_error": next((info["last_error"] for info in infos if info["last_error"]), None),
+            "shards": [{key: info[key] for key in ("shard", "index_version", "vectors", "segments")} for info in infos],
+        }
 
 
 def build_app(config: PipelineConfig):
-    """The application graph: ingress → (question encoder, retriever, reader)."""
+    """The application graph: ingress → (question encoder, retriever shards, reader)."""
     s = config.serve
     storage = Storage(config.storage.root, config.storage.options)
     encoder = QuestionEncoder.options(
         num_replicas=s.encoder_replicas,
         ray_actor_options={"num_cpus": s.encoder_cpus, "num_gpus": s.encoder_gpus},
     ).bind(question_settings(storage, s.index_version, s.question_model, s.question_pooling), s.batch_max_size)
-    # Local paths are made absolute here: replicas do not share the working directory of `serve run`.
-    retriever = Retriever.options(
-        num_replicas=s.retriever_replicas,
-        user_config={"index_version": s.index_version},
-        ray_actor_options={"num_cpus": s.retriever_cpus},
-    ).bind(storage.root_url, config.storage.options, os.path.abspath(s.cache_dir), s.batch_max_size)
+    # Local paths are made absolute here: replicas do not share the working directory of `serve run`. With
+    # serve.shards > 1, one Retriever deployment per shard, each with its own replicas and its own segments.
+    retrievers = [
+        Retriever.options(
+            name=name,
+            num_replicas=s.retriever_replicas,
+            user_config={"index_version": s.index_version},
+            ray_actor_options={"num_cpus": s.retriever_cpus},
+        ).bind(
+            storage.root_url,
+            config.storage.options,
+            os.path.abspath(s.cache_dir),
+            s.batch_max_size,
+            (shard, s.shards),
+        )
+        for shard, name in enumerate(retriever_names(s.shards))
+    ]
     reader = None
     if s.reader_model:
         reader = Reader.options(
@@ -161,7 +199,7 @@ def build_app(config: PipelineConfig):
         ray_actor_options={"num_cpus": 0},
         graceful_shutdown_timeout_s=120,
     )
-    return ingress.bind(encoder, retriever, reader, settings)
+    return ingress.bind(encoder, retrievers, reader, settings)
 
 
 def app(args: dict[str, Any]):

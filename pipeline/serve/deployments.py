@@ -45,16 +45,28 @@ class QuestionEncoder:
 
 @serve.deployment
 class Retriever:
-    """The published index on CPU replicas. The version comes from `user_config`; a new one is loaded beside the
-    current one (fetching only the segments the cache lacks), verified and probed, then swapped in with one
-    assignment: every request sees exactly one version, and a version that fails to load leaves the current one
-    serving. Cached files that the serving version no longer lists are then evicted."""
+    """The published index on CPU replicas: the whole version, or with `shard` = (i, n) the segments
+    `assign_segments` gives shard i (the app then runs n Retriever deployments). The version comes from
+    `user_config`; a new one is loaded beside the current one (fetching only the segments the cache lacks), verified
+    and probed, then swapped in with one assignment, and a version that fails to load leaves the current one
+    serving. The version before stays loaded too, so that while shards move to a new version one after another the
+    ingress can still ask every shard for the one they all have: no response mixes versions. Cached files that
+    neither lists are then evicted."""
 
-    def __init__(self, storage_root: str, storage_options: dict[str, Any], cache_dir: str, batch_max_size: int):
+    def __init__(
+        self,
+        storage_root: str,
+        storage_options: dict[str, Any],
+        cache_dir: str,
+        batch_max_size: int,
+        shard: tuple[int, int] = (0, 1),
+    ):
         self.search.set_max_batch_size(batch_max_size)
         self.storage = Storage(storage_root, storage_options)
         self.cache_dir = cache_dir or tempfile.mkdtemp(prefix="index-cache-")
+        self.shard = tuple(shard)
         self.current: PublishedIndex | None = None
+        self.previous: PublishedIndex | None = None
         self.last_error: str | None = None
         self._lock = threading.Lock()
 
@@ -62,7 +74,7 @@ class Retriever:
         with self._lock:
             wanted = user_config.get("index_version")
             try:
-                candidate = load_published(self.storage, wanted, self.cache_dir)
+                candidate = load_published(self.storage, wanted, self.cache_dir, self.shard)
                 probe = np.zeros((1, candidate.d), dtype=np.float32)
                 _, rows = candidate.search(probe, 1)
                 if candidate.vectors and rows[0, 0] < 0:
@@ -73,41 +85,31 @@ class Retriever:
                     raise
                 log.error("index version %s refused, still serving %s: %s", wanted, self.current.version, exc)
                 return
+            if self.current is None or candidate.version != self.current.version:
+                self.previous = self.current
             self.current, self.last_error = candidate, None
-            log.info("serving index %s (%d vectors)", candidate.version, candidate.vectors)
-            evict(self.cache_dir, [candidate.manifest])
+            log.info("serving index %s (%d vectors, shard %s)", candidate.version, candidate.vectors, self.shard)
+            evict(self.cache_dir, [v.manifest for v in (self.current, self.previous) if v is not None])
+
+    def _version(self, name: str | None) -> PublishedIndex:
+        """The version asked for when loaded here, else the current one (the answer says which was used)."""
+        current, previous = self.current, self.previous
+        return previous if previous is not None and name == previous.version else current
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0)  # merges queued calls only, as the encoder does
-    async def search(self, requests: list[tuple[np.ndarray, int]]) -> list[dict[str, Any]]:
-        """Concurrent requests' questions in one FAISS search and one docstore take; each request gets its rows."""
-        current = self.current  # one version for the whole batch, whatever reconfigure does meanwhile
-        queries = np.concatenate(
-            [np.asarray(vectors, dtype=np.float32).reshape(-1, current.d) for vectors, _ in requests]
-        )
-        scores, rows = current.search(queries, max(k for _, k in requests))
-        table = current.passages([int(r) for r in rows.ravel() if r >= 0])
-        ids, titles, texts = (table.column(c).to_pylist() for c in ("id", "title", "text"))
-        answered, question, position = [], 0, 0
-        for vectors, k in requests:
-            results = []
-            for _ in range(len(vectors)):
-                hits = []
-                for rank, row in enumerate(rows[question]):
-                    if row < 0:
-                        continue
-                    if rank < k:
-                        hits.append(
-                            {
-                                "id": ids[position],
-                                "title": titles[position],
-                                "text": texts[position],
-                                "score": float(scores[question, rank]),
-                            }
-                        )
-                    position += 1
-                results.append(hits)
-                question += 1
-            answered.append({"index_version": current.version, "results": results})
+    async def search(self, requests: list[tuple]) -> list[dict[str, Any]]:
+        """Concurrent requests' questions in one FAISS search and one docstore take per version asked for; each
+        request gets its rows, best first (ties: the smaller FAISS id, the `key` the ingress merges shards by).
+        A request is (vectors, k) or (vectors, k, version): None is the current version."""
+        loaded = [v.version for v in (self.current, self.previous) if v is not None]
+        answered: list[dict[str, Any] | None] = [None] * len(requests)
+        groups: dict[str | None, list[int]] = {}
+        for position, request in enumerate(requests):
+            groups.setdefault(request[2] if len(request) > 2 else None, []).append(position)
+        for name, positions in groups.items():
+            index = self._version(name)  # one version for the whole group, whatever reconfigure does meanwhile
+            for position, results in zip(positions, _search(index, [requests[p][:2] for p in positions])):
+                answered[position] = {"index_version": index.version, "loaded": loaded, "results": results}
         return answered
 
     def info(self) -> dict[str, Any]:
@@ -115,10 +117,45 @@ class Retriever:
         manifest = current.manifest.model_dump(exclude={"files"})
         return {
             "index_version": current.version,
+            "loaded": [v.version for v in (current, self.previous) if v is not None],
             "vectors": current.vectors,
+            "shard": list(self.shard),
+            "segments": len(current.docstores),
             "lineage": manifest,
             "last_error": self.last_error,
         }
+
+
+def _search(index: PublishedIndex, requests: list[tuple[np.ndarray, int]]) -> list[list[list[dict[str, Any]]]]:
+    """Per request, per question: the hits (id, title, text, score, key = FAISS id), best first."""
+    queries = np.concatenate([np.asarray(vectors, dtype=np.float32).reshape(-1, index.d) for vectors, _ in requests])
+    scores, rows = index.search(queries, max(k for _, k in requests))
+    table = index.passages([int(r) for r in rows.ravel() if r >= 0])
+    ids, titles, texts = (table.column(c).to_pylist() for c in ("id", "title", "text"))
+    answered, question, position = [], 0, 0
+    for vectors, k in requests:
+        results = []
+        for _ in range(len(vectors)):
+            hits = []
+            for rank, row in enumerate(rows[question]):
+                if row < 0:
+                    continue
+                if rank < k:
+                    hits.append(
+                        {
+                            "id": ids[position],
+                            "title": titles[position],
+                            "text": texts[position],
+                            "score": float(scores[question, rank]),
+                            "key": int(row),
+                        }
+                    )
+                position += 1
+            hits.sort(key=lambda hit: (-hit["score"], hit["key"]))
+            results.append(hits)
+            question += 1
+        answered.append(results)
+    return answered
 
 
 @serve.deployment

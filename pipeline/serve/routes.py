@@ -3,8 +3,9 @@ shared or mutated): routes, the error mapping to status codes, and the guard in 
 
 POST /v1/search, POST /v1/ask, GET /v1/index, GET /healthz, GET /metrics, OpenAPI at /docs. Errors are JSON
 `{"error": ...}`: 401 bad key, 413 body/question/batch too large, 422 malformed input; 503 when
-`max_queued_requests` is exceeded (from the Serve proxy) or when a backend replica is lost twice in a row. Never a
-500 for bad input.
+`max_queued_requests` is exceeded (from the Serve proxy), when a backend replica is lost twice in a row, when an
+index shard does not answer within `serve.shard_timeout_s` (named), or when index shards share no version (two
+swaps overlapping). Never a 500 for bad input.
 """
 
 # No `from __future__ import annotations` here: FastAPI resolves the request models from real annotations.
@@ -17,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from ray.exceptions import ActorUnavailableError, RayActorError
 from starlette.exceptions import HTTPException
 
+from pipeline.serve.fanout import ShardsDisagree, ShardUnavailable
 from pipeline.serve.guard import Guard, error
 from pipeline.serve.metrics import CONTENT_TYPE_LATEST
 from pipeline.serve.schemas import AskRequest, AskResponse, SearchRequest, SearchResponse
@@ -37,6 +39,10 @@ async def _replica_lost(request: Request, exc: Exception) -> JSONResponse:
     return error(503, "a backend replica is restarting; retry shortly")
 
 
+async def _shard_trouble(request: Request, exc: Exception) -> JSONResponse:
+    return error(503, f"{exc}; retry shortly")
+
+
 def build_api(service, api_key: str | None) -> FastAPI:
     """A FastAPI app whose routes call `service` (a `pipeline.serve.app.QAService` replica)."""
     api = FastAPI(title="DPR question answering", version="1", description=__doc__)
@@ -44,6 +50,8 @@ def build_api(service, api_key: str | None) -> FastAPI:
     api.add_exception_handler(HTTPException, _http)
     api.add_exception_handler(RayActorError, _replica_lost)
     api.add_exception_handler(ActorUnavailableError, _replica_lost)
+    api.add_exception_handler(ShardsDisagree, _shard_trouble)
+    api.add_exception_handler(ShardUnavailable, _shard_trouble)
 
     @api.post("/v1/search", response_model=SearchResponse, responses=REFUSALS)
     async def search(body: SearchRequest):
