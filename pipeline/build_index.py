@@ -88,7 +88,6 @@ from pipeline.segments import (
 )
 from pipeline.snapshots import Link, LiveEmbeddings, embedding_chain, live_rows, npy_bytes, read_npy_file
 from pipeline.storage import Storage
-from pipeline.text_encoder import EncoderSettings
 
 log = logging.getLogger(__name__)
 
@@ -884,17 +883,3 @@ def _build(
             config.min_recall,
         )
     return full(live, config, plan, work_dir, timer), None, "full"
-
-
-def question_settings(storage: Storage, version: str | None, model: str, pooling: str | None) -> EncoderSettings:
-    """The question side must match how the index's passages were encoded (pooling, normalization, length)."""
-    encoder = dict(read_index_manifest(storage, published_version(storage, version)).encoder)
-    pooling = pooling or encoder.get("pooling", "dpr")
-    return EncoderSettings(
-        model=model,
-        pooling=pooling,
-        max_length=int(encoder.get("max_length", 256)),
-        normalize=bool(encoder.get("normalize", False)),
-        dtype="auto",
-        question=pooling == "dpr",
-    )

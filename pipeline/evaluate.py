@@ -27,14 +27,13 @@ import regex
 from faiss.contrib.exhaustive_search import knn_ground_truth
 from tqdm import tqdm
 
-from pipeline.build_index import question_settings
 from pipeline.config import PipelineConfig
 from pipeline.errors import InputError, PipelineError
 from pipeline.layout import published_version
 from pipeline.segments import load_published
 from pipeline.snapshots import LiveEmbeddings, embedding_chain
 from pipeline.storage import Storage, resolve
-from pipeline.text_encoder import TextEncoder
+from pipeline.text_encoder import TextEncoder, question_settings
 
 log = logging.getLogger(__name__)
 

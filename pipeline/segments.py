@@ -115,7 +115,6 @@ def copy_live_codes(
     return merged
 
 
-# -- the manifest of a version ----------------------------------------------------------------------------------------
 # -- writing -------------------------------------------------------------------------------------------------------
 @dataclass
 class LocalSegment:
@@ -180,6 +179,7 @@ def upload_once(storage: Storage, path: str, rel: str) -> tuple[FileEntry, int]:
     return entry, entry.bytes
 
 
+# -- the manifest of a version ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SegmentRef:
     name: str  # segments/<seq>-<hash>, relative to indexes/

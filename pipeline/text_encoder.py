@@ -238,3 +238,19 @@ class TextEncoder:
             return hidden[:, 0]
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+
+
+def question_settings(storage, version: str | None, model: str, pooling: str | None) -> EncoderSettings:
+    """The question side must match how the index's passages were encoded (pooling, normalization, length)."""
+    from pipeline.layout import published_version, read_index_manifest
+
+    encoder = dict(read_index_manifest(storage, published_version(storage, version)).encoder)
+    pooling = pooling or encoder.get("pooling", "dpr")
+    return EncoderSettings(
+        model=model,
+        pooling=pooling,
+        max_length=int(encoder.get("max_length", 256)),
+        normalize=bool(encoder.get("normalize", False)),
+        dtype="auto",
+        question=pooling == "dpr",
+    )

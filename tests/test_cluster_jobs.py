@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -38,19 +39,26 @@ def cluster():
 
 
 def submit(cluster, *entrypoint: str) -> tuple[str, str]:
-    """`ray job submit --working-dir . -- <entrypoint>` from the repository; (the submit output, the job's logs)."""
+    """`ray job submit --working-dir . -- <entrypoint>` from the repository; (the submit output, the job's logs).
+    A cluster just started may not have its job agent up yet ("No available agent to submit job, please try again
+    later"): nothing was submitted then, so that is retried for a minute."""
     head, env = cluster
     address = f"http://127.0.0.1:{head.dashboard_port}"
-    job_id = f"test-{uuid.uuid4().hex[:8]}"
-    done = subprocess.run(
-        ["ray", "job", "submit", "--address", address, "--submission-id", job_id, "--working-dir", "."]
-        + ["--", *entrypoint],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    deadline = time.monotonic() + 60
+    while True:
+        job_id = f"test-{uuid.uuid4().hex[:8]}"
+        done = subprocess.run(
+            ["ray", "job", "submit", "--address", address, "--submission-id", job_id, "--working-dir", "."]
+            + ["--", *entrypoint],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if "No available agent to submit job" not in done.stderr + done.stdout or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     logs = subprocess.run(
         ["ray", "job", "logs", "--address", address, job_id], env=env, capture_output=True, text=True, timeout=60
     ).stdout

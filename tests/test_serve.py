@@ -526,3 +526,54 @@ def test_a_shard_without_live_replicas_gets_a_503_naming_it(qa, segmented):
         with open(stored, "wb") as handle:
             handle.write(original)
         serve.delete("down")
+
+
+@pytest.mark.reliability
+def test_a_shard_replica_killed_under_load_costs_at_most_one_percent(qa, segmented):
+    """Three shards of two replicas; one replica of shard 1 is SIGKILLed mid-load: the ingress retries the lost
+    call on its sibling and Serve replaces it."""
+    import os
+    import signal
+
+    from ray import serve
+    from ray.util.state import list_actors
+
+    def replicas():
+        return list_actors(filters=[("class_name", "=", "ServeReplica:kill3:Retriever1"), ("state", "=", "ALIVE")])
+
+    statuses, stop = [], threading.Event()
+    try:
+        url = _sharded(qa, "kill3", segmented[0], 3, retriever_replicas=2)
+
+        def client():
+            session = requests.Session()
+            while not stop.is_set():
+                try:
+                    r = session.post(f"{url}/v1/search", json={"questions": ["castle road"], "k": 3}, timeout=30)
+                    statuses.append(r.status_code)
+                except requests.RequestException:
+                    statuses.append(0)
+
+        threads = [threading.Thread(target=client) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        time.sleep(2)
+        victim = replicas()[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            alive = replicas()
+            if len(alive) == 2 and victim.actor_id not in {a.actor_id for a in alive}:
+                break
+            time.sleep(0.5)
+        time.sleep(2)
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert serve.status().applications["kill3"].deployments["Retriever1"].status == "HEALTHY"
+        assert len(replicas()) == 2
+    finally:
+        stop.set()
+        serve.delete("kill3")
+    failed = [s for s in statuses if s != 200]
+    assert len(statuses) >= 100 and len(failed) <= 0.01 * len(statuses), (len(statuses), failed)

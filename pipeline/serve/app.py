@@ -17,7 +17,6 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from pipeline.build_index import question_settings
 from pipeline.config import PipelineConfig, ServeConfig, load_config
 from pipeline.serve.deployments import QuestionEncoder, Reader, Retriever
 from pipeline.serve.fanout import ShardUnavailable, agreed_version, retriever_names, search_shards
@@ -25,6 +24,7 @@ from pipeline.serve.guard import error
 from pipeline.serve.metrics import Metrics
 from pipeline.serve.routes import build_api
 from pipeline.storage import Storage
+from pipeline.text_encoder import question_settings
 
 log = logging.getLogger("ray.serve")
 REPLICA_LOST = (RayActorError, ActorUnavailableError)
