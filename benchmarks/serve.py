@@ -106,7 +106,7 @@ def sharded(args) -> dict:
     from pipeline.segments import assign_segments, files_of, segments_of
     from pipeline.serve.app import build_app
     from pipeline.storage import Storage
-    from tests.helpers import run_job, synthetic_rows, write_config, write_random_embeddings, write_tsv
+    from tests.helpers import free_port, run_job, synthetic_rows, write_config, write_random_embeddings, write_tsv
     from tests.localray import exit_on_signals
 
     counts = [int(n) for n in args.shards.split(",")]
@@ -142,7 +142,14 @@ def sharded(args) -> dict:
         config = load_config(path)
         manifest = Storage(str(root)).read_manifest(f"indexes/{version}", IndexManifest, name="manifest.json")
         files = files_of(manifest)
-        ray.init(address="local", logging_level=logging.WARNING, log_to_driver=False, include_dashboard=False)
+        ray.init(  # the dashboard serves the state API that finds the replicas' pids
+            address="local",
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=free_port(),
+        )
         serve.start(http_options={"host": "127.0.0.1", "port": config.serve.port})
         url = f"http://127.0.0.1:{config.serve.port}"
         results = {}
