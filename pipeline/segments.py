@@ -296,8 +296,9 @@ def load_published(
     version = published_version(storage, version)
     manifest = read_index_manifest(storage, version)
     number, shards = shard
-    owner = assign_segments(segments_of(manifest), shards)
-    segments = [s for s in segments_of(manifest) if owner[s.seq] == number]
+    listed = segments_of(manifest)
+    owner = assign_segments(listed, shards)
+    segments = [s for s in listed if owner[s.seq] == number]
     if shards == 1:
         needed = manifest.files
     else:

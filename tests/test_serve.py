@@ -80,6 +80,50 @@ def _deploy(config):
     serve.run(build_app(config), name="qa", route_prefix="/")
 
 
+def _replicas(app: str, deployment: str) -> list:
+    from ray.util.state import list_actors
+
+    return list_actors(filters=[("class_name", "=", f"ServeReplica:{app}:{deployment}"), ("state", "=", "ALIVE")])
+
+
+def _kill_one_replica_under_load(url: str, app: str, deployment: str) -> list[int]:
+    """Three clients search `url` while one replica of `deployment` is SIGKILLed; returns every status once Serve
+    has replaced it (or after 90 s)."""
+    import os
+    import signal
+
+    statuses, stop = [], threading.Event()
+
+    def client():
+        session = requests.Session()
+        while not stop.is_set():
+            try:
+                r = session.post(f"{url}/v1/search", json={"questions": ["castle road"], "k": 3}, timeout=30)
+                statuses.append(r.status_code)
+            except requests.RequestException:
+                statuses.append(0)
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(2)
+        victim = _replicas(app, deployment)[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            alive = _replicas(app, deployment)
+            if len(alive) == 2 and victim.actor_id not in {a.actor_id for a in alive}:
+                break
+            time.sleep(0.5)
+        time.sleep(2)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    return statuses
+
+
 def _latest(qa):
     return qa["storage"].read_bytes("indexes/LATEST").decode().strip()
 
@@ -308,49 +352,14 @@ def test_overload_is_answered_503_at_once_and_admitted_requests_succeed(qa):
 def test_a_replica_killed_under_load_costs_at_most_one_percent(qa):
     """Two retriever replicas; one is SIGKILLed mid-load. The ingress retries the lost call on a live replica and
     Serve replaces the dead one (health checks)."""
-    import os
-    import signal
-
     from ray import serve
-    from ray.util.state import list_actors
 
     two = qa["config"].serve.model_copy(update={"retriever_replicas": 2, "index_version": _latest(qa)})
     _deploy(qa["config"].model_copy(update={"serve": two}))
-    statuses, stop = [], threading.Event()
-
-    def client():
-        session = requests.Session()
-        while not stop.is_set():
-            try:
-                r = session.post(f"{qa['url']}/v1/search", json={"questions": ["castle road"], "k": 3}, timeout=30)
-                statuses.append(r.status_code)
-            except requests.RequestException:
-                statuses.append(0)
-
-    def retrievers():
-        return list_actors(filters=[("class_name", "=", "ServeReplica:qa:Retriever"), ("state", "=", "ALIVE")])
-
-    threads = [threading.Thread(target=client) for _ in range(3)]
-    try:
-        for thread in threads:
-            thread.start()
-        time.sleep(2)
-        victim = retrievers()[0]
-        os.kill(victim.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            alive = retrievers()
-            if len(alive) == 2 and victim.actor_id not in {a.actor_id for a in alive}:
-                break
-            time.sleep(0.5)
-        time.sleep(2)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=60)
+    statuses = _kill_one_replica_under_load(qa["url"], "qa", "Retriever")
     app_status = serve.status().applications["qa"]
     assert app_status.deployments["Retriever"].status == "HEALTHY"
-    assert len(retrievers()) == 2
+    assert len(_replicas("qa", "Retriever")) == 2
     failed = [s for s in statuses if s != 200]
     assert len(statuses) >= 100 and len(failed) <= 0.01 * len(statuses), (len(statuses), failed)
     _deploy(
@@ -532,48 +541,14 @@ def test_a_shard_without_live_replicas_gets_a_503_naming_it(qa, segmented):
 def test_a_shard_replica_killed_under_load_costs_at_most_one_percent(qa, segmented):
     """Three shards of two replicas; one replica of shard 1 is SIGKILLed mid-load: the ingress retries the lost
     call on its sibling and Serve replaces it."""
-    import os
-    import signal
-
     from ray import serve
-    from ray.util.state import list_actors
 
-    def replicas():
-        return list_actors(filters=[("class_name", "=", "ServeReplica:kill3:Retriever1"), ("state", "=", "ALIVE")])
-
-    statuses, stop = [], threading.Event()
     try:
         url = _sharded(qa, "kill3", segmented[0], 3, retriever_replicas=2)
-
-        def client():
-            session = requests.Session()
-            while not stop.is_set():
-                try:
-                    r = session.post(f"{url}/v1/search", json={"questions": ["castle road"], "k": 3}, timeout=30)
-                    statuses.append(r.status_code)
-                except requests.RequestException:
-                    statuses.append(0)
-
-        threads = [threading.Thread(target=client) for _ in range(3)]
-        for thread in threads:
-            thread.start()
-        time.sleep(2)
-        victim = replicas()[0]
-        os.kill(victim.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            alive = replicas()
-            if len(alive) == 2 and victim.actor_id not in {a.actor_id for a in alive}:
-                break
-            time.sleep(0.5)
-        time.sleep(2)
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=60)
+        statuses = _kill_one_replica_under_load(url, "kill3", "Retriever1")
         assert serve.status().applications["kill3"].deployments["Retriever1"].status == "HEALTHY"
-        assert len(replicas()) == 2
+        assert len(_replicas("kill3", "Retriever1")) == 2
     finally:
-        stop.set()
         serve.delete("kill3")
     failed = [s for s in statuses if s != 200]
     assert len(statuses) >= 100 and len(failed) <= 0.01 * len(statuses), (len(statuses), failed)

@@ -146,10 +146,9 @@ class QAService:
         infos = await asyncio.gather(*(_with_one_retry(r.info) for r in self.retrievers))
         if len(infos) == 1:
             return infos[0]
-        versions = {info["index_version"] for info in infos}
         return {
             **infos[0],
-            "index_version": versions.pop() if len(versions) == 1 else agreed_version(infos),
+            "index_version": agreed_version(infos) or infos[0]["index_version"],
             "vectors": sum(info["vectors"] for info in infos),
             "last_error": next((info["last_error"] for info in infos if info["last_error"]), None),
             "shards": [{key: info[key] for key in ("shard", "index_version", "vectors", "segments")} for info in infos],
