@@ -249,8 +249,13 @@ def context_encoder(model_dir: str, device: torch.device, sizes: dict, result: d
             EncoderSettings(model=model_dir, dtype="bfloat16", cast_weights=cast),
             device=device,
             max_batch_size=sizes["max_batch_size"],
+            compile=compiled,
         )
-        for mode, cast in (("autocast", False), ("bf16_weights", True))
+        for mode, cast, compiled in (
+            ("autocast", False, False),
+            ("bf16_weights", True, False),
+            ("bf16_weights_compiled", True, True),
+        )
     }
     total_flops = float(flops_per_passage(encoders["autocast"].model.config, lengths).sum())
     peak = result.get("datasheet_bf16_tflops") or result.get("matmul_tflops") or math.nan
@@ -266,7 +271,9 @@ def context_encoder(model_dir: str, device: torch.device, sizes: dict, result: d
     for mode, encoder in encoders.items():
         for batch_tokens in sizes["batch_tokens"]:
             encoder.batch_tokens = batch_tokens
-            encoder.encode_tokens(subset(tokens, min(2_000, len(tokens))))  # warm-up: kernels, allocator
+            warm_up = subset(tokens, min(2_000, len(tokens)))  # kernels, allocator, and torch.compile's graph
+            first = timed(device, lambda e=encoder, w=warm_up: e.encode_tokens(w))
+            out.setdefault("first_call_seconds", {}).setdefault(mode, round(first, 2))
             seconds = timed(
                 device, lambda e=encoder: [e.encode_tokens(shard) for shard in shards(tokens, sizes["shard"])]
             )

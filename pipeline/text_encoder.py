@@ -161,6 +161,7 @@ class TextEncoder:
         device: torch.device | str | None = None,
         batch_tokens: int | None = None,
         max_batch_size: int = 512,
+        compile: bool = False,
     ):
         self.settings = settings
         self.device = torch.device(device) if device is not None else default_device()
@@ -173,6 +174,8 @@ class TextEncoder:
         self.cast_weights = settings.cast_weights and self.compute_dtype != torch.float32
         if self.cast_weights:
             self.model.to(self.compute_dtype)
+        # One graph for every (batch, length): dynamic shapes, so length-sorted batches do not recompile.
+        self.forward = torch.compile(self.model, dynamic=True) if compile else self.model
         config = self.model.config
         self.dim = int(getattr(config, "projection_dim", 0) or config.hidden_size)
 
@@ -224,7 +227,7 @@ class TextEncoder:
         inputs = {key: self._to_device(value) for key, value in inputs.items()}
         autocast = self.compute_dtype != torch.float32 and not self.cast_weights
         with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=autocast):
-            output = self.model(**inputs)
+            output = self.forward(**inputs)
         embeddings = self._pool(output, inputs["attention_mask"]).float()
         if self.settings.normalize:
             embeddings = torch.nn.functional.normalize(embeddings, dim=-1)

@@ -31,7 +31,9 @@ def test_quick_run_prints_every_figure(tmp_path):
     assert result["quick"] is True and result["commit"] == "abc123"
     assert result["passages"] == 2000 and 120 <= result["tokens_median"] <= 160 and result["tokens_p95"] <= 256
     assert set(result["encoder"]) == {
-        f"{mode}_{tokens}" for mode in ("autocast", "bf16_weights") for tokens in (2048, 4096, 8192)
+        f"{mode}_{tokens}"
+        for mode in ("autocast", "bf16_weights", "bf16_weights_compiled")
+        for tokens in (2048, 4096, 8192)
     }
     assert result["encoder_best"] in result["encoder"]
     for figures in result["encoder"].values():
