@@ -126,6 +126,11 @@ class EncodeConfig(Section):
         description="run the weights in bf16/fp16 rather than autocast over fp32 "
         "weights (GPU: 1.45x the passages/s, min cosine 0.9999 vs fp32; no effect in fp32)",
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile the encoder in each actor: on an H100 1.10x the passages/s after a first "
+        "call of about 50 s, so it pays off from about 7M passages per GPU (a full re-encode, not a nightly delta)",
+    )
     batch_tokens: int | None = Field(
         None, gt=0, description="padded tokens per forward pass (default: 65536 on GPU, 4096 on CPU)"
     )

@@ -45,8 +45,8 @@ from pipeline.text_encoder import EncoderSettings, PassageTokenizer, TextEncoder
 log = logging.getLogger(__name__)
 
 PROGRESS_NAME = "_progress.json"
-# One CPU core tokenizes 2,100-3,100 psgs_w100 passages/s and a BERT-base encoder on an H200 takes 13,200/s
-# (benchmarks/results/gpu-h200-2026-11-27.jsonl): about 6 cores keep one GPU fed.
+# One CPU core tokenizes 2,100-3,600 psgs_w100 passages/s and a BERT-base encoder on an H100 or H200 takes
+# 12,900-14,200/s (benchmarks/results/gpu-2026-11-27.jsonl): 4 to 7 cores keep one GPU fed, by the host.
 TOKENIZERS_PER_GPU = 6
 
 
@@ -151,6 +151,7 @@ class WriterSettings:
     max_batch_size: int
     cpu_threads: int | None
     max_shard_bytes: int
+    compile: bool = False
 
 
 class EncoderActor:
@@ -163,7 +164,9 @@ class EncoderActor:
             torch.set_num_threads(writer.cpu_threads or len(os.sched_getaffinity(0)))
         self.writer = writer
         self.storage = Storage(writer.storage_root, writer.storage_options)
-        self.encoder = TextEncoder(settings, batch_tokens=writer.batch_tokens, max_batch_size=writer.max_batch_size)
+        self.encoder = TextEncoder(
+            settings, batch_tokens=writer.batch_tokens, max_batch_size=writer.max_batch_size, compile=writer.compile
+        )
         self._fingerprint = self.encoder.fingerprint()
         # Without a GPU to keep busy, tokenizing here beats shipping tokens from other actors on the same cores.
         self.reader = TokenizerActor(settings, writer.storage_root, writer.storage_options, writer.max_shard_bytes)
@@ -405,6 +408,7 @@ def run_encode(config: PipelineConfig) -> dict[str, Any]:
         enc.max_batch_size,
         enc.cpu_threads,
         enc.max_shard_bytes,
+        enc.compile,
     )
     connect()
     pool = _start_actors(config, settings, writer)

@@ -59,3 +59,6 @@ def test_quick_run_prints_every_figure(tmp_path):
     assert result["bf16_min_cosine_autocast"] >= result["bf16_min_cosine_centered_autocast"] - 1e-6
     # Weights cast to bf16 lose most of what tells tiny random-model passages apart: measured, not asserted.
     assert -1.0 <= result["bf16_min_cosine_centered_bf16_weights"] <= 1.0
+    # The compiled graph computes the same vectors as the eager bf16-weights model, within bf16 rounding.
+    assert result["bf16_min_cosine_bf16_weights_compiled"] > 0.999
+    assert result["first_call_seconds"]["bf16_weights_compiled"] > 0
