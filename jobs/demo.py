@@ -40,11 +40,13 @@ def run_demo(config: PipelineConfig) -> dict[str, Any]:
         stages[stage] = run(config)
         log.info("%s: %s", stage, stages[stage])
     evaluated = stages["evaluate"]
+    methods = [m for m in ("ann", "refined", "exact") if f"top{config.evaluate.k[0]}_{m}" in evaluated]
     log.info(
-        "top-k accuracy on %d demo questions, IVF-PQ vs exact: %s",
+        "top-k accuracy on %d demo questions, %s: %s",
         evaluated["questions"],
+        " / ".join({"ann": "IVF-PQ", "refined": "IVF-PQ re-scored", "exact": "exact"}[m] for m in methods),
         ", ".join(
-            f"top-{k} {evaluated[f'top{k}_ann']:.2f} vs {evaluated[f'top{k}_exact']:.2f}" for k in config.evaluate.k
+            f"top-{k} " + " / ".join(f"{evaluated[f'top{k}_{m}']:.2f}" for m in methods) for k in config.evaluate.k
         ),
     )
     stages["serve"] = ask_once(config, DEMO_QUESTION)

@@ -44,6 +44,7 @@ from pipeline.config import IndexConfig, PipelineConfig
 from pipeline.errors import PipelineError
 from pipeline.index_workers import (
     AddedSegment,
+    AddSettings,
     add_group,
     assigning_on_gpus,
     exact_ids,
@@ -51,8 +52,11 @@ from pipeline.index_workers import (
     peak_rss,
     plan_groups,
     read_and_match,
+    refine_merged,
     reset_peak_rss,
     sample_group,
+    split_and_train,
+    train_sample,
 )
 from pipeline.layout import (
     INDEX_MANIFEST,
@@ -72,16 +76,20 @@ from pipeline.segments import (
     IVF_FILE,
     KEYS_FILE,
     TOMBSTONES_FILE,
+    VECTORS_FILE,
     LocalSegment,
     SegmentRef,
     SegmentWriter,
+    VectorWriter,
     copy_live_codes,
     faiss_ids,
     fetch_verified,
     files_of,
     finish_segment,
     ivf_of,
+    open_vectors,
     read_invlists,
+    rescore,
     segments_of,
     split_ids,
     upload_once,
@@ -157,21 +165,6 @@ class PhaseTimer:
         log.info("%s: %.1fs", phase, self.seconds[phase])
 
 
-@contextlib.contextmanager
-def training_on_gpus(index: faiss.Index):
-    """k-means of the coarse quantizer on the GPUs when faiss has any (the index itself stays on CPU)."""
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is None or faiss.get_num_gpus() == 0:
-        yield
-        return
-    clustering = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(ivf.d))
-    ivf.clustering_index = clustering
-    try:
-        yield
-    finally:
-        ivf.clustering_index = None
-
-
 def recall_at(ann: np.ndarray, exact: np.ndarray, k: int) -> float:
     """Mean |ANN top-k ∩ exact top-k| / k over the queries."""
     k = min(k, exact.shape[1])
@@ -183,6 +176,18 @@ def measure_recall(index: faiss.Index, queries: np.ndarray, exact: np.ndarray, n
     faiss.ParameterSpace().set_index_parameter(index, "nprobe", nprobe)
     _, ann = index.search(queries, exact.shape[1])
     return {r: recall_at(ann, exact, r) for r in RECALL_K}
+
+
+def measure_refined(
+    index: faiss.Index, queries: np.ndarray, exact: np.ndarray, config: IndexConfig, stored: dict[int, np.ndarray]
+) -> dict[int, float]:
+    """recall@k when each search re-scores `index.refine_k` IVF-PQ candidates exactly ({} when refine is off)."""
+    if not config.refine_k:
+        return {}
+    faiss.ParameterSpace().set_index_parameter(index, "nprobe", config.nprobe)
+    _, candidates = index.search(queries, max(exact.shape[1], config.refine_k))
+    _, refined = rescore(queries, candidates, exact.shape[1], stored)
+    return {r: recall_at(refined, exact, r) for r in RECALL_K}
 
 
 def distortion(index: faiss.Index, vectors: np.ndarray) -> float:
@@ -249,6 +254,7 @@ class Built:
     segments: list[LocalSegment | SegmentRef]
     dead: np.ndarray  # FAISS ids of tombstoned rows
     recall: dict[int, float]
+    refined: dict[int, float]  # recall with index.refine_k ({} without refine)
     new_rows: int  # vectors added to a new segment this run
     # Relative quantization error on the rows recall was measured with (the reference), and on this run's rows.
     reference_distortion: float | None
@@ -262,6 +268,11 @@ class Built:
     def stored(self) -> int:
         return sum(s.rows for s in self.segments)
 
+    @property
+    def gated_recall(self) -> float:
+        """The recall@100 that searches get: refined when the version is searched with refine."""
+        return (self.refined or self.recall)[100]
+
 
 def _train(
     parts: list[np.ndarray],
@@ -271,21 +282,17 @@ def _train(
     work_dir: str,
     timer: PhaseTimer,
 ) -> tuple[faiss.Index, str, np.ndarray]:
-    """Split the sample (drawn in shard order) into training vectors and held-out queries, and train a new index
-    unless given a trained one. Returns the trained, empty index, its file in the work dir and the queries."""
-    sample = np.concatenate(parts)
-    order = np.random.default_rng(config.seed + 1).permutation(len(sample))
-    train, queries = sample[order[: plan.train_size]], sample[order[plan.train_size :]]
-    index = (
-        trained if trained is not None else faiss.index_factory(plan.dim, config.factory, faiss.METRIC_INNER_PRODUCT)
-    )
-    ivf_of(index)
-    if trained is None:
-        with timer("train"), training_on_gpus(index):
-            index.train(train)
+    """Train in this process (unless given a trained index); returns the trained, empty index, its file in the
+    work dir and the held-out queries."""
+    with timer("train"):
+        index, queries = split_and_train(parts, trained, config.factory, plan.train_size, config.seed)
+    return index, _save_quantizer(index, work_dir), queries
+
+
+def _save_quantizer(index: faiss.Index, work_dir: str) -> str:
     quantizer = os.path.join(work_dir, "quantizer.faiss")
     faiss.write_index(index, quantizer)
-    return index, quantizer, queries
+    return quantizer
 
 
 def build_full(
@@ -306,7 +313,7 @@ def build_full(
                 _, vectors, keep = live.read(shard)
                 parts.append(vectors[picks][keep[picks]])
     index, quantizer, queries = _train(parts, trained, config, plan, work_dir, timer)
-    writer = SegmentWriter(index, 1, work_dir)
+    writer = SegmentWriter(index, 1, work_dir, config.keep_vectors)
     with (
         assigning_on_gpus(writer.index),
         timer("add"),
@@ -325,10 +332,17 @@ def build_full(
         # The exact top-k of the held-out queries, accumulated over the same pass; positions are segment rows.
         scores, rows = knn_ground_truth(queries, added(), min(max(RECALL_K), plan.vectors), faiss.METRIC_INNER_PRODUCT)
     exact = exact_ids(scores, rows, writer.seq, writer.rows)
+    segment = writer.close()
     with timer("measure"):
         recall = measure_recall(writer.index, queries, exact, config.nprobe)
+        stored = (
+            {segment.seq: open_vectors(segment.paths[VECTORS_FILE], segment.rows, plan.dim, f"segment {segment.seq}")}
+            if config.refine_k
+            else {}
+        )
+        refined = measure_refined(writer.index, queries, exact, config, stored)
         error = distortion(writer.index, queries)
-    return Built(quantizer, [writer.close()], np.empty(0, np.int64), recall, writer.rows, error, error)
+    return Built(quantizer, [segment], np.empty(0, np.int64), recall, refined, writer.rows, error, error)
 
 
 def build_distributed(
@@ -348,26 +362,31 @@ def build_distributed(
     links = ray.put(live.links)
     resources = {"num_cpus": config.add_cpus, "num_gpus": config.add_gpus}
     log.info("%d add tasks of at most %d vectors each", len(groups), config.segment_vectors)
-    with timer("sample"):
+    with timer("train"):
         positions = sample_positions(live.stored_rows, plan.train_size + plan.queries, config.seed)
         sampler = ray.remote(sample_group).options(num_cpus=config.add_cpus)
-        parts = get(
-            [
-                sampler.remote(root, options, links, group, [positions[s] for s in group])
-                for group in groups
-                if any(len(positions[s]) for s in group)
-            ]
-        )
-    index, quantizer, queries = _train([p for p in parts if p is not None], trained, config, plan, work_dir, timer)
+        parts = [
+            sampler.remote(root, options, links, group, [positions[s] for s in group])
+            for group in groups
+            if any(len(positions[s]) for s in group)
+        ]
+        trainer = ray.remote(train_sample).options(num_cpus=config.train_cpus, num_gpus=config.train_gpus)
+        reused = faiss.serialize_index(trained) if trained is not None else None
+        [fit] = get([trainer.remote(config.factory, plan.train_size, config.seed, reused, *parts)])
+        del parts
+    log.info("trained on node %s with %d GPU(s) in %.1fs", fit.node, fit.gpus, fit.seconds)
+    index, queries = faiss.deserialize_index(fit.index), fit.queries
+    quantizer = _save_quantizer(index, work_dir)
     k = min(max(RECALL_K), plan.vectors)
-    serialized, held_out = ray.put(faiss.serialize_index(index)), ray.put(queries)
+    settings = AddSettings(config.nprobe, k, config.refine_k, config.keep_vectors)
+    serialized, held_out = ray.put(fit.index), ray.put(queries)
     adder = ray.remote(add_group).options(**resources)
     with (
         timer("add"),
         tqdm(total=plan.vectors, desc="add", unit=" vectors", unit_scale=True, mininterval=2) as bar,
     ):
         pending = [
-            adder.remote(root, options, links, group, seq, serialized, held_out, config.nprobe, k)
+            adder.remote(root, options, links, group, seq, serialized, held_out, settings)
             for seq, group in enumerate(groups, start=1)
         ]
         added: list[AddedSegment] = []
@@ -386,6 +405,10 @@ def build_distributed(
         _, exact = merge_topk([a.exact for a in added], k)
         _, ann = merge_topk([a.ann for a in added], k)
         recall = {r: recall_at(ann, exact, r) for r in RECALL_K}
+        refined = {}
+        if config.refine_k:
+            refined_ids = refine_merged([a.candidates for a in added], max(k, config.refine_k), k)
+            refined = {r: recall_at(refined_ids, exact, r) for r in RECALL_K}
         error = distortion(index, queries)
     log.info(
         "add tasks: %d on %d node(s), peak worker RSS %.0f MiB",
@@ -399,6 +422,7 @@ def build_distributed(
         [SegmentRef(a.segment.name, a.segment.seq, a.segment.rows) for a in kept],
         np.empty(0, np.int64),
         recall,
+        refined,
         sum(a.segment.rows for a in added),
         error,
         error,
@@ -420,7 +444,7 @@ def build_delta(
     paths, _ = fetch_verified(storage, [quantizer_entry], cache)
     quantizer = faiss.read_index(paths[previous.quantizer])
     segments = segments_of(previous)
-    writer = SegmentWriter(quantizer, max((s.seq for s in segments), default=0) + 1, work_dir)
+    writer = SegmentWriter(quantizer, max((s.seq for s in segments), default=0) + 1, work_dir, config.keep_vectors)
     live = LiveEmbeddings(storage, deltas)
     added = []
     with timer("add"):
@@ -433,6 +457,11 @@ def build_delta(
     # them): the quantizer's fit to the version's rows is compared instead with its fit when recall was last
     # measured, as the full build's recall is measured over the whole corpus.
     recall = {10: previous.recall_at_10, 100: previous.recall_at_100}
+    refined = (
+        {10: previous.refined_recall_at_10, 100: previous.refined_recall_at_100}
+        if previous.refined_recall_at_100 is not None and previous.refine_k == config.refine_k
+        else {}
+    )
     reference = previous.reference_distortion
     with timer("measure"):
         vectors = np.concatenate(added) if added else np.empty((0, quantizer.d), np.float32)
@@ -460,7 +489,7 @@ def build_delta(
             dead.append(faiss_ids(segment.seq, 0, segment.rows)[rows])
         dead_ids = np.unique(np.concatenate(dead)) if dead else np.empty(0, np.int64)
     new = [writer.close()] if writer.rows else []
-    return Built(quantizer_entry, [*segments, *new], dead_ids, recall, writer.rows, reference, error)
+    return Built(quantizer_entry, [*segments, *new], dead_ids, recall, refined, writer.rows, reference, error)
 
 
 def compact(
@@ -478,14 +507,15 @@ def compact(
                 files[s.file(n)]
                 for s in built.segments
                 if isinstance(s, SegmentRef)
-                for n in (IVF_FILE, DOCSTORE_FILE, KEYS_FILE)
+                for n in (IVF_FILE, DOCSTORE_FILE, KEYS_FILE, VECTORS_FILE)
+                if s.file(n) in files
             ],
             os.path.join(work_dir, "published"),
         )[0]
         local = {s.seq: s.paths for s in built.segments if isinstance(s, LocalSegment)}
 
-        def path(segment, name: str) -> str:
-            return local[segment.seq][name] if segment.seq in local else paths[segment.file(name)]
+        def path(segment, name: str) -> str | None:
+            return local[segment.seq].get(name) if segment.seq in local else paths.get(segment.file(name))
 
         quantizer = faiss.read_index(
             built.quantizer
@@ -499,6 +529,9 @@ def compact(
         directory = os.path.join(work_dir, f"segment-{seq:06d}")
         os.makedirs(directory, exist_ok=True)
         remap, sources, keys, rows = {}, [], [], 0
+        # The live rows' vectors are copied too, when every merged segment kept them (refine stays possible).
+        with_vectors = all(path(segment, VECTORS_FILE) for segment in built.segments)
+        vectors = VectorWriter(os.path.join(directory, VECTORS_FILE), ivf.d) if with_vectors else None
         with (
             pa.OSFile(os.path.join(directory, DOCSTORE_FILE), "wb") as sink,
             pa.ipc.new_file(sink, DOCSTORE_SCHEMA) as out,
@@ -511,6 +544,12 @@ def compact(
                 docstore = pa.ipc.open_file(pa.memory_map(path(segment, DOCSTORE_FILE), "r")).read_all()
                 out.write_table(docstore.filter(pa.array(alive)))
                 keys.append(read_npy_file(path(segment, KEYS_FILE), np.uint64, segment.name)[alive])
+                if vectors is not None:
+                    stored = open_vectors(path(segment, VECTORS_FILE), segment.rows, ivf.d, f"segment {segment.seq}")
+                    for start in range(0, segment.rows, 65536):  # bounded memory, whatever the segment's size
+                        vectors.add(stored[start : start + 65536][alive[start : start + 65536]])
+        if vectors is not None:
+            vectors.close()
         merged = copy_live_codes(sources, remap, seq, ivf.nlist, ivf.code_size)
         segment = finish_segment(seq, rows, merged, keys, directory)
     dead_seqs, _ = split_ids(built.dead)
@@ -619,6 +658,8 @@ def settings_digest(config: IndexConfig) -> str:
                 "train_size": config.train_size,
                 "queries": config.queries,
                 "seed": config.seed,
+                "keep_vectors": config.keep_vectors,
+                "refine_k": config.refine_k,
             },
             sort_keys=True,
         ).encode()
@@ -744,11 +785,13 @@ def run_build_index(config: PipelineConfig) -> dict[str, Any]:
         built, trained_from, mode = _build(storage, mode, links, start, previous, config.index, plan, work_dir, timer)
         recall = built.recall[100]
         log.info("recall@10 %.4f, recall@100 %.4f vs exact at nprobe %d", built.recall[10], recall, config.index.nprobe)
-        if recall < config.index.min_recall:
+        if built.refined:
+            log.info("refine_k %d: recall@10 %.4f, recall@100 %.4f", config.index.refine_k, *built.refined.values())
+        if built.gated_recall < config.index.min_recall:
             raise PipelineError(
-                f"recall@100 {recall:.4f} of {config.index.factory} at nprobe "
-                f"{config.index.nprobe} is below index.min_recall {config.index.min_recall}: "
-                f"version {version} not published"
+                f"recall@100 {built.gated_recall:.4f} of {config.index.factory} at nprobe {config.index.nprobe}"
+                f"{f' refined from {config.index.refine_k}' if built.refined else ''} is below index.min_recall "
+                f"{config.index.min_recall}: version {version} not published"
             )
         previous_files = {**(files_of(previous[1]) if previous else {}), **built.uploaded}
         dead_seqs = split_ids(built.dead)[0]
@@ -786,6 +829,9 @@ def run_build_index(config: PipelineConfig) -> dict[str, Any]:
                     "queries": plan.queries,
                     "recall_at_10": built.recall[10],
                     "recall_at_100": recall,
+                    "refine_k": config.index.refine_k if built.refined else 0,
+                    "refined_recall_at_10": built.refined.get(10),
+                    "refined_recall_at_100": built.refined.get(100),
                     "reference_distortion": built.reference_distortion,
                     "distortion": built.distortion,
                     "bytes_per_vector": bytes_per_vector,
@@ -807,6 +853,7 @@ def run_build_index(config: PipelineConfig) -> dict[str, Any]:
         "added": built.new_rows,
         "recall_at_10": round(built.recall[10], 4),
         "recall_at_100": round(recall, 4),
+        **{f"refined_recall_at_{r}": round(value, 4) for r, value in built.refined.items()},
         "distortion": round(built.distortion, 5),
         "bytes_per_vector": bytes_per_vector,
         "bytes_written": written + built.written,
@@ -873,8 +920,8 @@ def _build(
             0
         ][manifest.quantizer]
         built = full(live, config, plan, work_dir, timer, faiss.read_index(path))
-        if built.recall[100] >= config.min_recall:
-            log.info("reused the quantizer trained for %s (recall@100 %.4f)", version, built.recall[100])
+        if built.gated_recall >= config.min_recall:
+            log.info("reused the quantizer trained for %s (recall@100 %.4f)", version, built.gated_recall)
             return built, manifest.trained_from or version, "full"
         log.info(
             "the quantizer of %s gives recall@100 %.4f on the new vectors, below %.2f: retraining",

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
 
@@ -171,7 +171,20 @@ class IndexConfig(Section):
     nprobe: int = Field(64, gt=0, description="search-time nprobe, stored with the index")
     train_size: int = Field(1_000_000, gt=0, description="cap on training vectors (>= 39 per centroid wanted)")
     queries: int = Field(1000, gt=0, description="held-out corpus vectors used to measure recall vs exact search")
-    min_recall: float = Field(0.9, ge=0, le=1, description="recall@100 below this is not published")
+    min_recall: float = Field(
+        0.9, ge=0, le=1, description="recall@100 below this is not published (refined recall with refine_k)"
+    )
+    keep_vectors: bool = Field(
+        True,
+        description="store each segment's vectors in fp16 beside its codes (2 bytes x dim a vector, on the "
+        "replicas' disks, read through the page cache) so searches can re-score their candidates exactly",
+    )
+    refine_k: int = Field(
+        0,
+        ge=0,
+        description="IVF-PQ candidates re-scored exactly per search (e.g. 4 x k; 0 = off): the build measures "
+        "recall with it and records it, and Serve and jobs.evaluate use it unless they set their own",
+    )
     max_memory: ByteSize = Field(32 * 2**30, gt=0, description="refuse to build when the estimate exceeds this (8GiB)")
     seed: int = 0
     reuse_trained: bool = Field(
@@ -194,6 +207,10 @@ class IndexConfig(Section):
     )
     add_cpus: float = Field(1, gt=0, description="CPUs per add task (faiss threads)")
     add_gpus: float = Field(0, ge=0, description="GPUs per add task: coarse assignment runs on them (faiss GPU build)")
+    train_cpus: float = Field(1, gt=0, description="CPUs of the distributed build's training task (faiss threads)")
+    train_gpus: float = Field(
+        0, ge=0, description="GPUs of the distributed build's training task: k-means runs on them (faiss GPU build)"
+    )
     max_segments: int = Field(
         8, gt=0, description="small segments (under half of segment_vectors) a version may list before they are merged"
     )
@@ -206,6 +223,12 @@ class IndexConfig(Section):
     compact: Literal["auto", "always", "never"] = Field(
         "auto", description="merge segments past the two limits above (auto), now (always) or never"
     )
+
+    @model_validator(mode="after")
+    def _refine_needs_vectors(self) -> IndexConfig:
+        if self.refine_k and not self.keep_vectors:
+            raise ValueError("refine_k re-scores with the stored vectors: set keep_vectors true, or refine_k 0")
+        return self
 
 
 class ServeConfig(Section):
@@ -240,8 +263,19 @@ class ServeConfig(Section):
         description="index shards: a Retriever deployment each (retriever_replicas replicas of retriever_cpus), "
         "holding the segments assigned to it (balanced by vectors); the ingress searches all and merges",
     )
+    shard_resources: list[dict[str, float]] = Field(
+        default_factory=list,
+        description="custom Ray resources of each shard's replicas, one map per shard (e.g. [{shard0: 1}, {shard1: "
+        "1}] with a worker group per shard started with those resources); empty = wherever they fit",
+    )
     shard_timeout_s: float = Field(
         10, gt=0, description="an index shard that does not answer within this gets a 503 naming it"
+    )
+    refine_k: int | None = Field(
+        None,
+        ge=0,
+        description="IVF-PQ candidates re-scored exactly per question (0 = off; null = the index's own "
+        "index.refine_k); with shards, each shard re-scores its own candidates",
     )
     reader_replicas: int = Field(1, gt=0)
     encoder_gpus: float = Field(0, ge=0, description="GPUs per question-encoder replica (1 on a GPU cluster)")
@@ -249,6 +283,14 @@ class ServeConfig(Section):
     retriever_cpus: float = Field(1, ge=0, description="CPUs per retriever replica (FAISS search threads)")
     reader_gpus: float = Field(0, ge=0)
     reader_cpus: float = Field(1, ge=0)
+
+    @model_validator(mode="after")
+    def _a_resource_map_per_shard(self) -> ServeConfig:
+        if self.shard_resources and len(self.shard_resources) != self.shards:
+            raise ValueError(
+                f"shard_resources lists {len(self.shard_resources)} maps for {self.shards} shards: give one per shard"
+            )
+        return self
 
 
 class NightlyConfig(Section):
@@ -281,6 +323,9 @@ class EvaluateConfig(Section):
     )
     index_version: str | None = Field(None, description="index to evaluate (default: indexes/LATEST)")
     cache_dir: str = Field("/tmp/dpr-pipeline-index-cache", description="local copies of index versions")
+    refine_k: int | None = Field(
+        None, ge=0, description="candidates re-scored exactly for the refined row (null = the index's refine_k)"
+    )
 
     @field_validator("k")
     @classmethod

@@ -234,16 +234,23 @@ def run_evaluate(config: PipelineConfig) -> dict[str, Any]:
     vectors = TextEncoder(settings).encode(None, [q.question for q in questions])
     ann_scores, ann_rows = index.search(vectors, depth)
     ann_seconds = time.perf_counter() - started
+    refine_k = index.manifest.refine_k if ev.refine_k is None else ev.refine_k
+    searched = {"ann": (ann_scores, ann_rows)}
+    if refine_k:
+        searched["refined"] = index.search(vectors, depth, refine_k)
     # exact search over the very vectors the index was built from (its lineage), delta chains resolved
     live = LiveEmbeddings(storage, embedding_chain(storage, index.manifest.snapshot, index.manifest.fingerprint))
     exact_scores, exact_rows = exact_search(live, vectors, depth)
-    ann = dpr_results(questions, ann_scores, ann_rows, index.passages(ann_rows[ann_rows >= 0]), ev.match)
-    exact = dpr_results(
+    results = {
+        name: dpr_results(questions, scores, rows, index.passages(rows[rows >= 0]), ev.match)
+        for name, (scores, rows) in searched.items()
+    }
+    results["exact"] = dpr_results(
         questions, exact_scores, exact_rows, exact_passages(live, exact_rows[exact_rows >= 0]), ev.match
     )
     accuracy = {
         name: top_k_accuracy([[c["has_answer"] for c in r["ctxs"]] for r in records], ks)
-        for name, records in (("ann", ann), ("exact", exact))
+        for name, records in results.items()
     }
     report = {
         "index_version": version,
@@ -252,21 +259,37 @@ def run_evaluate(config: PipelineConfig) -> dict[str, Any]:
         "match": ev.match,
         "factory": index.manifest.factory,
         "nprobe": index.manifest.nprobe,
+        "refine_k": refine_k,
         "top_k": {name: {str(k): round(v, 4) for k, v in acc.items()} for name, acc in accuracy.items()},
         "difference_points": {str(k): round(100 * (accuracy["exact"][k] - accuracy["ann"][k]), 2) for k in ks},
+        **(
+            {
+                "refined_difference_points": {
+                    str(k): round(100 * (accuracy["exact"][k] - accuracy["refined"][k]), 2) for k in ks
+                }
+            }
+            if "refined" in accuracy
+            else {}
+        ),
         "questions_per_s": round(len(questions) / ann_seconds, 1),
     }
     output = ev.output or storage.url("evaluations", version)
     out_fs, out_path = resolve(output, config.storage.options)
+    labels = {
+        "ann": f"IVF-PQ ({report['factory']}, nprobe {report['nprobe']})",
+        "refined": f"IVF-PQ, {refine_k} candidates re-scored exactly",
+        "exact": "exact inner product",
+    }
     files = {
-        "retriever_results.json": json.dumps(ann, ensure_ascii=False, indent=1).encode(),
-        "retriever_results_exact.json": json.dumps(exact, ensure_ascii=False, indent=1).encode(),
+        **{
+            f"retriever_results{'' if name == 'ann' else '_' + name}.json": json.dumps(
+                records, ensure_ascii=False, indent=1
+            ).encode()
+            for name, records in results.items()
+        },
         "report.json": json.dumps(report, indent=1).encode(),
         "top_k_accuracy.png": plot_accuracy(
-            {
-                f"IVF-PQ ({report['factory']}, nprobe {report['nprobe']})": list(accuracy["ann"].values()),
-                "exact inner product": list(accuracy["exact"].values()),
-            },
+            {labels[name]: list(values.values()) for name, values in accuracy.items()},
             ks,
             f"{len(questions)} questions, index {version}",
         ),
@@ -274,12 +297,13 @@ def run_evaluate(config: PipelineConfig) -> dict[str, Any]:
     out_fs.makedirs(out_path, exist_ok=True)
     for name, data in files.items():
         out_fs.pipe_file(posixpath.join(out_path, name), data)
-    summary = {f"top{k}_{name}": round(accuracy[name][k], 4) for k in ks for name in ("ann", "exact")}
+    summary = {f"top{k}_{name}": round(accuracy[name][k], 4) for k in ks for name in accuracy}
     return {
         "questions": len(questions),
         "index_version": version,
         **summary,
         "difference_points": report["difference_points"],
+        **{key: report[key] for key in ("refine_k", "refined_difference_points") if key in report},
         "questions_per_s": report["questions_per_s"],
         "output": output.rstrip("/"),
         "results": posixpath.join(output.rstrip("/"), "retriever_results.json"),

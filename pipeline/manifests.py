@@ -102,6 +102,9 @@ class IndexManifest(Manifest):
     queries: int
     recall_at_10: float
     recall_at_100: float
+    refine_k: int = 0  # IVF-PQ candidates re-scored exactly (0: searched without refine)
+    refined_recall_at_10: float | None = None  # the recall that refine_k gives
+    refined_recall_at_100: float | None = None
     reference_distortion: float | None = None
     distortion: float | None = None
     bytes_per_vector: float

@@ -16,9 +16,11 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from typing import Any
 
 from pipeline.build_index import PhaseTimer, run_build_index
@@ -144,7 +146,20 @@ def _http_json(
     return json.loads(raw) if raw else None
 
 
-def with_index_version(deploy_config: dict[str, Any], app: str, version: str, shards: int = 1) -> dict[str, Any]:
+def index_shards(app_details: dict[str, Any], shards: int) -> list[str]:
+    """The app's index-shard deployments as Serve reports them running (`Retriever`, or `Retriever0..N-1`), so the
+    nightly updates the shards the app has, whatever this job's own `serve.shards` says; the config's when Serve
+    lists none yet (pure)."""
+    running = sorted(
+        (name for name in app_details.get("deployments") or {} if re.fullmatch(r"Retriever\d*", name)),
+        key=lambda name: int(name.removeprefix("Retriever") or 0),
+    )
+    return running or retriever_names(shards)
+
+
+def with_index_version(
+    deploy_config: dict[str, Any], app: str, version: str, retrievers: Sequence[str] = ("Retriever",)
+) -> dict[str, Any]:
     """The Serve deploy config with only the app's Retriever `user_config.index_version` changed, on every index
     shard's deployment (pure)."""
     applications = [dict(a) for a in deploy_config["applications"]]
@@ -155,7 +170,7 @@ def with_index_version(deploy_config: dict[str, Any], app: str, version: str, sh
             f"(found {[a.get('name') for a in applications]}): check nightly.serve_app"
         )
     deployments = [dict(d) for d in target.get("deployments", [])]
-    for name in retriever_names(shards):
+    for name in retrievers:
         retriever = next((d for d in deployments if d.get("name") == name), None)
         if retriever is None:
             retriever = {"name": name}
@@ -185,7 +200,12 @@ def point_serve_at(config: PipelineConfig, version: str) -> dict[str, Any]:
     _http_json(
         "PUT",
         f"{base}/api/serve/applications/",
-        with_index_version({**current, "applications": deployed}, night.serve_app, version, config.serve.shards),
+        with_index_version(
+            {**current, "applications": deployed},
+            night.serve_app,
+            version,
+            index_shards(applications.get(night.serve_app, {}), config.serve.shards),
+        ),
     )
     host = "127.0.0.1" if config.serve.host == "0.0.0.0" else config.serve.host
     url = (night.serve_url or f"http://{host}:{config.serve.port}").rstrip("/") + "/v1/index"

@@ -5,7 +5,9 @@ A version (`indexes/<version>/manifest.json`) lists, by sha256, everything it ne
   once per training and shared by every version and segment built on it;
 - its segments, immutable and content-addressed: `segments/<seq>-<hash>/` with `ivf.bin` (FAISS inverted lists
   only: codes and ids), `docstore.arrow` (id, title, text; row i = the segment's row i, memory-mapped) and
-  `keys.npy` (the 64-bit key of each row's passage id, to find rows to tombstone);
+  `keys.npy` (the 64-bit key of each row's passage id, to find rows to tombstone) and `vectors.npy` (each row's
+  vector in fp16, unless built with `index.keep_vectors: false`: a search re-scores its IVF-PQ candidates exactly
+  from them, memory-mapped, when asked for `refine_k` candidates);
 - `tombstones.npy`: FAISS ids of rows that are dead in this version (deleted or replaced by a newer segment).
 
 A FAISS id is `seq << 40 | row`, so ids stay unique across segments even when a changed passage lives in two
@@ -18,6 +20,7 @@ same scores as a from-scratch build of the same passages.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import posixpath
@@ -37,6 +40,7 @@ from pipeline.storage import Storage, sha256_file
 log = logging.getLogger(__name__)
 
 IVF_FILE, DOCSTORE_FILE, KEYS_FILE, TOMBSTONES_FILE = "ivf.bin", "docstore.arrow", "keys.npy", "tombstones.npy"
+VECTORS_FILE = "vectors.npy"
 DOCSTORE_SCHEMA = pa.schema([("id", pa.string()), ("title", pa.string()), ("text", pa.string())])
 SEQ_SHIFT = 40
 ROW_MASK = (1 << SEQ_SHIFT) - 1
@@ -115,6 +119,43 @@ def copy_live_codes(
     return merged
 
 
+def exact_scores(queries: np.ndarray, ids: np.ndarray, stored: dict[int, np.ndarray]) -> np.ndarray:
+    """Each candidate's exact inner product with its query, from the stored fp16 vectors (`seq` → [rows, d], memory-
+    mapped: only the candidates' rows are read, in ascending order); -inf where the id is -1."""
+    scores = np.full(ids.shape, -np.inf, dtype=np.float32)
+    seqs, rows = split_ids(ids)
+    for seq in np.unique(seqs[ids >= 0]):
+        at = np.nonzero((seqs == seq) & (ids >= 0))
+        wanted, inverse = np.unique(rows[at], return_inverse=True)
+        vectors = np.asarray(stored[int(seq)][wanted], dtype=np.float32)[inverse]
+        scores[at] = np.einsum("ij,ij->i", np.asarray(queries, dtype=np.float32)[at[0]], vectors)
+    return scores
+
+
+def best_by_score(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k best (score descending, ties to the smaller id, -1 ids last) as (scores, ids)."""
+    order = np.lexsort((np.where(ids >= 0, ids, np.iinfo(np.int64).max), -scores), axis=-1)[:, :k]
+    best = np.take_along_axis(scores, order, axis=1)
+    return best, np.where(np.isfinite(best), np.take_along_axis(ids, order, axis=1), -1)
+
+
+def rescore(
+    queries: np.ndarray, ids: np.ndarray, k: int, stored: dict[int, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Refine: the k best of each query's IVF-PQ candidates by exact inner product."""
+    return best_by_score(exact_scores(queries, ids, stored), ids, k)
+
+
+def open_vectors(path: str, rows: int, dim: int, where: str) -> np.ndarray:
+    """A segment's fp16 vectors, memory-mapped (a file already checked against its manifest's sha256)."""
+    vectors = np.load(path, mmap_mode="r", allow_pickle=False)
+    if vectors.shape != (rows, dim) or vectors.dtype != np.float16:
+        raise PipelineError(
+            f"{where}: vectors of shape {vectors.shape} {vectors.dtype} for {rows} rows of {dim} float16"
+        )
+    return vectors
+
+
 # -- writing -------------------------------------------------------------------------------------------------------
 @dataclass
 class LocalSegment:
@@ -131,17 +172,45 @@ class LocalSegment:
         return f"segments/{self.seq:06d}-{digest.hexdigest()[:16]}"
 
 
-class SegmentWriter:
-    """Adds vectors to a copy of the trained quantizer under ids `seq << 40 | row`, and writes the docstore part
-    and the keys in the same row order."""
+class VectorWriter:
+    """fp16 vectors appended in row order to a .npy whose header, written by numpy, is rewritten at the end with
+    the row count (a fixed 128 bytes for any 2-D shape): the vectors stream to disk, never held."""
 
-    def __init__(self, quantizer: faiss.Index, seq: int, work_dir: str):
+    def __init__(self, path: str, dim: int):
+        self.path, self.dim, self.rows = path, dim, 0
+        self._file = open(path, "wb")
+        self._file.write(self._header())
+
+    def _header(self) -> bytes:
+        buffer = io.BytesIO()
+        header = {"descr": np.dtype(np.float16).str, "fortran_order": False, "shape": (self.rows, self.dim)}
+        np.lib.format.write_array_header_1_0(buffer, header)
+        if buffer.tell() != 128:
+            raise PipelineError(f"{self.path}: unexpected .npy header size {buffer.tell()}")
+        return buffer.getvalue()
+
+    def add(self, vectors: np.ndarray) -> None:
+        self._file.write(np.ascontiguousarray(vectors, dtype=np.float16).tobytes())
+        self.rows += len(vectors)
+
+    def close(self) -> None:
+        self._file.seek(0)
+        self._file.write(self._header())
+        self._file.close()
+
+
+class SegmentWriter:
+    """Adds vectors to a copy of the trained quantizer under ids `seq << 40 | row`, and writes the docstore part,
+    the keys and (with `keep_vectors`) the fp16 vectors in the same row order."""
+
+    def __init__(self, quantizer: faiss.Index, seq: int, work_dir: str, keep_vectors: bool = True):
         self.index, self.seq, self.rows = faiss.clone_index(quantizer), seq, 0
         self.directory = os.path.join(work_dir, f"segment-{seq:06d}")
         os.makedirs(self.directory, exist_ok=True)
         self._sink = pa.OSFile(os.path.join(self.directory, DOCSTORE_FILE), "wb")
         self._docstore = pa.ipc.new_file(self._sink, DOCSTORE_SCHEMA)
         self._keys: list[np.ndarray] = []
+        self._vectors = VectorWriter(os.path.join(self.directory, VECTORS_FILE), quantizer.d) if keep_vectors else None
 
     def add(self, vectors: np.ndarray, passages: pa.Table) -> np.ndarray:
         """Returns the FAISS ids given to the rows."""
@@ -149,20 +218,26 @@ class SegmentWriter:
         self.index.add_with_ids(vectors, ids)
         self._docstore.write_table(passages.select(DOCSTORE_SCHEMA.names))
         self._keys.append(keys_of(passages.column("id").to_pylist()))
+        if self._vectors is not None:
+            self._vectors.add(vectors)
         self.rows += len(vectors)
         return ids
 
     def close(self) -> LocalSegment:
         self._docstore.close()
         self._sink.close()
+        if self._vectors is not None:
+            self._vectors.close()
         return finish_segment(self.seq, self.rows, ivf_of(self.index).invlists, self._keys, self.directory)
 
 
 def finish_segment(
     seq: int, rows: int, invlists: faiss.InvertedLists, keys: list[np.ndarray], directory: str
 ) -> LocalSegment:
-    """Write the inverted lists and keys beside an already written docstore."""
-    paths = {name: os.path.join(directory, name) for name in (IVF_FILE, DOCSTORE_FILE, KEYS_FILE)}
+    """Write the inverted lists and keys beside an already written docstore (and vectors, when kept)."""
+    paths = {name: os.path.join(directory, name) for name in (IVF_FILE, DOCSTORE_FILE, KEYS_FILE, VECTORS_FILE)}
+    if not os.path.exists(paths[VECTORS_FILE]):
+        del paths[VECTORS_FILE]
     write_invlists(invlists, paths[IVF_FILE])
     with open(paths[KEYS_FILE], "wb") as handle:
         handle.write(npy_bytes(np.concatenate(keys) if keys else np.empty(0, np.uint64)))
@@ -223,6 +298,7 @@ class PublishedIndex:
     docstores: dict[int, pa.Table]  # seq → the segment's docstore, row i = FAISS id (seq << 40 | i)
     dead: np.ndarray  # sorted FAISS ids of tombstoned rows
     fetched: int = 0  # bytes downloaded to load it (what the cache lacked)
+    stored: dict[int, np.ndarray] = field(default_factory=dict)  # seq → fp16 [rows, d], memory-mapped (refine)
     _params: faiss.SearchParameters = None
     _keep: list = field(default_factory=list)  # the C++ objects the index and the parameters point into
 
@@ -235,9 +311,22 @@ class PublishedIndex:
         """Live vectors (stored minus tombstoned)."""
         return int(self.index.ntotal) - len(self.dead)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, FAISS ids) best first; -1 where fewer than k live vectors were found."""
-        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=self._params)
+    def search(self, queries: np.ndarray, k: int, refine_k: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, FAISS ids) best first; -1 where fewer than k live vectors were found. With `refine_k`, the
+        IVF-PQ search returns that many candidates (at least k), re-scored exactly (`rescore`)."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if not refine_k:
+            return self.index.search(queries, k, params=self._params)
+        if len(self.stored) != len(self.docstores):
+            raise PipelineError(
+                f"index {self.version} keeps no vectors to re-score with (built with index.keep_vectors: false): "
+                "set refine_k to 0"
+            )
+        _, candidates = self.index.search(queries, max(k, refine_k), params=self._params)
+        return self.rescore(queries, candidates, k)
+
+    def rescore(self, queries: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return rescore(queries, ids, k, self.stored)
 
     def passages(self, ids: Sequence[int]) -> pa.Table:
         """id, title, text of each FAISS id, in the order given (zero-copy takes from the segments' docstores)."""
@@ -303,7 +392,8 @@ def load_published(
         needed = manifest.files
     else:
         files = files_of(manifest)
-        names = [manifest.quantizer, *(s.file(n) for s in segments for n in (IVF_FILE, DOCSTORE_FILE, KEYS_FILE))]
+        kinds = (IVF_FILE, DOCSTORE_FILE, KEYS_FILE, VECTORS_FILE)
+        names = [manifest.quantizer, *(s.file(n) for s in segments for n in kinds if s.file(n) in files)]
         needed = [files[name] for name in names + ([manifest.tombstones] if manifest.tombstones else [])]
     try:
         paths, fetched = fetch_verified(storage, needed, cache_dir)
@@ -328,6 +418,13 @@ def load_published(
                 f"index {version}: {segment.name} has {table.num_rows} docstore rows for {segment.rows} vectors"
             )
         docstores[segment.seq] = table
+    vectors = {
+        segment.seq: open_vectors(
+            paths[segment.file(VECTORS_FILE)], segment.rows, index.d, f"index {version}: {segment.name}"
+        )
+        for segment in segments
+        if segment.file(VECTORS_FILE) in paths
+    }
     tombstones = manifest.tombstones
     dead = read_npy_file(paths[tombstones], np.int64, tombstones) if tombstones else np.empty(0, np.int64)
     dead = dead[np.isin(split_ids(dead)[0], [s.seq for s in segments])]  # this shard's dead rows
@@ -342,7 +439,15 @@ def load_published(
         fetched,
     )
     return PublishedIndex(
-        version, manifest, index, docstores, np.sort(dead), fetched, params, [invlists, stacked, hstack, *keep]
+        version,
+        manifest,
+        index,
+        docstores,
+        np.sort(dead),
+        fetched,
+        vectors,
+        params,
+        [invlists, stacked, hstack, *keep],
     )
 
 

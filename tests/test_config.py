@@ -58,6 +58,8 @@ def test_later_override_wins():
         ({"ingest": {}}, [], "missing key 'storage'"),
         ({"storage": {"root": "/x"}}, ["storage.root.deeper=1"], "'storage.root' is not a section"),
         ({"storage": {"root": "/x"}}, ["novalue"], "dotted.key=value"),
+        ({"storage": {"root": "/x"}}, ["index.refine_k=40", "index.keep_vectors=false"], "set keep_vectors true"),
+        ({"storage": {"root": "/x"}}, ["serve.shards=3", "serve.shard_resources=[{a: 1}]"], "1 maps for 3 shards"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, data, overrides, message):

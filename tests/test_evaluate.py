@@ -137,6 +137,7 @@ def test_evaluate_job_end_to_end(tmp_path, s3_endpoint, s3_bucket, ray_address):
                 "output": output,
                 "k": [1, 5, 20, 100],
                 "cache_dir": str(tmp_path / "cache"),
+                "refine_k": 200,
             },
         },
     )
@@ -172,3 +173,17 @@ def test_evaluate_job_end_to_end(tmp_path, s3_endpoint, s3_bucket, ray_address):
     assert report["top_k"]["exact"]["20"] == summary["top20_exact"]
     assert report["difference_points"]["20"] == pytest.approx(100 * (summary["top20_exact"] - summary["top20_ann"]))
     assert fs.cat_file(f"{s3_bucket}/eval-out/top_k_accuracy.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    # refined: the same probed lists, re-scored exactly (the fp16 copies: within their rounding of the exact score)
+    refined = json.loads(fs.cat_file(f"{s3_bucket}/eval-out/retriever_results_refined.json"))
+    assert summary["refine_k"] == report["refine_k"] == 200 and len(refined) == len(picked)
+    for record, plain, truth in zip(refined, ann, exact):
+        exact_score = {c["id"]: float(c["score"]) for c in truth["ctxs"]}
+        scores = [float(c["score"]) for c in record["ctxs"]]
+        assert scores == sorted(scores, reverse=True)
+        if len(plain["ctxs"]) < 100:  # the one list probed held them all: the same candidates, in exact order
+            assert {c["id"] for c in record["ctxs"]} == {c["id"] for c in plain["ctxs"]}
+        in_both = [c for c in record["ctxs"] if c["id"] in exact_score]
+        assert in_both and all(abs(float(c["score"]) - exact_score[c["id"]]) < 5e-3 for c in in_both)
+    assert report["refined_difference_points"]["20"] == pytest.approx(
+        100 * (summary["top20_exact"] - summary["top20_refined"])
+    )

@@ -10,8 +10,8 @@ import s3fs
 from pipeline.build_index import plan_build, plan_compaction, plan_index, recall_at, sample_positions
 from pipeline.config import IndexConfig
 from pipeline.errors import PipelineError
-from pipeline.index_workers import merge_topk, plan_groups
-from pipeline.segments import load_published
+from pipeline.index_workers import merge_topk, plan_groups, refine_merged
+from pipeline.segments import ROW_MASK, load_published
 from pipeline.storage import Storage
 from tests.helpers import kill_when_logged, run_job, synthetic_rows, write_config, write_tsv
 
@@ -147,6 +147,7 @@ def test_memory_estimate_refuses_before_building(encoded):
         ("ivf.bin", "flip", "ivf.bin: checksum mismatch"),  # a segment's inverted lists
         ("docstore.arrow", "flip", "docstore.arrow: checksum mismatch"),
         ("ivf.bin", "truncate", "ivf.bin: checksum mismatch"),
+        ("vectors.npy", "flip", "vectors.npy: checksum mismatch"),  # the fp16 copies refine reads
         ("manifest.json", "truncate", "unreadable manifest"),
     ],
 )
@@ -349,7 +350,7 @@ def test_delta_gate_reads_the_quantizers_fit_at_any_number_of_new_rows():
 def test_a_distributed_build_publishes_what_the_one_process_build_does(encoded):
     """Add tasks on the Ray cluster, one segment per group of shards: the same quantizer (same sample), the same
     recall, and every search answers with the same passages and scores as the one-segment build."""
-    overrides = ["index.seed=5", "index.reuse_trained=false", "index.compact=never"]
+    overrides = ["index.seed=5", "index.reuse_trained=false", "index.compact=never", "index.refine_k=150"]
     single = run_job("build_index", encoded["config"], *overrides)
     assert single.returncode == 0, single.stderr[-3000:]
     version, storage = single.summary["version"], encoded["storage"]
@@ -365,6 +366,8 @@ def test_a_distributed_build_publishes_what_the_one_process_build_does(encoded):
     assert summary["segments"] == 3 and summary["add_nodes"] >= 1 and summary["reused"] is False
     assert summary["recall_at_10"] == single.summary["recall_at_10"]
     assert summary["recall_at_100"] == single.summary["recall_at_100"]
+    assert summary["refined_recall_at_10"] == single.summary["refined_recall_at_10"]  # merged from the tasks' lists
+    assert summary["refined_recall_at_100"] == single.summary["refined_recall_at_100"]
     assert summary["distortion"] == single.summary["distortion"]
     many = load_published(storage, summary["version"], str(encoded["tmp"] / "cache-many"))
     assert [s.rows for s in many.manifest.segments] == [300, 300, 200]  # shards of 150 rows, grouped by 2
@@ -373,6 +376,60 @@ def test_a_distributed_build_publishes_what_the_one_process_build_does(encoded):
     many_scores, many_ids = many.search(queries, 20)
     assert np.allclose(many_scores, one_scores, atol=1e-5)
     assert [many.passages(row).column("id").to_pylist() for row in many_ids] == one_names
+
+
+def test_refine_orders_the_candidates_exactly_and_with_every_vector_is_exact_search(encoded):
+    """index.refine_k: the build measures the recall refine gives; a search re-scores its IVF-PQ candidates by the
+    exact inner product with the stored fp16 vectors; with every vector a candidate it is exact search."""
+    run = run_job("build_index", encoded["config"], "index.refine_k=200", "index.seed=7")
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = run.summary
+    assert summary["refined_recall_at_10"] >= summary["recall_at_10"] - 0.01  # near-ties aside (fp16 copies)
+    assert summary["refined_recall_at_100"] >= summary["recall_at_100"] - 0.01
+    published = load_published(encoded["storage"], summary["version"], str(encoded["tmp"] / "cache-refine"))
+    manifest = published.manifest
+    assert manifest.refine_k == 200
+    assert manifest.refined_recall_at_100 == pytest.approx(summary["refined_recall_at_100"], abs=1e-4)
+    [(seq, stored)] = published.stored.items()
+    table = np.asarray(stored, dtype=np.float32)  # the oracle: plain numpy over the same fp16 rows
+    queries = np.random.default_rng(3).normal(size=(20, published.d)).astype(np.float32)
+    _, candidates = published.search(queries, 200)
+    scores, ids = published.search(queries, 10, refine_k=200)
+    for query in range(len(queries)):
+        found = candidates[query][candidates[query] >= 0]
+        exact = table[found & ROW_MASK] @ queries[query]
+        order = sorted(range(len(found)), key=lambda i: (-exact[i], found[i]))[:10]
+        assert ids[query].tolist() == found[order].tolist()
+        np.testing.assert_allclose(scores[query], exact[order], rtol=1e-5, atol=1e-5)
+    # IVF4 at nprobe 4 probes every list: with every vector a candidate, refine is exact search
+    _, everything = published.search(queries, 10, refine_k=published.vectors)
+    brute = queries @ table.T
+    expected = np.array([sorted(range(len(table)), key=lambda r: (-row[r], r))[:10] for row in brute])
+    assert (everything == ((seq << 40) | expected)).all()
+
+    plain = run_job("build_index", encoded["config"], "index.keep_vectors=false", "index.seed=7")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    without = load_published(encoded["storage"], plain.summary["version"], str(encoded["tmp"] / "cache-plain"))
+    assert not without.stored and all(not e.name.endswith("vectors.npy") for e in without.manifest.files)
+    with pytest.raises(PipelineError, match="keeps no vectors"):
+        without.search(queries, 10, refine_k=50)
+
+
+def test_refine_over_segments_merges_to_one_search():
+    """The tasks' candidate lists, merged by IVF-PQ score and re-ordered by exact score, are what one refined
+    search over the union returns."""
+    rng = np.random.default_rng(1)
+    ann = rng.normal(size=(5, 60)).astype(np.float32)
+    exact = rng.normal(size=(5, 60)).astype(np.float32)
+    ids = np.tile(np.arange(60), (5, 1))
+    parts = []
+    for cut in (slice(0, 25), slice(25, 60)):  # two segments, each sending its top 30 (IVF-PQ) candidates
+        order = np.argsort(-ann[:, cut], axis=1)[:, :30]
+        parts.append(tuple(np.take_along_axis(a[:, cut], order, axis=1) for a in (ann, ids, exact)))
+    merged = refine_merged(parts, depth=30, k=10)
+    for query in range(5):
+        top = np.argsort(-ann[query])[:30]  # one search: the union's IVF-PQ top 30, then exact order
+        assert merged[query].tolist() == top[np.argsort(-exact[query][top], kind="stable")][:10].tolist()
 
 
 def test_the_driver_of_a_distributed_build_does_not_grow_with_the_corpus(tmp_path, ray_address):

@@ -1,5 +1,6 @@
 """The deployment manifests parse, carry the fields their kinds need, and name entry points and configs that exist."""
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -8,6 +9,7 @@ import pytest
 import yaml
 
 from pipeline.config import load_config
+from pipeline.serve.fanout import retriever_names
 from tests.conftest import FAKE_CREDENTIALS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,21 +64,35 @@ def test_rayjobs_submit_a_real_job_with_a_real_config(job):
             if g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
         ]
         assert gpus, "encoding needs GPU workers"
+    if job == "build-index":  # a worker group fits the training task, another the add tasks
+        index = load_config(REPO / shlex.split(spec["entrypoint"])[4]).index
+        limits = [
+            g["template"]["spec"]["containers"][0]["resources"]["limits"]
+            for g in spec["rayClusterSpec"]["workerGroupSpecs"]
+        ]
+
+        def fits(cpus: float, gpus: float) -> bool:
+            return any(float(pod["cpu"]) >= cpus and float(pod.get("nvidia.com/gpu", 0)) >= gpus for pod in limits)
+
+        assert fits(index.train_cpus, index.train_gpus) and fits(index.add_cpus, index.add_gpus)
 
 
-def test_rayservice_serves_the_app_from_the_serve_config():
-    [doc] = _documents(KUBERAY / "rayservice-qa.yaml")
+@pytest.mark.parametrize("manifest", ["rayservice-qa.yaml", "rayservice-qa-sharded.yaml"])
+def test_rayservice_serves_the_app_from_the_serve_config(manifest):
+    [doc] = _documents(KUBERAY / manifest)
     assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayService")
     serve_config = yaml.safe_load(doc["spec"]["serveConfigV2"])
     local = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())
     [app] = serve_config["applications"]
     assert app["import_path"] == local["applications"][0]["import_path"] == "pipeline.serve.app:app"
-    config = load_config(REPO / app["args"]["config"])
-    retriever = next(d for d in app["deployments"] if d["name"] == "Retriever")
-    assert retriever["user_config"] == {"index_version": None}
+    config = load_config(REPO / app["args"]["config"], app["args"].get("set", []))
+    for name in retriever_names(config.serve.shards):  # every shard listed, to load LATEST when re-applied
+        retriever = next(d for d in app["deployments"] if d["name"] == name)
+        assert retriever["user_config"] == {"index_version": None}
     import pipeline.serve.app as serve_app
 
-    assert all(hasattr(serve_app, d["name"]) for d in app["deployments"])  # names of the app's deployments
+    shards = set(retriever_names(config.serve.shards))
+    assert all(hasattr(serve_app, d["name"]) or d["name"] in shards for d in app["deployments"])
     _check_cluster(doc["spec"]["rayClusterConfig"])
     keyed = [
         env
@@ -89,6 +105,23 @@ def test_rayservice_serves_the_app_from_the_serve_config():
     nightly = _documents(KUBERAY / "rayjob-nightly.yaml")[0]["spec"]["entrypoint"]
     assert f"http://{doc['metadata']['name']}-head-svc:8265" in nightly
     assert f"http://{doc['metadata']['name']}-serve-svc:8000" in nightly
+
+
+def test_each_shard_has_a_worker_group_whose_resource_only_its_replicas_ask_for():
+    [doc] = _documents(KUBERAY / "rayservice-qa-sharded.yaml")
+    [app] = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]
+    serve = load_config(REPO / app["args"]["config"], app["args"]["set"]).serve
+    groups = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    # KubeRay passes rayStartParams.resources to `ray start --resources` as a quoted JSON string
+    started = {g["groupName"]: json.loads(json.loads(g["rayStartParams"]["resources"])) for g in groups[1:]}
+    assert serve.shards == len(serve.shard_resources) == len(started) == 4
+    for shard, resources in enumerate(serve.shard_resources):
+        [(name, amount)] = resources.items()
+        assert name == f"shard{shard}"  # Retriever<i> asks for its own group's resource
+        group = next(g for g in groups if g["groupName"] == name)
+        assert started[name] == {name: amount}  # each pod holds one replica's worth
+        assert group["minReplicas"] >= serve.retriever_replicas  # a lost pod costs no request
+        assert not any(name in other for other_name, other in started.items() if other_name != name)
 
 
 def test_cronjob_submits_the_nightly_rayjob_from_the_kustomized_configmap():

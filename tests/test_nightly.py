@@ -18,7 +18,7 @@ import requests
 import s3fs
 
 from pipeline.encode import ShardKeys, plan_carry_over, shard_keys
-from pipeline.nightly import with_index_version
+from pipeline.nightly import index_shards, with_index_version
 from pipeline.segments import KEYS_FILE, load_published, split_ids
 from pipeline.snapshots import LiveEmbeddings, embedding_chain, keys_of
 from pipeline.storage import Storage
@@ -70,13 +70,20 @@ def test_index_version_goes_into_the_retriever_user_config_only():
     assert bare["applications"][0]["deployments"] == [{"name": "Retriever", "user_config": {"index_version": "v3"}}]
     with pytest.raises(Exception, match="no application named 'missing'"):
         with_index_version(deploy, "missing", "v2")
-    sharded = with_index_version(deploy, "qa", "v4", shards=2)["applications"][1]["deployments"]
+    sharded = with_index_version(deploy, "qa", "v4", ["Retriever0", "Retriever1"])["applications"][1]["deployments"]
     assert {d["name"]: d.get("user_config") for d in sharded} == {
         "QAService": None,
         "Retriever": {"index_version": None, "keep": 1},  # not a deployment of a 2-shard app: left alone
         "Retriever0": {"index_version": "v4"},
         "Retriever1": {"index_version": "v4"},
     }
+
+
+def test_the_nightly_updates_the_index_shards_serve_runs_not_the_ones_its_config_names():
+    running = {"deployments": {"QAService": {}, **{f"Retriever{shard}": {} for shard in (10, 2, 0, 1)}}}
+    assert index_shards(running, shards=1) == ["Retriever0", "Retriever1", "Retriever2", "Retriever10"]
+    assert index_shards({"deployments": {"QAService": {}, "Retriever": {}}}, shards=4) == ["Retriever"]
+    assert index_shards({}, shards=3) == ["Retriever0", "Retriever1", "Retriever2"]  # Serve lists none yet
 
 
 def _night(tmp, rows, snapshot):

@@ -151,7 +151,9 @@ class QAService:
             "index_version": agreed_version(infos) or infos[0]["index_version"],
             "vectors": sum(info["vectors"] for info in infos),
             "last_error": next((info["last_error"] for info in infos if info["last_error"]), None),
-            "shards": [{key: info[key] for key in ("shard", "index_version", "vectors", "segments")} for info in infos],
+            "shards": [
+                {key: info[key] for key in ("shard", "node", "index_version", "vectors", "segments")} for info in infos
+            ],
         }
 
 
@@ -170,15 +172,18 @@ def build_app(config: PipelineConfig):
             name=name,
             num_replicas=s.retriever_replicas,
             user_config={"index_version": s.index_version},
-            ray_actor_options={"num_cpus": s.retriever_cpus},
+            ray_actor_options={"num_cpus": s.retriever_cpus, "resources": resources},
         ).bind(
             storage.root_url,
             config.storage.options,
             os.path.abspath(s.cache_dir),
             s.batch_max_size,
             (shard, s.shards),
+            s.refine_k,
         )
-        for shard, name in enumerate(retriever_names(s.shards))
+        for shard, (name, resources) in enumerate(
+            zip(retriever_names(s.shards), s.shard_resources or [{}] * s.shards, strict=True)
+        )
     ]
     reader = None
     if s.reader_model:

@@ -12,6 +12,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import ray
 from ray import serve
 
 from pipeline.errors import PipelineError
@@ -60,8 +61,10 @@ class Retriever:
         cache_dir: str,
         batch_max_size: int,
         shard: tuple[int, int] = (0, 1),
+        refine_k: int | None = None,
     ):
         self.search.set_max_batch_size(batch_max_size)
+        self.refine_k = refine_k  # None: each version's own index.refine_k
         self.storage = Storage(storage_root, storage_options)
         self.cache_dir = cache_dir or tempfile.mkdtemp(prefix="index-cache-")
         self.shard = tuple(shard)
@@ -76,7 +79,7 @@ class Retriever:
             try:
                 candidate = load_published(self.storage, wanted, self.cache_dir, self.shard)
                 probe = np.zeros((1, candidate.d), dtype=np.float32)
-                _, rows = candidate.search(probe, 1)
+                _, rows = candidate.search(probe, 1, self._refine_k(candidate))  # refine needs the vectors
                 if candidate.vectors and rows[0, 0] < 0:
                     raise PipelineError(f"index {candidate.version}: the probe query found nothing")
             except Exception as exc:  # noqa: BLE001 - any failure keeps the current version serving
@@ -90,6 +93,9 @@ class Retriever:
             self.current, self.last_error = candidate, None
             log.info("serving index %s (%d vectors, shard %s)", candidate.version, candidate.vectors, self.shard)
             evict(self.cache_dir, [v.manifest for v in (self.current, self.previous) if v is not None])
+
+    def _refine_k(self, index: PublishedIndex) -> int:
+        return index.manifest.refine_k if self.refine_k is None else self.refine_k
 
     def _version(self, name: str | None) -> PublishedIndex:
         """The version asked for when loaded here, else the current one (the answer says which was used)."""
@@ -108,7 +114,8 @@ class Retriever:
             groups.setdefault(request[2] if len(request) > 2 else None, []).append(position)
         for name, positions in groups.items():
             index = self._version(name)  # one version for the whole group, whatever reconfigure does meanwhile
-            for position, results in zip(positions, _search(index, [requests[p][:2] for p in positions])):
+            asked = [requests[p][:2] for p in positions]
+            for position, results in zip(positions, _search(index, asked, self._refine_k(index))):
                 answered[position] = {"index_version": index.version, "loaded": loaded, "results": results}
         return answered
 
@@ -120,16 +127,20 @@ class Retriever:
             "loaded": [v.version for v in (current, self.previous) if v is not None],
             "vectors": current.vectors,
             "shard": list(self.shard),
+            "node": ray.get_runtime_context().get_node_id(),  # where this shard's answering replica runs
             "segments": len(current.docstores),
             "lineage": manifest,
             "last_error": self.last_error,
         }
 
 
-def _search(index: PublishedIndex, requests: list[tuple[np.ndarray, int]]) -> list[list[list[dict[str, Any]]]]:
-    """Per request, per question: the hits (id, title, text, score, key = FAISS id), best first."""
+def _search(
+    index: PublishedIndex, requests: list[tuple[np.ndarray, int]], refine_k: int
+) -> list[list[list[dict[str, Any]]]]:
+    """Per request, per question: the hits (id, title, text, score, key = FAISS id), best first; with refine_k,
+    the scores are exact inner products of the re-scored candidates."""
     queries = np.concatenate([np.asarray(vectors, dtype=np.float32).reshape(-1, index.d) for vectors, _ in requests])
-    scores, rows = index.search(queries, max(k for _, k in requests))
+    scores, rows = index.search(queries, max(k for _, k in requests), refine_k)
     table = index.passages([int(r) for r in rows.ravel() if r >= 0])
     ids, titles, texts = (table.column(c).to_pylist() for c in ("id", "title", "text"))
     answered, question, position = [], 0, 0
