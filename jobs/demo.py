@@ -40,11 +40,12 @@ def run_demo(config: PipelineConfig) -> dict[str, Any]:
         stages[stage] = run(config)
         log.info("%s: %s", stage, stages[stage])
     evaluated = stages["evaluate"]
-    methods = [m for m in ("ann", "refined", "exact") if f"top{config.evaluate.k[0]}_{m}" in evaluated]
+    names = {"ann": "IVF-PQ", "refined": "IVF-PQ re-scored", "sparse": "BM25", "hybrid": "hybrid", "exact": "exact"}
+    methods = [m for m in names if f"top{config.evaluate.k[0]}_{m}" in evaluated]
     log.info(
         "top-k accuracy on %d demo questions, %s: %s",
         evaluated["questions"],
-        " / ".join({"ann": "IVF-PQ", "refined": "IVF-PQ re-scored", "exact": "exact"}[m] for m in methods),
+        " / ".join(names[m] for m in methods),
         ", ".join(
             f"top-{k} " + " / ".join(f"{evaluated[f'top{k}_{m}']:.2f}" for m in methods) for k in config.evaluate.k
         ),

@@ -68,6 +68,7 @@ from pipeline.layout import (
     read_latest,
     version_dir,
 )
+from pipeline.lexical import build_lexical
 from pipeline.manifests import EmbeddingManifest, FileEntry, IndexManifest, SegmentEntry
 from pipeline.raycluster import connect, get
 from pipeline.segments import (
@@ -570,7 +571,12 @@ def compact(
 
 # -- publishing -----------------------------------------------------------------------------------------------------
 def publish(
-    storage: Storage, version: str, built: Built, previous_files: dict[str, FileEntry], lineage: dict[str, Any]
+    storage: Storage,
+    version: str,
+    built: Built,
+    previous_files: dict[str, FileEntry],
+    lexical: dict[str, FileEntry] | None,
+    lineage: dict[str, Any],
 ) -> tuple[IndexManifest | None, int]:
     """Upload what is new (segments and quantizer are content-addressed: what exists is not written again), the
     tombstones, then the manifest (sha256 of every file the version needs), then LATEST: a version is complete or
@@ -595,7 +601,8 @@ def publish(
                 written += size
             segments.append(SegmentEntry(name=name, seq=segment.seq, rows=segment.rows))
         else:
-            entries += [previous_files[segment.file(n)] for n in (DOCSTORE_FILE, IVF_FILE, KEYS_FILE)]
+            kinds = (DOCSTORE_FILE, IVF_FILE, KEYS_FILE, VECTORS_FILE)  # the vectors when the segment kept them
+            entries += [previous_files[segment.file(n)] for n in kinds if segment.file(n) in previous_files]
             segments.append(SegmentEntry(name=segment.name, seq=segment.seq, rows=segment.rows))
     tombstones = None
     if len(built.dead):
@@ -609,6 +616,7 @@ def publish(
             )
         )
         written += len(data)
+    entries += list((lexical or {}).values())  # uploaded by build_lexical (content-addressed)
     manifest = storage.write_manifest(
         posixpath.join("indexes", version),
         IndexManifest(
@@ -617,6 +625,7 @@ def publish(
             quantizer=entries[0].name,
             segments=segments,
             tombstones=tombstones,
+            lexical={name: entry.name for name, entry in lexical.items()} if lexical is not None else None,
             **lineage,
         ),
         name=INDEX_MANIFEST,
@@ -660,6 +669,7 @@ def settings_digest(config: IndexConfig) -> str:
                 "seed": config.seed,
                 "keep_vectors": config.keep_vectors,
                 "refine_k": config.refine_k,
+                "lexical": config.lexical,
             },
             sort_keys=True,
         ).encode()
@@ -782,6 +792,7 @@ def run_build_index(config: PipelineConfig) -> dict[str, Any]:
         )
     timer = PhaseTimer()
     with tempfile.TemporaryDirectory(prefix="build-index-") as work_dir:
+        planned = mode  # a BM25 delta stays a delta when the dense build falls back to a full one
         built, trained_from, mode = _build(storage, mode, links, start, previous, config.index, plan, work_dir, timer)
         recall = built.recall[100]
         log.info("recall@10 %.4f, recall@100 %.4f vs exact at nprobe %d", built.recall[10], recall, config.index.nprobe)
@@ -800,6 +811,11 @@ def run_build_index(config: PipelineConfig) -> dict[str, Any]:
         )
         if merge:
             built = compact(storage, built, merge, previous_files, work_dir, timer)
+        lexical = None
+        if config.index.lexical:
+            with timer("lexical"):
+                on = previous[1] if previous and planned == "delta" else None
+                lexical = build_lexical(storage, links, start if on else None, on, work_dir)
         with timer("publish"):
             ivf_bytes = sum(
                 os.path.getsize(s.paths[IVF_FILE])
@@ -814,6 +830,7 @@ def run_build_index(config: PipelineConfig) -> dict[str, Any]:
                 version,
                 built,
                 previous_files,
+                lexical,
                 {
                     "snapshot": snapshot,
                     "embeddings": storage.url(links[-1].embeddings_dir),

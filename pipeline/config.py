@@ -179,6 +179,11 @@ class IndexConfig(Section):
         description="store each segment's vectors in fp16 beside its codes (2 bytes x dim a vector, on the "
         "replicas' disks, read through the page cache) so searches can re-score their candidates exactly",
     )
+    lexical: bool = Field(
+        True,
+        description="also build a BM25 index (tantivy) of the same passages, versioned with the dense one, for "
+        "sparse and hybrid search; a nightly adds its passages as a new segment and deletes the ones it replaces",
+    )
     refine_k: int = Field(
         0,
         ge=0,
@@ -271,6 +276,14 @@ class ServeConfig(Section):
     shard_timeout_s: float = Field(
         10, gt=0, description="an index shard that does not answer within this gets a 503 naming it"
     )
+    mode: Literal["dense", "sparse", "hybrid"] = Field(
+        "dense", description="retrieval when a request names none: DPR, BM25, or both fused (needs index.lexical)"
+    )
+    hybrid_depth: int = Field(100, gt=0, description="hybrid: candidates taken from each ranking before fusion")
+    rrf_k: float = Field(60, gt=0, description="hybrid: reciprocal-rank fusion's constant (score w / (rrf_k + rank))")
+    dense_weight: float = Field(0.5, ge=0, le=1, description="hybrid: the dense ranking's weight (BM25: 1 - it)")
+    lexical_replicas: int = Field(1, gt=0, description="replicas of the BM25 deployment (with index.lexical)")
+    lexical_cpus: float = Field(0.5, ge=0)
     refine_k: int | None = Field(
         None,
         ge=0,

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from pipeline.config import PipelineConfig
 from pipeline.errors import InputError, PipelineError
 from pipeline.layout import published_version
+from pipeline.lexical import fuse, load_lexical
 from pipeline.segments import load_published
 from pipeline.snapshots import LiveEmbeddings, embedding_chain
 from pipeline.storage import Storage, resolve
@@ -166,31 +167,40 @@ def exact_passages(live: LiveEmbeddings, positions: np.ndarray) -> pa.Table:
     return pa.concat_tables(parts).take(pa.array(np.argsort(np.concatenate(where), kind="stable")))
 
 
-def dpr_results(
-    questions: list[Question], scores: np.ndarray, rows: np.ndarray, passages: pa.Table, match: str
-) -> list[dict[str, Any]]:
-    """DPR's retriever-results JSON records, best first (scores as strings, as DPR writes them). `passages` holds
-    the passage of each found row (rows >= 0, in order)."""
+def ranked(scores: np.ndarray, rows: np.ndarray, passages: pa.Table) -> list[list[dict[str, Any]]]:
+    """Per question, its found passages best first ({id, title, text, score}); `passages` holds the passage of
+    each found row (rows >= 0, in order)."""
     ids, titles, texts = (passages.column(c).to_pylist() for c in ("id", "title", "text"))
-    records, position = [], 0
-    for question, row_scores, row in zip(questions, scores, rows):
-        ctxs = []
+    hits, position = [], 0
+    for row_scores, row in zip(scores, rows):
+        found = []
         for score, r in zip(row_scores, row):
-            if r < 0:
-                continue
-            text = texts[position]
-            ctxs.append(
+            if r >= 0:
+                found.append({"id": ids[position], "title": titles[position], "text": texts[position], "score": score})
+                position += 1
+        hits.append(found)
+    return hits
+
+
+def dpr_results(questions: list[Question], hits: list[list[dict[str, Any]]], match: str) -> list[dict[str, Any]]:
+    """DPR's retriever-results JSON records, best first (scores as strings, as DPR writes them)."""
+    return [
+        {
+            "question": question.question,
+            "answers": question.answers,
+            "ctxs": [
                 {
-                    "id": ids[position],
-                    "title": titles[position],
-                    "text": text,
-                    "score": str(float(score)),
-                    "has_answer": has_answer(question.answers, text, match),
+                    "id": hit["id"],
+                    "title": hit["title"],
+                    "text": hit["text"],
+                    "score": str(float(hit["score"])),
+                    "has_answer": has_answer(question.answers, hit["text"], match),
                 }
-            )
-            position += 1
-        records.append({"question": question.question, "answers": question.answers, "ctxs": ctxs})
-    return records
+                for hit in found
+            ],
+        }
+        for question, found in zip(questions, hits)
+    ]
 
 
 def plot_accuracy(curves: dict[str, list[float]], ks: list[int], title: str) -> bytes:
@@ -241,13 +251,15 @@ def run_evaluate(config: PipelineConfig) -> dict[str, Any]:
     # exact search over the very vectors the index was built from (its lineage), delta chains resolved
     live = LiveEmbeddings(storage, embedding_chain(storage, index.manifest.snapshot, index.manifest.fingerprint))
     exact_scores, exact_rows = exact_search(live, vectors, depth)
-    results = {
-        name: dpr_results(questions, scores, rows, index.passages(rows[rows >= 0]), ev.match)
-        for name, (scores, rows) in searched.items()
-    }
-    results["exact"] = dpr_results(
-        questions, exact_scores, exact_rows, exact_passages(live, exact_rows[exact_rows >= 0]), ev.match
-    )
+    hits = {name: ranked(scores, rows, index.passages(rows[rows >= 0])) for name, (scores, rows) in searched.items()}
+    lexical = load_lexical(storage, index.manifest, ev.cache_dir)
+    if lexical is not None:  # BM25, and its fusion with the ranking Serve gives (refined when it refines)
+        s = config.serve
+        hits["sparse"] = lexical.search([q.question for q in questions], depth)
+        dense = hits.get("refined", hits["ann"])
+        hits["hybrid"] = [fuse(d, b, depth, s.rrf_k, s.dense_weight) for d, b in zip(dense, hits["sparse"])]
+    hits["exact"] = ranked(exact_scores, exact_rows, exact_passages(live, exact_rows[exact_rows >= 0]))
+    results = {name: dpr_results(questions, found, ev.match) for name, found in hits.items()}
     accuracy = {
         name: top_k_accuracy([[c["has_answer"] for c in r["ctxs"]] for r in records], ks)
         for name, records in results.items()
@@ -278,6 +290,8 @@ def run_evaluate(config: PipelineConfig) -> dict[str, Any]:
     labels = {
         "ann": f"IVF-PQ ({report['factory']}, nprobe {report['nprobe']})",
         "refined": f"IVF-PQ, {refine_k} candidates re-scored exactly",
+        "sparse": "BM25",
+        "hybrid": f"hybrid (reciprocal-rank fusion, dense weight {config.serve.dense_weight:g})",
         "exact": "exact inner product",
     }
     files = {

@@ -88,6 +88,7 @@ class IndexManifest(Manifest):
     quantizer: str
     segments: list[SegmentEntry]
     tombstones: str | None = None
+    lexical: dict[str, str] | None = None  # the BM25 index: tantivy file name → object name (listed in files)
     snapshot: str
     embeddings: str
     fingerprint: str

@@ -147,14 +147,15 @@ def _http_json(
 
 
 def index_shards(app_details: dict[str, Any], shards: int) -> list[str]:
-    """The app's index-shard deployments as Serve reports them running (`Retriever`, or `Retriever0..N-1`), so the
-    nightly updates the shards the app has, whatever this job's own `serve.shards` says; the config's when Serve
-    lists none yet (pure)."""
+    """The app's deployments that serve an index version as Serve reports them running (`Retriever`, or
+    `Retriever0..N-1`, and `Lexical`, the BM25 index), so the nightly updates the shards the app has, whatever this
+    job's own `serve.shards` says; the config's when Serve lists none yet (pure)."""
+    deployments = app_details.get("deployments") or {}
     running = sorted(
-        (name for name in app_details.get("deployments") or {} if re.fullmatch(r"Retriever\d*", name)),
+        (name for name in deployments if re.fullmatch(r"Retriever\d*", name)),
         key=lambda name: int(name.removeprefix("Retriever") or 0),
     )
-    return running or retriever_names(shards)
+    return (running or retriever_names(shards)) + (["Lexical"] if "Lexical" in deployments else [])
 
 
 def with_index_version(

@@ -454,8 +454,14 @@ def load_published(
 def evict(cache_dir: str, keep: Sequence[IndexManifest]) -> list[str]:
     """Delete cached objects that none of `keep` lists (a mapped file stays readable until it is unmapped)."""
     wanted = {os.path.join(cache_dir, *e.name.split("/")) for manifest in keep for e in manifest.files}
+    # A kept version's BM25 index is opened through links to its cached files (pipeline.lexical.load_lexical).
+    wanted |= {os.path.join(cache_dir, "lexical-views", manifest.version) for manifest in keep}
     removed = []
     for directory, _, names in os.walk(cache_dir):
+        if directory.startswith(os.path.join(cache_dir, "lexical-views", "")) and (
+            directory in wanted or os.path.dirname(directory) in wanted
+        ):
+            continue
         for name in names:
             path = os.path.join(directory, name)
             if path not in wanted and not name.endswith(".partial"):

@@ -189,6 +189,14 @@ class LiveEmbeddings:
         passages = {e.name: e for e in self.links[link].passages.files}
         return read_passage_shard(self.storage, self.links[link].passages_dir, passages[entry.name])
 
+    def live_passages(self, shard: int) -> pa.Table:
+        """The shard's passages (id, title, text, ...) that no later link removes."""
+        table = self.passages(shard)
+        removed = self.removed[self.shards[shard][0]]
+        if not len(removed):
+            return table
+        return table.filter(pa.array(~np.isin(keys_of(table.column("id").to_pylist()), removed)))
+
     def __iter__(self) -> Iterator[tuple[int, list[str], np.ndarray]]:
         """(shard, live ids, live vectors)."""
         for shard in range(len(self.shards)):

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from pipeline.segments import SegmentRef, assign_segments
-from pipeline.serve.fanout import ShardsDisagree, agreed_version, merge_hits, search_shards
+from pipeline.serve.fanout import PATIENCE_S, ShardsDisagree, agree, agreed_version, merge_hits, merged
 
 
 def test_segments_are_balanced_by_vectors_and_big_ones_stay_put():
@@ -41,6 +41,16 @@ def test_one_version_for_the_whole_response():
         agreed_version([{"index_version": "v3", "loaded": ["v3", "v2"]}, {"index_version": "v1", "loaded": ["v1"]}])
 
 
+def _search(call, shards: int, patience_s: float = PATIENCE_S) -> tuple[str, list]:
+    """Every shard asked through `agree`, as the ingress does: (the version, the merged top-5 per question)."""
+
+    def asking(shard):
+        return lambda version: call(shard, ([[0.0]], 5) if version is None else ([[0.0]], 5, version))
+
+    found = asyncio.run(agree([asking(shard) for shard in range(shards)], patience_s))
+    return found[0]["index_version"], merged(found, 5)
+
+
 def test_shards_mid_swap_are_asked_again_for_the_version_they_share():
     """Shard 1 has moved to v2; the first answers disagree, so every shard is asked for v1 explicitly."""
     versions = {0: ("v1", ["v1"]), 1: ("v2", ["v2", "v1"])}
@@ -53,9 +63,9 @@ def test_shards_mid_swap_are_asked_again_for_the_version_they_share():
         hits = [{"id": f"{used}-{shard}", "score": 1.0 - shard / 10, "key": shard}]
         return {"index_version": used, "loaded": loaded, "results": [hits]}
 
-    found = asyncio.run(search_shards(call, 2, [[0.0]], 5))
-    assert found["index_version"] == "v1"
-    assert [h["id"] for h in found["results"][0]] == ["v1-0", "v1-1"]
+    version, results = _search(call, 2)
+    assert version == "v1"
+    assert [h["id"] for h in results[0]] == ["v1-0", "v1-1"]
     assert calls == [(0, None), (1, None), (0, "v1"), (1, "v1")]
 
 
@@ -70,12 +80,12 @@ def test_shards_replaced_rather_than_reconfigured_are_asked_until_they_agree():
         version = "v2" if moved else "v1"
         return {"index_version": version, "loaded": [version], "results": [[{"score": 1.0, "key": shard}]]}
 
-    found = asyncio.run(search_shards(call, 2, [[0.0]], 5))
-    assert found["index_version"] == "v2" and state["calls"] > 6
+    version, _ = _search(call, 2)
+    assert version == "v2" and state["calls"] > 6
 
     async def stuck(shard, request):  # never converges: a 503 after the patience, not a mixed answer
         version = "v2" if shard == 0 else "v1"
         return {"index_version": version, "loaded": [version], "results": [[{"score": 1.0, "key": shard}]]}
 
     with pytest.raises(ShardsDisagree, match="no version in common"):
-        asyncio.run(search_shards(stuck, 2, [[0.0]], 5, 0.3))
+        _search(stuck, 2, 0.3)

@@ -11,6 +11,7 @@ from pipeline.build_index import plan_build, plan_compaction, plan_index, recall
 from pipeline.config import IndexConfig
 from pipeline.errors import PipelineError
 from pipeline.index_workers import merge_topk, plan_groups, refine_merged
+from pipeline.lexical import load_lexical
 from pipeline.segments import ROW_MASK, load_published
 from pipeline.storage import Storage
 from tests.helpers import kill_when_logged, run_job, synthetic_rows, write_config, write_tsv
@@ -167,6 +168,27 @@ def test_tampered_files_are_refused_before_read_index(encoded, name, damage, exp
         with pytest.raises(PipelineError, match=expected):
             load_published(encoded["storage"], version, str(cache))
         assert not (cache / relative).exists()  # the bad copy is not kept for a later load
+    finally:
+        fs.pipe_file(path, original)
+
+
+@pytest.mark.reliability
+def test_the_bm25_index_is_published_with_the_version_and_a_tampered_file_is_refused(encoded):
+    run = run_job("build_index", encoded["config"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    fs, storage, version = encoded["fs"], encoded["storage"], run.summary["version"]
+    manifest = load_published(storage, version, str(encoded["tmp"] / "cache-bm25")).manifest
+    assert manifest.lexical and set(manifest.lexical.values()) <= {e.name for e in manifest.files}
+    lexical = load_lexical(storage, manifest, str(encoded["tmp"] / "cache-bm25"))
+    pid, text, _ = ROWS[123]
+    assert lexical.search([text], 1)[0][0]["id"] == pid  # a passage's own words find it first
+    store = next(name for name in manifest.lexical.values() if name.endswith(".store"))
+    path = f"idx/root/indexes/{store}"
+    original = fs.cat_file(path)
+    try:
+        fs.pipe_file(path, original[:-16] + bytes(16))
+        with pytest.raises(PipelineError, match=r"\.store: checksum mismatch.*BM25 index"):
+            load_lexical(storage, manifest, str(encoded["tmp"] / "cache-bm25-tampered"))
     finally:
         fs.pipe_file(path, original)
 

@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 import requests
 import s3fs
+import tantivy
 
 from pipeline.encode import ShardKeys, plan_carry_over, shard_keys
+from pipeline.lexical import load_lexical
 from pipeline.nightly import index_shards, with_index_version
 from pipeline.segments import KEYS_FILE, load_published, split_ids
 from pipeline.snapshots import LiveEmbeddings, embedding_chain, keys_of
@@ -83,6 +85,7 @@ def test_the_nightly_updates_the_index_shards_serve_runs_not_the_ones_its_config
     running = {"deployments": {"QAService": {}, **{f"Retriever{shard}": {} for shard in (10, 2, 0, 1)}}}
     assert index_shards(running, shards=1) == ["Retriever0", "Retriever1", "Retriever2", "Retriever10"]
     assert index_shards({"deployments": {"QAService": {}, "Retriever": {}}}, shards=4) == ["Retriever"]
+    assert index_shards({"deployments": {"Lexical": {}, "Retriever": {}}}, shards=1) == ["Retriever", "Lexical"]
     assert index_shards({}, shards=3) == ["Retriever0", "Retriever1", "Retriever2"]  # Serve lists none yet
 
 
@@ -141,6 +144,15 @@ def _matches_a_scratch_build(storage: Storage, version: str, snapshot: str, cach
         table = published.docstores[segment.seq]
         keys = np.load(cache / segment.name / KEYS_FILE)
         assert (keys == keys_of(table.column("id").to_pylist())).all()
+        assert published.stored[segment.seq].shape == (segment.rows, published.d)  # refine's vectors, carried
+    # The BM25 index holds exactly the live passages, with their current text (deletes and edits applied).
+    lexical = load_lexical(storage, published.manifest, str(cache))
+    searcher = lexical.index.searcher()
+    docs = [searcher.doc(a) for _, a in searcher.search(tantivy.Query.all_query(), limit=10_000).hits]
+    texts = {doc["id"][0]: doc["text"][0] for doc in docs}
+    assert len(docs) == len(texts) == len(names) and set(texts) == set(names)
+    live = published.passages(ids)
+    assert dict(zip(live.column("id").to_pylist(), live.column("text").to_pylist())) == texts
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +173,8 @@ def nights(tmp_path_factory, tiny_models, s3_endpoint, ray_address):
             "storage": {"root": "s3://nightly/root", "options": {"endpoint_url": s3_endpoint}},
             "ingest": {"shard_rows": 100},
             "encode": {"model": tiny_models["ctx"], "pooling": "dpr", "max_length": 64},
-            "index": {"factory": "IVF4,PQ32x8", "nprobe": 4, "queries": 50, "min_recall": 0.6},
+            # served refined: every version, deltas and compactions too, must carry its segments' vectors
+            "index": {"factory": "IVF4,PQ32x8", "nprobe": 4, "queries": 50, "min_recall": 0.6, "refine_k": 40},
             "serve": {
                 "question_model": tiny_models["question"],
                 "reader_model": None,
@@ -422,6 +435,13 @@ def test_compaction_merges_the_segments_and_drops_the_dead(nights, night3, compa
     assert compacted["segments"] == 1 and merged.manifest.tombstones is None and len(merged.dead) == 0
     assert merged.vectors == third.vectors == 600 and compacted["retrained"] is False
     assert merged.manifest.quantizer == third.manifest.quantizer  # no retraining, codes copied
+    # the live rows' vectors copied in the merged segment's row order: refine re-scores as before compaction
+    queries = np.random.default_rng(0).normal(size=(8, merged.d)).astype(np.float32)
+    before, after = third.search(queries, 10, refine_k=600), merged.search(queries, 10, refine_k=600)
+    assert np.allclose(before[0], after[0], atol=1e-5)
+    assert [third.passages(r).column("id").to_pylist() for r in before[1]] == [
+        merged.passages(r).column("id").to_pylist() for r in after[1]
+    ]
 
 
 @pytest.mark.reliability

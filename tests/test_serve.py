@@ -9,6 +9,7 @@ import requests
 import yaml
 
 from pipeline.config import load_config
+from pipeline.lexical import fuse, load_lexical
 from pipeline.manifests import IndexManifest
 from pipeline.segments import load_published
 from pipeline.storage import Storage
@@ -45,6 +46,7 @@ def qa(tmp_path_factory, tiny_models, ray_address):
                 "retriever_cpus": 0.25,
                 "reader_cpus": 0.25,
                 "encoder_cpus": 0.25,
+                "lexical_cpus": 0.1,
                 "max_question_chars": 200,
                 "max_k": 50,
                 "max_batch_questions": 8,
@@ -191,6 +193,7 @@ def test_ask_spans_equal_decode_best_spans(qa, tiny_models):
         ("/v1/search", '{"questions": ["q"], "k": "ten"}', 422, "invalid request"),
         ("/v1/ask", '{"question": 42}', 422, "invalid request"),
         ("/v1/ask", '{"question": "q", "top_answers": 0}', 422, "invalid request"),
+        ("/v1/search", '{"questions": ["q"], "mode": "fuzzy"}', 422, "invalid request"),
     ],
 )
 @pytest.mark.reliability
@@ -386,6 +389,34 @@ def test_retriever_replicas_never_load_torch(qa):
 
     assert all(not torch for _, torch in mapped("Retriever")), mapped("Retriever")
     assert all(torch for _, torch in mapped("QuestionEncoder"))
+
+
+def test_sparse_and_hybrid_find_what_only_bm25_finds(qa, tiny_models):
+    """Each passage ends with its number ("passage 123"), a term only BM25 matches: sparse finds the passage
+    first, hybrid (reciprocal-rank fusion of both rankings) keeps it in its top 5 where the tiny random dense
+    encoder does not, and the fused order is `fuse` of the two rankings of the published version."""
+    questions = ["passage 123", "passage 77", "passage 305"]
+    wanted = ["123", "77", "305"]
+    answers = {}
+    for mode in ("dense", "sparse", "hybrid"):
+        response = requests.post(
+            f"{qa['url']}/v1/search", json={"questions": questions, "k": 5, "mode": mode}, timeout=60
+        )
+        assert response.status_code == 200, response.text
+        answers[mode] = [[hit["id"] for hit in hits] for hits in response.json()["results"]]
+    assert [ids[0] for ids in answers["sparse"]] == wanted
+    assert all(pid in ids for pid, ids in zip(wanted, answers["hybrid"]))
+    assert sum(pid in ids for pid, ids in zip(wanted, answers["dense"])) <= 1  # the test can tell them apart
+    published = load_published(qa["storage"], None, str(qa["tmp"] / "check-hybrid"))
+    lexical = load_lexical(qa["storage"], published.manifest, str(qa["tmp"] / "check-hybrid"))
+    encoder = TextEncoder(EncoderSettings(tiny_models["question"], "dpr", max_length=64, question=True))
+    scores, rows = published.search(encoder.encode(None, questions), 100)
+    dense = [
+        [{"id": pid, "score": float(score)} for pid, score in zip(published.passages(r).column("id").to_pylist(), sc)]
+        for sc, r in zip(scores, rows)
+    ]
+    expected = [fuse(d, b, 5) for d, b in zip(dense, lexical.search(questions, 100))]
+    assert answers["hybrid"] == [[hit["id"] for hit in hits] for hits in expected]
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,9 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from pipeline.config import PipelineConfig, ServeConfig, load_config
-from pipeline.serve.deployments import QuestionEncoder, Reader, Retriever
-from pipeline.serve.fanout import ShardUnavailable, agreed_version, retriever_names, search_shards
+from pipeline.lexical import fuse
+from pipeline.serve.deployments import Lexical, QuestionEncoder, Reader, Retriever
+from pipeline.serve.fanout import ShardUnavailable, agree, agreed_version, merged, retriever_names
 from pipeline.serve.guard import error
 from pipeline.serve.metrics import Metrics
 from pipeline.serve.routes import build_api
@@ -43,8 +44,9 @@ async def _with_one_retry(method, *args):
 @serve.deployment
 @serve.ingress()
 class QAService:
-    def __init__(self, encoder, retrievers: list, reader, settings: ServeConfig):
+    def __init__(self, encoder, retrievers: list, reader, settings: ServeConfig, lexical=None):
         self.encoder, self.retrievers, self.reader, self.settings = encoder, retrievers, reader, settings
+        self.lexical = lexical  # the BM25 deployment (None when the index has no BM25 part)
         self.api_key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
         if settings.api_key_env and not self.api_key:
             raise RuntimeError(f"serve.api_key_env names {settings.api_key_env}, which is not set on this replica")
@@ -56,8 +58,10 @@ class QAService:
         """Serve asks each replica for its ASGI app once the replica is constructed."""
         return build_api(self, self.api_key)
 
-    def _check(self, questions: list[str], k: int) -> JSONResponse | None:
+    def _check(self, questions: list[str], k: int, mode: str) -> JSONResponse | None:
         s = self.settings
+        if mode != "dense" and self.lexical is None:
+            return error(422, f"mode {mode!r} needs the BM25 index, and this app's index has none (index.lexical)")
         if len(questions) > s.max_batch_questions:
             return error(
                 413, f"{len(questions)} questions in one request; serve.max_batch_questions is {s.max_batch_questions}"
@@ -74,29 +78,61 @@ class QAService:
             return error(422, f"k={k} is over serve.max_k={s.max_k}")
         return None
 
-    async def _retrieve(self, questions: list[str], k: int) -> dict[str, Any]:
-        return await self._retrieve_together((questions, k))
+    async def _retrieve(self, questions: list[str], k: int, mode: str) -> dict[str, Any]:
+        return await self._retrieve_together((questions, k, mode))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _retrieve_together(self, requests: list[tuple[list[str], int]]) -> list[dict[str, Any]]:
-        """Concurrent requests share one encoder call and one index search: per-call overhead is paid once."""
+    async def _retrieve_together(self, requests: list[tuple[list[str], int, str]]) -> list[dict[str, Any]]:
+        """Concurrent requests share one encoder call and one search of each index (the dense shards, and BM25 when
+        a request is sparse or hybrid), all answered from one version: per-call overhead is paid once."""
+        s = self.settings
+        modes = {mode for _, _, mode in requests}
+        questions = [q for asked, _, _ in requests for q in asked]
+        depth = max(k for _, k, _ in requests)
+        depth = max(depth, s.hybrid_depth) if "hybrid" in modes else depth
+        dense, sparse = bool(modes - {"sparse"}), bool(modes - {"dense"})
+        calls = []
+        if dense:
+            started = time.perf_counter()
+            vectors = await _with_one_retry(self.encoder.encode, questions)
+            self.metrics.stage.labels("encode").observe(time.perf_counter() - started)
+            calls += [self._asking_shard(shard, vectors, depth) for shard in range(len(self.retrievers))]
+        if sparse:
+            calls.append(lambda version: self._search_lexical((questions, depth, version)))
         started = time.perf_counter()
-        vectors = await _with_one_retry(self.encoder.encode, [q for questions, _ in requests for q in questions])
-        self.metrics.stage.labels("encode").observe(time.perf_counter() - started)
-        started = time.perf_counter()
-        found = await search_shards(self._search_shard, len(self.retrievers), vectors, max(k for _, k in requests))
+        found = await agree(calls)
         self.metrics.stage.labels("search").observe(time.perf_counter() - started)
-        version = found["index_version"]
+        version = found[0]["index_version"]
         self.metrics.serving(version)
+        by_dense = merged(found[: len(self.retrievers)], depth) if dense else None
+        by_sparse = found[-1]["results"] if sparse else None
         answered, position = [], 0
-        for questions, k in requests:
-            results = [
-                [{key: value for key, value in hit.items() if key != "key"} for hit in hits[:k]]
-                for hits in found["results"][position : position + len(questions)]
-            ]
+        for asked, k, mode in requests:
+            results = []
+            for q in range(position, position + len(asked)):
+                if mode == "hybrid":
+                    hits = fuse(by_dense[q], by_sparse[q], k, s.rrf_k, s.dense_weight)
+                else:
+                    hits = (by_dense if mode == "dense" else by_sparse)[q][:k]
+                results.append([{key: value for key, value in hit.items() if key != "key"} for hit in hits])
             answered.append({"index_version": version, "results": results})
-            position += len(questions)
+            position += len(asked)
         return answered
+
+    def _asking_shard(self, shard: int, vectors, depth: int):
+        return lambda version: self._search_shard(
+            shard, (vectors, depth) if version is None else (vectors, depth, version)
+        )
+
+    async def _search_lexical(self, request: tuple) -> dict[str, Any]:
+        timeout = self.settings.shard_timeout_s
+        try:
+            return await asyncio.wait_for(_with_one_retry(self.lexical.search, request), timeout)
+        except asyncio.TimeoutError:
+            raise ShardUnavailable(
+                f"the BM25 index (Lexical) did not answer within serve.shard_timeout_s={timeout:g}s: "
+                "its replicas are down or overloaded"
+            ) from None
 
     async def _search_shard(self, shard: int, request: tuple) -> dict[str, Any]:
         timeout = self.settings.shard_timeout_s
@@ -109,16 +145,18 @@ class QAService:
                 "its replicas are down or overloaded"
             ) from None
 
-    async def search(self, questions: list[str], k: int) -> JSONResponse:
-        problem = self._check(questions, k)
+    async def search(self, questions: list[str], k: int, mode: str | None = None) -> JSONResponse:
+        mode = mode or self.settings.mode
+        problem = self._check(questions, k, mode)
         # Already the response model's shape: sent as is, not validated and re-encoded field by field again.
-        return problem or JSONResponse(await self._retrieve(questions, k))
+        return problem or JSONResponse(await self._retrieve(questions, k, mode))
 
-    async def ask(self, question: str, k: int, top_answers: int) -> JSONResponse:
-        problem = self._check([question], k)
+    async def ask(self, question: str, k: int, top_answers: int, mode: str | None = None) -> JSONResponse:
+        mode = mode or self.settings.mode
+        problem = self._check([question], k, mode)
         if problem:
             return problem
-        found = await self._retrieve([question], k)
+        found = await self._retrieve([question], k, mode)
         passages = found["results"][0]
         answers = []
         if self.reader is not None and passages:
@@ -203,7 +241,14 @@ def build_app(config: PipelineConfig):
         ray_actor_options={"num_cpus": 0},
         graceful_shutdown_timeout_s=120,
     )
-    return ingress.bind(encoder, retrievers, reader, settings)
+    lexical = None
+    if config.index.lexical:  # the versions carry a BM25 index: sparse and hybrid searches
+        lexical = Lexical.options(
+            num_replicas=s.lexical_replicas,
+            user_config={"index_version": s.index_version},
+            ray_actor_options={"num_cpus": s.lexical_cpus},
+        ).bind(storage.root_url, config.storage.options, os.path.abspath(s.cache_dir), s.batch_max_size)
+    return ingress.bind(encoder, retrievers, reader, settings, lexical)
 
 
 def app(args: dict[str, Any]):

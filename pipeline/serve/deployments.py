@@ -16,6 +16,8 @@ import ray
 from ray import serve
 
 from pipeline.errors import PipelineError
+from pipeline.layout import published_version, read_index_manifest
+from pipeline.lexical import LexicalIndex, load_lexical
 from pipeline.segments import PublishedIndex, evict, load_published
 from pipeline.storage import Storage
 
@@ -132,6 +134,55 @@ class Retriever:
             "lineage": manifest,
             "last_error": self.last_error,
         }
+
+
+@serve.deployment
+class Lexical:
+    """The version's BM25 index (`pipeline.lexical`, tantivy) for sparse and hybrid searches, verified before it
+    is opened; versions move as the Retriever's do (`user_config`, the one before kept loaded, a version that fails
+    to load leaves the current one serving), so a hybrid answer comes from one version."""
+
+    def __init__(self, storage_root: str, storage_options: dict[str, Any], cache_dir: str, batch_max_size: int):
+        self.search.set_max_batch_size(batch_max_size)
+        self.storage = Storage(storage_root, storage_options)
+        self.cache_dir = cache_dir or tempfile.mkdtemp(prefix="index-cache-")
+        self.current: LexicalIndex | None = None
+        self.previous: LexicalIndex | None = None
+        self.last_error: str | None = None
+        self._lock = threading.Lock()
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        with self._lock:
+            wanted = user_config.get("index_version")
+            try:
+                version = published_version(self.storage, wanted)
+                candidate = load_lexical(self.storage, read_index_manifest(self.storage, version), self.cache_dir)
+                if candidate is None:
+                    raise PipelineError(f"index {version} has no BM25 index (built with index.lexical: false)")
+            except Exception as exc:  # noqa: BLE001 - any failure keeps the current version serving
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                if self.current is None:
+                    raise
+                log.error("BM25 index of %s refused, still serving %s: %s", wanted, self.current.version, exc)
+                return
+            if self.current is None or candidate.version != self.current.version:
+                self.previous = self.current
+            self.current, self.last_error = candidate, None
+            log.info("serving the BM25 index of %s", candidate.version)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0)
+    async def search(self, requests: list[tuple]) -> list[dict[str, Any]]:
+        """A request is (questions, k) or (questions, k, version); each gets its hits per question, best first."""
+        current, previous = self.current, self.previous
+        loaded = [v.version for v in (current, previous) if v is not None]
+        answered = []
+        for request in requests:
+            asked = request[2] if len(request) > 2 else None
+            index = previous if previous is not None and asked == previous.version else current
+            answered.append(
+                {"index_version": index.version, "loaded": loaded, "results": index.search(request[0], request[1])}
+            )
+        return answered
 
 
 def _search(

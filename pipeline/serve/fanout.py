@@ -1,5 +1,6 @@
-"""The ingress's side of a sharded index (`serve.shards`): every search goes to each Retriever shard at once, the
-per-question top-k lists are merged, and one index version answers the whole response.
+"""The ingress's side of a sharded index (`serve.shards`): every search goes to each Retriever shard at once (and
+to the BM25 deployment for sparse and hybrid searches), the per-question top-k lists are merged, and one index
+version answers the whole response.
 
 Shards move to a new version one after another (each loads it beside the current one). Each answers with the
 version it used and the versions it has loaded (its current and the one before); when they disagree, the ingress
@@ -52,33 +53,30 @@ def agreed_version(found: Sequence[dict[str, Any]]) -> str | None:
     return max(common, key=lambda version: (used.count(version), version))
 
 
-async def search_shards(
-    call: Callable[[int, tuple], Awaitable[dict[str, Any]]],
-    shards: int,
-    vectors,
-    k: int,
-    patience_s: float = PATIENCE_S,
-) -> dict[str, Any]:
-    """Search every shard at once (`call(shard, request)`) and merge: {"index_version", "results"} with each
-    question's k best hits over all shards, all from one version. A shard asked for a version it lacks answers
-    from its current one; the shards are asked again until their answers agree (within `patience_s`)."""
+async def agree(
+    calls: Sequence[Callable[[str | None], Awaitable[dict[str, Any]]]], patience_s: float = PATIENCE_S
+) -> list[dict[str, Any]]:
+    """Ask every source at once (`call(version)`, None = its current version: the index shards, and the BM25
+    index for sparse and hybrid searches) until they all answer from one version; their answers. A source asked
+    for a version it lacks answers from its current one; they are asked again until they agree (`patience_s`)."""
     deadline = time.monotonic() + patience_s
-    request: tuple = (vectors, k)
+    version: str | None = None
     while True:
-        found = await asyncio.gather(*(call(shard, request) for shard in range(shards)))
+        found = await asyncio.gather(*(call(version) for call in calls))
         try:
             version = agreed_version(found)
         except ShardsDisagree:
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.1)  # replicas are being replaced: the new ones have only the new version
-            request = (vectors, k)
+            version = None
             continue
         if version is None:
-            break
+            return list(found)
         if time.monotonic() > deadline:
             raise ShardsDisagree(f"index shards did not all answer from {version} within {patience_s:.0f}s")
-        request = (vectors, k, version)
-    questions = len(found[0]["results"])
-    results = [merge_hits([f["results"][q] for f in found], k) for q in range(questions)]
-    return {"index_version": found[0]["index_version"], "results": results}
+
+
+def merged(found: Sequence[dict[str, Any]], k: int) -> list[list[Hit]]:
+    """Each question's k best hits over the shards' answers (pure)."""
+    return [merge_hits([f["results"][q] for f in found], k) for q in range(len(found[0]["results"]))]

@@ -55,11 +55,11 @@ def build_api(service, api_key: str | None) -> FastAPI:
 
     @api.post("/v1/search", response_model=SearchResponse, responses=REFUSALS)
     async def search(body: SearchRequest):
-        return await service.search(body.questions, body.k)
+        return await service.search(body.questions, body.k, body.mode)
 
     @api.post("/v1/ask", response_model=AskResponse, responses=REFUSALS)
     async def ask(body: AskRequest):
-        return await service.ask(body.question, body.k, body.top_answers)
+        return await service.ask(body.question, body.k, body.top_answers, body.mode)
 
     @api.get("/v1/index")
     async def index():

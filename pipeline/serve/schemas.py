@@ -1,12 +1,18 @@
 """The HTTP API's request and response bodies (FastAPI validates requests against them and documents them at
 /docs)."""
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
+
+Mode = Literal["dense", "sparse", "hybrid"]
+MODE = "dense: the DPR index; sparse: BM25; hybrid: both, fused by reciprocal rank (default: serve.mode)"
 
 
 class SearchRequest(BaseModel):
     questions: list[str] = Field(min_length=1, description="questions to retrieve passages for")
     k: int = Field(10, ge=1, description="passages per question (at most serve.max_k)")
+    mode: Mode | None = Field(None, description=MODE)
 
 
 class Passage(BaseModel):
@@ -25,6 +31,7 @@ class AskRequest(BaseModel):
     question: str = Field(min_length=1)
     k: int = Field(10, ge=1, description="passages to retrieve (at most serve.max_k)")
     top_answers: int = Field(3, ge=1, le=20)
+    mode: Mode | None = Field(None, description=MODE)
 
 
 class Answer(BaseModel):

@@ -1,0 +1,204 @@
+"""BM25 over the same passages as the dense index, and the fusion of the two rankings (hybrid retrieval).
+
+The lexical index is tantivy's (Lucene's design in Rust: BM25 with k1 1.2, b 0.75, English stemming, immutable
+segments with delete files, its own merge policy), chosen over an in-memory BM25 such as bm25s because its
+segments follow this project's nightly model: a night opens the previous version's index, deletes the passages
+the night removes or replaces (by the 64-bit key of their id), adds the new ones as a new segment, and only the
+new files are uploaded; corpus statistics (IDF, average length) stay corpus-wide across segments, which
+per-segment BM25 matrices cannot do. It stores id, title and text, so a sparse hit needs no dense docstore.
+
+A version lists each tantivy file by sha256 (objects `indexes/lexical/<sha>-<file>`, shared by the versions that
+contain them); a replica verifies every file before tantivy opens the directory of links to them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import tantivy
+
+from pipeline.errors import PipelineError
+from pipeline.manifests import FileEntry, IndexManifest
+from pipeline.segments import fetch_verified, upload_once
+from pipeline.snapshots import Link, LiveEmbeddings, keys_of
+from pipeline.storage import Storage, sha256_file
+
+log = logging.getLogger(__name__)
+
+LOCKS = (".tantivy-meta.lock", ".tantivy-writer.lock")
+WORD = re.compile(r"\w+")
+Hit = dict
+
+
+def schema() -> tantivy.Schema:
+    builder = tantivy.SchemaBuilder()
+    builder.add_text_field("key", tokenizer_name="raw", index_option="basic")  # deletes: the id's 64-bit key
+    builder.add_text_field("id", stored=True, tokenizer_name="raw", index_option="basic")
+    builder.add_text_field("title", stored=True, tokenizer_name="raw", index_option="basic")
+    builder.add_text_field("text", stored=True, tokenizer_name="raw", index_option="basic")
+    builder.add_text_field("body", tokenizer_name="en_stem")  # title and text: what BM25 scores
+    return builder.build()
+
+
+class LexicalWriter:
+    """A tantivy index in `directory`: new, or a copy of a published version's files to extend (a delta)."""
+
+    def __init__(self, directory: str, base: dict[str, str] | None = None, heap_bytes: int = 128 * 2**20):
+        os.makedirs(directory, exist_ok=True)
+        self.directory = directory
+        for name, path in (base or {}).items():
+            shutil.copyfile(path, os.path.join(directory, name))
+        self.index = tantivy.Index.open(directory) if base else tantivy.Index(schema(), path=directory)
+        self.writer = self.index.writer(heap_size=heap_bytes, num_threads=1)
+        self.added = self.deleted = 0
+
+    def delete(self, keys: np.ndarray) -> None:
+        """Passages whose ids have these keys (removed, or replaced by a row added after this)."""
+        for key in np.unique(np.asarray(keys, dtype=np.uint64)):
+            self.writer.delete_documents_by_term("key", str(int(key)))
+        self.deleted += len(keys)
+
+    def add(self, passages: pa.Table) -> None:
+        ids, titles, texts = (passages.column(c).to_pylist() for c in ("id", "title", "text"))
+        for pid, key, title, text in zip(ids, keys_of(ids), titles, texts):
+            doc = tantivy.Document()
+            doc.add_text("key", str(int(key)))
+            doc.add_text("id", pid)
+            doc.add_text("title", title)
+            doc.add_text("text", text)
+            doc.add_text("body", f"{title} {text}")
+            self.writer.add_document(doc)
+        self.added += len(ids)
+
+    def close(self) -> dict[str, str]:
+        """Commit, let merges finish, drop unreferenced files; the index's files (name → local path)."""
+        self.writer.commit()
+        self.writer.garbage_collect_files()
+        self.writer.wait_merging_threads()
+        return {
+            name: os.path.join(self.directory, name) for name in sorted(os.listdir(self.directory)) if name not in LOCKS
+        }
+
+
+def object_name(name: str, path: str) -> str:
+    """Content-addressed name under `indexes/` of one tantivy file (its sha256, then its own name)."""
+    return f"lexical/{sha256_file(path)[:20]}-{name}"
+
+
+def query_text(question: str) -> str:
+    """A question as a disjunction of its words, lower-cased: no query-language syntax (AND, quotes, field:)
+    reaches tantivy's parser."""
+    return " ".join(WORD.findall(question.lower()))
+
+
+@dataclass
+class LexicalIndex:
+    version: str
+    index: tantivy.Index
+
+    def search(self, questions: Sequence[str], k: int) -> list[list[Hit]]:
+        """Per question, the k best passages by BM25 (id, title, text, score), best first (ties: the id)."""
+        searcher = self.index.searcher()
+        answered = []
+        for question in questions:
+            words = query_text(question)
+            if not words:
+                answered.append([])
+                continue
+            query = self.index.parse_query(words, ["body"])
+            hits = []
+            for score, address in searcher.search(query, k).hits:
+                doc = searcher.doc(address)
+                hits.append(
+                    {"id": doc["id"][0], "title": doc["title"][0], "text": doc["text"][0], "score": float(score)}
+                )
+            hits.sort(key=lambda hit: (-hit["score"], hit["id"]))
+            answered.append(hits)
+        return answered
+
+
+def open_lexical(version: str, files: dict[str, str], view_dir: str) -> LexicalIndex:
+    """Open a version's verified tantivy files (name → local path) through a directory of links to them."""
+    os.makedirs(view_dir, exist_ok=True)
+    for name in os.listdir(view_dir):
+        if name not in files:
+            os.remove(os.path.join(view_dir, name))
+    for name, path in files.items():
+        link = os.path.join(view_dir, name)
+        if not os.path.islink(link) or os.readlink(link) != os.path.abspath(path):
+            if os.path.lexists(link):
+                os.remove(link)
+            os.symlink(os.path.abspath(path), link)
+    try:
+        return LexicalIndex(version, tantivy.Index.open(view_dir))
+    except ValueError as exc:
+        raise PipelineError(f"index {version}: its BM25 index does not open ({exc})") from None
+
+
+def build_lexical(
+    storage: Storage, links: list[Link], start: int | None, previous: IndexManifest | None, work_dir: str
+) -> dict[str, FileEntry]:
+    """The version's BM25 index, uploaded (content-addressed): {tantivy file name: entry}. With `start` (a delta
+    on `previous`, which has one): the previous index minus the passages that links[start:] remove or replace,
+    plus their live passages, as a new segment. Otherwise every live passage of the chain."""
+    live = LiveEmbeddings(storage, links)
+    base = None
+    if start is not None and previous is not None and previous.lexical:
+        files = {entry.name: entry for entry in previous.files}
+        fetched, _ = fetch_verified(
+            storage, [files[name] for name in previous.lexical.values()], os.path.join(work_dir, "published")
+        )
+        base = {name: fetched[obj] for name, obj in previous.lexical.items()}
+    else:
+        start = 0
+    writer = LexicalWriter(os.path.join(work_dir, "lexical"), base)
+    shards = [shard for shard, (link, _) in enumerate(live.shards) if link >= start]
+    if base is not None:  # deletes first: tantivy applies a delete to the documents added before it
+        added = [live.live_passages(shard) for shard in shards]  # a night's passages: small
+        removed = [keys_of(t.column("id").to_pylist()) for t in added] + [link.tombstones for link in links[start:]]
+        writer.delete(np.concatenate(removed) if removed else np.empty(0, np.uint64))
+        for table in added:
+            writer.add(table)
+    else:
+        for shard in shards:
+            writer.add(live.live_passages(shard))
+    log.info("BM25 index: %d passages added, %d deleted", writer.added, writer.deleted)
+    return {name: upload_once(storage, path, object_name(name, path))[0] for name, path in writer.close().items()}
+
+
+def load_lexical(storage: Storage, manifest: IndexManifest, cache_dir: str) -> LexicalIndex | None:
+    """A published version's BM25 index, every file checked against its sha256 first; None when it has none."""
+    if not manifest.lexical:
+        return None
+    files = {entry.name: entry for entry in manifest.files}
+    try:
+        paths, _ = fetch_verified(storage, [files[name] for name in manifest.lexical.values()], cache_dir)
+    except PipelineError as exc:
+        raise PipelineError(f"{exc}: refusing to load the BM25 index of {manifest.version}") from None
+    view = os.path.join(cache_dir, "lexical-views", manifest.version)
+    return open_lexical(manifest.version, {name: paths[obj] for name, obj in manifest.lexical.items()}, view)
+
+
+def fuse(
+    dense: Sequence[Hit], sparse: Sequence[Hit], k: int, rrf_k: float = 60.0, dense_weight: float = 0.5
+) -> list[Hit]:
+    """Reciprocal-rank fusion of two rankings of passages (pure): each passage scores
+    w / (rrf_k + rank) summed over the rankings it is in (rank from 1; w = dense_weight for the dense ranking,
+    1 - dense_weight for BM25); the k best, ties to the better dense rank, then the id. A hit keeps its fields and
+    gets the fused score."""
+    fused: dict[str, list] = {}
+    for weight, hits in ((dense_weight, dense), (1.0 - dense_weight, sparse)):
+        for rank, hit in enumerate(hits, start=1):
+            entry = fused.setdefault(hit["id"], [0.0, len(dense) + 1, hit])
+            entry[0] += weight / (rrf_k + rank)
+            if hits is dense:
+                entry[1] = rank
+    ordered = sorted(fused.items(), key=lambda item: (-item[1][0], item[1][1], item[0]))[:k]
+    return [{**entry[2], "score": entry[0]} for _, entry in ordered]
