@@ -388,6 +388,7 @@ def test_retriever_replicas_never_load_torch(qa):
         return [(a.pid, "libtorch" in open(f"/proc/{a.pid}/maps").read()) for a in actors]
 
     assert all(not torch for _, torch in mapped("Retriever")), mapped("Retriever")
+    assert all(not torch for _, torch in mapped("Lexical")), mapped("Lexical")  # BM25: tantivy only
     assert all(torch for _, torch in mapped("QuestionEncoder"))
 
 
