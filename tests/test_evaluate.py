@@ -187,3 +187,8 @@ def test_evaluate_job_end_to_end(tmp_path, s3_endpoint, s3_bucket, ray_address):
     assert report["refined_difference_points"]["20"] == pytest.approx(
         100 * (summary["top20_exact"] - summary["top20_refined"])
     )
+    # BM25 and the hybrid, side by side with the others: the questions are a passage's first words
+    assert set(report["top_k"]) == {"ann", "refined", "sparse", "hybrid", "exact"}
+    sparse = json.loads(fs.cat_file(f"{s3_bucket}/eval-out/retriever_results_sparse.json"))
+    assert [r["ctxs"][0]["has_answer"] for r in sparse].count(True) >= 0.9 * len(picked)
+    assert summary["top1_sparse"] >= 0.9 and summary["top100_hybrid"] >= summary["top100_refined"] - 0.05
