@@ -489,7 +489,11 @@ def build_delta(
             ]
             dead.append(faiss_ids(segment.seq, 0, segment.rows)[rows])
         dead_ids = np.unique(np.concatenate(dead)) if dead else np.empty(0, np.int64)
-    new = [writer.close()] if writer.rows else []
+    if writer.rows:
+        new = [writer.close()]
+    else:  # nothing new (a compaction of the published version): no segment
+        new = []
+        writer.discard()
     return Built(quantizer_entry, [*segments, *new], dead_ids, recall, refined, writer.rows, reference, error)
 
 

@@ -24,6 +24,7 @@ import io
 import logging
 import os
 import posixpath
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -229,6 +230,12 @@ class SegmentWriter:
         if self._vectors is not None:
             self._vectors.close()
         return finish_segment(self.seq, self.rows, ivf_of(self.index).invlists, self._keys, self.directory)
+
+    def discard(self) -> None:
+        """Close and delete an empty segment's files, so that nothing left open writes into a directory that a
+        later segment of the same seq (compaction's) reuses."""
+        self.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def finish_segment(

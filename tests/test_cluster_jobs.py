@@ -44,10 +44,11 @@ def cluster():
 def submit(cluster, *entrypoint: str) -> tuple[str, str]:
     """`ray job submit --working-dir . -- <entrypoint>` from the repository; (the submit output, the job's logs).
     A cluster just started may not have its job agent up yet ("No available agent to submit job, please try again
-    later"): nothing was submitted then, so that is retried for a minute."""
+    later"; on a busy 2-core machine for over a minute): nothing was submitted then, so that is retried for three
+    minutes."""
     head, env = cluster
     address = f"http://127.0.0.1:{head.dashboard_port}"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180
     while True:
         job_id = f"test-{uuid.uuid4().hex[:8]}"
         done = subprocess.run(

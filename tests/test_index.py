@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 import requests
 import s3fs
+import tantivy
 
 from pipeline.build_index import plan_build, plan_compaction, plan_index, recall_at, sample_positions
 from pipeline.config import IndexConfig
 from pipeline.errors import PipelineError
 from pipeline.index_workers import merge_topk, plan_groups, refine_merged
 from pipeline.lexical import load_lexical
+from pipeline.manifests import IndexManifest
 from pipeline.segments import ROW_MASK, load_published
 from pipeline.storage import Storage
 from tests.helpers import kill_when_logged, run_job, synthetic_rows, write_config, write_tsv
@@ -208,18 +210,25 @@ def test_a_build_killed_mid_way_reruns_to_the_bytes_of_a_clean_build(encoded):
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     version = rerun.summary["version"]
 
-    def published_files() -> dict[str, str]:
+    def published_files() -> tuple[dict[str, str], list[str]]:
+        """The dense index's files → sha256, and the BM25 index's documents (tantivy names its segments with
+        random ids, so its bytes differ from run to run: its content is compared instead)."""
         fs.invalidate_cache()
-        manifest = json.loads(fs.cat_file(f"idx/root/indexes/{version}/manifest.json"))
-        return {entry["name"]: entry["sha256"] for entry in manifest["files"]}
+        manifest = IndexManifest.model_validate_json(fs.cat_file(f"idx/root/indexes/{version}/manifest.json"))
+        lexical = load_lexical(encoded["storage"], manifest, str(encoded["tmp"] / f"cache-{manifest.created_at}"))
+        searcher = lexical.index.searcher()
+        docs = sorted(searcher.doc(a)["id"][0] for _, a in searcher.search(tantivy.Query.all_query(), 10_000).hits)
+        dense = {e.name: e.sha256 for e in manifest.files if e.name not in set(manifest.lexical.values())}
+        return dense, docs
 
     first = published_files()
     fs.rm(f"idx/root/indexes/{version}", recursive=True)
     clean = run_job("build_index", encoded["config"], *overrides)
     assert clean.returncode == 0 and clean.summary["version"] == version and clean.summary["reused"] is False
     second = published_files()
-    assert first == second
-    assert sorted(name.rsplit("/", 1)[-1].rsplit(".", 1)[-1] for name in first) == ["arrow", "bin", "faiss", "npy"]
+    assert first == second and first[1] == sorted(pid for pid, _, _ in ROWS)
+    kinds = sorted(name.rsplit("/", 1)[-1].rsplit(".", 1)[-1] for name in first[0])
+    assert kinds == ["arrow", "bin", "faiss", "npy", "npy"]  # docstore, lists, quantizer, keys, vectors
     if before is not None:
         fs.pipe_file("idx/root/indexes/LATEST", f"{before}\n".encode())
 
