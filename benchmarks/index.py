@@ -214,7 +214,8 @@ def distributed(args) -> dict:
                 "build_seconds_2_workers": round(sum(runs[2]["phase_seconds"].values()), 1),
                 "add_seconds_1_worker": runs[1]["add_seconds"],  # the part the workers share
                 "add_seconds_2_workers": runs[2]["add_seconds"],
-                "train_seconds": runs[2]["train_seconds"],  # in the driver
+                "train_seconds": runs[2]["train_seconds"],  # sampling tasks and the training task
+                "lexical_seconds": runs[2]["phase_seconds"].get("lexical", 0.0),  # the BM25 index, in the driver
                 "add_nodes_2_workers": runs[2]["add_nodes"],
                 "recall_at_100": runs[2]["recall_at_100"],
                 "driver_peak_rss_mib": round(runs[2]["driver_peak_rss"] / 2**20, 1),

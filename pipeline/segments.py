@@ -395,8 +395,9 @@ def load_published(
     listed = segments_of(manifest)
     owner = assign_segments(listed, shards)
     segments = [s for s in listed if owner[s.seq] == number]
-    if shards == 1:
-        needed = manifest.files
+    if shards == 1:  # everything but the BM25 index (pipeline.lexical loads that)
+        lexical = set((manifest.lexical or {}).values())
+        needed = [entry for entry in manifest.files if entry.name not in lexical]
     else:
         files = files_of(manifest)
         kinds = (IVF_FILE, DOCSTORE_FILE, KEYS_FILE, VECTORS_FILE)

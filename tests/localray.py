@@ -86,6 +86,9 @@ class LocalRay:
             f"--port={self.port}",
             f"--temp-dir={self.temp_dir}",
             "--disable-usage-stats",
+            # each node's dashboard agent on a port of its own: the default (52365) is taken by whichever Ray on
+            # this machine started first, and a cluster whose head agent cannot bind accepts no job submission
+            f"--dashboard-agent-listen-port={free_port()}",
         ]
         if self.num_cpus is not None:
             command += [f"--num-cpus={self.num_cpus}", "--num-gpus=0"]
@@ -116,6 +119,7 @@ class LocalRay:
                 "--num-gpus=0",
                 f"--resources={json.dumps(resources)}",
                 "--disable-usage-stats",
+                f"--dashboard-agent-listen-port={free_port()}",
             ]
         )
 

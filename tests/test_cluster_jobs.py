@@ -184,7 +184,7 @@ def _wait_for_index(url: str, timeout: float) -> dict:
             response = requests.get(f"{url}/v1/index", timeout=10)
             if response.status_code == 200:
                 return response.json()
-        except requests.ConnectionError:
+        except requests.RequestException:  # not listening yet, or holding the request while replicas start
             pass
         assert time.monotonic() < deadline, f"{url}/v1/index did not answer in {timeout} s"
         time.sleep(2)
