@@ -1,4 +1,4 @@
-"""Top-k accuracy of the published demo index: IVF-PQ, IVF-PQ re-scored exactly (refine) and exact search, on the
+"""Top-k accuracy of the published demo index: IVF-PQ, refined, BM25, hybrid and exact search, on the
 demo's own questions and on a larger question set cut from the corpus; prints one JSON line.
 
     make demo && python benchmarks/quality.py [--questions 300] [--refine-k 400]
@@ -70,7 +70,7 @@ def main() -> None:
                 update={"questions": questions, "output": str(Path(tmp) / name), "refine_k": args.refine_k}
             )
             summary = run_evaluate(config.model_copy(update={"evaluate": evaluate}))
-            methods = [m for m in ("ann", "refined", "exact") if f"top1_{m}" in summary]
+            methods = [m for m in ("ann", "refined", "sparse", "hybrid", "exact") if f"top1_{m}" in summary]
             results[name] = {
                 "questions": summary["questions"],
                 **{m: {k: summary[f"top{k}_{m}"] for k in config.evaluate.k} for m in methods},
