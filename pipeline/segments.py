@@ -330,10 +330,7 @@ class PublishedIndex:
                 "set refine_k to 0"
             )
         _, candidates = self.index.search(queries, max(k, refine_k), params=self._params)
-        return self.rescore(queries, candidates, k)
-
-    def rescore(self, queries: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return rescore(queries, ids, k, self.stored)
+        return rescore(queries, candidates, k, self.stored)
 
     def passages(self, ids: Sequence[int]) -> pa.Table:
         """id, title, text of each FAISS id, in the order given (zero-copy takes from the segments' docstores)."""

@@ -46,8 +46,45 @@ class QuestionEncoder:
         return np.split(vectors, np.cumsum([len(questions) for questions in calls])[:-1])
 
 
+class _Versioned:
+    """What the Retriever and the BM25 deployment share: the current version and the one before, loaded from
+    `user_config`; a version that fails to load leaves the current one serving (`last_error` says why)."""
+
+    def _versions_init(self, storage_root: str, storage_options: dict[str, Any], cache_dir: str) -> None:
+        self.storage = Storage(storage_root, storage_options)
+        self.cache_dir = cache_dir or tempfile.mkdtemp(prefix="index-cache-")
+        self.current = self.previous = None
+        self.last_error: str | None = None
+        self._lock = threading.Lock()
+
+    def _swap(self, user_config: dict[str, Any], load, what: str) -> bool:
+        """Load `load(version asked for)` and make it current (the current one becomes the one before); False and
+        the current one kept when it fails (raised when there is none yet)."""
+        wanted = user_config.get("index_version")
+        try:
+            candidate = load(wanted)
+        except Exception as exc:  # noqa: BLE001 - any failure keeps the current version serving
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            if self.current is None:
+                raise
+            log.error("%s %s refused, still serving %s: %s", what, wanted, self.current.version, exc)
+            return False
+        if self.current is None or candidate.version != self.current.version:
+            self.previous = self.current
+        self.current, self.last_error = candidate, None
+        return True
+
+    def _version(self, name: str | None):
+        """The version asked for when loaded here, else the current one (the answer says which was used)."""
+        current, previous = self.current, self.previous
+        return previous if previous is not None and name == previous.version else current
+
+    def _loaded(self) -> list[str]:
+        return [v.version for v in (self.current, self.previous) if v is not None]
+
+
 @serve.deployment
-class Retriever:
+class Retriever(_Versioned):
     """The published index on CPU replicas: the whole version, or with `shard` = (i, n) the segments
     `assign_segments` gives shard i (the app then runs n Retriever deployments). The version comes from
     `user_config`; a new one is loaded beside the current one (fetching only the segments the cache lacks), verified
@@ -67,49 +104,33 @@ class Retriever:
     ):
         self.search.set_max_batch_size(batch_max_size)
         self.refine_k = refine_k  # None: each version's own index.refine_k
-        self.storage = Storage(storage_root, storage_options)
-        self.cache_dir = cache_dir or tempfile.mkdtemp(prefix="index-cache-")
         self.shard = tuple(shard)
-        self.current: PublishedIndex | None = None
-        self.previous: PublishedIndex | None = None
-        self.last_error: str | None = None
-        self._lock = threading.Lock()
+        self._versions_init(storage_root, storage_options, cache_dir)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         with self._lock:
-            wanted = user_config.get("index_version")
-            try:
-                candidate = load_published(self.storage, wanted, self.cache_dir, self.shard)
-                probe = np.zeros((1, candidate.d), dtype=np.float32)
-                _, rows = candidate.search(probe, 1, self._refine_k(candidate))  # refine needs the vectors
-                if candidate.vectors and rows[0, 0] < 0:
-                    raise PipelineError(f"index {candidate.version}: the probe query found nothing")
-            except Exception as exc:  # noqa: BLE001 - any failure keeps the current version serving
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                if self.current is None:
-                    raise
-                log.error("index version %s refused, still serving %s: %s", wanted, self.current.version, exc)
-                return
-            if self.current is None or candidate.version != self.current.version:
-                self.previous = self.current
-            self.current, self.last_error = candidate, None
-            log.info("serving index %s (%d vectors, shard %s)", candidate.version, candidate.vectors, self.shard)
-            evict(self.cache_dir, [v.manifest for v in (self.current, self.previous) if v is not None])
+            if self._swap(user_config, self._load, "index version"):
+                current = self.current
+                log.info("serving index %s (%d vectors, shard %s)", current.version, current.vectors, self.shard)
+                evict(self.cache_dir, [v.manifest for v in (self.current, self.previous) if v is not None])
+
+    def _load(self, wanted: str | None) -> PublishedIndex:
+        candidate = load_published(self.storage, wanted, self.cache_dir, self.shard)
+        probe = np.zeros((1, candidate.d), dtype=np.float32)
+        _, rows = candidate.search(probe, 1, self._refine_k(candidate))  # refine needs the vectors
+        if candidate.vectors and rows[0, 0] < 0:
+            raise PipelineError(f"index {candidate.version}: the probe query found nothing")
+        return candidate
 
     def _refine_k(self, index: PublishedIndex) -> int:
         return index.manifest.refine_k if self.refine_k is None else self.refine_k
-
-    def _version(self, name: str | None) -> PublishedIndex:
-        """The version asked for when loaded here, else the current one (the answer says which was used)."""
-        current, previous = self.current, self.previous
-        return previous if previous is not None and name == previous.version else current
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0)  # merges queued calls only, as the encoder does
     async def search(self, requests: list[tuple]) -> list[dict[str, Any]]:
         """Concurrent requests' questions in one FAISS search and one docstore take per version asked for; each
         request gets its rows, best first (ties: the smaller FAISS id, the `key` the ingress merges shards by).
         A request is (vectors, k) or (vectors, k, version): None is the current version."""
-        loaded = [v.version for v in (self.current, self.previous) if v is not None]
+        loaded = self._loaded()
         answered: list[dict[str, Any] | None] = [None] * len(requests)
         groups: dict[str | None, list[int]] = {}
         for position, request in enumerate(requests):
@@ -126,7 +147,7 @@ class Retriever:
         manifest = current.manifest.model_dump(exclude={"files"})
         return {
             "index_version": current.version,
-            "loaded": [v.version for v in (current, self.previous) if v is not None],
+            "loaded": self._loaded(),
             "vectors": current.vectors,
             "shard": list(self.shard),
             "node": ray.get_runtime_context().get_node_id(),  # where this shard's answering replica runs
@@ -137,48 +158,34 @@ class Retriever:
 
 
 @serve.deployment
-class Lexical:
+class Lexical(_Versioned):
     """The version's BM25 index (`pipeline.lexical`, tantivy) for sparse and hybrid searches, verified before it
     is opened; versions move as the Retriever's do (`user_config`, the one before kept loaded, a version that fails
     to load leaves the current one serving), so a hybrid answer comes from one version."""
 
     def __init__(self, storage_root: str, storage_options: dict[str, Any], cache_dir: str, batch_max_size: int):
         self.search.set_max_batch_size(batch_max_size)
-        self.storage = Storage(storage_root, storage_options)
-        self.cache_dir = cache_dir or tempfile.mkdtemp(prefix="index-cache-")
-        self.current: LexicalIndex | None = None
-        self.previous: LexicalIndex | None = None
-        self.last_error: str | None = None
-        self._lock = threading.Lock()
+        self._versions_init(storage_root, storage_options, cache_dir)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         with self._lock:
-            wanted = user_config.get("index_version")
-            try:
-                version = published_version(self.storage, wanted)
-                candidate = load_lexical(self.storage, read_index_manifest(self.storage, version), self.cache_dir)
-                if candidate is None:
-                    raise PipelineError(f"index {version} has no BM25 index (built with index.lexical: false)")
-            except Exception as exc:  # noqa: BLE001 - any failure keeps the current version serving
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                if self.current is None:
-                    raise
-                log.error("BM25 index of %s refused, still serving %s: %s", wanted, self.current.version, exc)
-                return
-            if self.current is None or candidate.version != self.current.version:
-                self.previous = self.current
-            self.current, self.last_error = candidate, None
-            log.info("serving the BM25 index of %s", candidate.version)
+            if self._swap(user_config, self._load, "BM25 index of"):
+                log.info("serving the BM25 index of %s", self.current.version)
+
+    def _load(self, wanted: str | None) -> LexicalIndex:
+        version = published_version(self.storage, wanted)
+        candidate = load_lexical(self.storage, read_index_manifest(self.storage, version), self.cache_dir)
+        if candidate is None:
+            raise PipelineError(f"index {version} has no BM25 index (built with index.lexical: false)")
+        return candidate
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0)
     async def search(self, requests: list[tuple]) -> list[dict[str, Any]]:
         """A request is (questions, k) or (questions, k, version); each gets its hits per question, best first."""
-        current, previous = self.current, self.previous
-        loaded = [v.version for v in (current, previous) if v is not None]
+        loaded = self._loaded()
         answered = []
         for request in requests:
-            asked = request[2] if len(request) > 2 else None
-            index = previous if previous is not None and asked == previous.version else current
+            index = self._version(request[2] if len(request) > 2 else None)
             answered.append(
                 {"index_version": index.version, "loaded": loaded, "results": index.search(request[0], request[1])}
             )
