@@ -518,9 +518,12 @@ def test_a_swap_across_three_shards_under_load_fails_nothing_and_mixes_nothing(q
     old, new = segmented
     body = {"questions": QUESTIONS[:2], "k": 10}
     try:
-        url = _sharded(qa, "swap", new, 3)
+        # The timeout only tells a dead shard from a live one; here every shard lives, while the new version's
+        # ingress and encoder replicas start beside three loading shards on CI's two cores.
+        slow = {"shard_timeout_s": 60}
+        url = _sharded(qa, "swap", new, 3, **slow)
         expected = {new: requests.post(f"{url}/v1/search", json=body, timeout=60).json()}
-        url = _sharded(qa, "swap", old, 3)
+        url = _sharded(qa, "swap", old, 3, **slow)
         expected[old] = requests.post(f"{url}/v1/search", json=body, timeout=60).json()
         assert expected[old]["results"] != expected[new]["results"]
         answers, stop = [], threading.Event()
@@ -535,7 +538,7 @@ def test_a_swap_across_three_shards_under_load_fails_nothing_and_mixes_nothing(q
         for thread in threads:
             thread.start()
         time.sleep(1)
-        _sharded(qa, "swap", new, 3)
+        _sharded(qa, "swap", new, 3, **slow)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and (not answers or answers[-1][1].get("index_version") != new):
             time.sleep(0.2)
