@@ -68,7 +68,7 @@ from pipeline.layout import (
     read_latest,
     version_dir,
 )
-from pipeline.lexical import build_lexical
+from pipeline.lexical import build_lexical, build_lexical_task
 from pipeline.manifests import EmbeddingManifest, FileEntry, IndexManifest, SegmentEntry
 from pipeline.raycluster import connect, get
 from pipeline.segments import (
@@ -795,8 +795,10 @@ def run_build_index(config: PipelineConfig) -> dict[str, Any]:
             f"({config.index.max_memory / GiB:.2f} GiB): raise it or choose a smaller factory"
         )
     timer = PhaseTimer()
-    with tempfile.TemporaryDirectory(prefix="build-index-") as work_dir:
-        planned = mode  # a BM25 delta stays a delta when the dense build falls back to a full one
+    # The BM25 index is a delta when the dense build planned one, even if that falls back to a full build.
+    on = previous[1] if previous and mode == "delta" else None
+    lexical_task = _start_lexical(storage, links, start if on else None, on, config.index)
+    with tempfile.TemporaryDirectory(prefix="build-index-") as work_dir, _cancelled_on_error(lexical_task):
         built, trained_from, mode = _build(storage, mode, links, start, previous, config.index, plan, work_dir, timer)
         recall = built.recall[100]
         log.info("recall@10 %.4f, recall@100 %.4f vs exact at nprobe %d", built.recall[10], recall, config.index.nprobe)
@@ -817,9 +819,11 @@ def run_build_index(config: PipelineConfig) -> dict[str, Any]:
             built = compact(storage, built, merge, previous_files, work_dir, timer)
         lexical = None
         if config.index.lexical:
-            with timer("lexical"):
-                on = previous[1] if previous and planned == "delta" else None
-                lexical = build_lexical(storage, links, start if on else None, on, work_dir)
+            with timer("lexical"):  # a distributed build's: the wait for its task, after the dense add
+                if lexical_task is not None:
+                    [lexical] = get([lexical_task])
+                else:
+                    lexical = build_lexical(storage, links, start if on else None, on, work_dir)
         with timer("publish"):
             ivf_bytes = sum(
                 os.path.getsize(s.paths[IVF_FILE])
@@ -904,6 +908,29 @@ def run_compact(config: PipelineConfig) -> dict[str, Any]:
             }
         )
     )
+
+
+def _start_lexical(
+    storage: Storage, links: list[Link], start: int | None, previous: IndexManifest | None, config: IndexConfig
+) -> ray.ObjectRef | None:
+    """With `index.segment_vectors` (a distributed build), the BM25 index is built by a Ray task that runs while
+    the dense index trains and adds; None when it is built in this process after the dense index, or not at all."""
+    if not (config.lexical and config.segment_vectors):
+        return None
+    connect()
+    task = ray.remote(build_lexical_task).options(num_cpus=config.add_cpus)
+    return task.remote(storage.root_url, storage.options, links, start, previous)
+
+
+@contextlib.contextmanager
+def _cancelled_on_error(task: ray.ObjectRef | None):
+    """A build that fails (its recall gate, say) stops its BM25 task rather than leave it running."""
+    try:
+        yield
+    except BaseException:
+        if task is not None:
+            ray.cancel(task)
+        raise
 
 
 def _build(

@@ -173,6 +173,17 @@ def build_lexical(
     return {name: upload_once(storage, path, object_name(name, path))[0] for name, path in writer.close().items()}
 
 
+def build_lexical_task(
+    root: str, options: dict, links: list[Link], start: int | None, previous: IndexManifest | None
+) -> dict[str, FileEntry]:
+    """`build_lexical` as a Ray task of a distributed build: it runs on a worker while the add tasks run, in a
+    scratch directory of its own, so the driver neither holds nor writes the BM25 index."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="lexical-") as work_dir:
+        return build_lexical(Storage(root, options), links, start, previous, work_dir)
+
+
 def load_lexical(storage: Storage, manifest: IndexManifest, cache_dir: str) -> LexicalIndex | None:
     """A published version's BM25 index, every file checked against its sha256 first; None when it has none."""
     if not manifest.lexical:

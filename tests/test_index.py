@@ -482,16 +482,8 @@ def test_the_driver_of_a_distributed_build_does_not_grow_with_the_corpus(tmp_pat
                     "snapshot": "s",
                     "shard_rows": 2500,
                 },
-                # the dense build's driver; the BM25 index (index.lexical) is written in the driver too, through a
-                # writer of bounded heap, and is left out here
-                "index": {
-                    "factory": "IVF16,Flat",
-                    "nprobe": 16,
-                    "queries": 50,
-                    "train_size": 1000,
-                    "min_recall": 0.5,
-                    "lexical": False,
-                },
+                # the BM25 index too (index.lexical): written by a task of its own in the distributed build
+                "index": {"factory": "IVF16,Flat", "nprobe": 16, "queries": 50, "train_size": 1000, "min_recall": 0.5},
             },
         )
         assert run_job("ingest", config).returncode == 0
@@ -504,6 +496,10 @@ def test_the_driver_of_a_distributed_build_does_not_grow_with_the_corpus(tmp_pat
                 1 if mode == "one" else count // 5000
             )
             growth.setdefault(mode, []).append(run.summary["driver_peak_rss"])
+        storage = Storage(str(root), {})  # the BM25 task's index is published with the version: every passage
+        manifest = storage.read_manifest(f"indexes/{run.summary['version']}", IndexManifest, name="manifest.json")
+        searcher = load_lexical(storage, manifest, str(tmp_path / f"bm25-{count}")).index.searcher()
+        assert searcher.num_docs == count
     one, spread = (growth[m][1] - growth[m][0] for m in ("one", "spread"))
     codes = 30_000 * (2048 + 8)
     assert one > 0.6 * codes, growth  # the test can tell: the one-process driver holds every code
