@@ -339,6 +339,7 @@ class EvaluateConfig(Section):
     refine_k: int | None = Field(
         None, ge=0, description="candidates re-scored exactly for the refined row (null = the index's refine_k)"
     )
+    nprobe: int | None = Field(None, gt=0, description="inverted lists probed (null = the index's nprobe)")
 
     @field_validator("k")
     @classmethod

@@ -235,7 +235,7 @@ def run_evaluate(config: PipelineConfig) -> dict[str, Any]:
     version = published_version(storage, ev.index_version)
     ks = sorted(set(ev.k))
     depth = max(ks)
-    index = load_published(storage, version, ev.cache_dir)
+    index = load_published(storage, version, ev.cache_dir, nprobe=ev.nprobe)
     settings = question_settings(storage, version, config.serve.question_model, config.serve.question_pooling)
     log.info(
         "evaluating %d questions from %s on index %s (%d vectors)", len(questions), ev.questions, version, index.vectors
@@ -270,7 +270,7 @@ def run_evaluate(config: PipelineConfig) -> dict[str, Any]:
         "questions": len(questions),
         "match": ev.match,
         "factory": index.manifest.factory,
-        "nprobe": index.manifest.nprobe,
+        "nprobe": ev.nprobe or index.manifest.nprobe,
         "refine_k": refine_k,
         "top_k": {name: {str(k): round(v, 4) for k, v in acc.items()} for name, acc in accuracy.items()},
         "difference_points": {str(k): round(100 * (accuracy["exact"][k] - accuracy["ann"][k]), 2) for k in ks},
@@ -315,6 +315,7 @@ def run_evaluate(config: PipelineConfig) -> dict[str, Any]:
     return {
         "questions": len(questions),
         "index_version": version,
+        "nprobe": report["nprobe"],
         **summary,
         "difference_points": report["difference_points"],
         **{key: report[key] for key in ("refine_k", "refined_difference_points") if key in report},

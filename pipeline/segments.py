@@ -381,11 +381,16 @@ def fetch_verified(storage: Storage, entries: Sequence[FileEntry], cache_dir: st
 
 
 def load_published(
-    storage: Storage, version: str | None, cache_dir: str, shard: tuple[int, int] = (0, 1)
+    storage: Storage,
+    version: str | None,
+    cache_dir: str,
+    shard: tuple[int, int] = (0, 1),
+    nprobe: int | None = None,
 ) -> PublishedIndex:
     """Fetch what a version lists that the cache lacks, check every file's sha256 against the manifest, then open
     it. FAISS and Arrow never parse an unverified file (FAISS's reader is not safe on untrusted input). With
-    `shard` = (i, n), only the segments `assign_segments` gives shard i (and the quantizer and tombstones)."""
+    `shard` = (i, n), only the segments `assign_segments` gives shard i (and the quantizer and tombstones). `nprobe`
+    searches more or fewer lists than the manifest's (None: the manifest's, the one its recall was measured at)."""
     version = published_version(storage, version)
     manifest = read_index_manifest(storage, version)
     number, shards = shard
@@ -433,7 +438,7 @@ def load_published(
     tombstones = manifest.tombstones
     dead = read_npy_file(paths[tombstones], np.int64, tombstones) if tombstones else np.empty(0, np.int64)
     dead = dead[np.isin(split_ids(dead)[0], [s.seq for s in segments])]  # this shard's dead rows
-    params, keep = search_parameters(index, int(manifest.nprobe), dead)
+    params, keep = search_parameters(index, nprobe or int(manifest.nprobe), dead)
     log.info(
         "index %s shard %d/%d: %d segments, %d live vectors, %d bytes fetched",
         version,

@@ -198,3 +198,9 @@ def test_evaluate_job_end_to_end(tmp_path, s3_endpoint, s3_bucket, ray_address):
             assert [c["has_answer"] for c in record["ctxs"]] == [
                 c["id"] == record["answers"][0].split()[1] for c in record["ctxs"]
             ]
+    # every list probed (evaluate.nprobe) and every vector re-scored: the refined ranking is exact search's
+    run = run_job("evaluate", config, "evaluate.nprobe=8", "evaluate.refine_k=300")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.summary["nprobe"] == 8 and summary["nprobe"] == 1
+    assert all(run.summary[f"top{k}_refined"] == run.summary[f"top{k}_exact"] for k in (1, 5, 20, 100))
+    assert run.summary["top100_ann"] > summary["top100_ann"]  # all 8 lists, not 1
