@@ -1,7 +1,12 @@
 """Top-k accuracy of the published demo index: IVF-PQ, refined, BM25, hybrid and exact search, on the
-demo's own questions and on a larger question set cut from the corpus; prints one JSON line.
+demo's own questions, on paraphrased questions and on a larger question set cut from the corpus; prints one JSON
+line.
 
-    make demo && python benchmarks/quality.py [--questions 300] [--refine-k 400]
+    make demo && python benchmarks/quality.py [--questions 300] [--refine-k 400] [--nprobe 12] [--dense-weight 0.3]
+        [--output DIR]
+
+The paraphrased set (`benchmarks/assets/paraphrased-questions.qa.csv`, 84 questions): written by hand in words of
+their own about the standard library the corpus documents, kept where the answer occurs in 1-40 passages.
 
 The larger set: for passages of the demo corpus that name a rare identifier (a dotted or underscored name found
 in at most 3 passages), the question is a partial sentence of the same passage that does not contain it (its
@@ -52,6 +57,9 @@ def main() -> None:
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--questions", type=int, default=300)
     parser.add_argument("--refine-k", type=int, default=None, help="default: the index's own refine_k")
+    parser.add_argument("--output", help="keep each set's evaluation (results, report, plot) in OUTPUT/<set>")
+    parser.add_argument("--nprobe", type=int, default=None, help="default: the index's own nprobe")
+    parser.add_argument("--dense-weight", type=float, default=None, help="default: the config's serve.dense_weight")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
@@ -60,14 +68,27 @@ def main() -> None:
     from pipeline.evaluate import run_evaluate
 
     config = load_config(REPO / args.config)
+    if args.dense_weight is not None:
+        serve = config.serve.model_copy(update={"dense_weight": args.dense_weight})
+        config = config.model_copy(update={"serve": serve})
     cut = cut_questions(list(passages()), args.questions)  # the corpus `make demo` indexed
     results = {}
     with tempfile.TemporaryDirectory(prefix="quality-") as tmp:
         generated = Path(tmp) / "cut.jsonl"
         generated.write_text("".join(json.dumps(q) + "\n" for q in cut))
-        for name, questions in (("demo", str(REPO / config.evaluate.questions)), ("cut", str(generated))):
+        sets = {
+            "demo": str(REPO / config.evaluate.questions),
+            "paraphrased": str(REPO / "benchmarks/assets/paraphrased-questions.qa.csv"),
+            "cut": str(generated),
+        }
+        for name, questions in sets.items():
             evaluate = config.evaluate.model_copy(
-                update={"questions": questions, "output": str(Path(tmp) / name), "refine_k": args.refine_k}
+                update={
+                    "questions": questions,
+                    "output": str(Path(args.output or tmp) / name),
+                    "refine_k": args.refine_k,
+                    "nprobe": args.nprobe,
+                }
             )
             summary = run_evaluate(config.model_copy(update={"evaluate": evaluate}))
             methods = [m for m in ("ann", "refined", "sparse", "hybrid", "exact") if f"top1_{m}" in summary]
@@ -77,7 +98,13 @@ def main() -> None:
                 "refined_difference_points": summary.get("refined_difference_points"),
                 "difference_points": summary["difference_points"],
             }
-    line = {"benchmark": "quality", "index_version": summary["index_version"], "refine_k": summary.get("refine_k")}
+    line = {
+        "benchmark": "quality",
+        "index_version": summary["index_version"],
+        "refine_k": summary.get("refine_k"),
+        "nprobe": summary["nprobe"],
+        "dense_weight": config.serve.dense_weight,
+    }
     print(json.dumps({**line, **results}))
 
 
