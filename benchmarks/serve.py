@@ -3,6 +3,7 @@
     make demo && python benchmarks/serve.py [--requests 200] [--seconds 30]
     python benchmarks/serve.py --shards 1,2,4 [--vectors 200000]     # sharded index, a synthetic version
     python benchmarks/serve.py --refine 0,100,400 [--vectors 200000] # exact re-scoring of IVF-PQ candidates
+    python benchmarks/serve.py --modes dense,refine,hybrid [--rounds 2]  # + BM25 fused (refine_k 400)
 
 The app serves the demo's published index (configs/demo.yaml) on this machine's Ray. The load comes from a second
 process on 127.0.0.1 (this script re-run with --load), N client threads, each request timed, bounded in count and
@@ -34,7 +35,21 @@ QUESTIONS = [
 ]
 
 
-def load(url: str, route: str, clients: int, requests_total: int, seconds: float) -> dict:
+# Questions in the synthetic passages' words (tests.helpers.synthetic_rows), so that BM25 has postings to score:
+# each word is in about a fifth of the passages.
+SYNTHETIC_QUESTIONS = [
+    "river mountain city",
+    "castle garden poet",
+    "north road bridge",
+    "music school village",
+    "island ship army",
+    "church king war",
+    "energy water station",
+    "novel theatre museum",
+]
+
+
+def load(url: str, route: str, clients: int, requests_total: int, seconds: float, questions: list[str]) -> dict:
     """The load generator (its own process): latencies of `requests_total` requests from `clients` threads."""
     import requests
 
@@ -46,7 +61,7 @@ def load(url: str, route: str, clients: int, requests_total: int, seconds: float
         for i in counter:
             if time.monotonic() > deadline:
                 return
-            question = QUESTIONS[i % len(QUESTIONS)]
+            question = questions[i % len(questions)]
             body = {"questions": [question], "k": 10} if route == "/v1/search" else {"question": question, "k": 10}
             started = time.perf_counter()
             response = session.post(url + route, json=body, timeout=60)
@@ -84,6 +99,7 @@ def run_load(url: str, route: str, clients: int, args) -> dict:
         str(args.requests),
         "--seconds",
         str(args.seconds),
+        *(["--synthetic-questions"] if getattr(args, "synthetic_questions", False) else []),
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPO)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -94,7 +110,8 @@ def synthetic(args, factory: str, segments: int, variants: dict[str, dict]) -> d
     Retriever replica's resident memory and index bytes. The version: random clustered 384-d vectors (the
     packaged MiniLM encodes the questions) for `--vectors` synthetic passages in `factory`, built on this
     machine's Ray in `segments` segments. Variants: `shards` (1, 2, 4: replica memory follows the shard's share
-    of an IVF,Flat index) or `refine_k` (IVF-PQ, candidates re-scored exactly from the stored fp16 vectors)."""
+    of an IVF,Flat index), `refine_k` (IVF-PQ, candidates re-scored exactly from the stored fp16 vectors) or
+    `mode` (dense, or hybrid: fused with the version's BM25 index of the synthetic passages)."""
     import logging
     import os
     import tempfile
@@ -192,24 +209,41 @@ def main() -> None:
     parser.add_argument("--load", help=argparse.SUPPRESS)
     parser.add_argument("--route", help=argparse.SUPPRESS)
     parser.add_argument("--clients", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--synthetic-questions", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--shards", help="e.g. 1,2,4: /v1/search with that many index shards (synthetic index)")
     parser.add_argument("--refine", help="e.g. 0,100,400: /v1/search with serve.refine_k at each (synthetic IVF-PQ)")
-    parser.add_argument("--vectors", type=int, default=200_000, help="with --shards or --refine: passages")
+    parser.add_argument("--modes", help="e.g. dense,refine,hybrid: /v1/search in each (synthetic IVF-PQ + BM25)")
+    parser.add_argument("--rounds", type=int, default=2, help="with --modes: each mode this many times, in turn")
+    parser.add_argument("--vectors", type=int, default=200_000, help="with --shards, --refine or --modes: passages")
     args = parser.parse_args()
     if args.load:
-        print(json.dumps(load(args.load, args.route, args.clients, args.requests, args.seconds)))
+        questions = SYNTHETIC_QUESTIONS if args.synthetic_questions else QUESTIONS
+        print(json.dumps(load(args.load, args.route, args.clients, args.requests, args.seconds, questions)))
         return
     if args.shards:
         counts = [int(n) for n in args.shards.split(",")]
         variants = {f"shards_{n}": {"shards": n} for n in counts}
         print(json.dumps({"benchmark": "serve_shards", **synthetic(args, "IVF256,Flat", max(counts), variants)}))
         return
-    if args.refine:
-        variants = {f"refine_{k}": {"refine_k": int(k)} for k in args.refine.split(",")}
+    if args.refine or args.modes:
+        if args.refine:
+            variants = {f"refine_{k}": {"refine_k": int(k)} for k in args.refine.split(",")}
+        else:
+            modes = {
+                "dense": {"refine_k": 0, "mode": "dense"},
+                "refine": {"refine_k": 400, "mode": "dense"},
+                "hybrid": {"refine_k": 400, "mode": "hybrid"},
+            }
+            # Each mode once per round, the order kept: the first app of a fresh Ray runs slower, so compare rounds.
+            variants = {
+                f"{name}_{round_ + 1}": modes[name] for round_ in range(args.rounds) for name in args.modes.split(",")
+            }
+            args.synthetic_questions = True  # BM25 scores postings, as it would on real questions
         result = synthetic(args, "IVF256,PQ48", 4, variants)
         base = result[next(iter(variants))]["p50_ms"]
         slower = {name: round(result[name]["p50_ms"] / base - 1, 3) for name in variants}
-        print(json.dumps({"benchmark": "serve_refine", **result, "p50_increase": slower}))
+        name = "serve_refine" if args.refine else "serve_modes"
+        print(json.dumps({"benchmark": name, **result, "p50_increase": slower}))
         return
 
     import logging
