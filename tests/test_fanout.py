@@ -5,7 +5,15 @@ import asyncio
 import pytest
 
 from pipeline.segments import SegmentRef, assign_segments
-from pipeline.serve.fanout import PATIENCE_S, ShardsDisagree, agree, agreed_version, merge_hits, merged
+from pipeline.serve.fanout import (
+    PATIENCE_S,
+    ShardsDisagree,
+    agree,
+    agreed_version,
+    merge_hits,
+    merged,
+    started_first,
+)
 
 
 def test_segments_are_balanced_by_vectors_and_big_ones_stay_put():
@@ -89,3 +97,27 @@ def test_shards_replaced_rather_than_reconfigured_are_asked_until_they_agree():
 
     with pytest.raises(ShardsDisagree, match="no version in common"):
         _search(stuck, 2, 0.3)
+
+
+def test_a_search_sent_before_encoding_is_the_first_answer_and_a_version_is_asked_again():
+    """BM25 is asked while the questions are encoded: `agree` takes that answer first; when the dense shard has
+    moved on, BM25 is asked again for the version they share."""
+    asked = []
+
+    async def lexical(version):
+        asked.append(version)
+        used = version or "v1"
+        return {"index_version": used, "loaded": ["v1", "v2"], "results": [[]]}
+
+    async def shard(version):
+        return {"index_version": version or "v2", "loaded": ["v2", "v1"], "results": [[]]}
+
+    async def search():
+        early = asyncio.ensure_future(lexical(None))
+        await asyncio.sleep(0)  # the encoder's turn: the BM25 search is already under way
+        assert asked == [None]
+        return await agree([shard, started_first(early, lexical)])
+
+    found = asyncio.run(search())
+    assert [f["index_version"] for f in found] == ["v2", "v2"]
+    assert asked == [None, "v2"]  # the early search, then the shared version: never a third call for None

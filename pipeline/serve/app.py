@@ -20,7 +20,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from pipeline.config import PipelineConfig, ServeConfig, load_config
 from pipeline.lexical import fuse
 from pipeline.serve.deployments import Lexical, QuestionEncoder, Reader, Retriever
-from pipeline.serve.fanout import ShardUnavailable, agree, agreed_version, merged, retriever_names
+from pipeline.serve.fanout import ShardUnavailable, agree, agreed_version, merged, retriever_names, started_first
 from pipeline.serve.guard import error
 from pipeline.serve.metrics import Metrics
 from pipeline.serve.routes import build_api
@@ -92,13 +92,21 @@ class QAService:
         depth = max(depth, s.hybrid_depth) if "hybrid" in modes else depth
         dense, sparse = bool(modes - {"sparse"}), bool(modes - {"dense"})
         calls = []
+        # BM25 needs no vectors: it is asked at once, while the questions are encoded.
+        lexical = (lambda version: self._search_lexical((questions, depth, version))) if sparse else None
+        bm25 = asyncio.ensure_future(lexical(None)) if sparse else None
         if dense:
             started = time.perf_counter()
-            vectors = await _with_one_retry(self.encoder.encode, questions)
+            try:
+                vectors = await _with_one_retry(self.encoder.encode, questions)
+            except BaseException:
+                if bm25 is not None:
+                    bm25.cancel()
+                raise
             self.metrics.stage.labels("encode").observe(time.perf_counter() - started)
             calls += [self._asking_shard(shard, vectors, depth) for shard in range(len(self.retrievers))]
         if sparse:
-            calls.append(lambda version: self._search_lexical((questions, depth, version)))
+            calls.append(started_first(bm25, lexical))
         started = time.perf_counter()
         found = await agree(calls)
         self.metrics.stage.labels("search").observe(time.perf_counter() - started)

@@ -77,6 +77,17 @@ async def agree(
             raise ShardsDisagree(f"index shards did not all answer from {version} within {patience_s:.0f}s")
 
 
+def started_first(started: Awaitable[dict[str, Any]], call: Callable[[str | None], Awaitable[dict[str, Any]]]):
+    """`call` for `agree`, whose first ask for the current version is `started`: a search already sent (BM25,
+    while the question encoder ran); every later ask, or one naming a version, calls again."""
+    first = [started]
+
+    def ask(version: str | None) -> Awaitable[dict[str, Any]]:
+        return first.pop() if version is None and first else call(version)
+
+    return ask
+
+
 def merged(found: Sequence[dict[str, Any]], k: int) -> list[list[Hit]]:
     """Each question's k best hits over the shards' answers (pure)."""
     return [merge_hits([f["results"][q] for f in found], k) for q in range(len(found[0]["results"]))]
