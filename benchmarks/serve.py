@@ -85,6 +85,23 @@ def load(url: str, route: str, clients: int, requests_total: int, seconds: float
     }
 
 
+def stage_means(url: str) -> dict[str, float]:
+    """Mean milliseconds per stage (encode, search, read) over the app's requests so far, from its /metrics: the
+    search stage apart from the encoder, which sets the pace on a small machine."""
+    import re
+
+    import requests
+
+    text = requests.get(f"{url}/metrics", timeout=30).text
+    found = dict(re.findall(r'^qa_stage_seconds_((?:sum|count)\{stage="\w+"\}) (\S+)$', text, re.M))
+    stages = {key.split('"')[1] for key in found}
+    return {
+        stage: round(1000 * float(found[f'sum{{stage="{stage}"}}']) / float(found[f'count{{stage="{stage}"}}']), 2)
+        for stage in sorted(stages)
+        if float(found[f'count{{stage="{stage}"}}'])
+    }
+
+
 def run_load(url: str, route: str, clients: int, args) -> dict:
     command = [
         sys.executable,
@@ -191,6 +208,7 @@ def synthetic(args, factory: str, segments: int, variants: dict[str, dict]) -> d
                 ]
                 results[name] = {
                     **measured,
+                    "stage_mean_ms": stage_means(url),
                     "replica_rss_mib": dict(sorted(replicas)),
                     "shard_index_mib": [round(b / 2**20, 1) for b in index_bytes],
                 }
