@@ -680,11 +680,16 @@ def settings_digest(config: IndexConfig) -> str:
     ).hexdigest()[:16]
 
 
-def index_version(snapshot: str, links: Sequence[Link], config: IndexConfig, on: str | None = None) -> str:
-    """Same inputs and settings → same version, so a rerun finds its own published work."""
+def index_version(
+    snapshot: str, links: Sequence[Link], config: IndexConfig, on: str | None = None, question_model: str | None = None
+) -> str:
+    """Same inputs and settings → same version, so a rerun finds its own published work; the question encoder the
+    version pairs with is part of it (versions without one keep their names)."""
+    paired = {"question_model": question_model} if question_model else {}
     digest = hashlib.sha256(
         json.dumps(
             {
+                **paired,
                 "embeddings": [(link.snapshot, [(e.name, e.sha256) for e in link.embeddings.files]) for link in links],
                 "tombstones": [link.tombstones.tobytes().hex()[:64] + str(len(link.tombstones)) for link in links],
                 "settings": settings_digest(config),
@@ -760,7 +765,9 @@ def run_build_index(config: PipelineConfig) -> dict[str, Any]:
     mode, start = plan_build(
         [link.snapshot for link in links],
         previous[1].snapshot if previous else None,
-        previous is not None and previous[1].settings == settings_digest(config.index),
+        previous is not None
+        and previous[1].settings == settings_digest(config.index)
+        and config.encode.question_model in (None, previous[1].encoder.get("question_model")),
     )
     compact_already = len(segments_of(previous[1])) <= 1 and not previous[1].tombstones if previous else False
     if mode == "current" and (config.index.compact != "always" or compact_already):
@@ -768,8 +775,14 @@ def run_build_index(config: PipelineConfig) -> dict[str, Any]:
         return _reused(storage, *previous)
     if mode == "current":
         mode, start = "delta", len(links)
+    # the question encoder paired with these vectors: the config's, else the one the published version records
+    question_model = config.encode.question_model or (previous[1].encoder.get("question_model") if previous else None)
     version = index_version(
-        snapshot, links[start:] if mode == "delta" else links, config.index, previous[0] if mode == "delta" else None
+        snapshot,
+        links[start:] if mode == "delta" else links,
+        config.index,
+        previous[0] if mode == "delta" else None,
+        question_model,
     )
     existing = storage.read_manifest(version_dir(version), IndexManifest, name=INDEX_MANIFEST)
     if existing is not None:
@@ -843,7 +856,7 @@ def run_build_index(config: PipelineConfig) -> dict[str, Any]:
                     "snapshot": snapshot,
                     "embeddings": storage.url(links[-1].embeddings_dir),
                     "fingerprint": head.fingerprint,
-                    "encoder": head.encoder,
+                    "encoder": {**head.encoder, **({"question_model": question_model} if question_model else {})},
                     "dim": plan.dim,
                     "factory": config.index.factory,
                     "metric": "inner_product",

@@ -115,6 +115,12 @@ class EncodeConfig(Section):
         "facebook/dpr-ctx_encoder-single-nq-base",
         description="HF name, local or remote path, or python-package:NAME for a model shipped in a package",
     )
+    question_model: str | None = Field(
+        None,
+        description="the question encoder paired with `model` (a DPR context encoder and its question encoder are "
+        "two checkpoints): recorded in each index version's manifest, so Serve and evaluate encode questions with "
+        "the version's own (null: serve.question_model)",
+    )
     pooling: Literal["dpr", "cls", "mean"] = "dpr"
     normalize: bool = Field(False, description="L2-normalize embeddings (for models trained with cosine)")
     max_length: int = Field(256, gt=0)
@@ -237,13 +243,26 @@ class IndexConfig(Section):
 
 
 class ServeConfig(Section):
-    question_model: str = "facebook/dpr-question_encoder-single-nq-base"
+    question_model: str = Field(
+        "facebook/dpr-question_encoder-single-nq-base",
+        description="question encoder for index versions whose manifest records none (encode.question_model)",
+    )
     question_pooling: Literal["dpr", "cls", "mean"] | None = Field(
         None, description="default: the pooling (and normalization) the index's passages were encoded with"
     )
     reader_model: str | None = Field("facebook/dpr-reader-single-nq-base", description="null = retrieval only")
-    index_version: str | None = Field(None, description="version to serve (default: indexes/LATEST)")
+    index_version: str | None = Field(
+        None,
+        description="version to serve (default: indexes/LATEST when the app starts); the default of the ingress's "
+        "user_config, where `serve deploy` pins, rolls back and the nightly moves the whole app",
+    )
     cache_dir: str = Field("/tmp/dpr-pipeline-index-cache", description="local copies of index versions")
+    version_idle_s: float = Field(
+        120,
+        gt=0,
+        description="a replica drops a version no request has named for this long (never the one asked for last): "
+        "how long the version before, its question model and its index stay held after the app moved on",
+    )
     max_question_chars: int = Field(1000, gt=0)
     max_k: int = Field(100, gt=0)
     max_batch_questions: int = Field(64, gt=0, description="questions per /v1/search request")

@@ -236,7 +236,7 @@ def run_evaluate(config: PipelineConfig) -> dict[str, Any]:
     ks = sorted(set(ev.k))
     depth = max(ks)
     index = load_published(storage, version, ev.cache_dir, nprobe=ev.nprobe)
-    settings = question_settings(storage, version, config.serve.question_model, config.serve.question_pooling)
+    settings = question_settings(index.manifest, config.serve.question_model, config.serve.question_pooling)
     log.info(
         "evaluating %d questions from %s on index %s (%d vectors)", len(questions), ev.questions, version, index.vectors
     )

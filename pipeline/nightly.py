@@ -16,11 +16,9 @@ import datetime as dt
 import json
 import logging
 import os
-import re
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
 from typing import Any
 
 from pipeline.build_index import PhaseTimer, run_build_index
@@ -30,7 +28,6 @@ from pipeline.errors import PipelineError
 from pipeline.ingest import run_ingest
 from pipeline.layout import nightly_record, published_index, snapshot_dir
 from pipeline.manifests import IndexManifest, PassageManifest
-from pipeline.serve.fanout import retriever_names
 from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -146,23 +143,13 @@ def _http_json(
     return json.loads(raw) if raw else None
 
 
-def index_shards(app_details: dict[str, Any], shards: int) -> list[str]:
-    """The app's deployments that serve an index version as Serve reports them running (`Retriever`, or
-    `Retriever0..N-1`, and `Lexical`, the BM25 index), so the nightly updates the shards the app has, whatever this
-    job's own `serve.shards` says; the config's when Serve lists none yet (pure)."""
-    deployments = app_details.get("deployments") or {}
-    running = sorted(
-        (name for name in deployments if re.fullmatch(r"Retriever\d*", name)),
-        key=lambda name: int(name.removeprefix("Retriever") or 0),
-    )
-    return (running or retriever_names(shards)) + (["Lexical"] if "Lexical" in deployments else [])
+INGRESS = "QAService"  # the deployment whose user_config sets the version of the whole app
 
 
-def with_index_version(
-    deploy_config: dict[str, Any], app: str, version: str, retrievers: Sequence[str] = ("Retriever",)
-) -> dict[str, Any]:
-    """The Serve deploy config with only the app's Retriever `user_config.index_version` changed, on every index
-    shard's deployment (pure)."""
+def with_index_version(deploy_config: dict[str, Any], app: str, version: str) -> dict[str, Any]:
+    """The Serve deploy config with the app's version set where it is set, the ingress's `user_config`, and any
+    `index_version` another deployment's user_config still carries (configs written for older releases) dropped,
+    so that one setting moves the question encoder, every index shard and BM25 together (pure)."""
     applications = [dict(a) for a in deploy_config["applications"]]
     target = next((a for a in applications if a.get("name") == app), None)
     if target is None:
@@ -170,20 +157,29 @@ def with_index_version(
             f"Serve has no application named {app!r} deployed from a config "
             f"(found {[a.get('name') for a in applications]}): check nightly.serve_app"
         )
-    deployments = [dict(d) for d in target.get("deployments", [])]
-    for name in retrievers:
-        retriever = next((d for d in deployments if d.get("name") == name), None)
-        if retriever is None:
-            retriever = {"name": name}
-            deployments.append(retriever)
-        retriever["user_config"] = {**(retriever.get("user_config") or {}), "index_version": version}
+    deployments = []
+    for deployment in target.get("deployments", []):
+        deployment = dict(deployment)
+        user_config = {k: v for k, v in (deployment.get("user_config") or {}).items() if k != "index_version"}
+        if deployment.get("name") == INGRESS or user_config:
+            deployment["user_config"] = user_config
+        else:
+            deployment.pop("user_config", None)
+        deployments.append(deployment)
+    ingress = next((d for d in deployments if d.get("name") == INGRESS), None)
+    if ingress is None:
+        ingress = {"name": INGRESS}
+        deployments.append(ingress)
+    ingress["user_config"] = {**(ingress.get("user_config") or {}), "index_version": version}
     target["deployments"] = deployments
     return {**deploy_config, "applications": applications}
 
 
 def point_serve_at(config: PipelineConfig, version: str) -> dict[str, Any]:
-    """Set the Retriever's `user_config.index_version` through the Serve REST API (as `serve deploy` would: the
-    replicas reload in place), then wait until the app itself reports the version over HTTP."""
+    """Set the app's version (the ingress's `user_config.index_version`) through the Serve REST API, as `serve
+    deploy` would: every part loads it beside the version it serves. Then check it by searching, in every mode the
+    app has, until the answers come from it; a version the app refuses, or an app that fails its searches, fails
+    the night (the app keeps answering from the version before)."""
     night = config.nightly
     base = night.serve_address.rstrip("/")
     details = _http_json("GET", f"{base}/api/serve/applications/")
@@ -198,33 +194,66 @@ def point_serve_at(config: PipelineConfig, version: str) -> dict[str, Any]:
     current = {
         key: details[key] for key in ("proxy_location", "http_options", "grpc_options") if details.get(key) is not None
     }
-    _http_json(
-        "PUT",
-        f"{base}/api/serve/applications/",
-        with_index_version(
-            {**current, "applications": deployed},
-            night.serve_app,
-            version,
-            index_shards(applications.get(night.serve_app, {}), config.serve.shards),
-        ),
-    )
     host = "127.0.0.1" if config.serve.host == "0.0.0.0" else config.serve.host
-    url = (night.serve_url or f"http://{host}:{config.serve.port}").rstrip("/") + "/v1/index"
+    url = (night.serve_url or f"http://{host}:{config.serve.port}").rstrip("/")
     key = os.environ.get(config.serve.api_key_env) if config.serve.api_key_env else None
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    deadline, seen = time.monotonic() + night.serve_timeout_s, None
+
+    def set_version(name: str) -> None:
+        updated = with_index_version({**current, "applications": deployed}, night.serve_app, name)
+        _http_json("PUT", f"{base}/api/serve/applications/", updated)
+
+    try:
+        before = _http_json("GET", f"{url}/v1/index", headers=headers, timeout=30).get("index_version")
+    except (urllib.error.URLError, OSError, ValueError):
+        before = None  # the app does not answer now: nothing to set back
+    set_version(version)
+    try:
+        return verify_serving(url, version, headers, night.serve_timeout_s)
+    except PipelineError as exc:
+        if before is None or before == version:
+            raise
+        set_version(before)  # the one setting names what is answered, also for replicas started later
+        raise PipelineError(f"{exc}; the app is set back to {before}") from None
+
+
+def verify_serving(url: str, version: str, headers: dict[str, str], timeout_s: float) -> dict[str, Any]:
+    """Search the app at `url` in every mode it has until each answers 200 from `version` (`/v1/index` first, for
+    the modes and a refusal); PipelineError naming what the app said when it refuses the version, or when
+    `timeout_s` passes without it."""
+    deadline, seen = time.monotonic() + timeout_s, "no answer yet"
     while time.monotonic() < deadline:
         try:
-            info = _http_json("GET", url, headers=headers, timeout=10)
-            seen = info.get("index_version")
-            if seen == version:
-                log.info("%s serves %s", url, version)
-                return {"app": night.serve_app, "index_version": version, "url": url}
-            if info.get("last_error"):
-                log.warning("the app reports: %s", info["last_error"])
+            info = _http_json("GET", f"{url}/v1/index", headers=headers, timeout=30)
+            if info.get("target") == version and info.get("last_error"):
+                raise PipelineError(f"the app at {url} refused index {version}: {info['last_error']}")
+            modes = ["dense", "sparse", "hybrid"] if info.get("bm25") else ["dense"]
+            probe = "which passage answers this question?"
+            answers = {
+                mode: _http_json("POST", f"{url}/v1/search", {"questions": [probe], "k": 1, "mode": mode}, headers, 30)[
+                    "index_version"
+                ]
+                for mode in modes
+            }
+            if set(answers.values()) == {version}:
+                log.info("%s serves %s in modes %s", url, version, modes)
+                return {"index_version": version, "url": url, "modes": modes}
+            seen = f"answers from {answers}"
+        except urllib.error.HTTPError as exc:
+            body = exc.read()[:4000].decode(errors="replace")
+            seen = f"HTTP {exc.code}: {body}"
+            refused = _json_or_empty(body)
+            if refused.get("target") == version and refused.get("last_error"):
+                raise PipelineError(f"the app at {url} refused index {version}: {refused['last_error']}") from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
             seen = f"unreachable ({exc})"
         time.sleep(1)
-    raise PipelineError(
-        f"index {version} was published, but {url} still answers from {seen} after {night.serve_timeout_s:.0f}s"
-    )
+    raise PipelineError(f"index {version} was published, but {url} does not serve it after {timeout_s:.0f}s: {seen}")
+
+
+def _json_or_empty(text: str) -> dict[str, Any]:
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}

@@ -243,14 +243,14 @@ class TextEncoder:
         return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
 
 
-def question_settings(storage, version: str | None, model: str, pooling: str | None) -> EncoderSettings:
-    """The question side must match how the index's passages were encoded (pooling, normalization, length)."""
-    from pipeline.layout import published_version, read_index_manifest
-
-    encoder = dict(read_index_manifest(storage, published_version(storage, version)).encoder)
+def question_settings(manifest, fallback_model: str, pooling: str | None = None) -> EncoderSettings:
+    """The question encoder that pairs with an index version: the model its manifest records
+    (`encode.question_model` at build time; `fallback_model`, i.e. `serve.question_model`, for versions that record
+    none), with the pooling, normalization and length its passages were encoded with (`pooling` overrides)."""
+    encoder = dict(manifest.encoder)
     pooling = pooling or encoder.get("pooling", "dpr")
     return EncoderSettings(
-        model=model,
+        model=encoder.get("question_model") or fallback_model,
         pooling=pooling,
         max_length=int(encoder.get("max_length", 256)),
         normalize=bool(encoder.get("normalize", False)),

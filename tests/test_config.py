@@ -19,7 +19,7 @@ def test_production_config_names_facebook_models():
     assert config.storage.root.startswith("s3://")
     assert config.ingest.input.endswith("psgs_w100.tsv.gz")
     assert config.encode.model == "facebook/dpr-ctx_encoder-single-nq-base"
-    assert config.serve.question_model == "facebook/dpr-question_encoder-single-nq-base"
+    assert config.encode.question_model == "facebook/dpr-question_encoder-single-nq-base"
     assert config.serve.reader_model == "facebook/dpr-reader-single-nq-base"
 
 

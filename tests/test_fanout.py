@@ -1,6 +1,7 @@
 """The ingress's merge over index shards and its choice of one version, without Ray (pure)."""
 
 import asyncio
+import time
 
 import pytest
 
@@ -9,9 +10,10 @@ from pipeline.serve.fanout import (
     PATIENCE_S,
     ShardsDisagree,
     agree,
-    agreed_version,
     merge_hits,
     merged,
+    next_version,
+    refusal,
     started_first,
 )
 
@@ -34,90 +36,110 @@ def test_merge_keeps_the_k_best_ties_to_the_smaller_key():
     assert merge_hits([[], []], 5) == []
 
 
-def test_one_version_for_the_whole_response():
-    same = [{"index_version": "v1", "loaded": ["v1"]}, {"index_version": "v1", "loaded": ["v1", "v0"]}]
-    assert agreed_version(same) is None
-    moving = [
-        {"index_version": "v2", "loaded": ["v2", "v1"]},
-        {"index_version": "v1", "loaded": ["v1", "v0"]},
-        {"index_version": "v2", "loaded": ["v2", "v1"]},
-    ]
-    assert agreed_version(moving) == "v1"  # the only version every shard has
-    both = [{"index_version": "v2", "loaded": ["v2", "v1"]}, {"index_version": "v1", "loaded": ["v1", "v2"]}]
-    assert agreed_version(both) == "v2"  # ties: the newer name
-    with pytest.raises(ShardsDisagree, match="no version in common"):
-        agreed_version([{"index_version": "v3", "loaded": ["v3", "v2"]}, {"index_version": "v1", "loaded": ["v1"]}])
+def _part(used: str, loaded: list[str], refused: dict[str, str] | None = None, **fields) -> dict:
+    return {"index_version": used, "loaded": loaded, "refused": refused or {}, **fields}
 
 
-def _search(call, shards: int, patience_s: float = PATIENCE_S) -> tuple[str, list]:
+def test_answers_are_used_only_from_the_version_set_or_the_one_answered_before():
+    assert next_version([_part("v2", ["v2"]), _part("v2", ["v2", "v1"])], "v2", "v1") is None
+    assert next_version([_part("v1", ["v1"]), _part("v1", ["v2", "v1"])], "v2", "v1") is None  # v2 still loading
+    # one part has v2, another not yet: every part is asked for v1, which all hold
+    assert next_version([_part("v2", ["v1", "v2"]), _part("v1", ["v1"])], "v2", "v1") == "v1"
+    # all hold v2 now, but one answered from v1 (asked before it held v2): all are asked for v2
+    assert next_version([_part("v2", ["v1", "v2"]), _part("v1", ["v1", "v2"])], "v2", "v1") == "v2"
+    # a version neither set nor answered before is never used, even when every part agrees on it
+    with pytest.raises(ShardsDisagree, match="none holds v2 everywhere yet"):
+        next_version([_part("v0", ["v0"]), _part("v0", ["v0"])], "v2", None)
+    # refused by a part: not asked for again; the one answered before serves
+    refused = [_part("v1", ["v1"], {"v2": "OSError: no model"}), _part("v2", ["v1", "v2"])]
+    assert refusal(refused, "v2") == "OSError: no model"
+    assert next_version(refused, "v2", "v1") == "v1"
+    with pytest.raises(ShardsDisagree, match="v2 was refused") as raised:
+        next_version(refused, "v2", None)
+    assert raised.value.refused == "OSError: no model"
+
+
+def _search(call, shards: int, want: str, fallback: str | None = None, patience_s: float = PATIENCE_S):
     """Every shard asked through `agree`, as the ingress does: (the version, the merged top-5 per question)."""
 
-    def asking(shard):
-        return lambda version: call(shard, ([[0.0]], 5) if version is None else ([[0.0]], 5, version))
+    async def ask(version):
+        return list(await asyncio.gather(*(call(shard, ([[0.0]], 5, version)) for shard in range(shards))))
 
-    found = asyncio.run(agree([asking(shard) for shard in range(shards)], patience_s))
+    found = asyncio.run(agree(ask, want, fallback, patience_s))
     return found[0]["index_version"], merged(found, 5)
 
 
 def test_shards_mid_swap_are_asked_again_for_the_version_they_share():
-    """Shard 1 has moved to v2; the first answers disagree, so every shard is asked for v1 explicitly."""
-    versions = {0: ("v1", ["v1"]), 1: ("v2", ["v2", "v1"])}
+    """Shard 1 holds v2 (the version set) while shard 0 is still loading it: their first answers differ, so both
+    are asked for v1, the version answered before, which both hold."""
+    versions = {0: ["v1"], 1: ["v2", "v1"]}
     calls = []
 
     async def call(shard, request):
-        calls.append((shard, request[2] if len(request) > 2 else None))
-        used, loaded = versions[shard]
-        used = request[2] if len(request) > 2 and request[2] in loaded else used
+        calls.append((shard, request[2]))
+        used = request[2] if request[2] in versions[shard] else versions[shard][0]
         hits = [{"id": f"{used}-{shard}", "score": 1.0 - shard / 10, "key": shard}]
-        return {"index_version": used, "loaded": loaded, "results": [hits]}
+        return _part(used, versions[shard], results=[hits])
 
-    version, results = _search(call, 2)
+    version, results = _search(call, 2, "v2", "v1")
     assert version == "v1"
     assert [h["id"] for h in results[0]] == ["v1-0", "v1-1"]
-    assert calls == [(0, None), (1, None), (0, "v1"), (1, "v1")]
+    assert calls == [(0, "v2"), (1, "v2"), (0, "v1"), (1, "v1")]
 
 
-def test_shards_replaced_rather_than_reconfigured_are_asked_until_they_agree():
-    """Shard 0's new replica has only v2 while shard 1 still has only v1: no common version, so the search waits
-    for the replacement to reach shard 1 and answers from v2, never from both."""
+def test_a_version_loading_everywhere_is_waited_for_and_a_stuck_one_is_a_503():
+    """No version may be answered from until the parts hold the one set (a first start): the search waits for the
+    load, and answers from it, never from another version."""
     state = {"calls": 0}
 
     async def call(shard, request):
         state["calls"] += 1
-        moved = shard == 0 or state["calls"] > 6
-        version = "v2" if moved else "v1"
-        return {"index_version": version, "loaded": [version], "results": [[{"score": 1.0, "key": shard}]]}
+        held = ["v2"] if shard == 0 or state["calls"] > 6 else ["v1"]
+        return _part(held[0], held, results=[[{"score": 1.0, "key": shard}]])
 
-    version, _ = _search(call, 2)
+    version, _ = _search(call, 2, "v2")
     assert version == "v2" and state["calls"] > 6
 
     async def stuck(shard, request):  # never converges: a 503 after the patience, not a mixed answer
-        version = "v2" if shard == 0 else "v1"
-        return {"index_version": version, "loaded": [version], "results": [[{"score": 1.0, "key": shard}]]}
+        held = ["v2"] if shard == 0 else ["v1"]
+        return _part(held[0], held, results=[[{"score": 1.0, "key": shard}]])
 
-    with pytest.raises(ShardsDisagree, match="no version in common"):
-        _search(stuck, 2, 0.3)
+    with pytest.raises(ShardsDisagree, match="none holds v2 everywhere yet"):
+        _search(stuck, 2, "v2", None, 0.3)
+
+
+def test_a_refused_version_fails_at_once_without_a_version_to_fall_back_on():
+    async def refusing(shard, request):
+        return _part("v1", ["v1"], {"v2": "no model"}, results=[[]])
+
+    started = time.monotonic()
+    with pytest.raises(ShardsDisagree, match="refused"):
+        _search(refusing, 2, "v2", None, 5)
+    assert time.monotonic() - started < 1
+    assert _search(refusing, 2, "v2", "v1")[0] == "v1"
 
 
 def test_a_search_sent_before_encoding_is_the_first_answer_and_a_version_is_asked_again():
-    """BM25 is asked while the questions are encoded: `agree` takes that answer first; when the dense shard has
-    moved on, BM25 is asked again for the version they share."""
+    """BM25 is asked for the version set while the questions are encoded: `agree` takes that answer first; when the
+    encoder answers from the version before (still loading the new one), BM25 is asked for that one."""
     asked = []
 
     async def lexical(version):
         asked.append(version)
-        used = version or "v1"
-        return {"index_version": used, "loaded": ["v1", "v2"], "results": [[]]}
-
-    async def shard(version):
-        return {"index_version": version or "v2", "loaded": ["v2", "v1"], "results": [[]]}
+        return _part(version, ["v1", "v2"], results=[[]])
 
     async def search():
-        early = asyncio.ensure_future(lexical(None))
+        early = asyncio.ensure_future(lexical("v2"))
         await asyncio.sleep(0)  # the encoder's turn: the BM25 search is already under way
-        assert asked == [None]
-        return await agree([shard, started_first(early, lexical)])
+        assert asked == ["v2"]
+        bm25 = started_first(early, "v2", lexical)
+
+        async def ask(version):
+            encoded = _part("v1", ["v1"])  # the encoder holds only v1 yet
+            return [encoded, await bm25(encoded["index_version"])]
+
+        return await agree(ask, "v2", "v1")
 
     found = asyncio.run(search())
-    assert [f["index_version"] for f in found] == ["v2", "v2"]
-    assert asked == [None, "v2"]  # the early search, then the shared version: never a third call for None
+    assert [f["index_version"] for f in found] == ["v1", "v1"]
+    assert asked == ["v2", "v1"]

@@ -20,7 +20,7 @@ import tantivy
 
 from pipeline.encode import ShardKeys, plan_carry_over, shard_keys
 from pipeline.lexical import load_lexical
-from pipeline.nightly import index_shards, with_index_version
+from pipeline.nightly import with_index_version
 from pipeline.segments import KEYS_FILE, load_published, split_ids
 from pipeline.snapshots import LiveEmbeddings, embedding_chain, keys_of
 from pipeline.storage import Storage
@@ -47,7 +47,9 @@ def test_carry_plan_counts_the_diff_and_finds_moved_passages():
     assert first.sources == [[], []] and (first.unchanged, first.new, first.changed, first.deleted) == (0, 4, 0, 0)
 
 
-def test_index_version_goes_into_the_retriever_user_config_only():
+def test_the_version_goes_into_the_ingress_user_config_only():
+    """One setting moves the whole app: the QAService's user_config; index_version left on another deployment by
+    an older config is dropped (it would mean nothing), other user_config keys are kept."""
     deploy = {
         "http_options": {"port": 8000},
         "applications": [
@@ -59,34 +61,23 @@ def test_index_version_goes_into_the_retriever_user_config_only():
                 "deployments": [
                     {"name": "QAService", "num_replicas": 2},
                     {"name": "Retriever", "user_config": {"index_version": None, "keep": 1}},
+                    {"name": "Lexical", "user_config": {"index_version": "old"}},
                 ],
             },
         ],
     }
     updated = with_index_version(deploy, "qa", "v2")
-    retriever = updated["applications"][1]["deployments"][1]
-    assert retriever == {"name": "Retriever", "user_config": {"index_version": "v2", "keep": 1}}
+    assert updated["applications"][1]["deployments"] == [
+        {"name": "QAService", "num_replicas": 2, "user_config": {"index_version": "v2"}},
+        {"name": "Retriever", "user_config": {"keep": 1}},
+        {"name": "Lexical"},
+    ]
     assert updated["applications"][0] == deploy["applications"][0] and updated["http_options"] == {"port": 8000}
     assert deploy["applications"][1]["deployments"][1]["user_config"]["index_version"] is None  # not mutated
     bare = with_index_version({"applications": [{"name": "qa", "import_path": "p:a"}]}, "qa", "v3")
-    assert bare["applications"][0]["deployments"] == [{"name": "Retriever", "user_config": {"index_version": "v3"}}]
+    assert bare["applications"][0]["deployments"] == [{"name": "QAService", "user_config": {"index_version": "v3"}}]
     with pytest.raises(Exception, match="no application named 'missing'"):
         with_index_version(deploy, "missing", "v2")
-    sharded = with_index_version(deploy, "qa", "v4", ["Retriever0", "Retriever1"])["applications"][1]["deployments"]
-    assert {d["name"]: d.get("user_config") for d in sharded} == {
-        "QAService": None,
-        "Retriever": {"index_version": None, "keep": 1},  # not a deployment of a 2-shard app: left alone
-        "Retriever0": {"index_version": "v4"},
-        "Retriever1": {"index_version": "v4"},
-    }
-
-
-def test_the_nightly_updates_the_index_shards_serve_runs_not_the_ones_its_config_names():
-    running = {"deployments": {"QAService": {}, **{f"Retriever{shard}": {} for shard in (10, 2, 0, 1)}}}
-    assert index_shards(running, shards=1) == ["Retriever0", "Retriever1", "Retriever2", "Retriever10"]
-    assert index_shards({"deployments": {"QAService": {}, "Retriever": {}}}, shards=4) == ["Retriever"]
-    assert index_shards({"deployments": {"Lexical": {}, "Retriever": {}}}, shards=1) == ["Retriever", "Lexical"]
-    assert index_shards({}, shards=3) == ["Retriever0", "Retriever1", "Retriever2"]  # Serve lists none yet
 
 
 def _night(tmp, rows, snapshot):
@@ -193,7 +184,7 @@ def nights(tmp_path_factory, tiny_models, s3_endpoint, ray_address):
         "route_prefix": "/",
         "import_path": "pipeline.serve.app:app",
         "args": {"config": str(config_path)},
-        "deployments": [{"name": "Retriever", "user_config": {"index_version": None}}],
+        "deployments": [{"name": "QAService", "user_config": {"index_version": None}}],
     }
     deployed = requests.put(
         f"{dashboard}/api/serve/applications/",

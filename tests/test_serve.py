@@ -202,6 +202,7 @@ def test_bad_input_gets_a_json_error_never_a_500(qa, path, body, status, message
     response = requests.post(f"{qa['url']}{path}", data=body, headers={"content-type": "application/json"}, timeout=30)
     assert response.status_code == status, response.text
     assert message in str(response.json())
+    assert response.json()["request_id"] == response.headers["x-request-id"]  # Serve's id, in its log lines too
     assert time.perf_counter() - started < 1.0  # refused before any model or index work
     healthy = requests.post(f"{qa['url']}/v1/search", json={"questions": ["river"], "k": 1}, timeout=30)
     assert healthy.status_code == 200  # and the app keeps answering others
@@ -273,14 +274,26 @@ def test_a_corrupt_version_is_refused_and_the_current_one_keeps_serving(qa):
     with open(index_file, "r+b") as handle:
         handle.seek(100)
         handle.write(b"\x00" * 64)
-    # in place, as `serve deploy` applies a user_config change: refused, the current version stays
-    retriever = serve.get_deployment_handle("Retriever", app_name="qa")
-    retriever.reconfigure.remote({"index_version": bad}).result(timeout_s=60)
-    info = requests.get(f"{qa['url']}/v1/index", timeout=10).json()
-    assert info["index_version"] == current and "checksum mismatch" in info["last_error"]
-    after = requests.post(f"{qa['url']}/v1/search", json={"questions": ["north"], "k": 2}, timeout=30)
-    assert after.status_code == 200 and after.json()["index_version"] == current
-    qa["storage"].write_bytes("indexes/LATEST", f"{current}\n".encode())  # build_index had moved it to `bad`
+    # in place, as `serve deploy` applies a user_config change to the one place the version is set: the
+    # Retrievers refuse it, the current version keeps answering in every mode
+    ingress = serve.get_deployment_handle("QAService", app_name="qa")
+    ingress.reconfigure.remote({"index_version": bad}).result(timeout_s=60)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            info = requests.get(f"{qa['url']}/v1/index", timeout=30).json()
+            if info["last_error"]:
+                break
+            time.sleep(0.2)
+        assert info["index_version"] == current and info["target"] == bad
+        assert "checksum mismatch" in info["last_error"] and bad in info["last_error"]
+        for mode in ("dense", "sparse", "hybrid"):
+            body = {"questions": ["north"], "k": 2, "mode": mode}
+            after = requests.post(f"{qa['url']}/v1/search", json=body, timeout=30)
+            assert after.status_code == 200 and after.json()["index_version"] == current
+    finally:
+        ingress.reconfigure.remote({"index_version": current}).result(timeout_s=60)
+        qa["storage"].write_bytes("indexes/LATEST", f"{current}\n".encode())  # build_index had moved it to `bad`
 
 
 def test_api_key_when_configured(qa):
@@ -297,7 +310,8 @@ def test_api_key_when_configured(qa):
         body = {"questions": ["garden"], "k": 1}
         assert requests.post(url, json=body, timeout=30).status_code == 401
         wrong = requests.post(url, json=body, headers={"Authorization": "Bearer nope"}, timeout=30)
-        assert wrong.status_code == 401 and wrong.json() == {"error": "missing or wrong API key"}
+        assert wrong.status_code == 401 and wrong.json()["error"] == "missing or wrong API key"
+        assert wrong.json()["request_id"] == wrong.headers["x-request-id"]
         assert wrong.headers["www-authenticate"] == "Bearer"
         ok = requests.post(url, json=body, headers={"Authorization": f"Bearer {TEST_API_KEY}"}, timeout=30)
         assert ok.status_code == 200
@@ -375,7 +389,7 @@ def test_serve_config_file_names_the_app():
     application = spec["applications"][0]
     assert application["import_path"] == "pipeline.serve.app:app"
     assert load_config(application["args"]["config"]).serve.reader_model is None
-    assert application["deployments"][0]["name"] == "Retriever"
+    assert application["deployments"] == [{"name": "QAService", "user_config": {"index_version": None}}]
 
 
 def test_retriever_replicas_never_load_torch(qa):

@@ -13,21 +13,33 @@ import os
 import time
 from typing import Any
 
+from fastapi import Request
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from pipeline.config import PipelineConfig, ServeConfig, load_config
+from pipeline.layout import published_version
 from pipeline.lexical import fuse
 from pipeline.serve.deployments import Lexical, QuestionEncoder, Reader, Retriever
-from pipeline.serve.fanout import ShardUnavailable, agree, agreed_version, merged, retriever_names, started_first
-from pipeline.serve.guard import error
+from pipeline.serve.errors import Refused
+from pipeline.serve.fanout import (
+    ShardsDisagree,
+    ShardUnavailable,
+    agree,
+    merged,
+    refusal,
+    retriever_names,
+    started_first,
+)
+from pipeline.serve.guard import error, request_id
 from pipeline.serve.metrics import Metrics
 from pipeline.serve.routes import build_api
+from pipeline.serve.versions import VersionRefused
 from pipeline.storage import Storage
-from pipeline.text_encoder import question_settings
 
 log = logging.getLogger("ray.serve")
+REFUSED_RETRY_S = 10.0  # how often the ingress asks again for a version a part refused
 REPLICA_LOST = (RayActorError, ActorUnavailableError)
 
 
@@ -44,9 +56,30 @@ async def _with_one_retry(method, *args):
 @serve.deployment
 @serve.ingress()
 class QAService:
-    def __init__(self, encoder, retrievers: list, reader, settings: ServeConfig, lexical=None):
+    """The ingress, and the one place the app's version is set: its `user_config` `index_version` (null: the
+    version `indexes/LATEST` names when the replica starts or the config changes). Every request names that
+    version to the question encoder, the index shards and the BM25 index (`pipeline.serve.fanout`), which load it
+    beside what they hold. Requests move to it once every part holds it (asked in the background); a version a part
+    refuses is never answered from, in any mode, and `/v1/index` says why."""
+
+    def __init__(
+        self,
+        encoder,
+        retrievers: list,
+        reader,
+        settings: ServeConfig,
+        lexical=None,
+        storage: tuple[str, dict[str, Any]] = ("", {}),
+    ):
         self.encoder, self.retrievers, self.reader, self.settings = encoder, retrievers, reader, settings
         self.lexical = lexical  # the BM25 deployment (None when the index has no BM25 part)
+        self.storage = Storage(*storage) if storage[0] else None
+        self.want: str | None = None  # the version set (user_config, or LATEST's when null)
+        self.serving: str | None = None  # the version requests ask for: `want` once every part holds it
+        self.pinned = False
+        self.last_error: str | None = None  # why `want` is not served
+        self.answered: str | None = None  # the version the last answer came from: the fallback while one moves in
+        self._moving: asyncio.Task | None = None
         self.api_key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
         if settings.api_key_env and not self.api_key:
             raise RuntimeError(f"serve.api_key_env names {settings.api_key_env}, which is not set on this replica")
@@ -54,32 +87,77 @@ class QAService:
         self._retrieve_together.set_max_batch_size(settings.batch_max_size)
         self._retrieve_together.set_batch_wait_timeout_s(settings.batch_wait_s)
 
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """`{"index_version": name or null}`: the version every part of the app answers from once all hold it."""
+        unknown = set(user_config or {}) - {"index_version"}
+        if unknown:
+            raise ValueError(f"QAService user_config takes only index_version, not {sorted(unknown)}")
+        pinned = (user_config or {}).get("index_version")
+        want = pinned or await asyncio.to_thread(published_version, self.storage, None)
+        self.pinned = pinned is not None
+        if want != self.want:
+            log.info("the app's version is now %s (%s)", want, "pinned" if pinned else "indexes/LATEST")
+            self.want, self.last_error = want, None
+            self.serving = self.serving or want  # a new replica: nothing answered before to fall back on
+            self._moving = asyncio.get_running_loop().create_task(self._move_to(want))
+
+    async def _move_to(self, version: str) -> None:
+        """Ask every part for `version` (each starts loading it) until all hold it, then ask requests for it; while a
+        part refuses it, say why and ask again now and then (a part retries after its `retry_s`)."""
+        while self.want == version:
+            try:
+                found = await self._ask_info(version)
+                why = refusal(found, version)
+            except VersionRefused as exc:  # a part that held nothing and could not load it
+                found, why = [], str(exc)
+            except Exception as exc:  # noqa: BLE001 - a part restarting: ask again
+                log.warning("asking the app's parts for %s: %s", version, exc)
+                found, why = [], None
+            if why:
+                self.last_error = f"index version {version} refused: {why}"
+                log.error("%s; still answering from %s", self.last_error, self.serving)
+                await asyncio.sleep(REFUSED_RETRY_S)
+            elif found and all(f["index_version"] == version for f in found):
+                self.serving, self.last_error = version, None
+                log.info("every part holds %s: answering from it", version)
+                return
+            else:
+                await asyncio.sleep(0.5)
+
     def __serve_build_asgi_app__(self):
         """Serve asks each replica for its ASGI app once the replica is constructed."""
         return build_api(self, self.api_key)
 
-    def _check(self, questions: list[str], k: int, mode: str) -> JSONResponse | None:
+    def _check(self, questions: list[str], k: int, mode: str) -> None:
+        """Refused (413, 422) before any model or index work."""
         s = self.settings
         if mode != "dense" and self.lexical is None:
-            return error(422, f"mode {mode!r} needs the BM25 index, and this app's index has none (index.lexical)")
+            raise Refused(422, f"mode {mode!r} needs the BM25 index, and this app's index has none (index.lexical)")
         if len(questions) > s.max_batch_questions:
-            return error(
+            raise Refused(
                 413, f"{len(questions)} questions in one request; serve.max_batch_questions is {s.max_batch_questions}"
             )
         for i, question in enumerate(questions):
             if len(question) > s.max_question_chars:
-                return error(
+                raise Refused(
                     413,
                     f"question {i} has {len(question)} characters; serve.max_question_chars is {s.max_question_chars}",
                 )
             if not question.strip():
-                return error(422, f"question {i} is empty")
+                raise Refused(422, f"question {i} is empty")
         if k > s.max_k:
-            return error(422, f"k={k} is over serve.max_k={s.max_k}")
+            raise Refused(422, f"k={k} is over serve.max_k={s.max_k}")
         return None
 
     async def _retrieve(self, questions: list[str], k: int, mode: str) -> dict[str, Any]:
         return await self._retrieve_together((questions, k, mode))
+
+    async def _agree(self, ask) -> list[dict[str, Any]]:
+        """`fanout.agree` on the version set, falling back to the one answered before; notes what answered."""
+        found = await agree(ask, self.serving, self.answered)
+        self.answered = found[0]["index_version"]
+        self.metrics.serving(self.answered)
+        return found
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _retrieve_together(self, requests: list[tuple[list[str], int, str]]) -> list[dict[str, Any]]:
@@ -91,27 +169,38 @@ class QAService:
         depth = max(k for _, k, _ in requests)
         depth = max(depth, s.hybrid_depth) if "hybrid" in modes else depth
         dense, sparse = bool(modes - {"sparse"}), bool(modes - {"dense"})
-        calls = []
+        want = self.serving
         # BM25 needs no vectors: it is asked at once, while the questions are encoded.
-        lexical = (lambda version: self._search_lexical((questions, depth, version))) if sparse else None
-        bm25 = asyncio.ensure_future(lexical(None)) if sparse else None
-        if dense:
-            started = time.perf_counter()
-            try:
-                vectors = await _with_one_retry(self.encoder.encode, questions)
-            except BaseException:
-                if bm25 is not None:
-                    bm25.cancel()
-                raise
-            self.metrics.stage.labels("encode").observe(time.perf_counter() - started)
-            calls += [self._asking_shard(shard, vectors, depth) for shard in range(len(self.retrievers))]
+        lexical = None
         if sparse:
-            calls.append(started_first(bm25, lexical))
-        started = time.perf_counter()
-        found = await agree(calls)
-        self.metrics.stage.labels("search").observe(time.perf_counter() - started)
+            bm25 = asyncio.ensure_future(self._search_lexical((questions, depth, want)))
+            lexical = started_first(bm25, want, lambda version: self._search_lexical((questions, depth, version)))
+
+        async def ask(version: str) -> list[dict[str, Any]]:
+            parts = []
+            if dense:
+                started = time.perf_counter()
+                encoded = await _with_one_retry(self.encoder.encode, (questions, version))
+                self.metrics.stage.labels("encode").observe(time.perf_counter() - started)
+                version = encoded["index_version"]  # the index parts are asked for the vectors' version
+                parts = [
+                    self._search_shard(shard, (encoded["vectors"], depth, version))
+                    for shard in range(len(self.retrievers))
+                ]
+            if sparse:
+                parts.append(lexical(version))
+            started = time.perf_counter()
+            found = await asyncio.gather(*parts)
+            self.metrics.stage.labels("search").observe(time.perf_counter() - started)
+            return ([encoded] if dense else []) + list(found)
+
+        try:
+            found = await self._agree(ask)
+        finally:
+            if sparse and not bm25.done():
+                bm25.cancel()
+        found = found[1:] if dense else found  # the encoder's answer
         version = found[0]["index_version"]
-        self.metrics.serving(version)
         by_dense = merged(found[: len(self.retrievers)], depth) if dense else None
         by_sparse = found[-1]["results"] if sparse else None
         answered, position = [], 0
@@ -126,11 +215,6 @@ class QAService:
             answered.append({"index_version": version, "results": results})
             position += len(asked)
         return answered
-
-    def _asking_shard(self, shard: int, vectors, depth: int):
-        return lambda version: self._search_shard(
-            shard, (vectors, depth) if version is None else (vectors, depth, version)
-        )
 
     async def _search_lexical(self, request: tuple) -> dict[str, Any]:
         timeout = self.settings.shard_timeout_s
@@ -155,15 +239,13 @@ class QAService:
 
     async def search(self, questions: list[str], k: int, mode: str | None = None) -> JSONResponse:
         mode = mode or self.settings.mode
-        problem = self._check(questions, k, mode)
+        self._check(questions, k, mode)
         # Already the response model's shape: sent as is, not validated and re-encoded field by field again.
-        return problem or JSONResponse(await self._retrieve(questions, k, mode))
+        return JSONResponse(await self._retrieve(questions, k, mode))
 
     async def ask(self, question: str, k: int, top_answers: int, mode: str | None = None) -> JSONResponse:
         mode = mode or self.settings.mode
-        problem = self._check([question], k, mode)
-        if problem:
-            return problem
+        self._check([question], k, mode)
         found = await self._retrieve([question], k, mode)
         passages = found["results"][0]
         answers = []
@@ -187,46 +269,63 @@ class QAService:
             ]
         return JSONResponse({"answers": answers, "passages": passages, "index_version": found["index_version"]})
 
-    async def index(self) -> dict[str, Any]:
-        """The version a search is answered from now, its lineage, and with shards each shard's part."""
-        infos = await asyncio.gather(*(_with_one_retry(r.info) for r in self.retrievers))
-        if len(infos) == 1:
-            return infos[0]
-        return {
-            **infos[0],
-            "index_version": agreed_version(infos) or infos[0]["index_version"],
-            "vectors": sum(info["vectors"] for info in infos),
-            "last_error": next((info["last_error"] for info in infos if info["last_error"]), None),
-            "shards": [
-                {key: info[key] for key in ("shard", "node", "index_version", "vectors", "segments")} for info in infos
-            ],
+    def _parts(self) -> list[tuple[str, Any]]:
+        """(name, handle) of every deployment that holds versions."""
+        parts = [("QuestionEncoder", self.encoder)]
+        parts += list(zip(retriever_names(len(self.retrievers)), self.retrievers))
+        return parts + ([("Lexical", self.lexical)] if self.lexical is not None else [])
+
+    async def _ask_info(self, version: str) -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(_with_one_retry(handle.info, version) for _, handle in self._parts())))
+
+    async def index(self, request: Request) -> dict[str, Any]:
+        """The version searches are answered from now, the one set, each part's view, and why a version set was
+        refused (`last_error`)."""
+        try:
+            found = await self._agree(self._ask_info)
+        except ShardsDisagree as exc:
+            refused = f"index version {self.serving} refused: {exc.refused}" if exc.refused else self.last_error
+            body = {"index_version": self.answered, "target": self.want, "last_error": refused}
+            return error(503, str(exc), request_id(request.scope), **body)
+        parts = dict(zip((name for name, _ in self._parts()), found))
+        shards = [parts[name] for name in retriever_names(len(self.retrievers))]
+        info = {
+            **{key: value for key, value in shards[0].items() if key not in ("refused", "results")},
+            "index_version": found[0]["index_version"],
+            "target": self.want,
+            "pinned": self.pinned,
+            "last_error": self.last_error,
+            "question_model": parts["QuestionEncoder"]["question_model"],
+            "bm25": self.lexical is not None,
+            "held": {name: part["loaded"] for name, part in parts.items()},  # each part's versions (one replica's)
+            "vectors": sum(shard["vectors"] for shard in shards),
         }
+        if len(shards) > 1:
+            info["shards"] = [
+                {key: shard[key] for key in ("shard", "node", "index_version", "vectors", "segments")}
+                for shard in shards
+            ]
+        return info
 
 
 def build_app(config: PipelineConfig):
-    """The application graph: ingress → (question encoder, retriever shards, reader)."""
+    """The application graph: ingress → (question encoder, retriever shards, BM25, reader). The version is the
+    ingress's `user_config` (`serve.index_version` its default): no other deployment takes one."""
     s = config.serve
     storage = Storage(config.storage.root, config.storage.options)
+    # Local paths are made absolute here: replicas do not share the working directory of `serve run`.
+    where = (storage.root_url, config.storage.options)
     encoder = QuestionEncoder.options(
         num_replicas=s.encoder_replicas,
         ray_actor_options={"num_cpus": s.encoder_cpus, "num_gpus": s.encoder_gpus},
-    ).bind(question_settings(storage, s.index_version, s.question_model, s.question_pooling), s.batch_max_size)
-    # Local paths are made absolute here: replicas do not share the working directory of `serve run`. With
-    # serve.shards > 1, one Retriever deployment per shard, each with its own replicas and its own segments.
+    ).bind(*where, s.question_model, s.question_pooling, s.batch_max_size, s.version_idle_s)
+    # With serve.shards > 1, one Retriever deployment per shard, each with its own replicas and its own segments.
     retrievers = [
         Retriever.options(
             name=name,
             num_replicas=s.retriever_replicas,
-            user_config={"index_version": s.index_version},
             ray_actor_options={"num_cpus": s.retriever_cpus, "resources": resources},
-        ).bind(
-            storage.root_url,
-            config.storage.options,
-            os.path.abspath(s.cache_dir),
-            s.batch_max_size,
-            (shard, s.shards),
-            s.refine_k,
-        )
+        ).bind(*where, os.path.abspath(s.cache_dir), s.batch_max_size, (shard, s.shards), s.refine_k, s.version_idle_s)
         for shard, (name, resources) in enumerate(
             zip(retriever_names(s.shards), s.shard_resources or [{}] * s.shards, strict=True)
         )
@@ -237,9 +336,12 @@ def build_app(config: PipelineConfig):
             num_replicas=s.reader_replicas,
             ray_actor_options={"num_cpus": s.reader_cpus, "num_gpus": s.reader_gpus},
         ).bind(s.reader_model, s.reader_max_length, s.max_answer_tokens)
-    # The index version lives only in the retriever's user_config: with `serve deploy` (or a RayService) a
-    # change is applied in place by Retriever.reconfigure; `serve.run` rolls new replicas in before old leave.
-    settings = s.model_copy(update={"index_version": None})
+    lexical = None
+    if config.index.lexical:  # the versions carry a BM25 index: sparse and hybrid searches
+        lexical = Lexical.options(
+            num_replicas=s.lexical_replicas,
+            ray_actor_options={"num_cpus": s.lexical_cpus},
+        ).bind(*where, os.path.abspath(s.cache_dir), s.batch_max_size, s.version_idle_s)
     # The ingress only awaits the others: it takes no CPU slot, so it is always schedulable.
     # A replaced ingress replica drains its in-flight requests (each retried on the new replicas of the others,
     # which may take a while to load their models) instead of being killed after Serve's default 20 s.
@@ -248,15 +350,9 @@ def build_app(config: PipelineConfig):
         max_queued_requests=s.max_queued_requests,
         ray_actor_options={"num_cpus": 0},
         graceful_shutdown_timeout_s=120,
+        user_config={"index_version": s.index_version},
     )
-    lexical = None
-    if config.index.lexical:  # the versions carry a BM25 index: sparse and hybrid searches
-        lexical = Lexical.options(
-            num_replicas=s.lexical_replicas,
-            user_config={"index_version": s.index_version},
-            ray_actor_options={"num_cpus": s.lexical_cpus},
-        ).bind(storage.root_url, config.storage.options, os.path.abspath(s.cache_dir), s.batch_max_size)
-    return ingress.bind(encoder, retrievers, reader, settings, lexical)
+    return ingress.bind(encoder, retrievers, reader, s, lexical, where)
 
 
 def app(args: dict[str, Any]):

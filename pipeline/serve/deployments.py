@@ -19,6 +19,7 @@ from pipeline.errors import PipelineError
 from pipeline.layout import published_version, read_index_manifest
 from pipeline.lexical import LexicalIndex, load_lexical
 from pipeline.segments import PublishedIndex, evict, load_published
+from pipeline.serve.versions import Versions
 from pipeline.storage import Storage
 
 if TYPE_CHECKING:
@@ -27,71 +28,145 @@ if TYPE_CHECKING:
 log = logging.getLogger("ray.serve")
 
 
+def _latest(storage: Storage) -> str | None:
+    """The version `indexes/LATEST` names now (what a replica loads as it starts), None when there is none."""
+    try:
+        return published_version(storage, None)
+    except PipelineError as exc:
+        log.warning("no published index version to load at start: %s", exc)
+        return None
+
+
+class _Versioned:
+    """What the question encoder, the Retriever and the BM25 deployment share: the versions they hold
+    (`pipeline.serve.versions`), the one `indexes/LATEST` names loaded as the replica starts (before Serve sends it
+    a request), the others when a request first names them. Every answer says which version answered and what the
+    replica holds, so the ingress can keep one version per response."""
+
+    def _versions_init(
+        self, storage_root: str, storage_options: dict[str, Any], cache_dir: str, what: str, idle_s: float
+    ) -> None:
+        self.storage = Storage(storage_root, storage_options)
+        self.cache_dir = cache_dir or tempfile.mkdtemp(prefix="index-cache-")
+        self.versions = Versions(self._load, what, on_change=self._held_changed, idle_s=idle_s)
+        latest = _latest(self.storage)
+        if latest is not None:
+            self.versions.preload(latest)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Configs of older releases set `index_version` here: null is harmless, a name would silently not pin."""
+        if (user_config or {}).get("index_version") is not None:
+            raise ValueError(
+                f"{type(self).__name__} takes no index_version: the app's version is set in one place, the "
+                "QAService's user_config (README: Pinning and rolling back a version)"
+            )
+        if user_config:
+            log.warning(
+                "ignoring %s's user_config %s: the version is the QAService's", type(self).__name__, user_config
+            )
+
+    def _load(self, version: str):
+        raise NotImplementedError
+
+    def _held_changed(self, held: list) -> None:
+        """Called with what the replica holds after a load (to free what none of them uses)."""
+
+    def _answer(self, version: str, **fields: Any) -> dict[str, Any]:
+        return {"index_version": version, **self.versions.status(), **fields}
+
+    async def info(self, version: str) -> dict[str, Any]:
+        """The version this replica answers `version` from (loading it when not held), and its details."""
+        used, loaded = await self.versions.get(version)
+        return self._answer(used, **self._details(loaded))
+
+    def _details(self, loaded) -> dict[str, Any]:
+        return {}
+
+
 @serve.deployment
-class QuestionEncoder:
-    """Questions → vectors, batched across concurrent requests with `serve.batch` (GPU when present)."""
+class QuestionEncoder(_Versioned):
+    """Questions → vectors with the question encoder each index version pairs with: the model its manifest records
+    (`encode.question_model`; `serve.question_model` for versions that record none), with its passages' pooling,
+    normalization and length. A version whose model cannot be loaded, or whose vectors do not have its index's
+    dimension, is refused. Versions using the same model share one copy; a replica holds the last two versions
+    asked for, so two models only across an encoder upgrade. Batched across requests with `serve.batch`."""
 
-    def __init__(self, settings: EncoderSettings, batch_max_size: int):
-        from pipeline.text_encoder import TextEncoder
-
-        self.encoder = TextEncoder(settings)
+    def __init__(
+        self,
+        storage_root: str,
+        storage_options: dict[str, Any],
+        fallback_model: str,
+        pooling: str | None,
+        batch_max_size: int,
+        idle_s: float = 120,
+    ):
+        self.fallback_model, self.pooling = fallback_model, pooling
+        self._models: dict[EncoderSettings, Any] = {}
+        self._models_lock = threading.Lock()
         self.encode.set_max_batch_size(batch_max_size)
+        self._versions_init(storage_root, storage_options, "", "question encoder of", idle_s)
+
+    def _load(self, version: str) -> _QuestionModel:
+        from pipeline.text_encoder import TextEncoder, question_settings
+
+        manifest = read_index_manifest(self.storage, version)
+        settings = question_settings(manifest, self.fallback_model, self.pooling)
+        with self._models_lock:
+            encoder = self._models.get(settings)
+        if encoder is None:
+            encoder = TextEncoder(settings)
+        dim = encoder.encode(None, ["which version answers this probe?"]).shape[1]
+        if dim != manifest.dim:
+            raise PipelineError(
+                f"index {version}: its question encoder {settings.model} gives {dim}-d vectors, its index holds "
+                f"{manifest.dim}-d ones (a question encoder that does not pair with the passage encoder)"
+            )
+        with self._models_lock:
+            self._models.setdefault(settings, encoder)
+        return _QuestionModel(settings, self._models[settings])
+
+    def _held_changed(self, held: list[_QuestionModel]) -> None:
+        with self._models_lock:
+            used = {model.settings for model in held}
+            for settings in [s for s in self._models if s not in used]:
+                log.info("question model %s no longer used by a held version: freed", settings.model)
+                del self._models[settings]
+
+    def _details(self, loaded: _QuestionModel) -> dict[str, Any]:
+        return {"question_model": loaded.settings.model, "pooling": loaded.settings.pooling}
 
     # No waiting here: the ingress already waited to fill its batch; this only merges calls that are queued
     # together (from several ingress replicas).
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0)
-    async def encode(self, calls: list[list[str]]) -> list[np.ndarray]:
-        """Each call brings a list of questions; all of them go through the model together."""
-        vectors = self.encoder.encode(None, [question for questions in calls for question in questions])
-        return np.split(vectors, np.cumsum([len(questions) for questions in calls])[:-1])
+    async def encode(self, calls: list[tuple[list[str], str]]) -> list[dict[str, Any]]:
+        """Each call brings questions and the version wanted; the calls answered by one version go through its
+        model together. Each answer: the version used, the vectors, and what the replica holds."""
+        picked = [await self.versions.get(version) for _, version in calls]
+        answered: list[dict[str, Any] | None] = [None] * len(calls)
+        for used in dict.fromkeys(name for name, _ in picked):
+            positions = [i for i, (name, _) in enumerate(picked) if name == used]
+            model = next(loaded for name, loaded in picked if name == used).encoder
+            vectors = model.encode(None, [q for p in positions for q in calls[p][0]])
+            parts = np.split(vectors, np.cumsum([len(calls[p][0]) for p in positions])[:-1])
+            for position, part in zip(positions, parts):
+                answered[position] = self._answer(used, vectors=part)
+        return answered
 
 
-class _Versioned:
-    """What the Retriever and the BM25 deployment share: the current version and the one before, loaded from
-    `user_config`; a version that fails to load leaves the current one serving (`last_error` says why)."""
+class _QuestionModel:
+    """A version's question encoder: its settings and the (shared) model."""
 
-    def _versions_init(self, storage_root: str, storage_options: dict[str, Any], cache_dir: str) -> None:
-        self.storage = Storage(storage_root, storage_options)
-        self.cache_dir = cache_dir or tempfile.mkdtemp(prefix="index-cache-")
-        self.current = self.previous = None
-        self.last_error: str | None = None
-        self._lock = threading.Lock()
-
-    def _swap(self, user_config: dict[str, Any], load, what: str) -> bool:
-        """Load `load(version asked for)` and make it current (the current one becomes the one before); False and
-        the current one kept when it fails (raised when there is none yet)."""
-        wanted = user_config.get("index_version")
-        try:
-            candidate = load(wanted)
-        except Exception as exc:  # noqa: BLE001 - any failure keeps the current version serving
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            if self.current is None:
-                raise
-            log.error("%s %s refused, still serving %s: %s", what, wanted, self.current.version, exc)
-            return False
-        if self.current is None or candidate.version != self.current.version:
-            self.previous = self.current
-        self.current, self.last_error = candidate, None
-        return True
-
-    def _version(self, name: str | None):
-        """The version asked for when loaded here, else the current one (the answer says which was used)."""
-        current, previous = self.current, self.previous
-        return previous if previous is not None and name == previous.version else current
-
-    def _loaded(self) -> list[str]:
-        return [v.version for v in (self.current, self.previous) if v is not None]
+    def __init__(self, settings: EncoderSettings, encoder):
+        self.settings, self.encoder = settings, encoder
 
 
 @serve.deployment
 class Retriever(_Versioned):
     """The published index on CPU replicas: the whole version, or with `shard` = (i, n) the segments
-    `assign_segments` gives shard i (the app then runs n Retriever deployments). The version comes from
-    `user_config`; a new one is loaded beside the current one (fetching only the segments the cache lacks), verified
-    and probed, then swapped in with one assignment, and a version that fails to load leaves the current one
-    serving. The version before stays loaded too, so that while shards move to a new version one after another the
-    ingress can still ask every shard for the one they all have: no response mixes versions. Cached files that
-    neither lists are then evicted."""
+    `assign_segments` gives shard i (the app then runs n Retriever deployments). A version is loaded beside the
+    ones held (fetching only the segments the cache lacks), verified and probed before it answers; a version that
+    fails to load is refused and the ones held keep answering. Cached files that no held version lists are then
+    evicted."""
 
     def __init__(
         self,
@@ -101,94 +176,86 @@ class Retriever(_Versioned):
         batch_max_size: int,
         shard: tuple[int, int] = (0, 1),
         refine_k: int | None = None,
+        idle_s: float = 120,
     ):
         self.search.set_max_batch_size(batch_max_size)
         self.refine_k = refine_k  # None: each version's own index.refine_k
         self.shard = tuple(shard)
-        self._versions_init(storage_root, storage_options, cache_dir)
+        self._versions_init(storage_root, storage_options, cache_dir, f"index shard {self.shard[0]} of", idle_s)
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        with self._lock:
-            if self._swap(user_config, self._load, "index version"):
-                current = self.current
-                log.info("serving index %s (%d vectors, shard %s)", current.version, current.vectors, self.shard)
-                evict(self.cache_dir, [v.manifest for v in (self.current, self.previous) if v is not None])
-
-    def _load(self, wanted: str | None) -> PublishedIndex:
-        candidate = load_published(self.storage, wanted, self.cache_dir, self.shard)
+    def _load(self, version: str) -> PublishedIndex:
+        candidate = load_published(self.storage, version, self.cache_dir, self.shard)
         probe = np.zeros((1, candidate.d), dtype=np.float32)
         _, rows = candidate.search(probe, 1, self._refine_k(candidate))  # refine needs the vectors
         if candidate.vectors and rows[0, 0] < 0:
             raise PipelineError(f"index {candidate.version}: the probe query found nothing")
+        log.info("index %s loaded (%d vectors, shard %s)", candidate.version, candidate.vectors, self.shard)
         return candidate
+
+    def _held_changed(self, held: list[PublishedIndex]) -> None:
+        evict(self.cache_dir, [index.manifest for index in held])
 
     def _refine_k(self, index: PublishedIndex) -> int:
         return index.manifest.refine_k if self.refine_k is None else self.refine_k
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0)  # merges queued calls only, as the encoder does
-    async def search(self, requests: list[tuple]) -> list[dict[str, Any]]:
-        """Concurrent requests' questions in one FAISS search and one docstore take per version asked for; each
-        request gets its rows, best first (ties: the smaller FAISS id, the `key` the ingress merges shards by).
-        A request is (vectors, k) or (vectors, k, version): None is the current version."""
-        loaded = self._loaded()
+    async def search(self, requests: list[tuple[np.ndarray, int, str]]) -> list[dict[str, Any]]:
+        """Concurrent requests' questions in one FAISS search and one docstore take per version; each request
+        (vectors, k, version) gets its rows, best first (ties: the smaller FAISS id, the `key` the ingress merges
+        shards by), from the version it names when held."""
+        picked = [await self.versions.get(version) for _, _, version in requests]
         answered: list[dict[str, Any] | None] = [None] * len(requests)
-        groups: dict[str | None, list[int]] = {}
-        for position, request in enumerate(requests):
-            groups.setdefault(request[2] if len(request) > 2 else None, []).append(position)
-        for name, positions in groups.items():
-            index = self._version(name)  # one version for the whole group, whatever reconfigure does meanwhile
+        for used in dict.fromkeys(name for name, _ in picked):
+            positions = [i for i, (name, _) in enumerate(picked) if name == used]
+            index = next(loaded for name, loaded in picked if name == used)
+            if any(requests[p][0].shape[-1] != index.d for p in positions):  # the ingress asks again
+                for position in positions:
+                    answered[position] = self._answer(used, results=None)
+                continue
             asked = [requests[p][:2] for p in positions]
             for position, results in zip(positions, _search(index, asked, self._refine_k(index))):
-                answered[position] = {"index_version": index.version, "loaded": loaded, "results": results}
+                answered[position] = self._answer(used, results=results)
         return answered
 
-    def info(self) -> dict[str, Any]:
-        current = self.current
-        manifest = current.manifest.model_dump(exclude={"files"})
+    def _details(self, index: PublishedIndex) -> dict[str, Any]:
         return {
-            "index_version": current.version,
-            "loaded": self._loaded(),
-            "vectors": current.vectors,
+            "vectors": index.vectors,
             "shard": list(self.shard),
             "node": ray.get_runtime_context().get_node_id(),  # where this shard's answering replica runs
-            "segments": len(current.docstores),
-            "lineage": manifest,
-            "last_error": self.last_error,
+            "segments": len(index.docstores),
+            "lineage": index.manifest.model_dump(exclude={"files"}),
         }
 
 
 @serve.deployment
 class Lexical(_Versioned):
     """The version's BM25 index (`pipeline.lexical`, tantivy) for sparse and hybrid searches, verified before it
-    is opened; versions move as the Retriever's do (`user_config`, the one before kept loaded, a version that fails
-    to load leaves the current one serving), so a hybrid answer comes from one version."""
+    is opened; versions are held and refused as the Retriever's are, so a hybrid answer comes from one version."""
 
-    def __init__(self, storage_root: str, storage_options: dict[str, Any], cache_dir: str, batch_max_size: int):
+    def __init__(
+        self,
+        storage_root: str,
+        storage_options: dict[str, Any],
+        cache_dir: str,
+        batch_max_size: int,
+        idle_s: float = 120,
+    ):
         self.search.set_max_batch_size(batch_max_size)
-        self._versions_init(storage_root, storage_options, cache_dir)
+        self._versions_init(storage_root, storage_options, cache_dir, "BM25 index of", idle_s)
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        with self._lock:
-            if self._swap(user_config, self._load, "BM25 index of"):
-                log.info("serving the BM25 index of %s", self.current.version)
-
-    def _load(self, wanted: str | None) -> LexicalIndex:
-        version = published_version(self.storage, wanted)
+    def _load(self, version: str) -> LexicalIndex:
         candidate = load_lexical(self.storage, read_index_manifest(self.storage, version), self.cache_dir)
         if candidate is None:
             raise PipelineError(f"index {version} has no BM25 index (built with index.lexical: false)")
         return candidate
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0)
-    async def search(self, requests: list[tuple]) -> list[dict[str, Any]]:
-        """A request is (questions, k) or (questions, k, version); each gets its hits per question, best first."""
-        loaded = self._loaded()
+    async def search(self, requests: list[tuple[list[str], int, str]]) -> list[dict[str, Any]]:
+        """A request is (questions, k, version); each gets its hits per question, best first."""
         answered = []
-        for request in requests:
-            index = self._version(request[2] if len(request) > 2 else None)
-            answered.append(
-                {"index_version": index.version, "loaded": loaded, "results": index.search(request[0], request[1])}
-            )
+        for questions, k, version in requests:
+            used, index = await self.versions.get(version)
+            answered.append(self._answer(used, results=index.search(questions, k)))
         return answered
 
 

