@@ -98,3 +98,14 @@ def test_a_version_no_request_names_for_idle_s_is_dropped_but_never_the_last_one
         time.sleep(0.01)
     time.sleep(0.3)
     assert asyncio.run(versions.get("v2")) == ("v2", "loaded v2") and versions.held == ["v2"]
+
+
+def test_a_versioned_deployment_takes_no_version_of_its_own():
+    """Configs of older releases carried `index_version: null` on the Retriever and Lexical: still deployable; a
+    version named there would silently not pin, so it is refused, pointing at the QAService."""
+    from pipeline.serve.deployments import _Versioned
+
+    part = _Versioned()
+    part.reconfigure({"index_version": None})
+    with pytest.raises(ValueError, match="set in one place, the QAService's user_config"):
+        part.reconfigure({"index_version": "2026-12-04-abc"})
