@@ -135,9 +135,10 @@ def main() -> None:
                     "reader_model": None,
                     "port": port,
                     "cache_dir": str(work / "cache"),
-                    "encoder_cpus": 0.5,
-                    "retriever_cpus": 0.5,
-                    "lexical_cpus": 0.2,
+                    # small reservations: the night's encode actor needs a whole CPU of this 2-CPU Ray beside them
+                    "encoder_cpus": 0.2,
+                    "retriever_cpus": 0.2,
+                    "lexical_cpus": 0.1,
                     "version_idle_s": args.idle_s,
                 },
                 "nightly": {"serve_address": dashboard, "serve_timeout_s": 300},
