@@ -196,7 +196,7 @@ class IndexConfig(Section):
         description="IVF-PQ candidates re-scored exactly per search (e.g. 4 x k; 0 = off): the build measures "
         "recall with it and records it, and Serve and jobs.evaluate use it unless they set their own",
     )
-    max_memory: ByteSize = Field(32 * 2**30, gt=0, description="refuse to build when the estimate exceeds this (8GiB)")
+    max_memory: ByteSize = Field(32 * 2**30, gt=0, description="refuse to build when the estimate exceeds this")
     seed: int = 0
     reuse_trained: bool = Field(
         True,

@@ -277,19 +277,7 @@ class _ShardScheduler:
     the dead one gets no work until a probe finds it restarted by Ray: shards are not burnt on an actor that is
     still starting up.
 
-    Why not Ray Data (`map` with a CPU tokenizing stage and an actor pool with `num_gpus=1`): tried on 2026-11-27
-    against this module's tests and `benchmarks/encode.py`. Throughput was the same within noise (3,200 passages
-    in 16 shards on this 2-core CPU: 44.3 passages/s here, 43.2 with Ray Data), and exactly-once and resume held.
-    What it could not give:
-    - a bound on a shard that kills its actor (OOM, segfault). Ray Data's actor pool restarts and retries without
-      limit: one poison row killed its worker 24 times in 120 s and the dataset never failed. Setting
-      `max_task_retries` fails the whole dataset, with an error that names the map task, not the shard. Here a
-      shard gets `encode.max_attempts` tries and the error names it.
-    - retries the driver can see. Ray Data retries inside its executor, so the summary's `retried_shards` (what
-      the actor-kill test checks) cannot be counted.
-    - quarantine with the file named. A UDF's exception fails the dataset; `max_errored_blocks` skips a block
-      without telling the driver which shard it was or why. The typed `InputError` would have to travel as text in
-      a row.
+    Why not Ray Data's actor pool: docs/decisions/0002-encode-scheduler-not-ray-data.md.
     """
 
     IN_FLIGHT = 2

@@ -65,7 +65,7 @@ def resolve(url: str, options: dict[str, Any] | None = None) -> tuple[fsspec.Abs
 
 
 def pyarrow_filesystem(url: str, options: dict[str, Any] | None = None) -> tuple[pyarrow.fs.FileSystem, str]:
-    """A pyarrow filesystem (for Ray Data and Parquet) with the same options as `resolve`."""
+    """A pyarrow filesystem (for Parquet) with the same options as `resolve`."""
     fs, path = resolve(url, options)
     if isinstance(fs, LocalFileSystem):
         return pyarrow.fs.LocalFileSystem(), path

@@ -129,7 +129,7 @@ def pytest_sessionfinish(session, exitstatus) -> None:
 def pytest_unconfigure(config) -> None:
     """End the test process without interpreter finalization, once pytest has reported and decided the status.
 
-    After a fully passing run (151 passed) the interpreter has died with SIGSEGV at exit, now and then: this
+    After a fully passing run the interpreter has died with SIGSEGV at exit, now and then: this
     process holds Ray's core worker, torch, FAISS and their thread pools, whose teardown order at exit is not
     ours to fix. The jobs themselves run in their own processes and exit normally; only this one skips it.
     """

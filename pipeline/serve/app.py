@@ -159,7 +159,7 @@ class QAService:
         self.metrics.serving(self.answered)
         return found
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    @serve.batch  # size and wait: serve.batch_max_size and serve.batch_wait_s, set in __init__
     async def _retrieve_together(self, requests: list[tuple[list[str], int, str]]) -> list[dict[str, Any]]:
         """Concurrent requests share one encoder call and one search of each index (the dense shards, and BM25 when
         a request is sparse or hybrid), all answered from one version: per-call overhead is paid once."""

@@ -137,7 +137,7 @@ class QuestionEncoder(_Versioned):
 
     # No waiting here: the ingress already waited to fill its batch; this only merges calls that are queued
     # together (from several ingress replicas).
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0)
+    @serve.batch(batch_wait_timeout_s=0)  # its size: serve.batch_max_size, set in __init__
     async def encode(self, calls: list[tuple[list[str], str]]) -> list[dict[str, Any]]:
         """Each call brings questions and the version wanted; the calls answered by one version go through its
         model together. Each answer: the version used, the vectors, and what the replica holds."""
@@ -198,7 +198,7 @@ class Retriever(_Versioned):
     def _refine_k(self, index: PublishedIndex) -> int:
         return index.manifest.refine_k if self.refine_k is None else self.refine_k
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0)  # merges queued calls only, as the encoder does
+    @serve.batch(batch_wait_timeout_s=0)  # merges queued calls only, as the encoder does (size set in __init__)
     async def search(self, requests: list[tuple[np.ndarray, int, str]]) -> list[dict[str, Any]]:
         """Concurrent requests' questions in one FAISS search and one docstore take per version; each request
         (vectors, k, version) gets its rows, best first (ties: the smaller FAISS id, the `key` the ingress merges
@@ -249,7 +249,7 @@ class Lexical(_Versioned):
             raise PipelineError(f"index {version} has no BM25 index (built with index.lexical: false)")
         return candidate
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0)
+    @serve.batch(batch_wait_timeout_s=0)  # size set in __init__
     async def search(self, requests: list[tuple[list[str], int, str]]) -> list[dict[str, Any]]:
         """A request is (questions, k, version); each gets its hits per question, best first."""
         answered = []
