@@ -24,8 +24,8 @@ import pyarrow as pa
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipeline.keys import keys_of  # noqa: E402
 from pipeline.lexical import LexicalIndex, LexicalWriter  # noqa: E402
-from pipeline.snapshots import keys_of  # noqa: E402
 
 VOCABULARY = 200_000
 CHUNK = 50_000

@@ -27,18 +27,12 @@ from tqdm import tqdm
 
 from pipeline.config import EncodeConfig, PipelineConfig
 from pipeline.errors import InputError, PipelineError
+from pipeline.keys import content_keys, keys_of
 from pipeline.layout import embeddings_dir, latest_snapshot, published_index
 from pipeline.manifests import EmbeddingManifest, FileEntry
 from pipeline.raycluster import connect, get, task_error
 from pipeline.shards import embedding_matrix, embedding_table, read_passage_shard, read_shard
-from pipeline.snapshots import (
-    Link,
-    content_keys,
-    embedding_chain,
-    keys_of,
-    passage_chain,
-    read_shard_keys,
-)
+from pipeline.snapshots import Link, embedding_chain, passage_chain, read_shard_keys
 from pipeline.storage import Storage, parquet_bytes
 from pipeline.text_encoder import EncoderSettings, PassageTokenizer, TextEncoder, Tokens
 

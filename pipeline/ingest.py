@@ -8,7 +8,6 @@ driver, not the rows), checked at the end; the manifest is written only when eve
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import posixpath
 from array import array
@@ -23,13 +22,13 @@ from tqdm import tqdm
 from pipeline.config import IngestConfig, PipelineConfig
 from pipeline.corpus import BadRows, InputFile, content_hash, list_input_files, read_passages
 from pipeline.errors import InputError, PipelineError
+from pipeline.keys import content_keys, id_hash
 from pipeline.layout import PASSAGES, point_latest, snapshot_dir
 from pipeline.manifests import FileEntry, PassageManifest
 from pipeline.shards import CONTENT_HASH, PASSAGE_SCHEMA
 from pipeline.snapshots import (
     TOMBSTONES_NAME,
     Link,
-    content_keys,
     npy_bytes,
     passage_chain,
     read_shard_keys,
@@ -42,10 +41,6 @@ log = logging.getLogger(__name__)
 
 def shard_name(file_index: int, shard_index: int) -> str:
     return f"part-{file_index:05d}-{shard_index:05d}.parquet"
-
-
-def id_hash(passage_id: str) -> int:
-    return int.from_bytes(hashlib.blake2b(passage_id.encode("utf-8"), digest_size=8).digest(), "little")
 
 
 @dataclass(frozen=True)

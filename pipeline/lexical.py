@@ -25,9 +25,10 @@ import pyarrow as pa
 import tantivy
 
 from pipeline.errors import PipelineError
+from pipeline.keys import keys_of
 from pipeline.manifests import FileEntry, IndexManifest
 from pipeline.segments import fetch_verified, upload_once
-from pipeline.snapshots import Link, LiveEmbeddings, keys_of
+from pipeline.snapshots import Link, LiveEmbeddings
 from pipeline.storage import Storage, sha256_file
 
 log = logging.getLogger(__name__)

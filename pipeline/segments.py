@@ -33,9 +33,10 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.errors import PipelineError
+from pipeline.keys import keys_of
 from pipeline.layout import published_version, read_index_manifest
 from pipeline.manifests import FileEntry, IndexManifest
-from pipeline.snapshots import keys_of, npy_bytes, read_npy_file
+from pipeline.snapshots import npy_bytes, read_npy_file
 from pipeline.storage import Storage, sha256_file
 
 log = logging.getLogger(__name__)

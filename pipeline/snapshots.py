@@ -7,7 +7,7 @@ hold the vectors of its own rows only, and unchanged passages' vectors stay wher
 through the base, never copied (Lucene's and Milvus's segments and tombstones, applied to snapshots).
 
 Reading a snapshot resolves its chain, oldest first: a row stored by link i is live unless a later link tombstones
-its key. Keys are `ingest.id_hash(id)`; ingest refuses a corpus in which two ids share one, so a key names exactly
+its key. Keys are `keys.id_hash(id)`; ingest refuses a corpus in which two ids share one, so a key names exactly
 one passage.
 """
 
@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.errors import InputError, PipelineError
+from pipeline.keys import content_keys, keys_of
 from pipeline.layout import embeddings_dir, snapshot_dir
 from pipeline.manifests import EmbeddingManifest, PassageManifest
 from pipeline.shards import embedding_matrix, read_passage_shard, read_shard
@@ -29,18 +30,6 @@ from pipeline.storage import Storage
 
 TOMBSTONES_NAME = "_tombstones.npy"
 MAX_CHAIN = 1000  # a guard against a cycle of bases, far above any configured nightly.max_chain
-
-
-def keys_of(ids: list[str]) -> np.ndarray:
-    """64-bit keys of passage ids (uint64), as ingest computes them."""
-    from pipeline.ingest import id_hash
-
-    return np.fromiter((id_hash(i) for i in ids), np.uint64, len(ids))
-
-
-def content_keys(content_hashes: list[str]) -> np.ndarray:
-    """64-bit keys of content hashes (their first 8 bytes), uint64."""
-    return np.fromiter((int(h[:16], 16) for h in content_hashes), np.uint64, len(content_hashes))
 
 
 def read_shard_keys(storage: Storage, directory: str, name: str) -> tuple[np.ndarray, np.ndarray]:

@@ -179,7 +179,7 @@ def test_a_delta_snapshot_stores_only_new_and_changed_rows_and_tombstones_the_re
     import fsspec
     import numpy as np
 
-    from pipeline.snapshots import keys_of
+    from pipeline.keys import keys_of
 
     first = run_job("ingest", local_config, f"ingest.input={write_tsv(tmp_path / 'n1.tsv', ROWS)}")
     assert first.returncode == 0, first.stderr[-2000:]

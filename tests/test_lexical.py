@@ -8,8 +8,8 @@ import pyarrow as pa
 import pytest
 import tantivy
 
+from pipeline.keys import keys_of
 from pipeline.lexical import LexicalIndex, LexicalWriter, fuse, query_text
-from pipeline.snapshots import keys_of
 
 
 def _hits(*ids: str) -> list[dict]:

@@ -19,10 +19,11 @@ import s3fs
 import tantivy
 
 from pipeline.encode import ShardKeys, plan_carry_over, shard_keys
+from pipeline.keys import keys_of
 from pipeline.lexical import load_lexical
 from pipeline.nightly import with_index_version
 from pipeline.segments import KEYS_FILE, load_published, split_ids
-from pipeline.snapshots import LiveEmbeddings, embedding_chain, keys_of
+from pipeline.snapshots import LiveEmbeddings, embedding_chain
 from pipeline.storage import Storage
 from tests.conftest import RAY_DASHBOARD_PORT
 from tests.helpers import REPO, free_port, kill_when_logged, run_job, synthetic_rows, write_config, write_tsv
