@@ -26,8 +26,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.build_index import plan_index, recall_at  # noqa: E402
 from pipeline.config import IndexConfig, load_config  # noqa: E402
+from pipeline.index.plan import plan_index  # noqa: E402
+from pipeline.index.quality import recall_at  # noqa: E402
 from pipeline.segments import load_published  # noqa: E402
 from pipeline.snapshots import LiveEmbeddings, embedding_chain  # noqa: E402
 from pipeline.storage import Storage  # noqa: E402

@@ -5,8 +5,8 @@ ray job submit --working-dir . -- python -m jobs.build_index --config configs/wi
 
 import sys
 
-from pipeline.build_index import run_build_index
 from pipeline.cli import run_job
+from pipeline.index.job import run_build_index
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,8 +6,8 @@ nightly does this by itself past index.max_segments / index.max_tombstone_fracti
 
 import sys
 
-from pipeline.build_index import run_compact
 from pipeline.cli import run_job
+from pipeline.index.job import run_compact
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,13 +10,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.build_index import run_build_index
 from pipeline.cli import run_job
 from pipeline.config import PipelineConfig
 from pipeline.demo_corpus import write_demo_corpus
 from pipeline.encode import run_encode
 from pipeline.errors import ConfigError
 from pipeline.evaluate import run_evaluate
+from pipeline.index.job import run_build_index
 from pipeline.ingest import run_ingest
 from pipeline.serve.local import ask_once
 

@@ -21,14 +21,15 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from pipeline.build_index import PhaseTimer, run_build_index
 from pipeline.config import PipelineConfig
 from pipeline.encode import run_encode
 from pipeline.errors import PipelineError
+from pipeline.index.job import run_build_index
 from pipeline.ingest import run_ingest
 from pipeline.layout import nightly_record, published_index, snapshot_dir
 from pipeline.manifests import IndexManifest, PassageManifest
 from pipeline.storage import Storage
+from pipeline.telemetry import PhaseTimer
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def run_nightly(config: PipelineConfig) -> dict[str, Any]:
     storage = Storage(config.storage.root, config.storage.options)
     snapshot = config.ingest.snapshot
     record = night_record(storage, config)
-    timer = PhaseTimer()
+    timer = PhaseTimer(log)
     with timer("ingest"):
         ingested = run_ingest(
             config.model_copy(update={"ingest": config.ingest.model_copy(update={"base": record.get("base")})})

@@ -95,7 +95,7 @@ def test_memory_estimate_refuses_before_building(encoded):
     run = run_job("build_index", encoded["config"], "index.max_memory=64KB", "index.seed=3")
     assert run.returncode == 1
     assert "needs about" in run.stderr and "index.max_memory" in run.stderr
-    assert "train" not in [line.split(": ")[-1] for line in run.stderr.splitlines() if "pipeline.build_index" in line]
+    assert "train" not in [line.split(": ")[-1] for line in run.stderr.splitlines() if "pipeline.index.job" in line]
 
 
 @pytest.mark.reliability
@@ -158,7 +158,7 @@ def test_a_build_killed_mid_way_reruns_to_the_bytes_of_a_clean_build(encoded):
 
     fs, before = encoded["fs"], _latest(encoded["fs"])
     overrides = ["index.seed=7", "index.reuse_trained=false"]
-    killed = kill_when_logged("build_index", encoded["config"], "pipeline.build_index: train…", *overrides)
+    killed = kill_when_logged("build_index", encoded["config"], "pipeline.index.job: train…", *overrides)
     assert killed == -signal.SIGKILL
     assert _latest(fs) == before
 

@@ -249,7 +249,7 @@ def night3(nights, night2):
     record = storage.read_json("nightly/d3.json")
     # Killed again while its index build uploads the new segment and tombstones.
     killed = kill_when_logged(
-        "nightly", nights["config"], "pipeline.build_index: publish…", *_night(nights["tmp"], rows, "d3")
+        "nightly", nights["config"], "pipeline.index.job: publish…", *_night(nights["tmp"], rows, "d3")
     )
     during_upload = (killed, storage.read_bytes("indexes/LATEST").decode().strip())
     run = run_job("nightly", nights["config"], *_night(nights["tmp"], rows, "d3"))
@@ -273,7 +273,7 @@ def compacted(nights, night3):
     storage = nights["storage"]
     killed = []
     for phase in ("compact…", "publish…"):
-        status = kill_when_logged("compact", nights["config"], f"pipeline.build_index: {phase}")
+        status = kill_when_logged("compact", nights["config"], f"pipeline.index.job: {phase}")
         killed.append((status, storage.read_bytes("indexes/LATEST").decode().strip()))
     run = run_job("compact", nights["config"])
     assert run.returncode == 0, run.stderr[-3000:]

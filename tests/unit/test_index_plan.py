@@ -4,10 +4,10 @@ groups, top-k merges, code copying and the delta gate (FAISS in memory, no store
 import numpy as np
 import pytest
 
-from pipeline.build_index import plan_build, plan_compaction, plan_index, recall_at, sample_positions
 from pipeline.config import IndexConfig
 from pipeline.errors import PipelineError
-from pipeline.index_workers import merge_topk, plan_groups, refine_merged
+from pipeline.index.plan import plan_build, plan_compaction, plan_groups, plan_index, sample_positions
+from pipeline.index.quality import merge_topk, recall_at, refine_merged
 
 
 def test_sample_is_uniform_across_shards_of_different_sizes_and_distributions():
@@ -166,7 +166,7 @@ def test_delta_gate_reads_the_quantizers_fit_at_any_number_of_new_rows():
     of them; rows from elsewhere fit measurably worse and send the night to a full build."""
     import faiss
 
-    from pipeline.build_index import blended, distortion, drifted
+    from pipeline.index.quality import blended, distortion, drifted
 
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(40, 32)).astype(np.float32)
