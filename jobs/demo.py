@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from pipeline.cli import run_job
 from pipeline.config import PipelineConfig
 from pipeline.demo_corpus import write_demo_corpus
@@ -37,7 +39,8 @@ def run_demo(config: PipelineConfig) -> dict[str, Any]:
         ("build_index", run_build_index),
         ("evaluate", run_evaluate),
     ):
-        stages[stage] = run(config)
+        summary = run(config)
+        stages[stage] = summary.model_dump(mode="json") if isinstance(summary, BaseModel) else summary
         log.info("%s: %s", stage, stages[stage])
     evaluated = stages["evaluate"]
     names = {"ann": "IVF-PQ", "refined": "IVF-PQ re-scored", "sparse": "BM25", "hybrid": "hybrid", "exact": "exact"}

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pydantic import BaseModel
+
 from pipeline.config import PipelineConfig, argument_parser, load_config
 from pipeline.errors import ConfigError, PipelineError
 
@@ -34,7 +36,7 @@ def _disconnect_ray() -> None:
 
 
 def _run(
-    job: str, body: Callable[[PipelineConfig], dict[str, Any]], argv: Sequence[str] | None
+    job: str, body: Callable[[PipelineConfig], dict[str, Any] | BaseModel], argv: Sequence[str] | None
 ) -> tuple[int, dict[str, Any]]:
     args = argument_parser(job).parse_args(argv)  # argparse exits 2 on a bad command line
     started = time.perf_counter()
@@ -57,10 +59,14 @@ def _run(
             "error": f"{type(exc).__name__}: {exc}",
             "seconds": round(time.perf_counter() - started, 3),
         }
+    if isinstance(summary, BaseModel):  # a typed summary (pipeline.primitives)
+        summary = summary.model_dump(mode="json")
     return 0, {"status": "ok", **summary, "seconds": round(time.perf_counter() - started, 3)}
 
 
-def run_job(job: str, body: Callable[[PipelineConfig], dict[str, Any]], argv: Sequence[str] | None = None) -> int:
+def run_job(
+    job: str, body: Callable[[PipelineConfig], dict[str, Any] | BaseModel], argv: Sequence[str] | None = None
+) -> int:
     """Parse, validate, run `body`, report; returns the process exit code."""
     _configure_logging()
     summary_stream = sys.stdout

@@ -27,6 +27,7 @@ import tantivy
 from pipeline.errors import PipelineError
 from pipeline.keys import keys_of
 from pipeline.manifests import FileEntry, IndexManifest
+from pipeline.primitives import Hit
 from pipeline.segments import fetch_verified, upload_once
 from pipeline.snapshots import Link, LiveEmbeddings
 from pipeline.storage import Storage, sha256_file
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 
 LOCKS = (".tantivy-meta.lock", ".tantivy-writer.lock")
 WORD = re.compile(r"\w+")
-Hit = dict
 
 
 def schema() -> tantivy.Schema:

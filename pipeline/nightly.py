@@ -106,7 +106,7 @@ def run_nightly(config: PipelineConfig) -> dict[str, Any]:
     served = None
     if config.nightly.serve_address:
         with timer("serve"):
-            served = point_serve_at(config, built["version"])
+            served = point_serve_at(config, built.version)
     return {
         "snapshot": snapshot,
         "previous_snapshot": record["previous_snapshot"],
@@ -117,17 +117,17 @@ def run_nightly(config: PipelineConfig) -> dict[str, Any]:
         "deleted": encoded.get("deleted", 0),
         "reused": encoded["reused"],
         "encoded": encoded["rows"],
-        "retrained": built.get("retrained"),
-        "version": built["version"],
-        "index_build": built.get("mode"),
-        "segments": built.get("segments"),
-        "published": not built["reused"],
-        "vectors": built["vectors"],
-        "recall_at_100": built["recall_at_100"],
-        "distortion": built.get("distortion"),
+        "retrained": built.retrained,
+        "version": built.version,
+        "index_build": built.mode,
+        "segments": built.segments,
+        "published": not built.reused,
+        "vectors": built.vectors,
+        "recall_at_100": built.recall_at_100,
+        "distortion": built.distortion,
         "served": served,
         "phase_seconds": timer.seconds,
-        "output": built["output"],
+        "output": built.output,
     }
 
 

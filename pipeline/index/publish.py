@@ -19,6 +19,7 @@ from pipeline.errors import PipelineError
 from pipeline.index.build import Built
 from pipeline.layout import INDEX_MANIFEST, INDEXES, latest_snapshot, point_latest, read_latest, version_dir
 from pipeline.manifests import EmbeddingManifest, FileEntry, IndexManifest, SegmentEntry
+from pipeline.primitives import BuildSummary
 from pipeline.segments import (
     DOCSTORE_FILE,
     IVF_FILE,
@@ -189,27 +190,29 @@ def compatible_previous(
     return version, manifest
 
 
-def reused_summary(storage: Storage, version: str, manifest: IndexManifest) -> dict[str, Any]:
+def reused_summary(storage: Storage, version: str, manifest: IndexManifest) -> BuildSummary:
     """The summary of a version published earlier (by this run's inputs, or one that already indexes them)."""
     point_latest(storage, INDEXES, version)
     seconds = dict(manifest.seconds or {})
-    return {
-        "version": version,
-        "output": storage.url("indexes", version),
-        "vectors": manifest.vectors,
-        "mode": "current",
-        "segments": len(segments_of(manifest)),
-        "tombstones": None,
-        "added": 0,
-        "recall_at_10": manifest.recall_at_10,
-        "recall_at_100": manifest.recall_at_100,
-        "distortion": manifest.distortion,
-        "bytes_per_vector": manifest.bytes_per_vector,
-        "bytes_written": 0,
-        "train_seconds": seconds.get("train", 0.0),
-        "add_seconds": seconds.get("add", 0.0),
-        "phase_seconds": seconds,
-        "retrained": manifest.retrained,
-        "trained_from": manifest.trained_from,
-        "reused": True,
-    }
+    return BuildSummary(
+        version=version,
+        output=storage.url("indexes", version),
+        vectors=manifest.vectors,
+        mode="current",
+        segments=len(segments_of(manifest)),
+        tombstones=None,
+        added=0,
+        recall_at_10=manifest.recall_at_10,
+        recall_at_100=manifest.recall_at_100,
+        refined_recall_at_10=manifest.refined_recall_at_10,
+        refined_recall_at_100=manifest.refined_recall_at_100,
+        distortion=manifest.distortion,
+        bytes_per_vector=manifest.bytes_per_vector,
+        bytes_written=0,
+        train_seconds=seconds.get("train", 0.0),
+        add_seconds=seconds.get("add", 0.0),
+        phase_seconds=seconds,
+        retrained=manifest.retrained,
+        trained_from=manifest.trained_from,
+        reused=True,
+    )

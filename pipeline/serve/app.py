@@ -21,6 +21,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from pipeline.config import PipelineConfig, ServeConfig, load_config
 from pipeline.layout import published_version
 from pipeline.lexical import fuse
+from pipeline.primitives import EncodeCall, LexicalSearch, ShardSearch
 from pipeline.serve.deployments import Lexical, QuestionEncoder, Reader, Retriever
 from pipeline.serve.errors import Refused
 from pipeline.serve.fanout import (
@@ -173,18 +174,20 @@ class QAService:
         # BM25 needs no vectors: it is asked at once, while the questions are encoded.
         lexical = None
         if sparse:
-            bm25 = asyncio.ensure_future(self._search_lexical((questions, depth, want)))
-            lexical = started_first(bm25, want, lambda version: self._search_lexical((questions, depth, version)))
+            bm25 = asyncio.ensure_future(self._search_lexical(LexicalSearch(questions, depth, want)))
+            lexical = started_first(
+                bm25, want, lambda version: self._search_lexical(LexicalSearch(questions, depth, version))
+            )
 
         async def ask(version: str) -> list[dict[str, Any]]:
             parts = []
             if dense:
                 started = time.perf_counter()
-                encoded = await _with_one_retry(self.encoder.encode, (questions, version))
+                encoded = await _with_one_retry(self.encoder.encode, EncodeCall(questions, version))
                 self.metrics.stage.labels("encode").observe(time.perf_counter() - started)
                 version = encoded["index_version"]  # the index parts are asked for the vectors' version
                 parts = [
-                    self._search_shard(shard, (encoded["vectors"], depth, version))
+                    self._search_shard(shard, ShardSearch(encoded["vectors"], depth, version))
                     for shard in range(len(self.retrievers))
                 ]
             if sparse:
@@ -216,7 +219,7 @@ class QAService:
             position += len(asked)
         return answered
 
-    async def _search_lexical(self, request: tuple) -> dict[str, Any]:
+    async def _search_lexical(self, request: LexicalSearch) -> dict[str, Any]:
         timeout = self.settings.shard_timeout_s
         try:
             return await asyncio.wait_for(_with_one_retry(self.lexical.search, request), timeout)
@@ -226,7 +229,7 @@ class QAService:
                 "its replicas are down or overloaded"
             ) from None
 
-    async def _search_shard(self, shard: int, request: tuple) -> dict[str, Any]:
+    async def _search_shard(self, shard: int, request: ShardSearch) -> dict[str, Any]:
         timeout = self.settings.shard_timeout_s
         try:
             return await asyncio.wait_for(_with_one_retry(self.retrievers[shard].search, request), timeout)

@@ -18,6 +18,7 @@ from ray import serve
 from pipeline.errors import PipelineError
 from pipeline.layout import published_version, read_index_manifest
 from pipeline.lexical import LexicalIndex, load_lexical
+from pipeline.primitives import EncodeCall, LexicalSearch, ShardSearch
 from pipeline.segments import PublishedIndex, evict, load_published
 from pipeline.serve.versions import Versions
 from pipeline.storage import Storage
@@ -138,16 +139,16 @@ class QuestionEncoder(_Versioned):
     # No waiting here: the ingress already waited to fill its batch; this only merges calls that are queued
     # together (from several ingress replicas).
     @serve.batch(batch_wait_timeout_s=0)  # its size: serve.batch_max_size, set in __init__
-    async def encode(self, calls: list[tuple[list[str], str]]) -> list[dict[str, Any]]:
+    async def encode(self, calls: list[EncodeCall]) -> list[dict[str, Any]]:
         """Each call brings questions and the version wanted; the calls answered by one version go through its
         model together. Each answer: the version used, the vectors, and what the replica holds."""
-        picked = [await self.versions.get(version) for _, version in calls]
+        picked = [await self.versions.get(call.version) for call in calls]
         answered: list[dict[str, Any] | None] = [None] * len(calls)
         for used in dict.fromkeys(name for name, _ in picked):
             positions = [i for i, (name, _) in enumerate(picked) if name == used]
             model = next(loaded for name, loaded in picked if name == used).encoder
-            vectors = model.encode(None, [q for p in positions for q in calls[p][0]])
-            parts = np.split(vectors, np.cumsum([len(calls[p][0]) for p in positions])[:-1])
+            vectors = model.encode(None, [q for p in positions for q in calls[p].questions])
+            parts = np.split(vectors, np.cumsum([len(calls[p].questions) for p in positions])[:-1])
             for position, part in zip(positions, parts):
                 answered[position] = self._answer(used, vectors=part)
         return answered
@@ -199,20 +200,20 @@ class Retriever(_Versioned):
         return index.manifest.refine_k if self.refine_k is None else self.refine_k
 
     @serve.batch(batch_wait_timeout_s=0)  # merges queued calls only, as the encoder does (size set in __init__)
-    async def search(self, requests: list[tuple[np.ndarray, int, str]]) -> list[dict[str, Any]]:
+    async def search(self, requests: list[ShardSearch]) -> list[dict[str, Any]]:
         """Concurrent requests' questions in one FAISS search and one docstore take per version; each request
         (vectors, k, version) gets its rows, best first (ties: the smaller FAISS id, the `key` the ingress merges
         shards by), from the version it names when held."""
-        picked = [await self.versions.get(version) for _, _, version in requests]
+        picked = [await self.versions.get(request.version) for request in requests]
         answered: list[dict[str, Any] | None] = [None] * len(requests)
         for used in dict.fromkeys(name for name, _ in picked):
             positions = [i for i, (name, _) in enumerate(picked) if name == used]
             index = next(loaded for name, loaded in picked if name == used)
-            if any(requests[p][0].shape[-1] != index.d for p in positions):  # the ingress asks again
+            if any(requests[p].vectors.shape[-1] != index.d for p in positions):  # the ingress asks again
                 for position in positions:
                     answered[position] = self._answer(used, results=None)
                 continue
-            asked = [requests[p][:2] for p in positions]
+            asked = [(requests[p].vectors, requests[p].k) for p in positions]
             for position, results in zip(positions, _search(index, asked, self._refine_k(index))):
                 answered[position] = self._answer(used, results=results)
         return answered
@@ -250,7 +251,7 @@ class Lexical(_Versioned):
         return candidate
 
     @serve.batch(batch_wait_timeout_s=0)  # size set in __init__
-    async def search(self, requests: list[tuple[list[str], int, str]]) -> list[dict[str, Any]]:
+    async def search(self, requests: list[LexicalSearch]) -> list[dict[str, Any]]:
         """A request is (questions, k, version); each gets its hits per question, best first."""
         answered = []
         for questions, k, version in requests:

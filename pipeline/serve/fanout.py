@@ -17,8 +17,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from pipeline.errors import PipelineError
+from pipeline.primitives import Hit
 
-Hit = dict[str, Any]
 PATIENCE_S = 30.0  # how long a request waits for the parts to hold a version it may answer from
 
 

@@ -11,8 +11,8 @@ import yaml
 from pipeline.config import load_config
 from pipeline.serve.fanout import retriever_names
 from tests.conftest import FAKE_CREDENTIALS
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 KUBERAY = REPO / "infra" / "kuberay"
 
 
