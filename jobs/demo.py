@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from pipeline.cli import run_job
 from pipeline.config import PipelineConfig
 from pipeline.demo_corpus import write_demo_corpus
-from pipeline.encode import run_encode
+from pipeline.encode.job import run_encode
 from pipeline.errors import ConfigError
 from pipeline.evaluate import run_evaluate
 from pipeline.index.job import run_build_index

@@ -6,7 +6,7 @@ ray job submit --working-dir . -- python -m jobs.encode --config configs/wiki21m
 import sys
 
 from pipeline.cli import run_job
-from pipeline.encode import run_encode
+from pipeline.encode.job import run_encode
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ import urllib.request
 from typing import Any
 
 from pipeline.config import PipelineConfig
-from pipeline.encode import run_encode
+from pipeline.encode.job import run_encode
 from pipeline.errors import PipelineError
 from pipeline.index.job import run_build_index
 from pipeline.ingest import run_ingest

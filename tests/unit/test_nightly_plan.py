@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.encode import ShardKeys, plan_carry_over, shard_keys
+from pipeline.encode.plan import ShardKeys, plan_carry_over, shard_keys
 from pipeline.nightly import with_index_version
 
 
