@@ -1,7 +1,7 @@
 """Encoding throughput: the naive DPR loop vs this project's encoder vs the whole Ray job; one JSON line.
 
-    python benchmarks/encode.py                       # demo corpus, packaged MiniLM (mean pooling), this CPU
-    python benchmarks/encode.py --random-dpr-base --passages 200000   # BERT-base DPR at random weights (GPU)
+    python -m benchmarks.encode                       # demo corpus, packaged MiniLM (mean pooling), this CPU
+    python -m benchmarks.encode --random-dpr-base --passages 200000   # BERT-base DPR at random weights (GPU)
 
 naive    = the HF model called as DPR's generate_dense_embeddings does: pad to 256, batch 32, fp32, in order.
 encoder  = pipeline.text_encoder.TextEncoder alone (tokenization included), no Ray.
@@ -20,10 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import torch
 
-import torch  # noqa: E402
+from kit.jobs import REPO
 
 
 def load_passages(args) -> tuple[list[str], list[str], list[str]]:
@@ -32,7 +31,7 @@ def load_passages(args) -> tuple[list[str], list[str], list[str]]:
 
         rows = [(p.id, p.title, p.text) for p in read_passages(args.corpus)]
     elif args.random_dpr_base:
-        from tests.helpers import synthetic_rows  # psgs_w100-like: 100 words, titles
+        from kit.corpora import synthetic_rows  # psgs_w100-like: 100 words, titles
 
         rows = [(pid, title, text) for pid, text, title in synthetic_rows(args.passages)]
     else:
@@ -99,7 +98,8 @@ def pipeline_rate(settings, ids, titles, texts, batch_tokens) -> dict:
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from tests.helpers import write_config, write_tsv
+    from kit.corpora import write_tsv
+    from kit.jobs import write_config
 
     os.environ.update(
         {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}

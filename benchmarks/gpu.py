@@ -1,7 +1,7 @@
 """The encoders and the reader on one GPU, in one command: no Ray, no FAISS, nothing from the hub; one JSON line.
 
-    python3 benchmarks/gpu.py            # BERT-base DPR models at random weights on the GPU (about 3 minutes)
-    python3 benchmarks/gpu.py --quick    # the same code on CPU with tiny models, in seconds (CI runs it)
+    python -m benchmarks.gpu            # BERT-base DPR models at random weights on the GPU (about 3 minutes)
+    python -m benchmarks.gpu --quick    # the same code on CPU with tiny models, in seconds (CI runs it)
 
 Measured (all through the project's own code: `pipeline.text_encoder.TextEncoder`, `PassageTokenizer`,
 `pipeline.reader.SpanReader`):
@@ -37,11 +37,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]  # runs on a GPU machine from the repository alone: no kit
 
 log = logging.getLogger("benchmarks.gpu")
 VOCAB = REPO / "benchmarks" / "assets" / "bert-base-uncased-vocab.txt"

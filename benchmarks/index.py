@@ -1,9 +1,9 @@
 """Index quality and speed vs exact search; prints one JSON line.
 
-    python benchmarks/index.py                          # the index `make demo` published (MiniLM, demo corpus)
-    python benchmarks/index.py --synthetic 500000 --dim 384 --factory IVF1024,PQ48 --nprobe 32
-    python benchmarks/index.py --demo-windows 10000 --factory IVF64,PQ96 --nprobe 16
-    python benchmarks/index.py --distributed 100000,400000 --dim 256 --factory IVF1024,PQ32 --nprobe 32
+    python -m benchmarks.index                          # the index `make demo` published (MiniLM, demo corpus)
+    python -m benchmarks.index --synthetic 500000 --dim 384 --factory IVF1024,PQ48 --nprobe 32
+    python -m benchmarks.index --demo-windows 10000 --factory IVF64,PQ96 --nprobe 16
+    python -m benchmarks.index --distributed 100000,400000 --dim 256 --factory IVF1024,PQ32 --nprobe 32
 
 recall@k = |IVF-PQ top-k ∩ exact top-k| / k on held-out corpus vectors; QPS are batched top-100 searches on this
 machine's threads (exact = IndexFlatIP over the same float32 vectors). --synthetic draws a clustered Gaussian
@@ -23,15 +23,13 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from pipeline.config import IndexConfig, load_config  # noqa: E402
-from pipeline.index.plan import plan_index  # noqa: E402
-from pipeline.index.quality import recall_at  # noqa: E402
-from pipeline.segments import load_published  # noqa: E402
-from pipeline.snapshots import LiveEmbeddings, embedding_chain  # noqa: E402
-from pipeline.storage import Storage  # noqa: E402
+from kit.jobs import REPO
+from pipeline.config import IndexConfig, load_config
+from pipeline.index.plan import plan_index
+from pipeline.index.quality import recall_at
+from pipeline.segments import load_published
+from pipeline.snapshots import LiveEmbeddings, embedding_chain
+from pipeline.storage import Storage
 
 
 def qps(search, queries: np.ndarray, k: int, repeats: int = 3) -> tuple[float, np.ndarray]:
@@ -167,8 +165,9 @@ def distributed(args) -> dict:
     import shutil
     import subprocess
 
-    from tests.helpers import synthetic_rows, write_config, write_random_embeddings, write_tsv
-    from tests.localray import LocalRay
+    from kit.corpora import synthetic_rows, write_random_embeddings, write_tsv
+    from kit.jobs import write_config
+    from kit.localray import LocalRay
 
     def job(name: str, config: Path, address: str, *overrides: str) -> dict:
         command = [sys.executable, "-m", f"jobs.{name}", "--config", str(config)]

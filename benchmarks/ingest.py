@@ -1,6 +1,6 @@
 """Ingest throughput and memory on a generated psgs_w100-layout .tsv.gz; prints one JSON line.
 
-    python benchmarks/ingest.py [--rows 200000] [--shard-rows 50000]
+    python -m benchmarks.ingest [--rows 200000] [--shard-rows 50000]
 
 Baseline: DPR's own loader (csv.reader into a dict of all passages), whose memory grows with the corpus.
 Each side runs in a fresh process so its peak RSS is its own.
@@ -16,7 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from kit.jobs import REPO
+from pipeline.telemetry import peak_rss
 
 
 def _measure(side: str, corpus: str, root: str, shard_rows: int) -> dict:
@@ -40,21 +41,14 @@ def _measure(side: str, corpus: str, root: str, shard_rows: int) -> dict:
                     passages[row[0]] = (row[1].strip('"'), row[2])
         rows = len(passages)
     seconds = time.perf_counter() - start
-    return {"rows": rows, "seconds": seconds, "peak_rss_mb": _peak_rss_mb()}
-
-
-def _peak_rss_mb() -> float:
-    """VmHWM of this process (ru_maxrss would carry the parent's high-water mark over fork+exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return {"rows": rows, "seconds": seconds, "peak_rss_mb": peak_rss() / 2**20}
 
 
 def _run_side(side: str, corpus: Path, root: str, shard_rows: int) -> dict:
     command = [
         sys.executable,
-        __file__,
+        "-m",
+        "benchmarks.ingest",
         "--side",
         side,
         "--corpus",
@@ -79,8 +73,7 @@ def main() -> None:
     if args.side:
         print(json.dumps(_measure(args.side, args.corpus, args.root, args.shard_rows)))
         return
-    sys.path.insert(0, str(REPO))
-    from tests.helpers import synthetic_rows, write_tsv
+    from kit.corpora import synthetic_rows, write_tsv
 
     with tempfile.TemporaryDirectory() as tmp:
         corpus = write_tsv(Path(tmp) / "psgs_w100.tsv.gz", synthetic_rows(args.rows))

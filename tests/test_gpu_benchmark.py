@@ -1,5 +1,5 @@
-"""`benchmarks/gpu.py --quick`: the GPU benchmark's code, run on CPU with tiny models so it cannot rot between the
-rare runs on a lent GPU."""
+"""`python -m benchmarks.gpu --quick`: the GPU benchmark's code, run on CPU with tiny models so it cannot rot
+between the rare runs on a lent GPU."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import os
 import subprocess
 import sys
 
-from tests.helpers import REPO
+from kit.jobs import REPO
 
 
 def test_quick_run_prints_every_figure(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path))
     run = subprocess.run(
-        [sys.executable, "benchmarks/gpu.py", "--quick", "--commit", "abc123"],
+        [sys.executable, "-m", "benchmarks.gpu", "--quick", "--commit", "abc123"],
         cwd=REPO,
         env=env,
         capture_output=True,

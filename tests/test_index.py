@@ -8,12 +8,13 @@ import requests
 import s3fs
 import tantivy
 
+from kit.corpora import synthetic_rows, write_tsv
+from kit.jobs import kill_when_logged, run_job, write_config
 from pipeline.errors import PipelineError
 from pipeline.lexical import load_lexical
 from pipeline.manifests import IndexManifest
 from pipeline.segments import ROW_MASK, load_published
 from pipeline.storage import Storage
-from tests.helpers import kill_when_logged, run_job, synthetic_rows, write_config, write_tsv
 
 ROWS = synthetic_rows(800, words=30)
 
@@ -262,7 +263,7 @@ def test_the_driver_of_a_distributed_build_does_not_grow_with_the_corpus(tmp_pat
     the codes it holds; the distributed build's driver holds the sample and the queries only."""
     import shutil
 
-    from tests.helpers import write_random_embeddings
+    from kit.corpora import write_random_embeddings
 
     growth = {}
     for count in (10_000, 40_000):

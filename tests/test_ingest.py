@@ -5,10 +5,11 @@ import json
 import pytest
 import s3fs
 
+from kit.corpora import synthetic_rows, write_jsonl, write_parquet, write_tsv
+from kit.jobs import run_job, write_config
 from pipeline.corpus import content_hash
 from pipeline.storage import read_parquet_bytes, sha256_hex
 from tests.conftest import FAKE_CREDENTIALS
-from tests.helpers import run_job, synthetic_rows, write_config, write_jsonl, write_parquet, write_tsv
 
 ROWS = synthetic_rows(1_000) + [("1001", 'He said ""hi"" and\tleft', "Quotes"), ("1002", "東京 🙂", "Ünïcode")]
 

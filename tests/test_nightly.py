@@ -18,13 +18,14 @@ import requests
 import s3fs
 import tantivy
 
+from kit.corpora import synthetic_rows, write_tsv
+from kit.jobs import REPO, free_port, kill_when_logged, run_job, write_config
 from pipeline.keys import keys_of
 from pipeline.lexical import load_lexical
 from pipeline.segments import KEYS_FILE, load_published, split_ids
 from pipeline.snapshots import LiveEmbeddings, embedding_chain
 from pipeline.storage import Storage
 from tests.conftest import RAY_DASHBOARD_PORT
-from tests.helpers import REPO, free_port, kill_when_logged, run_job, synthetic_rows, write_config, write_tsv
 
 ROWS = synthetic_rows(600, words=30)
 

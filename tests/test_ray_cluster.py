@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, free_port, run_job, synthetic_rows, write_config, write_tsv
-from tests.localray import _processes, alive, marked_processes
+from kit.corpora import synthetic_rows, write_tsv
+from kit.jobs import REPO, free_port, run_job, write_config
+from kit.localray import _processes, alive, marked_processes
 
 pytestmark = pytest.mark.reliability
 
@@ -65,14 +66,14 @@ def _ours(marker: str) -> list[tuple[int, str]]:
 
 
 def test_a_benchmark_stopped_by_sigterm_leaves_no_ray_behind(short_tmp):
-    """benchmarks/nightly.py starts its own cluster (`ray start`); SIGTERM mid-run ends it, its job and its work
-    dir, and the machine's record of the current cluster is as it was."""
+    """`python -m benchmarks.nightly` starts its own cluster (`ray start`); SIGTERM mid-run ends it, its job and its
+    work dir, and the machine's record of the current cluster is as it was."""
     tmp_path = short_tmp
     machine_record = tmp_path / "machine-tmp" / "ray" / "ray_current_cluster"
     env = {**os.environ, "TMPDIR": str(tmp_path), "RAY_TMPDIR": str(tmp_path / "machine-tmp")}
     env.pop("RAY_ADDRESS")
     bench = subprocess.Popen(
-        [sys.executable, "benchmarks/nightly.py", "--passages", "3000"],
+        [sys.executable, "-m", "benchmarks.nightly", "--passages", "3000"],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,

@@ -7,11 +7,12 @@ import os
 
 import pytest
 
+from kit.corpora import synthetic_rows, write_tsv
+from kit.jobs import run_job, write_config
 from pipeline.manifests import EmbeddingManifest, IndexManifest, PassageManifest
 from pipeline.storage import Storage
 from tests.conftest import FAKE_CREDENTIALS, RAY_TEMP_DIRS
 from tests.faults import FaultyS3Proxy
-from tests.helpers import run_job, synthetic_rows, write_config, write_tsv
 
 pytestmark = [pytest.mark.reliability, pytest.mark.ray]
 ROWS = synthetic_rows(500, words=30)

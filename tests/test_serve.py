@@ -8,6 +8,9 @@ import pytest
 import requests
 import yaml
 
+from kit.corpora import synthetic_rows, write_tsv
+from kit.jobs import free_port, run_job, write_config
+from kit.rss import maps_library
 from pipeline.config import load_config
 from pipeline.lexical import fuse, load_lexical
 from pipeline.manifests import IndexManifest
@@ -15,7 +18,6 @@ from pipeline.segments import load_published
 from pipeline.storage import Storage
 from pipeline.text_encoder import EncoderSettings, TextEncoder
 from tests.conftest import TEST_API_KEY
-from tests.helpers import free_port, run_job, synthetic_rows, write_config, write_tsv
 
 pytestmark = pytest.mark.ray
 ROWS = synthetic_rows(400, words=40)
@@ -399,7 +401,7 @@ def test_retriever_replicas_never_load_torch(qa):
     def mapped(deployment: str) -> list[tuple[int, bool]]:
         actors = list_actors(filters=[("class_name", "=", f"ServeReplica:qa:{deployment}"), ("state", "=", "ALIVE")])
         assert actors, deployment
-        return [(a.pid, "libtorch" in open(f"/proc/{a.pid}/maps").read()) for a in actors]
+        return [(a.pid, maps_library(a.pid, "libtorch")) for a in actors]
 
     assert all(not torch for _, torch in mapped("Retriever")), mapped("Retriever")
     assert all(not torch for _, torch in mapped("Lexical")), mapped("Lexical")  # BM25: tantivy only

@@ -2,9 +2,9 @@ from pathlib import Path
 
 import pytest
 
+from kit.jobs import REPO, run_job, write_config
 from pipeline.config import apply_override, load_config
 from pipeline.errors import ConfigError
-from tests.helpers import REPO, run_job, write_config
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "wiki21m.yaml"])

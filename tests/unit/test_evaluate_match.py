@@ -2,9 +2,9 @@
 
 import pytest
 
+from kit.jobs import REPO
 from pipeline.errors import InputError
 from pipeline.evaluate import dpr_words, has_answer, parse_jsonl, parse_qa_csv, top_k_accuracy
-from tests.helpers import REPO
 
 
 @pytest.mark.parametrize(

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kit.jobs import REPO
 from pipeline.config import load_config
 from pipeline.serve.fanout import retriever_names
 from tests.conftest import FAKE_CREDENTIALS
-from tests.helpers import REPO
 
 KUBERAY = REPO / "infra" / "kuberay"
 

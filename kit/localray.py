@@ -17,7 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from tests.helpers import free_port
+import psutil
+
+from kit.jobs import free_port
 
 HOST = "127.0.0.1"  # loopback only
 
@@ -25,16 +27,9 @@ HOST = "127.0.0.1"  # loopback only
 def _processes() -> dict[int, tuple[int, str]]:
     """pid -> (parent pid, command line) for every process we can read."""
     found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        parent = int(stat[stat.rindex(")") + 2 :].split()[1])
-        found[int(entry.name)] = (parent, command)
+    for process in psutil.process_iter(["pid", "ppid", "cmdline"]):
+        info = process.info
+        found[info["pid"]] = (info["ppid"] or 0, " ".join(info["cmdline"] or []))
     return found
 
 
@@ -164,10 +159,9 @@ class LocalRay:
 
 def _zombie(pid: int) -> bool:
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return True
-    return stat[stat.rindex(")") + 2] == "Z"
 
 
 def exit_on_signals() -> None:
