@@ -54,14 +54,15 @@ async def _with_one_retry(method, *args):
         return await method.remote(*args)
 
 
-@serve.deployment
-@serve.ingress()
-class QAService:
-    """The ingress, and the one place the app's version is set: its `user_config` `index_version` (null: the
-    version `indexes/LATEST` names when the replica starts or the config changes). Every request names that
-    version to the question encoder, the index shards and the BM25 index (`pipeline.serve.fanout`), which load it
-    beside what they hold. Requests move to it once every part holds it (asked in the background); a version a part
-    refuses is never answered from, in any mode, and `/v1/index` says why."""
+class Ingress:
+    """The ingress's logic, apart from Ray Serve's wrapping so that it runs in process with fakes of the
+    deployments' handles (tests/unit/test_ingress.py); `QAService` is the deployment.
+
+    The one place the app's version is set: the `user_config` `index_version` (null: the version `indexes/LATEST`
+    names when the replica starts or the config changes). Every request names that version to the question
+    encoder, the index shards and the BM25 index (`pipeline.serve.fanout`), which load it beside what they hold.
+    Requests move to it once every part holds it (asked in the background); a version a part refuses is never
+    answered from, in any mode, and `/v1/index` says why."""
 
     def __init__(
         self,
@@ -85,8 +86,6 @@ class QAService:
         if settings.api_key_env and not self.api_key:
             raise RuntimeError(f"serve.api_key_env names {settings.api_key_env}, which is not set on this replica")
         self.metrics = Metrics()
-        self._retrieve_together.set_max_batch_size(settings.batch_max_size)
-        self._retrieve_together.set_batch_wait_timeout_s(settings.batch_wait_s)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """`{"index_version": name or null}`: the version every part of the app answers from once all hold it."""
@@ -151,7 +150,8 @@ class QAService:
         return None
 
     async def _retrieve(self, questions: list[str], k: int, mode: str) -> dict[str, Any]:
-        return await self._retrieve_together((questions, k, mode))
+        """One request's retrieval (the deployment coalesces concurrent ones into one `_retrieve_batch`)."""
+        return (await self._retrieve_batch([(questions, k, mode)]))[0]
 
     async def _agree(self, ask) -> list[dict[str, Any]]:
         """`fanout.agree` on the version set, falling back to the one answered before; notes what answered."""
@@ -160,8 +160,7 @@ class QAService:
         self.metrics.serving(self.answered)
         return found
 
-    @serve.batch  # size and wait: serve.batch_max_size and serve.batch_wait_s, set in __init__
-    async def _retrieve_together(self, requests: list[tuple[list[str], int, str]]) -> list[dict[str, Any]]:
+    async def _retrieve_batch(self, requests: list[tuple[list[str], int, str]]) -> list[dict[str, Any]]:
         """Concurrent requests share one encoder call and one search of each index (the dense shards, and BM25 when
         a request is sparse or hybrid), all answered from one version: per-call overhead is paid once."""
         s = self.settings
@@ -309,6 +308,25 @@ class QAService:
                 for shard in shards
             ]
         return info
+
+
+@serve.deployment
+@serve.ingress()
+class QAService(Ingress):
+    """The ingress deployment: `Ingress` as Ray Serve runs it, its HTTP API built per replica, concurrent requests
+    coalesced (`serve.batch_max_size`, waiting up to `serve.batch_wait_s`) into one `_retrieve_batch`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._retrieve_together.set_max_batch_size(self.settings.batch_max_size)
+        self._retrieve_together.set_batch_wait_timeout_s(self.settings.batch_wait_s)
+
+    async def _retrieve(self, questions: list[str], k: int, mode: str) -> dict[str, Any]:
+        return await self._retrieve_together((questions, k, mode))
+
+    @serve.batch  # size and wait: set in __init__
+    async def _retrieve_together(self, requests: list[tuple[list[str], int, str]]) -> list[dict[str, Any]]:
+        return await self._retrieve_batch(requests)
 
 
 def build_app(config: PipelineConfig):

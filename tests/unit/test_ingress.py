@@ -1,0 +1,223 @@
+"""The ingress's logic in process (`pipeline.serve.app.Ingress`), with fakes of the deployments' handles behind it:
+batch splitting, fusion, one version per response while a version moves in, a refused version, and the HTTP
+contract (statuses and error bodies) through FastAPI's TestClient. Real Serve runs the same class in test_serve and
+test_app_version."""
+
+import asyncio
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from ray.exceptions import ActorUnavailableError
+
+import pipeline.serve.app as app_module
+from pipeline.config import ServeConfig
+from pipeline.lexical import fuse
+from pipeline.serve.app import Ingress
+from pipeline.serve.fanout import merge_hits
+from pipeline.serve.routes import build_api
+
+DIMS = {"v1": 4, "v2": 6}  # the two versions' question encoders give vectors of other widths
+
+
+class Handle:
+    """A deployment handle's stand-in: `handle.method.remote(*args)` is `part.method(*args)`, awaitable."""
+
+    def __init__(self, part):
+        self._part = part
+
+    def __getattr__(self, name):
+        method = getattr(self._part, name)
+
+        class Remote:
+            @staticmethod
+            def remote(*args):
+                return method(*args)
+
+        return Remote
+
+
+class Part:
+    """What a versioned deployment's replica holds and answers: the version asked for when held, else its last."""
+
+    def __init__(self, held: list[str], refused: dict[str, str] | None = None, delay_s: float = 0.0):
+        self.held, self.refused, self.delay_s, self.asked = list(held), dict(refused or {}), delay_s, []
+        self.error: BaseException | None = None
+
+    async def _pick(self, version: str) -> str:
+        self.asked.append(version)
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self.error is not None:
+            raise self.error
+        return version if version in self.held else self.held[-1]
+
+    def _status(self) -> dict:
+        return {"loaded": list(self.held), "refused": dict(self.refused)}
+
+
+class Encoder(Part):
+    async def encode(self, call):
+        used = await self._pick(call.version)
+        vectors = np.ones((len(call.questions), DIMS[used]), np.float32)
+        return {"index_version": used, **self._status(), "vectors": vectors}
+
+    async def info(self, version):
+        used = await self._pick(version)
+        return {"index_version": used, **self._status(), "question_model": f"question-model-{used}"}
+
+
+class Shard(Part):
+    def __init__(self, number: int, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.number = number
+
+    async def search(self, request):
+        used = await self._pick(request.version)
+        if request.vectors.shape[1] != DIMS[used]:
+            return {"index_version": used, **self._status(), "results": None}
+        results = [
+            [
+                {"id": f"{used}-s{self.number}-{i}", "title": "t", "text": "x", "score": 1 - i / 10, "key": i * 10}
+                for i in range(request.k)
+            ]
+            for _ in range(len(request.vectors))
+        ]
+        return {"index_version": used, **self._status(), "results": results}
+
+    async def info(self, version):
+        used = await self._pick(version)
+        details = {"shard": [self.number, 2], "node": "n", "vectors": 50, "segments": 1, "lineage": {}}
+        return {"index_version": used, **self._status(), **details}
+
+
+class Bm25(Part):
+    async def search(self, request):
+        used = await self._pick(request.version)
+        hits = [{"id": f"{used}-b{i}", "title": "t", "text": "x", "score": 9.0 - i} for i in range(request.k)]
+        return {"index_version": used, **self._status(), "results": [hits for _ in request.questions]}
+
+    async def info(self, version):
+        used = await self._pick(version)
+        return {"index_version": used, **self._status()}
+
+
+def _ingress(parts: dict, serving: str = "v1", answered: str | None = None, **settings) -> Ingress:
+    config = ServeConfig(max_batch_questions=4, max_question_chars=50, max_k=20, hybrid_depth=6, **settings)
+    ingress = Ingress(
+        Handle(parts["encoder"]),
+        [Handle(shard) for shard in parts["shards"]],
+        None,
+        config,
+        Handle(parts["bm25"]) if "bm25" in parts else None,
+    )
+    ingress.want = ingress.serving = serving
+    ingress.answered = answered
+    return ingress
+
+
+def _parts(encoder=("v1",), shards=(("v1",), ("v1",)), bm25=("v1",)) -> dict:
+    return {
+        "encoder": Encoder(list(encoder)),
+        "shards": [Shard(i, list(held)) for i, held in enumerate(shards)],
+        "bm25": Bm25(list(bm25)),
+    }
+
+
+def test_a_batch_is_split_back_per_request_with_its_own_k_and_mode():
+    parts = _parts()
+    requests = [(["a"], 2, "dense"), (["b", "c"], 3, "hybrid"), (["d"], 1, "sparse")]
+    dense_a, hybrid, sparse = asyncio.run(_ingress(parts)._retrieve_batch(requests))
+    depth = 6  # hybrid_depth: the deepest any request of the batch needs
+    shard_hits = [[{"id": f"v1-s{s}-{i}", "score": 1 - i / 10, "key": i * 10} for i in range(depth)] for s in (0, 1)]
+    merged = merge_hits(shard_hits, depth)
+    assert [h["id"] for h in dense_a["results"][0]] == [h["id"] for h in merged[:2]]
+    assert all("key" not in hit for hits in dense_a["results"] for hit in hits)  # FAISS ids stay inside
+    bm25 = [{"id": f"v1-b{i}", "score": 9.0 - i} for i in range(depth)]
+    expected = [h["id"] for h in fuse(merged, bm25, 3, 60, 0.5)]
+    assert [[h["id"] for h in hits] for hits in hybrid["results"]] == [expected, expected]
+    assert [h["id"] for h in sparse["results"][0]] == ["v1-b0"]
+    assert {a["index_version"] for a in (dense_a, hybrid, sparse)} == {"v1"}
+    assert parts["encoder"].asked == ["v1"] and parts["bm25"].asked == ["v1"]  # one call each for the batch
+
+
+def test_while_a_shard_lacks_the_new_version_answers_come_from_the_one_before():
+    """The encoder and shard 0 hold v2, shard 1 still loads it: the answer comes from v1 whole (v1 vectors, v1
+    hits), then from v2 whole once shard 1 holds it."""
+    parts = _parts(encoder=("v1", "v2"), shards=(("v1", "v2"), ("v1",)), bm25=("v1", "v2"))
+    ingress = _ingress(parts, serving="v2", answered="v1")
+    [found] = asyncio.run(ingress._retrieve_batch([(["q"], 3, "hybrid")]))
+    assert found["index_version"] == "v1"
+    assert all(hit["id"].startswith("v1-") for hit in found["results"][0])
+    parts["shards"][1].held.append("v2")
+    [found] = asyncio.run(ingress._retrieve_batch([(["q"], 3, "hybrid")]))
+    assert found["index_version"] == "v2" and all(hit["id"].startswith("v2-") for hit in found["results"][0])
+    assert ingress.answered == "v2"
+
+
+def test_a_version_one_part_refuses_is_never_served_and_index_says_why(monkeypatch):
+    """The question encoder refuses v2 (its model is missing); the BM25 index holds it. The ingress keeps asking
+    requests for v1 in every mode, sparse included, and /v1/index names the reason."""
+    monkeypatch.setattr(app_module, "REFUSED_RETRY_S", 0.01)
+    parts = _parts(encoder=("v1",), shards=(("v1", "v2"), ("v1", "v2")), bm25=("v1", "v2"))
+    parts["encoder"].refused = {"v2": "OSError: /nowhere/question-encoder is not a model"}
+    ingress = _ingress(parts, serving="v1", answered="v1")
+
+    async def move():
+        ingress.want = "v2"
+        task = asyncio.ensure_future(ingress._move_to("v2"))
+        while ingress.last_error is None:
+            await asyncio.sleep(0.01)
+        ingress.want = "v1"  # the operator sets it back: the task ends
+        await task
+
+    asyncio.run(move())
+    assert ingress.serving == "v1" and "/nowhere/question-encoder" in ingress.last_error
+    ingress.want = "v2"
+    client = TestClient(build_api(ingress, None))
+    info = client.get("/v1/index").json()
+    assert (info["index_version"], info["target"]) == ("v1", "v2") and "v2 refused" in info["last_error"]
+    assert info["held"]["QuestionEncoder"] == ["v1"] and info["question_model"] == "question-model-v1"
+    for mode in ("dense", "sparse", "hybrid"):
+        answer = client.post("/v1/search", json={"questions": ["q"], "k": 2, "mode": mode}).json()
+        assert answer["index_version"] == "v1", mode
+
+
+@pytest.mark.parametrize(
+    ("break_it", "status", "says"),
+    [
+        (lambda p: setattr(p["encoder"], "error", ValueError("cannot reshape array")), 500, "internal error"),
+        (lambda p: setattr(p["encoder"], "error", ActorUnavailableError("gone", b"0" * 16)), 503, "restarting"),
+        (lambda p: setattr(p["shards"][1], "delay_s", 1.0), 503, "index shard 1 (Retriever1) did not answer"),
+    ],
+)
+def test_a_failing_part_gets_a_json_error_with_the_request_id(break_it, status, says):
+    parts = _parts()
+    break_it(parts)
+    client = TestClient(build_api(_ingress(parts, shard_timeout_s=0.2), None), raise_server_exceptions=False)
+    response = client.post("/v1/search", json={"questions": ["q"], "k": 2}, headers={"x-request-id": "req-7"})
+    assert response.status_code == status, response.text
+    assert response.json()["request_id"] == "req-7" and says in response.json()["error"]
+    if status == 503 and "restarting" in says:
+        assert parts["encoder"].asked == ["v1", "v1"]  # a lost replica's call is made once more
+    assert client.post("/v1/search", json={"questions": ["q"], "k": 2}).status_code == status  # and stays JSON
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "says"),
+    [
+        ({"questions": ["q"] * 5}, 413, "serve.max_batch_questions is 4"),
+        ({"questions": ["x" * 51]}, 413, "serve.max_question_chars is 50"),
+        ({"questions": ["  "]}, 422, "question 0 is empty"),
+        ({"questions": ["q"], "k": 21}, 422, "k=21 is over serve.max_k=20"),
+        ({"questions": ["q"], "mode": "sparse"}, 422, "needs the BM25 index"),
+        ({"questions": "q"}, 422, "invalid request"),
+    ],
+)
+def test_refusals_have_their_status_and_say_why(body, status, says):
+    parts = _parts()
+    del parts["bm25"]
+    response = TestClient(build_api(_ingress(parts), None)).post("/v1/search", json=body)
+    assert response.status_code == status and says in str(response.json())
+    assert response.json()["request_id"]
+    assert parts["encoder"].asked == []  # refused before any model or index work
