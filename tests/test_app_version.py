@@ -167,11 +167,24 @@ def _answers_are_their_versions(clients: Load, expected: dict[str, dict[str, dic
         assert a.body == expected[a.body["index_version"]][a.request["mode"]]
 
 
+SELF = ROWS[:40:5]  # passages whose own text is searched for
+
+
 @pytest.fixture(scope="module")
 def wide_night(app):
-    """Night 2 moves the app to the 48-d encoder pair under load."""
+    """Night 2 moves the app to the 48-d encoder pair under load. What tests read of the live app is taken here,
+    before a later night moves it on (tests run in any order)."""
     run, clients, before = _upgrade_night(app, "wide", "n2")
-    return {"run": run, "clients": clients, "before": before, "after": _expected(app["url"])}
+    texts = [text for _, text, _ in SELF]
+    found = requests.post(f"{app['url']}/v1/search", json={"questions": texts, "k": 5}, timeout=60)
+    return {
+        "run": run,
+        "clients": clients,
+        "before": before,
+        "after": _expected(app["url"]),
+        "info": requests.get(f"{app['url']}/v1/index", timeout=30).json(),
+        "self_search": (found.status_code, found.json()),
+    }
 
 
 def test_an_encoder_upgrade_night_under_load_fails_nothing_and_serves_the_new_pair(app, wide_night):
@@ -183,7 +196,7 @@ def test_an_encoder_upgrade_night_under_load_fails_nothing_and_serves_the_new_pa
     assert all(a["index_version"] == old for a in wide_night["before"].values())
     assert all(a["index_version"] == new for a in wide_night["after"].values())
     _answers_are_their_versions(wide_night["clients"], {old: wide_night["before"], new: wide_night["after"]})
-    info = requests.get(f"{app['url']}/v1/index", timeout=30).json()
+    info = wide_night["info"]
     assert (info["index_version"], info["question_model"], info["last_error"]) == (
         new,
         app["pairs"]["wide"]["question"],
@@ -195,25 +208,25 @@ def test_a_passage_finds_itself_as_in_a_scratch_deployment_of_the_new_version(ap
     """The app after the night answers a passage's own text as the new version with its own question encoder,
     loaded from scratch, does."""
     new = app["versions"][1]
-    texts = [text for _, text, _ in ROWS[:40:5]]
-    response = requests.post(f"{app['url']}/v1/search", json={"questions": texts, "k": 5}, timeout=60)
-    assert response.status_code == 200 and response.json()["index_version"] == new
+    texts = [text for _, text, _ in SELF]
+    status, answer = wide_night["self_search"]
+    assert status == 200 and answer["index_version"] == new
     published = load_published(app["storage"], new, str(app["tmp"] / "scratch"))
     encoder = TextEncoder(EncoderSettings(app["pairs"]["wide"]["question"], "dpr", max_length=48, question=True))
     _, rows = published.search(encoder.encode(None, texts), 5)
     scratch = [published.passages(r[r >= 0]).column("id").to_pylist() for r in rows]
-    assert [[hit["id"] for hit in hits] for hits in response.json()["results"]] == scratch
-    found_self = sum(pid in ids for pid, ids in zip([p for p, _, _ in ROWS[:40:5]], scratch))
-    assert found_self == sum(
-        pid in [h["id"] for h in hits] for pid, hits in zip([p for p, _, _ in ROWS[:40:5]], response.json()["results"])
-    )
+    assert [[hit["id"] for hit in hits] for hits in answer["results"]] == scratch
+    wanted = [pid for pid, _, _ in SELF]
+    found_self = sum(pid in ids for pid, ids in zip(wanted, scratch))
+    assert found_self == sum(pid in [h["id"] for h in hits] for pid, hits in zip(wanted, answer["results"]))
 
 
 @pytest.fixture(scope="module")
 def same_dim_night(app, wide_night):
     """Night 3 moves to another 32-d pair: vectors of either would fit either index, so a mix would go unseen."""
     run, clients, before = _upgrade_night(app, "same", "n3")
-    return {"run": run, "clients": clients, "before": before, "after": _expected(app["url"])}
+    info = requests.get(f"{app['url']}/v1/index", timeout=30).json()
+    return {"run": run, "clients": clients, "before": before, "after": _expected(app["url"]), "info": info}
 
 
 def test_a_same_dimension_encoder_change_never_pairs_one_versions_vectors_with_anothers_index(app, same_dim_night):
@@ -222,7 +235,7 @@ def test_a_same_dimension_encoder_change_never_pairs_one_versions_vectors_with_a
     _answers_are_their_versions(
         same_dim_night["clients"], {old: same_dim_night["before"], new: same_dim_night["after"]}
     )
-    info = requests.get(f"{app['url']}/v1/index", timeout=30).json()
+    info = same_dim_night["info"]
     assert info["index_version"] == new and info["question_model"] == app["pairs"]["same"]["question"]
 
 
