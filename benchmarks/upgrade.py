@@ -35,6 +35,7 @@ from kit.load import Load
 from kit.localray import LocalRay, exit_on_signals
 from kit.models import tiny_dpr
 from kit.poll import until
+from kit.serveapp import put_app, serve_config
 
 MODES = ("dense", "sparse", "hybrid")
 
@@ -88,15 +89,7 @@ def main() -> None:
             },
         )
         first, _ = run_ok("nightly", config, "ingest.snapshot=n1", "nightly.serve_address=null")
-        app = {
-            "name": "qa",
-            "route_prefix": "/",
-            "import_path": "pipeline.serve.app:app",
-            "args": {"config": str(config)},
-            "deployments": [{"name": "QAService", "user_config": {"index_version": None}}],
-        }
-        spec = {"http_options": {"host": "127.0.0.1", "port": port}, "applications": [app]}
-        requests.put(f"{dashboard}/api/serve/applications/", json=spec, timeout=60).raise_for_status()
+        put_app(dashboard, serve_config(config, port))
         until(
             lambda: requests.get(f"{url}/v1/index", timeout=10).json().get("index_version") == first["version"],
             300,

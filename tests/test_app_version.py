@@ -2,20 +2,17 @@
 older version and back through `serve deploy`, and a version whose question model is missing, refused while the
 app keeps answering. Real Ray Serve deployed from a config over its REST API, real HTTP, the real nightly job."""
 
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import requests
-import yaml
 
 from kit.corpora import synthetic_rows, write_tsv
-from kit.jobs import REPO, free_port, run_job, write_config
+from kit.jobs import free_port, run_job, write_config
 from kit.load import Load
 from kit.models import tiny_dpr
 from kit.poll import until
+from kit.serveapp import serve_config, serve_deploy
 from pipeline.segments import load_published
 from pipeline.storage import Storage
 from pipeline.text_encoder import EncoderSettings, TextEncoder
@@ -57,23 +54,8 @@ def _wait_for(url: str, version: str, timeout: float = 120) -> None:
 
 def _deploy(state, index_version) -> None:
     """`serve deploy` of the app's config with the QAService's index_version set, as an operator pins it."""
-    path = state["tmp"] / f"serve-{index_version}.yaml"
-    spec = {
-        "http_options": {"host": "127.0.0.1", "port": state["port"]},
-        "applications": [
-            {
-                "name": "qa",
-                "route_prefix": "/",
-                "import_path": "pipeline.serve.app:app",
-                "args": {"config": str(state["config"])},
-                "deployments": [{"name": "QAService", "user_config": {"index_version": index_version}}],
-            }
-        ],
-    }
-    path.write_text(yaml.safe_dump(spec))
-    serve = [str(Path(sys.executable).parent / "serve"), "deploy", str(path), "-a", state["dashboard"]]
-    done = subprocess.run(serve, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
+    spec = serve_config(state["config"], state["port"], index_version)
+    serve_deploy(state["dashboard"], spec, state["tmp"] / f"serve-{index_version}.yaml")
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import tantivy
 
 from kit.corpora import synthetic_rows, write_tsv
 from kit.jobs import REPO, free_port, kill_when_logged, run_job, write_config
+from kit.serveapp import put_app, serve_config
 from pipeline.keys import keys_of
 from pipeline.lexical import load_lexical
 from pipeline.segments import KEYS_FILE, load_published, split_ids
@@ -129,19 +130,7 @@ def nights(tmp_path_factory, tiny_models, s3_endpoint, ray_address):
     )
     first = run_job("nightly", config_path, *_night(tmp, ROWS, "d1"), "nightly.serve_address=null")
     assert first.returncode == 0, first.stderr[-3000:]
-    application = {
-        "name": "qa",
-        "route_prefix": "/",
-        "import_path": "pipeline.serve.app:app",
-        "args": {"config": str(config_path)},
-        "deployments": [{"name": "QAService", "user_config": {"index_version": None}}],
-    }
-    deployed = requests.put(
-        f"{dashboard}/api/serve/applications/",
-        timeout=60,
-        json={"http_options": {"host": "127.0.0.1", "port": port}, "applications": [application]},
-    )
-    assert deployed.status_code == 200, deployed.text
+    put_app(dashboard, serve_config(config_path, port))
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     served = None

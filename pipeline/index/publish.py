@@ -194,25 +194,19 @@ def reused_summary(storage: Storage, version: str, manifest: IndexManifest) -> B
     """The summary of a version published earlier (by this run's inputs, or one that already indexes them)."""
     point_latest(storage, INDEXES, version)
     seconds = dict(manifest.seconds or {})
+    recorded = ("vectors", "distortion", "bytes_per_vector", "retrained", "trained_from")
+    recall = ("recall_at_10", "recall_at_100", "refined_recall_at_10", "refined_recall_at_100")
     return BuildSummary(
+        **{field: getattr(manifest, field) for field in recorded + recall},
         version=version,
         output=storage.url("indexes", version),
-        vectors=manifest.vectors,
         mode="current",
         segments=len(segments_of(manifest)),
         tombstones=None,
         added=0,
-        recall_at_10=manifest.recall_at_10,
-        recall_at_100=manifest.recall_at_100,
-        refined_recall_at_10=manifest.refined_recall_at_10,
-        refined_recall_at_100=manifest.refined_recall_at_100,
-        distortion=manifest.distortion,
-        bytes_per_vector=manifest.bytes_per_vector,
         bytes_written=0,
         train_seconds=seconds.get("train", 0.0),
         add_seconds=seconds.get("add", 0.0),
         phase_seconds=seconds,
-        retrained=manifest.retrained,
-        trained_from=manifest.trained_from,
         reused=True,
     )

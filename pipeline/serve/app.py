@@ -22,7 +22,7 @@ from pipeline.config import PipelineConfig, ServeConfig, load_config
 from pipeline.layout import published_version
 from pipeline.lexical import fuse
 from pipeline.primitives import EncodeCall, LexicalSearch, ShardSearch
-from pipeline.serve.deployments import Lexical, QuestionEncoder, Reader, Retriever
+from pipeline.serve.deployments import Lexical, PartSettings, QuestionEncoder, Reader, Retriever
 from pipeline.serve.errors import Refused
 from pipeline.serve.fanout import (
     ShardsDisagree,
@@ -336,17 +336,18 @@ def build_app(config: PipelineConfig):
     storage = Storage(config.storage.root, config.storage.options)
     # Local paths are made absolute here: replicas do not share the working directory of `serve run`.
     where = (storage.root_url, config.storage.options)
+    part = PartSettings(*where, os.path.abspath(s.cache_dir), s.batch_max_size, s.version_idle_s)
     encoder = QuestionEncoder.options(
         num_replicas=s.encoder_replicas,
         ray_actor_options={"num_cpus": s.encoder_cpus, "num_gpus": s.encoder_gpus},
-    ).bind(*where, s.question_model, s.question_pooling, s.batch_max_size, s.version_idle_s)
+    ).bind(part, s.question_model, s.question_pooling)
     # With serve.shards > 1, one Retriever deployment per shard, each with its own replicas and its own segments.
     retrievers = [
         Retriever.options(
             name=name,
             num_replicas=s.retriever_replicas,
             ray_actor_options={"num_cpus": s.retriever_cpus, "resources": resources},
-        ).bind(*where, os.path.abspath(s.cache_dir), s.batch_max_size, (shard, s.shards), s.refine_k, s.version_idle_s)
+        ).bind(part, (shard, s.shards), s.refine_k)
         for shard, (name, resources) in enumerate(
             zip(retriever_names(s.shards), s.shard_resources or [{}] * s.shards, strict=True)
         )
@@ -362,7 +363,7 @@ def build_app(config: PipelineConfig):
         lexical = Lexical.options(
             num_replicas=s.lexical_replicas,
             ray_actor_options={"num_cpus": s.lexical_cpus},
-        ).bind(*where, os.path.abspath(s.cache_dir), s.batch_max_size, s.version_idle_s)
+        ).bind(part)
     # The ingress only awaits the others: it takes no CPU slot, so it is always schedulable.
     # A replaced ingress replica drains its in-flight requests (each retried on the new replicas of the others,
     # which may take a while to load their models) instead of being killed after Serve's default 20 s.

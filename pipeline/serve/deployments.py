@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -38,18 +39,29 @@ def _latest(storage: Storage) -> str | None:
         return None
 
 
+@dataclass(frozen=True)
+class PartSettings:
+    """What every replica of a versioned deployment is given: where the versions are published, where their files
+    are cached on the node, how many queued calls one batch merges, how long a version no request names stays
+    held."""
+
+    storage_root: str
+    storage_options: dict[str, Any]
+    cache_dir: str
+    batch_max_size: int
+    idle_s: float = 120
+
+
 class _Versioned:
     """What the question encoder, the Retriever and the BM25 deployment share: the versions they hold
     (`pipeline.serve.versions`), the one `indexes/LATEST` names loaded as the replica starts (before Serve sends it
     a request), the others when a request first names them. Every answer says which version answered and what the
     replica holds, so the ingress can keep one version per response."""
 
-    def _versions_init(
-        self, storage_root: str, storage_options: dict[str, Any], cache_dir: str, what: str, idle_s: float
-    ) -> None:
-        self.storage = Storage(storage_root, storage_options)
-        self.cache_dir = cache_dir or tempfile.mkdtemp(prefix="index-cache-")
-        self.versions = Versions(self._load, what, on_change=self._held_changed, idle_s=idle_s)
+    def _versions_init(self, part: PartSettings, what: str) -> None:
+        self.storage = Storage(part.storage_root, part.storage_options)
+        self.cache_dir = part.cache_dir or tempfile.mkdtemp(prefix="index-cache-")
+        self.versions = Versions(self._load, what, on_change=self._held_changed, idle_s=part.idle_s)
         latest = _latest(self.storage)
         if latest is not None:
             self.versions.preload(latest)
@@ -92,20 +104,12 @@ class QuestionEncoder(_Versioned):
     dimension, is refused. Versions using the same model share one copy; a replica holds the last two versions
     asked for, so two models only across an encoder upgrade. Batched across requests with `serve.batch`."""
 
-    def __init__(
-        self,
-        storage_root: str,
-        storage_options: dict[str, Any],
-        fallback_model: str,
-        pooling: str | None,
-        batch_max_size: int,
-        idle_s: float = 120,
-    ):
+    def __init__(self, part: PartSettings, fallback_model: str, pooling: str | None):
         self.fallback_model, self.pooling = fallback_model, pooling
         self._models: dict[EncoderSettings, Any] = {}
         self._models_lock = threading.Lock()
-        self.encode.set_max_batch_size(batch_max_size)
-        self._versions_init(storage_root, storage_options, "", "question encoder of", idle_s)
+        self.encode.set_max_batch_size(part.batch_max_size)
+        self._versions_init(part, "question encoder of")
 
     def _load(self, version: str) -> _QuestionModel:
         from pipeline.text_encoder import TextEncoder, question_settings
@@ -169,20 +173,11 @@ class Retriever(_Versioned):
     fails to load is refused and the ones held keep answering. Cached files that no held version lists are then
     evicted."""
 
-    def __init__(
-        self,
-        storage_root: str,
-        storage_options: dict[str, Any],
-        cache_dir: str,
-        batch_max_size: int,
-        shard: tuple[int, int] = (0, 1),
-        refine_k: int | None = None,
-        idle_s: float = 120,
-    ):
-        self.search.set_max_batch_size(batch_max_size)
+    def __init__(self, part: PartSettings, shard: tuple[int, int] = (0, 1), refine_k: int | None = None):
+        self.search.set_max_batch_size(part.batch_max_size)
         self.refine_k = refine_k  # None: each version's own index.refine_k
         self.shard = tuple(shard)
-        self._versions_init(storage_root, storage_options, cache_dir, f"index shard {self.shard[0]} of", idle_s)
+        self._versions_init(part, f"index shard {self.shard[0]} of")
 
     def _load(self, version: str) -> PublishedIndex:
         candidate = load_published(self.storage, version, self.cache_dir, self.shard)
@@ -233,16 +228,9 @@ class Lexical(_Versioned):
     """The version's BM25 index (`pipeline.lexical`, tantivy) for sparse and hybrid searches, verified before it
     is opened; versions are held and refused as the Retriever's are, so a hybrid answer comes from one version."""
 
-    def __init__(
-        self,
-        storage_root: str,
-        storage_options: dict[str, Any],
-        cache_dir: str,
-        batch_max_size: int,
-        idle_s: float = 120,
-    ):
-        self.search.set_max_batch_size(batch_max_size)
-        self._versions_init(storage_root, storage_options, cache_dir, "BM25 index of", idle_s)
+    def __init__(self, part: PartSettings):
+        self.search.set_max_batch_size(part.batch_max_size)
+        self._versions_init(part, "BM25 index of")
 
     def _load(self, version: str) -> LexicalIndex:
         candidate = load_lexical(self.storage, read_index_manifest(self.storage, version), self.cache_dir)
