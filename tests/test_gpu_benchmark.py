@@ -29,7 +29,7 @@ def test_quick_run_prints_every_figure(tmp_path):
     assert json.loads((tmp_path / "gpu.json").read_text()) == result
     assert not [key for key in result if key.endswith("_error")]
     assert result["quick"] is True and result["commit"] == "abc123"
-    assert result["passages"] == 2000 and 120 <= result["tokens_median"] <= 160 and result["tokens_p95"] <= 256
+    assert result["passages"] == 1000 and 120 <= result["tokens_median"] <= 160 and result["tokens_p95"] <= 256
     assert set(result["encoder"]) == {
         f"{mode}_{tokens}"
         for mode in ("autocast", "bf16_weights", "bf16_weights_compiled")
