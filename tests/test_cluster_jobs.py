@@ -21,6 +21,7 @@ import yaml
 from kit.corpora import synthetic_rows, write_tsv
 from kit.jobs import REPO, free_port, write_config
 from kit.localray import LocalRay
+from kit.poll import until
 
 pytestmark = pytest.mark.reliability
 BIN = str(Path(sys.executable).parent)  # an activated virtualenv: `python` and `ray` are the project's
@@ -178,14 +179,11 @@ def test_serve_deploy_places_each_shard_on_the_node_its_resources_name(cluster, 
 
 
 def _wait_for_index(url: str, timeout: float) -> dict:
-    """/v1/index once the app answers it (replicas load the models and the index first)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            response = requests.get(f"{url}/v1/index", timeout=10)
-            if response.status_code == 200:
-                return response.json()
-        except requests.RequestException:  # not listening yet, or holding the request while replicas start
-            pass
-        assert time.monotonic() < deadline, f"{url}/v1/index did not answer in {timeout} s"
-        time.sleep(2)
+    """/v1/index once the app answers it (replicas load the models and the index first; meanwhile the proxy is not
+    listening yet, or holds the request)."""
+
+    def answered() -> dict | None:
+        response = requests.get(f"{url}/v1/index", timeout=10)
+        return response.json() if response.status_code == 200 else None
+
+    return until(answered, timeout, 2, f"{url}/v1/index")

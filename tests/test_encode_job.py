@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import psutil
@@ -15,6 +14,7 @@ import s3fs
 from kit.corpora import synthetic_rows, write_tsv
 from kit.jobs import REPO, run_job, write_config
 from kit.localray import marked_processes
+from kit.poll import until
 from pipeline.shards import embedding_matrix
 from pipeline.storage import parquet_bytes, read_parquet_bytes, sha256_hex
 from pipeline.text_encoder import EncoderSettings, TextEncoder
@@ -102,13 +102,7 @@ def _progress(fs, bucket):
 
 
 def _wait_for(condition, timeout=120.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("timed out waiting")
+    return until(condition, timeout, interval)
 
 
 @pytest.mark.reliability

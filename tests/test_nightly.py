@@ -20,6 +20,7 @@ import tantivy
 
 from kit.corpora import synthetic_rows, write_tsv
 from kit.jobs import REPO, free_port, kill_when_logged, run_job, write_config
+from kit.poll import until
 from kit.serveapp import put_app, serve_config
 from pipeline.keys import keys_of
 from pipeline.lexical import load_lexical
@@ -132,15 +133,7 @@ def nights(tmp_path_factory, tiny_models, s3_endpoint, ray_address):
     assert first.returncode == 0, first.stderr[-3000:]
     put_app(dashboard, serve_config(config_path, port))
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    served = None
-    while time.monotonic() < deadline and served is None:
-        try:
-            answer = requests.get(f"{url}/v1/index", timeout=5)
-            served = answer.json()["index_version"] if answer.status_code == 200 else None
-        except requests.RequestException:
-            pass
-        time.sleep(1)
+    served = until(lambda: requests.get(f"{url}/v1/index", timeout=5).json()["index_version"], 180, 1, "the app")
     yield {
         "config": config_path,
         "tmp": tmp,
