@@ -147,7 +147,6 @@ class Ingress:
                 raise Refused(422, f"question {i} is empty")
         if k > s.max_k:
             raise Refused(422, f"k={k} is over serve.max_k={s.max_k}")
-        return None
 
     async def _retrieve(self, questions: list[str], k: int, mode: str) -> dict[str, Any]:
         """One request's retrieval (the deployment coalesces concurrent ones into one `_retrieve_batch`)."""
