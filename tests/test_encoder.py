@@ -87,3 +87,25 @@ def test_pooling_must_match_the_checkpoint(tiny_models):
 def test_a_question_checkpoint_is_not_taken_for_a_context_encoder(tiny_models):
     with pytest.raises(PipelineError, match="lacks .* weights for DPRContextEncoder"):
         TextEncoder(EncoderSettings(tiny_models["question"], "dpr"), device="cpu")
+
+
+def test_a_version_whose_question_encoder_does_not_fit_its_index_is_refused(tiny_models, tmp_path, monkeypatch):
+    """The Serve question encoder loads the model a version's manifest records and refuses it when its vectors do
+    not have the index's dimension (an encoder pair that does not belong together); two versions recording the
+    same model share one copy. The manifest is stood in for: the check is the component under test."""
+    from types import SimpleNamespace
+
+    from pipeline.serve import deployments
+
+    recorded = {"pooling": "dpr", "max_length": 32, "normalize": False, "question_model": tiny_models["question"]}
+    manifests = {"wrong": SimpleNamespace(encoder=recorded, dim=768), "v1": SimpleNamespace(encoder=recorded, dim=32)}
+    monkeypatch.setattr(deployments, "read_index_manifest", lambda storage, version: manifests[version])
+    monkeypatch.setattr(deployments, "_latest", lambda storage: None)
+    part = deployments.PartSettings(str(tmp_path), {}, "", 4)
+    encoder = deployments.QuestionEncoder.func_or_class(part, "/a/fallback/no/version/uses", None)
+    with pytest.raises(PipelineError, match=r"gives 32-d vectors, its index holds 768-d"):
+        encoder._load("wrong")
+    first = encoder._load("v1")
+    manifests["v2"] = manifests["v1"]
+    encoder._held_changed([first])
+    assert first.settings.model == tiny_models["question"] and encoder._load("v2").encoder is first.encoder
