@@ -101,8 +101,9 @@ class QuestionEncoder(_Versioned):
     """Questions → vectors with the question encoder each index version pairs with: the model its manifest records
     (`encode.question_model`; `serve.question_model` for versions that record none), with its passages' pooling,
     normalization and length. A version whose model cannot be loaded, or whose vectors do not have its index's
-    dimension, is refused. Versions using the same model share one copy; a replica holds the last two versions
-    asked for, so two models only across an encoder upgrade. Batched across requests with `serve.batch`."""
+    dimension, is refused. Versions using the same model share one copy, and a replica drops a version no request
+    has named for `serve.version_idle_s`: two models only for the minutes of an encoder upgrade. Batched across
+    requests with `serve.batch`."""
 
     def __init__(self, part: PartSettings, fallback_model: str, pooling: str | None):
         self.fallback_model, self.pooling = fallback_model, pooling

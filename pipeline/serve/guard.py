@@ -43,8 +43,9 @@ def unexpected(exc: BaseException, rid: str, route: str) -> JSONResponse:
     status = status_of(exc)
     if status == 503:
         log.warning("request %s to %s: 503, %s: %s", rid, route, type(exc).__name__, exc)
-        known = isinstance(exc, PipelineError)  # our own words: they name the part
-        return error(503, f"{exc}; retry shortly" if known else "a backend replica is restarting; retry shortly", rid)
+        cause = getattr(exc, "cause", exc)  # raised inside a deployment: its own error, not Ray's traceback text
+        known = isinstance(cause, PipelineError)  # our own words: they name the part
+        return error(503, f"{cause}; retry shortly" if known else "a backend replica is restarting; retry shortly", rid)
     log.error("request %s to %s failed with %s: %s", rid, route, type(exc).__name__, exc, exc_info=exc)
     return error(500, f"internal error ({type(exc).__name__}); report request id {rid}", rid)
 

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 from fastapi.testclient import TestClient
-from ray.exceptions import ActorUnavailableError
+from ray.exceptions import ActorUnavailableError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 
 from pipeline.config import ServeConfig
@@ -42,6 +42,12 @@ class RaisingService:
         (ShardUnavailable("index shard 2 (Retriever2) did not answer"), 503, "index shard 2 (Retriever2)"),
         (ShardsDisagree("none holds v2 everywhere yet"), 503, "none holds v2 everywhere yet"),
         (VersionRefused("question encoder of v2 refused: OSError"), 503, "question encoder of v2 refused"),
+        # as a deployment's handle raises it: Ray's task error, an instance of the cause too
+        (
+            RayTaskError("encode", "Traceback: /x.py", VersionRefused("v2 refused")).as_instanceof_cause(),
+            503,
+            "v2 refused; retry shortly",
+        ),
     ],
 )
 def test_an_error_inside_the_app_is_json_with_the_request_id(error, status, says, caplog):
@@ -59,6 +65,7 @@ def test_an_error_inside_the_app_is_json_with_the_request_id(error, status, says
             assert any(f"req-{path}" in record.getMessage() for record in caplog.records)
     if status == 500:
         assert "384" not in response.json()["error"]  # the details go to the log, not to the client
+    assert "Traceback" not in response.json()["error"]
     metrics = client.get("/metrics").text
     assert f'qa_requests_total{{route="/v1/search",status="{status}"}} 1.0' in metrics
 
