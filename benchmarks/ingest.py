@@ -29,7 +29,7 @@ def _measure(side: str, corpus: str, root: str, shard_rows: int) -> dict:
         config = PipelineConfig.model_validate(
             {"storage": {"root": root}, "ingest": {"input": corpus, "snapshot": "bench", "shard_rows": shard_rows}}
         )
-        rows = run_ingest(config)["rows"]
+        rows = run_ingest(config).rows
     else:
         import csv
         import gzip

@@ -25,6 +25,7 @@ from pipeline.errors import InputError, PipelineError
 from pipeline.keys import content_keys, id_hash
 from pipeline.layout import PASSAGES, point_latest, snapshot_dir
 from pipeline.manifests import FileEntry, PassageManifest
+from pipeline.primitives import IngestSummary
 from pipeline.shards import CONTENT_HASH, PASSAGE_SCHEMA
 from pipeline.snapshots import (
     TOMBSTONES_NAME,
@@ -249,7 +250,7 @@ def base_keys(storage: Storage, base: str) -> tuple[BaseKeys, list[Link]]:
     return BaseKeys(ids[order], contents[order]), links
 
 
-def run_ingest(config: PipelineConfig) -> dict[str, Any]:
+def run_ingest(config: PipelineConfig) -> IngestSummary:
     """Ingest `ingest.input` into the snapshot (a delta on `ingest.base` when set); an identical earlier run of the
     same snapshot is reused."""
     if not config.ingest.input:
@@ -330,17 +331,17 @@ def run_ingest(config: PipelineConfig) -> dict[str, Any]:
     return _summary(storage, directory, manifest, False)
 
 
-def _summary(storage: Storage, directory: str, manifest: PassageManifest, reused: bool) -> dict:
+def _summary(storage: Storage, directory: str, manifest: PassageManifest, reused: bool) -> IngestSummary:
     quarantine = manifest.quarantine
-    return {
-        "rows": manifest.live_rows,
-        "written_rows": manifest.rows or 0,
-        "shards": len(manifest.files),
-        "snapshot": manifest.snapshot,
-        "base": manifest.base,
+    return IngestSummary(
+        rows=manifest.live_rows,
+        written_rows=manifest.rows or 0,
+        shards=len(manifest.files),
+        snapshot=manifest.snapshot,
+        base=manifest.base,
         **(manifest.diff or {}),
-        "reused": reused,
-        "bad_rows": len(quarantine),
-        "quarantine": quarantine[:100],
-        "output": storage.url(directory),
-    }
+        reused=reused,
+        bad_rows=len(quarantine),
+        quarantine=quarantine[:100],
+        output=storage.url(directory),
+    )

@@ -99,7 +99,7 @@ def run_nightly(config: PipelineConfig) -> dict[str, Any]:
     with timer("encode"):
         encoded = run_encode(encode_config)
     index_config = config.model_copy(
-        update={"index": config.index.model_copy(update={"snapshot": snapshot, "fingerprint": encoded["fingerprint"]})}
+        update={"index": config.index.model_copy(update={"snapshot": snapshot, "fingerprint": encoded.fingerprint})}
     )
     with timer("build_index"):
         built = run_build_index(index_config)
@@ -111,12 +111,12 @@ def run_nightly(config: PipelineConfig) -> dict[str, Any]:
         "snapshot": snapshot,
         "previous_snapshot": record["previous_snapshot"],
         "base": record.get("base"),
-        "passages": ingested["rows"],
-        "new": encoded.get("new", encoded["rows"]),
-        "changed": encoded.get("changed", 0),
-        "deleted": encoded.get("deleted", 0),
-        "reused": encoded["reused"],
-        "encoded": encoded["rows"],
+        "passages": ingested.rows,
+        "new": encoded.rows if encoded.new is None else encoded.new,  # a first night: every passage is new
+        "changed": encoded.changed or 0,
+        "deleted": encoded.deleted or 0,
+        "reused": encoded.reused,
+        "encoded": encoded.rows,
         "retrained": built.retrained,
         "version": built.version,
         "index_build": built.mode,

@@ -39,6 +39,51 @@ class LexicalSearch(NamedTuple):
     version: str
 
 
+class _Summary(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChangeCounts(_Summary):
+    """A snapshot against the one before it (passage ids and content hashes): None on a first snapshot."""
+
+    new: int | None = None
+    changed: int | None = None
+    deleted: int | None = None
+    unchanged: int | None = None
+
+
+class IngestSummary(ChangeCounts):
+    """What `jobs.ingest` reports, and what the nightly reads of it."""
+
+    rows: int  # live passages of the snapshot
+    written_rows: int
+    shards: int
+    snapshot: str
+    base: str | None
+    reused: bool  # the snapshot was ingested before from the same source
+    bad_rows: int
+    quarantine: list[dict[str, Any]]
+    output: str
+
+
+class EncodeSummary(ChangeCounts):
+    """What `jobs.encode` reports, and what the nightly reads of it."""
+
+    rows: int  # passages encoded by this run
+    reused: int  # live passages whose vectors were there already
+    shards: int
+    encoded_shards: int
+    retried_shards: int
+    quarantine: list[dict[str, Any]]
+    dim: int
+    device: str
+    passages_per_s: float
+    fingerprint: str
+    previous_snapshot: str | None
+    output: str
+    snapshots_encoded: list[str]
+
+
 class BuildSummary(BaseModel):
     """What `jobs.build_index` (and `jobs.compact`) reports, and what the nightly reads of it."""
 

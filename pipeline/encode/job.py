@@ -29,6 +29,7 @@ from pipeline.encode.scheduler import ShardScheduler
 from pipeline.errors import InputError, PipelineError
 from pipeline.layout import embeddings_dir, latest_snapshot, published_index
 from pipeline.manifests import EmbeddingManifest, FileEntry
+from pipeline.primitives import EncodeSummary
 from pipeline.raycluster import connect, get
 from pipeline.snapshots import Link, embedding_chain, passage_chain
 from pipeline.storage import Storage
@@ -50,7 +51,7 @@ def _load_progress(storage: Storage, output: str) -> dict[str, FileEntry]:
     return {e.name: e for e in recorded if e.name in present}
 
 
-def run_encode(config: PipelineConfig) -> dict[str, Any]:
+def run_encode(config: PipelineConfig) -> EncodeSummary:
     """Encode a passage snapshot (default: the latest) into embedding shards; resumes an interrupted run. A delta
     snapshot's own rows are encoded, and any snapshot of its chain that this encoder has not encoded yet."""
     storage = Storage(config.storage.root, config.storage.options)
@@ -90,13 +91,10 @@ def run_encode(config: PipelineConfig) -> dict[str, Any]:
     live = links[-1].passages.live_rows
     diff = links[-1].passages.diff or head.pop("diff")
     head.pop("diff", None)
-    return {
-        **head,
-        "rows": encoded,
-        "reused": max(0, live - encoded),
-        **diff,
-        "snapshots_encoded": [link.snapshot for link, d in zip(links, done) if d["encoded_shards"]],
-    }
+    encoded_snapshots = [link.snapshot for link, d in zip(links, done) if d["encoded_shards"]]
+    return EncodeSummary(
+        **{**head, **diff, "rows": encoded, "reused": max(0, live - encoded), "snapshots_encoded": encoded_snapshots}
+    )
 
 
 def _encode_snapshot(
