@@ -59,6 +59,7 @@ class Planned:
     question_model: str | None
     version: str
     plan: IndexPlan
+    live: LiveEmbeddings
 
     @property
     def lexical_base(self) -> IndexManifest | None:
@@ -96,8 +97,8 @@ def plan_version(storage: Storage, config: PipelineConfig) -> Planned | BuildSum
     if existing is not None:
         log.info("index %s is already published: pointing LATEST at it", version)
         return reused_summary(storage, version, existing)
-    rows = LiveEmbeddings(storage, links).stored_rows
-    plan = plan_index(config.index.factory, int(head.dim), live_rows(links), max(rows), config.index)
+    live = LiveEmbeddings(storage, links)
+    plan = plan_index(config.index.factory, int(head.dim), live_rows(links), max(live.stored_rows), config.index)
     log.info(
         "plan: %s build, %d live vectors x %d, nlist %s, train on %d, %d held-out queries, ~%.2f GiB peak",
         mode,
@@ -114,7 +115,7 @@ def plan_version(storage: Storage, config: PipelineConfig) -> Planned | BuildSum
             f"{plan.memory_bytes / GiB:.2f} GiB, over index.max_memory "
             f"({config.index.max_memory / GiB:.2f} GiB): raise it or choose a smaller factory"
         )
-    return Planned(snapshot, links, previous, mode, start, question_model, version, plan)
+    return Planned(snapshot, links, previous, mode, start, question_model, version, plan, live)
 
 
 def _build(
@@ -137,7 +138,7 @@ def _build(
             built.reference_distortion,
             config.max_drift,
         )
-    live = LiveEmbeddings(storage, links)
+    live = planned.live
     full = build_distributed if config.segment_vectors else build_full
     if previous is not None:
         version, manifest = previous

@@ -218,24 +218,20 @@ class Ingress:
         return answered
 
     async def _search_lexical(self, request: LexicalSearch) -> dict[str, Any]:
-        timeout = self.settings.shard_timeout_s
-        try:
-            return await asyncio.wait_for(_with_one_retry(self.lexical.search, request), timeout)
-        except asyncio.TimeoutError:
-            raise ShardUnavailable(
-                f"the BM25 index (Lexical) did not answer within serve.shard_timeout_s={timeout:g}s: "
-                "its replicas are down or overloaded"
-            ) from None
+        return await self._within_timeout(self.lexical.search, request, "the BM25 index (Lexical)")
 
     async def _search_shard(self, shard: int, request: ShardSearch) -> dict[str, Any]:
+        name = retriever_names(len(self.retrievers))[shard]
+        return await self._within_timeout(self.retrievers[shard].search, request, f"index shard {shard} ({name})")
+
+    async def _within_timeout(self, method, request, what: str) -> dict[str, Any]:
+        """A search of `what`, or ShardUnavailable naming it past `serve.shard_timeout_s`."""
         timeout = self.settings.shard_timeout_s
         try:
-            return await asyncio.wait_for(_with_one_retry(self.retrievers[shard].search, request), timeout)
+            return await asyncio.wait_for(_with_one_retry(method, request), timeout)
         except asyncio.TimeoutError:
-            name = retriever_names(len(self.retrievers))[shard]
             raise ShardUnavailable(
-                f"index shard {shard} ({name}) did not answer within serve.shard_timeout_s={timeout:g}s: "
-                "its replicas are down or overloaded"
+                f"{what} did not answer within serve.shard_timeout_s={timeout:g}s: its replicas are down or overloaded"
             ) from None
 
     async def search(self, questions: list[str], k: int, mode: str | None = None) -> JSONResponse:

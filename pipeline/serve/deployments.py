@@ -147,12 +147,9 @@ class QuestionEncoder(_Versioned):
     async def encode(self, calls: list[EncodeCall]) -> list[dict[str, Any]]:
         """Each call brings questions and the version wanted; the calls answered by one version go through its
         model together. Each answer: the version used, the vectors, and what the replica holds."""
-        picked = [await self.versions.get(call.version) for call in calls]
         answered: list[dict[str, Any] | None] = [None] * len(calls)
-        for used in dict.fromkeys(name for name, _ in picked):
-            positions = [i for i, (name, _) in enumerate(picked) if name == used]
-            model = next(loaded for name, loaded in picked if name == used).encoder
-            vectors = model.encode(None, [q for p in positions for q in calls[p].questions])
+        for used, loaded, positions in await self.versions.grouped([call.version for call in calls]):
+            vectors = loaded.encoder.encode(None, [q for p in positions for q in calls[p].questions])
             parts = np.split(vectors, np.cumsum([len(calls[p].questions) for p in positions])[:-1])
             for position, part in zip(positions, parts):
                 answered[position] = self._answer(used, vectors=part)
@@ -200,11 +197,8 @@ class Retriever(_Versioned):
         """Concurrent requests' questions in one FAISS search and one docstore take per version; each request
         (vectors, k, version) gets its rows, best first (ties: the smaller FAISS id, the `key` the ingress merges
         shards by), from the version it names when held."""
-        picked = [await self.versions.get(request.version) for request in requests]
         answered: list[dict[str, Any] | None] = [None] * len(requests)
-        for used in dict.fromkeys(name for name, _ in picked):
-            positions = [i for i, (name, _) in enumerate(picked) if name == used]
-            index = next(loaded for name, loaded in picked if name == used)
+        for used, index, positions in await self.versions.grouped([request.version for request in requests]):
             if any(requests[p].vectors.shape[-1] != index.d for p in positions):  # the ingress asks again
                 for position in positions:
                     answered[position] = self._answer(used, results=None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from pipeline.errors import PipelineError
@@ -29,8 +29,7 @@ class Refused(PipelineError):
 # A part that is down (a replica lost twice in a row), too slow (a shard past serve.shard_timeout_s), full, or
 # without a version to answer from.
 UNAVAILABLE: tuple[type[BaseException], ...] = (
-    RayActorError,
-    ActorDiedError,
+    RayActorError,  # ActorDiedError too
     ActorUnavailableError,
     BackPressureError,
     DeploymentUnavailableError,

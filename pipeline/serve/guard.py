@@ -10,6 +10,8 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from pipeline.config import ServeConfig
+from pipeline.errors import PipelineError
+from pipeline.serve.errors import status_of
 from pipeline.serve.metrics import Metrics
 
 log = logging.getLogger("ray.serve")
@@ -37,9 +39,6 @@ def unexpected(exc: BaseException, rid: str, route: str) -> JSONResponse:
     """An error raised past the routes' checks: 503 when a part the app depends on is down, slow, full or without
     a version to answer from (the client may retry), else 500 (a bug, its traceback logged); either way JSON with
     the request id, which the log line carries too."""
-    from pipeline.errors import PipelineError
-    from pipeline.serve.errors import status_of
-
     status = status_of(exc)
     if status == 503:
         log.warning("request %s to %s: 503, %s: %s", rid, route, type(exc).__name__, exc)

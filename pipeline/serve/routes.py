@@ -5,7 +5,8 @@ POST /v1/search, POST /v1/ask, GET /v1/index, GET /healthz, GET /metrics, OpenAP
 `{"error": ..., "request_id": ...}`: 401 bad key, 413 body/question/batch too large, 422 malformed input; 503 when
 `max_queued_requests` is exceeded (from the Serve proxy), when a backend replica is lost twice in a row, when an
 index shard does not answer within `serve.shard_timeout_s` (named), or when the app's parts hold no version to
-answer from (`pipeline.serve.errors`); 500 only for a bug. Never a 500 for bad input, never a bare one.
+answer from (`pipeline.serve.errors`, mapped by the guard for whatever the routes raise); 500 only for a bug.
+Never a 500 for bad input, never a bare one.
 """
 
 # No `from __future__ import annotations` here: FastAPI resolves the request models from real annotations.
@@ -17,8 +18,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from pipeline.serve.errors import UNAVAILABLE, Refused
-from pipeline.serve.guard import Guard, error, request_id, unexpected
+from pipeline.serve.errors import Refused
+from pipeline.serve.guard import Guard, error, request_id
 from pipeline.serve.metrics import CONTENT_TYPE_LATEST
 from pipeline.serve.schemas import AskRequest, AskResponse, SearchRequest, SearchResponse
 
@@ -38,19 +39,12 @@ async def _refused(request: Request, exc: Refused) -> JSONResponse:
     return error(exc.status, str(exc), request_id(request.scope))
 
 
-async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
-    """A part the app depends on is down, slow or without the version: 503, the client may retry."""
-    return unexpected(exc, request_id(request.scope), request.url.path)
-
-
 def build_api(service, api_key: str | None) -> FastAPI:
     """A FastAPI app whose routes call `service` (a `pipeline.serve.app.QAService` replica)."""
     api = FastAPI(title="DPR question answering", version="1", description=__doc__)
     api.add_exception_handler(RequestValidationError, _invalid)
     api.add_exception_handler(HTTPException, _http)
     api.add_exception_handler(Refused, _refused)
-    for unavailable in UNAVAILABLE:
-        api.add_exception_handler(unavailable, _unavailable)
 
     @api.post("/v1/search", response_model=SearchResponse, responses=REFUSALS)
     async def search(body: SearchRequest):

@@ -109,6 +109,15 @@ class Versions(Generic[T]):
         if idle and self._on_change is not None:
             self._pool.submit(self._on_change, list(self._held.values()))  # off the request path
 
+    async def grouped(self, asked: list[str]) -> list[tuple[str, T, list[int]]]:
+        """One batch's calls by the version that answers them: (version, what it loaded, the calls' positions), so
+        each version's calls go through its model or index together."""
+        picked = [await self.get(name) for name in asked]
+        groups: dict[str, tuple[str, T, list[int]]] = {}
+        for position, (used, loaded) in enumerate(picked):
+            groups.setdefault(used, (used, loaded, []))[2].append(position)
+        return list(groups.values())
+
     def _start(self, name: str) -> Future:
         if name in self._loading:
             return self._loading[name]
