@@ -16,7 +16,8 @@ Measured (all through the project's own code: `pipeline.text_encoder.TextEncoder
   100-word passages), and so the tokenizer cores one GPU needs;
 - question encoder: p50 latency at batch 1, questions/s at batch 64 (tokenization included);
 - DPR reader: questions/s with 100 passages each at max_length 256, bf16, batches of 1 and 8 questions (Serve's
-  batch), tokenization and span decoding included.
+  batch), fed the passages' token ids as a build stores them, span selection included; and per question the
+  milliseconds of assemble, forward and spans before (tokenizing every passage, `decode_best_spans`) and after.
 The JSON is also written to `$OUT/gpu.json` when OUT is set. The vocabulary is BERT uncased
 (`benchmarks/assets/bert-base-uncased-vocab.txt`, Apache-2.0), as in the DPR checkpoints.
 """
@@ -421,15 +422,18 @@ def question_encoder(model_dir: str, device: torch.device, sizes: dict) -> dict:
 
 
 def reader(model_dir: str, device: torch.device, sizes: dict) -> dict:
+    """Questions/s with 100 passages each, fed the token ids a build stores; and per question, the milliseconds of
+    assemble, forward and spans before (tokenize every passage, `decode_best_spans`) and after
+    (`benchmarks.reader.measure`)."""
+    from benchmarks.reader import measure, requests_for
     from pipeline.reader import SpanReader
 
     span_reader = SpanReader(model_dir, max_length=256, max_answer_tokens=10, device=device)
-    titles, texts = real_passages(100)
-    requests = [
-        {"question": q, "passages": [{"title": t, "text": x} for t, x in zip(titles, texts)], "top_answers": 3}
-        for q in questions(8 * sizes["reader_rounds"], seed=3)
-    ]
+    count = 8 * sizes["reader_rounds"]
     out = {"reader_passages": 100, "reader_max_length": 256, "reader_dtype": str(span_reader.compute_dtype)}
+    split = measure(span_reader, 100, count)
+    out["reader_ms_before"], out["reader_ms_after"] = split["before_ms"], split["after_ms"]
+    _, requests = requests_for(span_reader, count, 100)
     for batch in (1, 8):
         span_reader.read(requests[:batch])  # warm-up
         groups = [requests[i : i + batch] for i in range(0, len(requests), batch)]

@@ -1,5 +1,6 @@
-"""The BM25 index (tantivy, `pipeline.lexical`) at two corpus sizes: build time, index bytes, query latency, and a
-night's delta (1% of passages replaced, 0.1% removed) against a rebuild; prints one JSON line.
+"""The BM25 index (tantivy, `pipeline.lexical`) at two corpus sizes: build time, index bytes, query latency (hits
+read from memory-mapped docstores, as a replica reads them), and a night's delta (1% of passages replaced, 0.1%
+removed) against a rebuild; prints one JSON line.
 
     python -m benchmarks.lexical [--sizes 100000,1000000] [--queries 500]
 
@@ -19,6 +20,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
+from pipeline.docstore import DOCSTORE_SCHEMA, Docstore, open_arrow
 from pipeline.keys import keys_of
 from pipeline.lexical import LexicalIndex, LexicalWriter
 
@@ -35,24 +37,29 @@ def passages(start: int, count: int, seed: int) -> pa.Table:
     return pa.table({"id": ids, "title": titles, "text": texts})
 
 
-def build(directory: str, size: int) -> tuple[dict[str, str], float]:
+def build(directory: str, size: int) -> tuple[dict[str, str], float, Docstore]:
+    """The BM25 index of `size` passages (timed) and their docstores, one segment per chunk (not timed)."""
     writer = LexicalWriter(directory, heap_bytes=512 * 2**20)
-    seconds = 0.0
-    for start in range(0, size, CHUNK):
+    store, seconds = Docstore({}), 0.0
+    for seq, start in enumerate(range(0, size, CHUNK), start=1):
         table = passages(start, min(CHUNK, size - start), seed=start)  # generating them is not timed
+        path = os.path.join(directory, f"../docstore-{size}-{seq}.arrow")
+        with pa.ipc.new_file(path, DOCSTORE_SCHEMA) as out:
+            out.write_table(table)
+        store.texts[seq], store.keys[seq] = open_arrow(path), keys_of(table.column("id").to_pylist())
         started = time.perf_counter()
         writer.add(table)
         seconds += time.perf_counter() - started
     started = time.perf_counter()
     files = writer.close()
-    return files, seconds + time.perf_counter() - started
+    return files, seconds + time.perf_counter() - started, store
 
 
 def measure(size: int, queries: int, tmp: str) -> dict:
     import tantivy
 
-    files, seconds = build(os.path.join(tmp, f"full-{size}"), size)
-    index = LexicalIndex("bench", tantivy.Index.open(os.path.join(tmp, f"full-{size}")))
+    files, seconds, store = build(os.path.join(tmp, f"full-{size}"), size)
+    index = LexicalIndex("bench", tantivy.Index.open(os.path.join(tmp, f"full-{size}")), store)
     rng = np.random.default_rng(1)
     sample = passages(0, min(size, CHUNK), seed=0).column("text").to_pylist()
     questions = [" ".join(sample[i].split()[5:11]) for i in rng.choice(len(sample), queries, replace=False)]

@@ -185,6 +185,11 @@ class IndexConfig(Section):
         description="store each segment's vectors in fp16 beside its codes (2 bytes x dim a vector, on the "
         "replicas' disks, read through the page cache) so searches can re-score their candidates exactly",
     )
+    reader_ids: bool = Field(
+        True,
+        description="store each passage's token ids for serve.reader_model's tokenizer beside its docstore (2 bytes "
+        "a token), so the reader assembles its inputs from ids instead of tokenizing its passages per question",
+    )
     lexical: bool = Field(
         True,
         description="also build a BM25 index (tantivy) of the same passages, versioned with the dense one, for "
@@ -269,9 +274,6 @@ class ServeConfig(Section):
     max_body_bytes: ByteSize = Field(256 * 1024, gt=0)
     api_key_env: str | None = Field(None, description="environment variable holding the Bearer key (none = open)")
     batch_max_size: int = Field(32, gt=0, description="requests coalesced into one encode + search (1 = off)")
-    batch_wait_s: float = Field(
-        0.02, ge=0, description="how long a batch waits to fill: latency traded for throughput under concurrent load"
-    )
     reader_passages: int = Field(10, gt=0, description="top passages the reader reads")
     reader_max_length: int = Field(256, gt=0)
     max_answer_tokens: int = Field(10, gt=0)

@@ -5,7 +5,11 @@ segments with delete files, its own merge policy), chosen over an in-memory BM25
 segments follow this project's nightly model: a night opens the previous version's index, deletes the passages
 the night removes or replaces (by the 64-bit key of their id), adds the new ones as a new segment, and only the
 new files are uploaded; corpus statistics (IDF, average length) stay corpus-wide across segments, which
-per-segment BM25 matrices cannot do. It stores id, title and text, so a sparse hit needs no dense docstore.
+per-segment BM25 matrices cannot do. It holds no text: each passage is its 64-bit key (indexed, for deletes, and a
+fast field, to read per hit) and its BM25 body (title and text, stemmed, frequencies without positions: BM25 needs
+none); a hit's text and token ids are read from the version's docstores (`pipeline.docstore`), the files the dense
+side reads, so a replica holds each passage's text once. Versions built before this (`lexical_format` 1) stored
+id, title and text in tantivy and still serve from them.
 
 A version lists each tantivy file by sha256 (objects `indexes/lexical/<sha>-<file>`, shared by the versions that
 contain them); a replica verifies every file before tantivy opens the directory of links to them.
@@ -24,11 +28,12 @@ import numpy as np
 import pyarrow as pa
 import tantivy
 
+from pipeline.docstore import Docstore
 from pipeline.errors import PipelineError
 from pipeline.keys import keys_of
 from pipeline.manifests import FileEntry, IndexManifest
 from pipeline.primitives import Hit
-from pipeline.segments import fetch_verified, upload_once
+from pipeline.segments import fetch_verified, load_docstore, upload_once
 from pipeline.snapshots import Link, LiveEmbeddings
 from pipeline.storage import Storage, sha256_file
 
@@ -36,20 +41,20 @@ log = logging.getLogger(__name__)
 
 LOCKS = (".tantivy-meta.lock", ".tantivy-writer.lock")
 WORD = re.compile(r"\w+")
+FORMAT = 2  # the IndexManifest's lexical_format this module writes
 
 
 def schema() -> tantivy.Schema:
     builder = tantivy.SchemaBuilder()
-    builder.add_text_field("key", tokenizer_name="raw", index_option="basic")  # deletes: the id's 64-bit key
-    builder.add_text_field("id", stored=True, tokenizer_name="raw", index_option="basic")
-    builder.add_text_field("title", stored=True, tokenizer_name="raw", index_option="basic")
-    builder.add_text_field("text", stored=True, tokenizer_name="raw", index_option="basic")
-    builder.add_text_field("body", tokenizer_name="en_stem")  # title and text: what BM25 scores
+    # The id's 64-bit key, as int64 (tantivy-py deletes no u64 term past 2**63): deletes, and a hit's passage.
+    builder.add_integer_field("key", indexed=True, fast=True)
+    builder.add_text_field("body", tokenizer_name="en_stem", index_option="freq")  # title and text: BM25's input
     return builder.build()
 
 
 class LexicalWriter:
-    """A tantivy index in `directory`: new, or a copy of a published version's files to extend (a delta)."""
+    """A tantivy index in `directory`: new, or a copy of a published version's files (of this `FORMAT`) to extend
+    (a delta)."""
 
     def __init__(self, directory: str, base: dict[str, str] | None = None, heap_bytes: int = 128 * 2**20):
         os.makedirs(directory, exist_ok=True)
@@ -62,18 +67,15 @@ class LexicalWriter:
 
     def delete(self, keys: np.ndarray) -> None:
         """Passages whose ids have these keys (removed, or replaced by a row added after this)."""
-        for key in np.unique(np.asarray(keys, dtype=np.uint64)):
-            self.writer.delete_documents_by_term("key", str(int(key)))
+        for key in np.unique(np.asarray(keys, dtype=np.uint64)).view(np.int64).tolist():
+            self.writer.delete_documents_by_term("key", key)
         self.deleted += len(keys)
 
     def add(self, passages: pa.Table) -> None:
         ids, titles, texts = (passages.column(c).to_pylist() for c in ("id", "title", "text"))
-        for pid, key, title, text in zip(ids, keys_of(ids), titles, texts):
+        for key, title, text in zip(keys_of(ids).view(np.int64).tolist(), titles, texts):
             doc = tantivy.Document()
-            doc.add_text("key", str(int(key)))
-            doc.add_text("id", pid)
-            doc.add_text("title", title)
-            doc.add_text("text", text)
+            doc.add_integer("key", key)
             doc.add_text("body", f"{title} {text}")
             self.writer.add_document(doc)
         self.added += len(ids)
@@ -89,8 +91,9 @@ class LexicalWriter:
 
 
 def object_name(name: str, path: str) -> str:
-    """Content-addressed name under `indexes/` of one tantivy file (its sha256, then its own name)."""
-    return f"lexical/{sha256_file(path)[:20]}-{name}"
+    """Content-addressed name under `indexes/` of one tantivy file: its sha256 and its kind (extension), not its
+    segment's random name, so files of equal bytes (the empty positions file of every segment) are one object."""
+    return f"lexical/{sha256_file(path)[:20]}{os.path.splitext(name)[1]}"
 
 
 def query_text(question: str) -> str:
@@ -101,11 +104,16 @@ def query_text(question: str) -> str:
 
 @dataclass
 class LexicalIndex:
+    """A version's BM25 index and the passages its hits are read from (`store`; None for a `lexical_format` 1
+    index, whose text is in tantivy)."""
+
     version: str
     index: tantivy.Index
+    store: Docstore | None = None
 
     def search(self, questions: Sequence[str], k: int) -> list[list[Hit]]:
-        """Per question, the k best passages by BM25 (id, title, text, score), best first (ties: the id)."""
+        """Per question, the k best passages by BM25 (id, title, text, score, and from the docstores the FAISS id
+        as `key` and the token ids when the version has them), best first (ties: the id)."""
         searcher = self.index.searcher()
         answered = []
         for question in questions:
@@ -113,19 +121,29 @@ class LexicalIndex:
             if not words:
                 answered.append([])
                 continue
-            query = self.index.parse_query(words, ["body"])
-            hits = []
-            for score, address in searcher.search(query, k).hits:
-                doc = searcher.doc(address)
-                hits.append(
-                    {"id": doc["id"][0], "title": doc["title"][0], "text": doc["text"][0], "score": float(score)}
-                )
+            found = searcher.search(self.index.parse_query(words, ["body"]), k, count=False).hits
+            if self.store is None:
+                hits = [_stored_hit(searcher.doc(address), score) for score, address in found]
+            else:
+                keys = np.array(searcher.fast_field_values("key", [a for _, a in found]), np.int64).view(np.uint64)
+                hits = self.store.hits(self.store.by_key(keys), [score for score, _ in found])
             hits.sort(key=lambda hit: (-hit["score"], hit["id"]))
             answered.append(hits)
         return answered
 
+    def keys(self) -> np.ndarray:
+        """The passage key of every document the index holds (checks and tests; `lexical_format` 2)."""
+        searcher = self.index.searcher()
+        found = searcher.search(tantivy.Query.all_query(), max(searcher.num_docs, 1), count=False).hits
+        return np.array(searcher.fast_field_values("key", [a for _, a in found]), np.int64).view(np.uint64)
 
-def open_lexical(version: str, files: dict[str, str], view_dir: str) -> LexicalIndex:
+
+def _stored_hit(doc: tantivy.Document, score: float) -> Hit:
+    """A hit of a `lexical_format` 1 index, which stored the passage's fields in tantivy."""
+    return {"id": doc["id"][0], "title": doc["title"][0], "text": doc["text"][0], "score": float(score)}
+
+
+def open_lexical(version: str, files: dict[str, str], view_dir: str, store: Docstore | None = None) -> LexicalIndex:
     """Open a version's verified tantivy files (name → local path) through a directory of links to them."""
     os.makedirs(view_dir, exist_ok=True)
     for name in os.listdir(view_dir):
@@ -138,9 +156,14 @@ def open_lexical(version: str, files: dict[str, str], view_dir: str) -> LexicalI
                 os.remove(link)
             os.symlink(os.path.abspath(path), link)
     try:
-        return LexicalIndex(version, tantivy.Index.open(view_dir))
+        index = tantivy.Index.open(view_dir)
     except ValueError as exc:
         raise PipelineError(f"index {version}: its BM25 index does not open ({exc})") from None
+    if store is not None and index.searcher().num_docs != store.live:
+        raise PipelineError(
+            f"index {version}: its BM25 index has {index.searcher().num_docs} passages, its docstores {store.live}"
+        )
+    return LexicalIndex(version, index, store)
 
 
 def build_lexical(
@@ -148,10 +171,11 @@ def build_lexical(
 ) -> dict[str, FileEntry]:
     """The version's BM25 index, uploaded (content-addressed): {tantivy file name: entry}. With `start` (a delta
     on `previous`, which has one): the previous index minus the passages that links[start:] remove or replace,
-    plus their live passages, as a new segment. Otherwise every live passage of the chain."""
+    plus their live passages, as a new segment. Otherwise (or when `previous`'s BM25 index has another format) every
+    live passage of the chain."""
     live = LiveEmbeddings(storage, links)
     base = None
-    if start is not None and previous is not None and previous.lexical:
+    if start is not None and previous is not None and previous.lexical and previous.lexical_format == FORMAT:
         files = {entry.name: entry for entry in previous.files}
         fetched, _ = fetch_verified(
             storage, [files[name] for name in previous.lexical.values()], os.path.join(work_dir, "published")
@@ -186,16 +210,18 @@ def build_lexical_task(
 
 
 def load_lexical(storage: Storage, manifest: IndexManifest, cache_dir: str) -> LexicalIndex | None:
-    """A published version's BM25 index, every file checked against its sha256 first; None when it has none."""
+    """A published version's BM25 index and (`lexical_format` 2) the docstores its hits are read from, every file
+    checked against its sha256 first; None when it has none."""
     if not manifest.lexical:
         return None
+    store = load_docstore(storage, manifest, cache_dir) if manifest.lexical_format == FORMAT else None
     files = {entry.name: entry for entry in manifest.files}
     try:
         paths, _ = fetch_verified(storage, [files[name] for name in manifest.lexical.values()], cache_dir)
     except PipelineError as exc:
         raise PipelineError(f"{exc}: refusing to load the BM25 index of {manifest.version}") from None
     view = os.path.join(cache_dir, "lexical-views", manifest.version)
-    return open_lexical(manifest.version, {name: paths[obj] for name, obj in manifest.lexical.items()}, view)
+    return open_lexical(manifest.version, {name: paths[obj] for name, obj in manifest.lexical.items()}, view, store)
 
 
 def fuse(

@@ -89,6 +89,9 @@ class IndexManifest(Manifest):
     segments: list[SegmentEntry]
     tombstones: str | None = None
     lexical: dict[str, str] | None = None  # the BM25 index: tantivy file name → object name (listed in files)
+    # 2: the BM25 index holds only passage keys (text read from the docstores); 1: it stores id, title and text too
+    lexical_format: Literal[1, 2] = 1
+    tokenizer: dict[str, str] | None = None  # the reader tokenizer (model, fingerprint) of the segments' token ids
     snapshot: str
     embeddings: str
     fingerprint: str

@@ -102,6 +102,7 @@ class BuildSummary(BaseModel):
     refined_recall_at_100: float | None = None
     distortion: float | None
     bytes_per_vector: float
+    bytes_per_passage: dict[str, float] | None = None  # what a replica stores, by kind (segments.footprint)
     bytes_written: int
     train_seconds: float
     add_seconds: float

@@ -32,6 +32,16 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
+from pipeline.docstore import (
+    DOCSTORE_FILE,
+    DOCSTORE_SCHEMA,
+    SEQ_SHIFT,
+    TOKENS_FILE,
+    Docstore,
+    faiss_ids,
+    open_arrow,
+    split_ids,
+)
 from pipeline.errors import PipelineError
 from pipeline.keys import keys_of
 from pipeline.layout import published_version, read_index_manifest
@@ -41,20 +51,8 @@ from pipeline.storage import Storage, sha256_file
 
 log = logging.getLogger(__name__)
 
-IVF_FILE, DOCSTORE_FILE, KEYS_FILE, TOMBSTONES_FILE = "ivf.bin", "docstore.arrow", "keys.npy", "tombstones.npy"
-VECTORS_FILE = "vectors.npy"
-DOCSTORE_SCHEMA = pa.schema([("id", pa.string()), ("title", pa.string()), ("text", pa.string())])
-SEQ_SHIFT = 40
-ROW_MASK = (1 << SEQ_SHIFT) - 1
-
-
-def faiss_ids(seq: int, start: int, count: int) -> np.ndarray:
-    return (np.int64(seq) << SEQ_SHIFT) | np.arange(start, start + count, dtype=np.int64)
-
-
-def split_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.asarray(ids, dtype=np.int64)
-    return ids >> SEQ_SHIFT, ids & ROW_MASK
+IVF_FILE, KEYS_FILE, TOMBSTONES_FILE, VECTORS_FILE = "ivf.bin", "keys.npy", "tombstones.npy", "vectors.npy"
+SEGMENT_FILES = (IVF_FILE, DOCSTORE_FILE, KEYS_FILE, VECTORS_FILE, TOKENS_FILE)  # the last two when built with them
 
 
 def ivf_of(index: faiss.Index) -> faiss.IndexIVF:
@@ -165,7 +163,7 @@ class LocalSegment:
 
     seq: int
     rows: int
-    paths: dict[str, str]  # ivf.bin, docstore.arrow, keys.npy → local path
+    paths: dict[str, str]  # ivf.bin, docstore.arrow, keys.npy (vectors.npy, reader_ids.arrow) → local path
 
     @property
     def name(self) -> str:
@@ -203,9 +201,10 @@ class VectorWriter:
 
 class SegmentWriter:
     """Adds vectors to a copy of the trained quantizer under ids `seq << 40 | row`, and writes the docstore part,
-    the keys and (with `keep_vectors`) the fp16 vectors in the same row order."""
+    the keys, (with `keep_vectors`) the fp16 vectors and (with a `tokenizer`, a `pipeline.tokens.ReaderTokenizer`)
+    the reader's token ids in the same row order."""
 
-    def __init__(self, quantizer: faiss.Index, seq: int, work_dir: str, keep_vectors: bool = True):
+    def __init__(self, quantizer: faiss.Index, seq: int, work_dir: str, keep_vectors: bool = True, tokenizer=None):
         self.index, self.seq, self.rows = faiss.clone_index(quantizer), seq, 0
         self.directory = os.path.join(work_dir, f"segment-{seq:06d}")
         os.makedirs(self.directory, exist_ok=True)
@@ -213,6 +212,10 @@ class SegmentWriter:
         self._docstore = pa.ipc.new_file(self._sink, DOCSTORE_SCHEMA)
         self._keys: list[np.ndarray] = []
         self._vectors = VectorWriter(os.path.join(self.directory, VECTORS_FILE), quantizer.d) if keep_vectors else None
+        self.tokenizer = tokenizer
+        if tokenizer is not None:
+            self._tokens_sink = pa.OSFile(os.path.join(self.directory, TOKENS_FILE), "wb")
+            self._tokens = pa.ipc.new_file(self._tokens_sink, tokenizer.schema)
 
     def add(self, vectors: np.ndarray, passages: pa.Table) -> np.ndarray:
         """Returns the FAISS ids given to the rows."""
@@ -222,6 +225,8 @@ class SegmentWriter:
         self._keys.append(keys_of(passages.column("id").to_pylist()))
         if self._vectors is not None:
             self._vectors.add(vectors)
+        if self.tokenizer is not None:
+            self._tokens.write_table(self.tokenizer.table(passages))
         self.rows += len(vectors)
         return ids
 
@@ -230,6 +235,9 @@ class SegmentWriter:
         self._sink.close()
         if self._vectors is not None:
             self._vectors.close()
+        if self.tokenizer is not None:
+            self._tokens.close()
+            self._tokens_sink.close()
         return finish_segment(self.seq, self.rows, ivf_of(self.index).invlists, self._keys, self.directory)
 
     def discard(self) -> None:
@@ -242,10 +250,12 @@ class SegmentWriter:
 def finish_segment(
     seq: int, rows: int, invlists: faiss.InvertedLists, keys: list[np.ndarray], directory: str
 ) -> LocalSegment:
-    """Write the inverted lists and keys beside an already written docstore (and vectors, when kept)."""
-    paths = {name: os.path.join(directory, name) for name in (IVF_FILE, DOCSTORE_FILE, KEYS_FILE, VECTORS_FILE)}
-    if not os.path.exists(paths[VECTORS_FILE]):
-        del paths[VECTORS_FILE]
+    """Write the inverted lists and keys beside an already written docstore (and vectors and token ids, when
+    written)."""
+    paths = {name: os.path.join(directory, name) for name in SEGMENT_FILES}
+    for optional in (VECTORS_FILE, TOKENS_FILE):
+        if not os.path.exists(paths[optional]):
+            del paths[optional]
     write_invlists(invlists, paths[IVF_FILE])
     with open(paths[KEYS_FILE], "wb") as handle:
         handle.write(npy_bytes(np.concatenate(keys) if keys else np.empty(0, np.uint64)))
@@ -294,6 +304,29 @@ def files_of(manifest: IndexManifest) -> dict[str, FileEntry]:
     return {entry.name: entry for entry in manifest.files}
 
 
+KINDS = {
+    IVF_FILE: "codes",
+    VECTORS_FILE: "vectors",
+    DOCSTORE_FILE: "docstore",
+    TOKENS_FILE: "token_ids",
+    KEYS_FILE: "keys",
+}
+
+
+def footprint(manifest: IndexManifest) -> dict[str, float]:
+    """What a replica holding the whole version stores, in bytes per live passage by kind: codes (inverted lists:
+    PQ codes and ids), vectors (fp16, for refine), docstore (the text), token_ids (the reader's), bm25, keys, and
+    shared (the quantizer and the tombstones); pure, from the manifest."""
+    lexical = set((manifest.lexical or {}).values())
+    totals = dict.fromkeys([*KINDS.values(), "bm25", "shared"], 0)
+    for entry in {e.name: e for e in manifest.files}.values():
+        kind = "bm25" if entry.name in lexical else KINDS.get(posixpath.basename(entry.name), "shared")
+        totals[kind] += entry.bytes
+    live = max(manifest.vectors, 1)
+    per_passage = {kind: round(size / live, 1) for kind, size in totals.items()}
+    return {**per_passage, "total": round(sum(totals.values()) / live, 1)}
+
+
 # -- loading (serving) ----------------------------------------------------------------------------------------------
 @dataclass
 class PublishedIndex:
@@ -303,7 +336,7 @@ class PublishedIndex:
     version: str
     manifest: IndexManifest
     index: faiss.Index
-    docstores: dict[int, pa.Table]  # seq → the segment's docstore, row i = FAISS id (seq << 40 | i)
+    store: Docstore  # the segments' passages (and token ids), row i of segment seq = FAISS id (seq << 40 | i)
     dead: np.ndarray  # sorted FAISS ids of tombstoned rows
     fetched: int = 0  # bytes downloaded to load it (what the cache lacked)
     stored: dict[int, np.ndarray] = field(default_factory=dict)  # seq → fp16 [rows, d], memory-mapped (refine)
@@ -313,6 +346,10 @@ class PublishedIndex:
     @property
     def d(self) -> int:
         return int(self.index.d)
+
+    @property
+    def docstores(self) -> dict[int, pa.Table]:
+        return self.store.texts
 
     @property
     def vectors(self) -> int:
@@ -335,17 +372,7 @@ class PublishedIndex:
 
     def passages(self, ids: Sequence[int]) -> pa.Table:
         """id, title, text of each FAISS id, in the order given (zero-copy takes from the segments' docstores)."""
-        ids = np.asarray(ids, dtype=np.int64)
-        if not len(ids):
-            return DOCSTORE_SCHEMA.empty_table()
-        seqs, rows = split_ids(ids)
-        parts, positions = [], []
-        for seq in np.unique(seqs):
-            where = np.nonzero(seqs == seq)[0]
-            parts.append(self.docstores[int(seq)].take(pa.array(rows[where])))
-            positions.append(where)
-        table = pa.concat_tables(parts)
-        return table.take(pa.array(np.argsort(np.concatenate(positions), kind="stable")))
+        return self.store.passages(ids)
 
     def live_ids(self) -> tuple[np.ndarray, list[str]]:
         """Every live FAISS id and its passage id, segment by segment (for checks and tests)."""
@@ -403,8 +430,7 @@ def load_published(
         needed = [entry for entry in manifest.files if entry.name not in lexical]
     else:
         files = files_of(manifest)
-        kinds = (IVF_FILE, DOCSTORE_FILE, KEYS_FILE, VECTORS_FILE)
-        names = [manifest.quantizer, *(s.file(n) for s in segments for n in kinds if s.file(n) in files)]
+        names = [manifest.quantizer, *(s.file(n) for s in segments for n in SEGMENT_FILES if s.file(n) in files)]
         needed = [files[name] for name in names + ([manifest.tombstones] if manifest.tombstones else [])]
     try:
         paths, fetched = fetch_verified(storage, needed, cache_dir)
@@ -421,14 +447,6 @@ def load_published(
         ivf.replace_invlists(hstack, False)
     total = sum(s.rows for s in segments)
     ivf.ntotal = index.ntotal = total
-    docstores = {}
-    for segment in segments:
-        table = pa.ipc.open_file(pa.memory_map(paths[segment.file(DOCSTORE_FILE)], "r")).read_all()
-        if table.num_rows != segment.rows:
-            raise PipelineError(
-                f"index {version}: {segment.name} has {table.num_rows} docstore rows for {segment.rows} vectors"
-            )
-        docstores[segment.seq] = table
     vectors = {
         segment.seq: open_vectors(
             paths[segment.file(VECTORS_FILE)], segment.rows, index.d, f"index {version}: {segment.name}"
@@ -436,9 +454,8 @@ def load_published(
         for segment in segments
         if segment.file(VECTORS_FILE) in paths
     }
-    tombstones = manifest.tombstones
-    dead = read_npy_file(paths[tombstones], np.int64, tombstones) if tombstones else np.empty(0, np.int64)
-    dead = dead[np.isin(split_ids(dead)[0], [s.seq for s in segments])]  # this shard's dead rows
+    dead = dead_rows(manifest, paths, segments)
+    store = open_docstore(manifest, paths, segments, dead)
     params, keep = search_parameters(index, nprobe or int(manifest.nprobe), dead)
     log.info(
         "index %s shard %d/%d: %d segments, %d live vectors, %d bytes fetched",
@@ -453,13 +470,60 @@ def load_published(
         version,
         manifest,
         index,
-        docstores,
-        np.sort(dead),
+        store,
+        dead,
         fetched,
         vectors,
         params,
         [invlists, stacked, hstack, *keep],
     )
+
+
+def dead_rows(manifest: IndexManifest, paths: dict[str, str], segments: Sequence[SegmentRef]) -> np.ndarray:
+    """The sorted FAISS ids of `segments`' tombstoned rows."""
+    tombstones = manifest.tombstones
+    dead = read_npy_file(paths[tombstones], np.int64, tombstones) if tombstones else np.empty(0, np.int64)
+    return np.sort(dead[np.isin(split_ids(dead)[0], [s.seq for s in segments])])
+
+
+def open_docstore(
+    manifest: IndexManifest,
+    paths: dict[str, str],
+    segments: Sequence[SegmentRef],
+    dead: np.ndarray,
+    with_keys: bool = False,
+) -> Docstore:
+    """The verified docstores (and token ids, and with `with_keys` the rows' passage keys) of `segments`, memory-
+    mapped; a file whose row count is not its segment's is refused."""
+    store = Docstore({}, dead=dead, tokenizer=(manifest.tokenizer or {}).get("fingerprint"))
+    for segment in segments:
+        named = {"docstore": DOCSTORE_FILE, "token-id": TOKENS_FILE}
+        for what, name in named.items():
+            if segment.file(name) not in paths:
+                continue
+            table = open_arrow(paths[segment.file(name)])
+            if table.num_rows != segment.rows:
+                raise PipelineError(
+                    f"index {manifest.version}: {segment.name} has {table.num_rows} {what} rows for {segment.rows}"
+                    " vectors"
+                )
+            (store.texts if name == DOCSTORE_FILE else store.tokens)[segment.seq] = table
+        if with_keys:
+            store.keys[segment.seq] = read_npy_file(paths[segment.file(KEYS_FILE)], np.uint64, segment.name)
+    return store
+
+
+def load_docstore(storage: Storage, manifest: IndexManifest, cache_dir: str) -> Docstore:
+    """A version's passages for the BM25 deployment: every segment's docstore, token ids and keys, and the
+    tombstones, each checked against its sha256 (the same cached files a Retriever on the node reads)."""
+    files, segments = files_of(manifest), segments_of(manifest)
+    names = [s.file(n) for s in segments for n in (DOCSTORE_FILE, TOKENS_FILE, KEYS_FILE) if s.file(n) in files]
+    needed = [files[name] for name in names + ([manifest.tombstones] if manifest.tombstones else [])]
+    try:
+        paths, _ = fetch_verified(storage, needed, cache_dir)
+    except PipelineError as exc:
+        raise PipelineError(f"{exc}: refusing to load the passages of index {manifest.version}") from None
+    return open_docstore(manifest, paths, segments, dead_rows(manifest, paths, segments), with_keys=True)
 
 
 def evict(cache_dir: str, keep: Sequence[IndexManifest]) -> list[str]:

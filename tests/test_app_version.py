@@ -89,7 +89,6 @@ def app(tmp_path_factory, tiny_models, ray_address):
                 "retriever_cpus": 0.2,
                 "encoder_cpus": 0.2,
                 "lexical_cpus": 0.1,
-                "batch_wait_s": 0.005,
             },
             "nightly": {"serve_address": dashboard, "serve_timeout_s": 120},
         },

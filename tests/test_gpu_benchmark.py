@@ -54,6 +54,9 @@ def test_quick_run_prints_every_figure(tmp_path):
         "reader_batch8_questions_per_s",
     ):
         assert result[key] > 0, key
+    for phase in ("assemble", "forward", "spans", "host"):  # the reader's split, before and after token ids
+        assert result["reader_ms_before"][phase] > 0 and result["reader_ms_after"][phase] > 0, phase
+    assert result["reader_ms_after"]["host"] < result["reader_ms_before"]["host"]
     # bf16 against fp32 on the same weights: close, but not bit-identical (the bf16 path really ran).
     assert 0.9 < result["bf16_min_cosine_centered_autocast"] < 1.0
     assert result["bf16_min_cosine_autocast"] >= result["bf16_min_cosine_centered_autocast"] - 1e-6

@@ -1,19 +1,20 @@
 """Index building end to end on the encode job's output (its pure planning: tests/unit/test_index_plan.py)."""
 
 import json
+import os
 
 import numpy as np
 import pytest
 import requests
 import s3fs
-import tantivy
 
 from kit.corpora import synthetic_rows, write_tsv
 from kit.jobs import kill_when_logged, run_job, write_config
+from pipeline.docstore import ROW_MASK
 from pipeline.errors import PipelineError
 from pipeline.lexical import load_lexical
 from pipeline.manifests import IndexManifest
-from pipeline.segments import ROW_MASK, load_published
+from pipeline.segments import load_published
 from pipeline.storage import Storage
 
 ROWS = synthetic_rows(800, words=30)
@@ -34,6 +35,7 @@ def encoded(tmp_path_factory, tiny_models, s3_endpoint, ray_address):
             "ingest": {"input": "s3://idx/in/psgs.tsv.gz", "snapshot": "snap", "shard_rows": 150},
             "encode": {"model": tiny_models["ctx"], "pooling": "dpr", "max_length": 64},
             "index": {"factory": "IVF4,PQ32x8", "nprobe": 4, "queries": 200, "min_recall": 0.9},
+            "serve": {"reader_model": tiny_models["reader"]},  # the build stores its tokenizer's ids
         },
     )
     for job in ("ingest", "encode"):
@@ -75,9 +77,27 @@ def test_build_index_end_to_end(encoded):
     found_ids = published.passages(found[:, 0]).column("id").to_pylist()
     assert np.mean([a == pid for a, (pid, _, _) in zip(found_ids, ROWS)]) >= 0.95
 
+    # the reader's token ids of each passage, stored beside its docstore row; the footprint by kind
+    from pipeline.tokens import ReaderTokenizer
+
+    tokenizer = ReaderTokenizer(manifest.tokenizer["model"])
+    assert manifest.tokenizer["fingerprint"] == published.store.tokenizer == tokenizer.fingerprint
+    stored = published.store.token_ids(ids[::97])
+    expected = tokenizer.table(published.passages(ids[::97]))
+    assert [t.tolist() for t, _ in stored] == expected.column("title_ids").to_pylist()
+    assert [x.tolist() for _, x in stored] == expected.column("text_ids").to_pylist()
+    assert stored[0][1].dtype == np.uint16  # BERT's vocabulary fits
+    footprint = summary["bytes_per_passage"]
+    assert set(footprint) == {"codes", "vectors", "docstore", "token_ids", "bm25", "keys", "shared", "total"}
+    assert footprint["keys"] == pytest.approx(8, abs=0.5) and footprint["vectors"] == pytest.approx(
+        2 * published.d, abs=1
+    )
+    assert footprint["token_ids"] > 0
+    assert footprint["bm25"] < footprint["docstore"]  # the BM25 index holds no text
+
     again = run_job("build_index", encoded["config"])
     assert again.returncode == 0 and again.summary["reused"] is True
-    assert again.summary["version"] == summary["version"]
+    assert again.summary["version"] == summary["version"] and again.summary["bytes_per_passage"] == footprint
 
 
 def test_recall_gate_refuses_a_bad_factory(encoded):
@@ -108,6 +128,7 @@ def test_memory_estimate_refuses_before_building(encoded):
         ("docstore.arrow", "flip", "docstore.arrow: checksum mismatch"),
         ("ivf.bin", "truncate", "ivf.bin: checksum mismatch"),
         ("vectors.npy", "flip", "vectors.npy: checksum mismatch"),  # the fp16 copies refine reads
+        ("reader_ids.arrow", "flip", "reader_ids.arrow: checksum mismatch"),  # the reader's token ids
         ("manifest.json", "truncate", "unreadable manifest"),
     ],
 )
@@ -173,8 +194,7 @@ def test_a_build_killed_mid_way_reruns_to_the_bytes_of_a_clean_build(encoded):
         fs.invalidate_cache()
         manifest = IndexManifest.model_validate_json(fs.cat_file(f"idx/root/indexes/{version}/manifest.json"))
         lexical = load_lexical(encoded["storage"], manifest, str(encoded["tmp"] / f"cache-{manifest.created_at}"))
-        searcher = lexical.index.searcher()
-        docs = sorted(searcher.doc(a)["id"][0] for _, a in searcher.search(tantivy.Query.all_query(), 10_000).hits)
+        docs = sorted(lexical.store.passages(lexical.store.by_key(lexical.keys())).column("id").to_pylist())
         dense = {e.name: e.sha256 for e in manifest.files if e.name not in set(manifest.lexical.values())}
         return dense, docs
 
@@ -299,3 +319,57 @@ def test_the_driver_of_a_distributed_build_does_not_grow_with_the_corpus(tmp_pat
     codes = 30_000 * (2048 + 8)
     assert one > 0.6 * codes, growth  # the test can tell: the one-process driver holds every code
     assert spread < 0.25 * codes, growth
+
+
+def test_a_version_built_before_the_bm25_and_token_id_change_still_serves_the_same_answers(encoded, tmp_path):
+    """A version as the release before published it (BM25 with id, title and text stored, `lexical_format` 1; no
+    token ids): its sparse hits, read from tantivy's stored fields, equal the current version's, read from the
+    docstores (positions were never part of BM25's scores), and its dense hits come without token ids."""
+    import tantivy
+
+    from pipeline.lexical import object_name
+    from pipeline.segments import TOKENS_FILE, upload_once
+
+    run = run_job("build_index", encoded["config"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    storage, version = encoded["storage"], run.summary["version"]
+    current = load_published(storage, version, str(tmp_path / "cache"))
+    builder = tantivy.SchemaBuilder()  # the schema of lexical_format 1
+    builder.add_text_field("key", tokenizer_name="raw", index_option="basic")
+    for name in ("id", "title", "text"):
+        builder.add_text_field(name, stored=True, tokenizer_name="raw", index_option="basic")
+    builder.add_text_field("body", tokenizer_name="en_stem")
+    (tmp_path / "old").mkdir()
+    old_index = tantivy.Index(builder.build(), path=str(tmp_path / "old"))
+    writer = old_index.writer(heap_size=50_000_000, num_threads=1)
+    ids, _ = current.live_ids()
+    table = current.passages(ids)
+    for pid, title, text in zip(*(table.column(c).to_pylist() for c in ("id", "title", "text"))):
+        writer.add_document(tantivy.Document(key=pid, id=pid, title=title, text=text, body=f"{title} {text}"))
+    writer.commit()
+    writer.wait_merging_threads()
+    files = {n: str(tmp_path / "old" / n) for n in os.listdir(tmp_path / "old") if not n.endswith(".lock")}
+    lexical = {name: upload_once(storage, path, object_name(name, path))[0] for name, path in files.items()}
+    manifest = current.manifest
+    kept = [e for e in manifest.files if e.name not in set(manifest.lexical.values()) and TOKENS_FILE not in e.name]
+    old = manifest.model_copy(
+        update={
+            "version": f"{version}-old",
+            "files": kept + list(lexical.values()),
+            "lexical": {name: entry.name for name, entry in lexical.items()},
+            "lexical_format": 1,
+            "tokenizer": None,
+        }
+    )
+    storage.write_manifest(f"indexes/{version}-old", old, name="manifest.json")
+
+    questions = [text for _, text, _ in ROWS[:40:4]]
+    new_hits = load_lexical(storage, manifest, str(tmp_path / "cache")).search(questions, 10)
+    old_hits = load_lexical(storage, old, str(tmp_path / "cache-old")).search(questions, 10)
+    assert [[(h["id"], h["title"], h["text"]) for h in q] for q in old_hits] == [
+        [(h["id"], h["title"], h["text"]) for h in q] for q in new_hits
+    ]
+    assert np.allclose([h["score"] for q in old_hits for h in q], [h["score"] for q in new_hits for h in q])
+    assert all("text_ids" in h for q in new_hits for h in q) and not any("text_ids" in h for q in old_hits for h in q)
+    published = load_published(storage, f"{version}-old", str(tmp_path / "cache-old"))
+    assert published.store.token_ids(ids[:3]) == [None] * 3  # the reader tokenizes these passages itself

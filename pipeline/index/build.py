@@ -37,6 +37,7 @@ from pipeline.segments import (
 from pipeline.snapshots import Link, LiveEmbeddings, read_npy_file
 from pipeline.storage import Storage
 from pipeline.telemetry import PhaseTimer
+from pipeline.tokens import ReaderTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +112,10 @@ def build_full(
     work_dir: str,
     timer: PhaseTimer,
     trained: faiss.Index | None = None,
+    tokenizer: ReaderTokenizer | None = None,
 ) -> Built:
-    """Train (unless given an already trained, empty index), add every live vector into one segment and measure
-    recall on held-out corpus vectors against exact search."""
+    """Train (unless given an already trained, empty index), add every live vector into one segment (with the
+    `tokenizer`'s token ids of its passages) and measure recall on held-out corpus vectors against exact search."""
     with timer("sample"):
         positions = sample_positions(live.stored_rows, plan.train_size + plan.queries, config.seed)
         parts = []
@@ -122,7 +124,7 @@ def build_full(
                 _, vectors, keep = live.read(shard)
                 parts.append(vectors[picks][keep[picks]])
     index, quantizer, queries = _train(parts, trained, config, plan, work_dir, timer)
-    writer = SegmentWriter(index, 1, work_dir, config.keep_vectors)
+    writer = SegmentWriter(index, 1, work_dir, config.keep_vectors, tokenizer)
     with (
         assigning_on_gpus(writer.index),
         timer("add"),
@@ -155,7 +157,13 @@ def build_full(
 
 
 def build_delta(
-    storage: Storage, previous: IndexManifest, deltas: list[Link], config: IndexConfig, work_dir: str, timer: PhaseTimer
+    storage: Storage,
+    previous: IndexManifest,
+    deltas: list[Link],
+    config: IndexConfig,
+    work_dir: str,
+    timer: PhaseTimer,
+    tokenizer: ReaderTokenizer | None = None,
 ) -> Built:
     """One new segment for the rows the deltas add, on the published version's quantizer, and tombstones for the
     published rows they delete or replace. Recall is carried from the published version; the new rows'
@@ -166,7 +174,8 @@ def build_delta(
     paths, _ = fetch_verified(storage, [quantizer_entry], cache)
     quantizer = faiss.read_index(paths[previous.quantizer])
     segments = segments_of(previous)
-    writer = SegmentWriter(quantizer, max((s.seq for s in segments), default=0) + 1, work_dir, config.keep_vectors)
+    seq = max((s.seq for s in segments), default=0) + 1
+    writer = SegmentWriter(quantizer, seq, work_dir, config.keep_vectors, tokenizer)
     live = LiveEmbeddings(storage, deltas)
     added = []
     with timer("add"):

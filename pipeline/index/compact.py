@@ -11,6 +11,7 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
+from pipeline.docstore import open_arrow
 from pipeline.index.build import Built
 from pipeline.manifests import FileEntry
 from pipeline.segments import (
@@ -18,6 +19,8 @@ from pipeline.segments import (
     DOCSTORE_SCHEMA,
     IVF_FILE,
     KEYS_FILE,
+    SEGMENT_FILES,
+    TOKENS_FILE,
     VECTORS_FILE,
     LocalSegment,
     SegmentRef,
@@ -53,7 +56,7 @@ def compact(
                 files[s.file(n)]
                 for s in built.segments
                 if isinstance(s, SegmentRef)
-                for n in (IVF_FILE, DOCSTORE_FILE, KEYS_FILE, VECTORS_FILE)
+                for n in SEGMENT_FILES
                 if s.file(n) in files
             ],
             os.path.join(work_dir, "published"),
@@ -78,6 +81,12 @@ def compact(
         # The live rows' vectors are copied too, when every merged segment kept them (refine stays possible).
         with_vectors = all(path(segment, VECTORS_FILE) for segment in built.segments)
         vectors = VectorWriter(os.path.join(directory, VECTORS_FILE), ivf.d) if with_vectors else None
+        # And the live rows' token ids, when every merged segment has them (the reader tokenizes the others).
+        tokens = [path(segment, TOKENS_FILE) for segment in built.segments]
+        token_tables = [open_arrow(p) for p in tokens] if all(tokens) else None
+        token_out = (
+            pa.ipc.new_file(os.path.join(directory, TOKENS_FILE), token_tables[0].schema) if token_tables else None
+        )
         with (
             pa.OSFile(os.path.join(directory, DOCSTORE_FILE), "wb") as sink,
             pa.ipc.new_file(sink, DOCSTORE_SCHEMA) as out,
@@ -89,6 +98,8 @@ def compact(
                 sources.append(read_invlists(path(segment, IVF_FILE)))
                 docstore = pa.ipc.open_file(pa.memory_map(path(segment, DOCSTORE_FILE), "r")).read_all()
                 out.write_table(docstore.filter(pa.array(alive)))
+                if token_out is not None:
+                    token_out.write_table(token_tables[built.segments.index(segment)].filter(pa.array(alive)))
                 keys.append(read_npy_file(path(segment, KEYS_FILE), np.uint64, segment.name)[alive])
                 if vectors is not None:
                     stored = open_vectors(path(segment, VECTORS_FILE), segment.rows, ivf.d, f"segment {segment.seq}")
@@ -96,6 +107,8 @@ def compact(
                         vectors.add(stored[start : start + 65536][alive[start : start + 65536]])
         if vectors is not None:
             vectors.close()
+        if token_out is not None:
+            token_out.close()
         merged = copy_live_codes(sources, remap, seq, ivf.nlist, ivf.code_size)
         segment = finish_segment(seq, rows, merged, keys, directory)
     dead_seqs, _ = split_ids(built.dead)

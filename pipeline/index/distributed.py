@@ -37,6 +37,7 @@ from pipeline.segments import VECTORS_FILE, SegmentRef, SegmentWriter, exact_sco
 from pipeline.snapshots import Link, LiveEmbeddings
 from pipeline.storage import Storage
 from pipeline.telemetry import PhaseTimer, peak_rss, reset_peak_rss
+from pipeline.tokens import ReaderTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class AddSettings:
     k: int  # the held-out queries' top-k measured (recall@k)
     refine_k: int  # candidates re-scored exactly (0: off)
     keep_vectors: bool
+    tokenizer: str | None = None  # the reader model whose token ids the segment stores
 
 
 @dataclass
@@ -93,7 +95,8 @@ def add_group(
     storage = Storage(root, options)
     live = LiveEmbeddings(storage, links)
     with tempfile.TemporaryDirectory(prefix="add-") as work_dir:
-        writer = SegmentWriter(faiss.deserialize_index(quantizer), seq, work_dir, settings.keep_vectors)
+        tokenizer = ReaderTokenizer(settings.tokenizer) if settings.tokenizer else None
+        writer = SegmentWriter(faiss.deserialize_index(quantizer), seq, work_dir, settings.keep_vectors, tokenizer)
 
         def added() -> Iterator[np.ndarray]:
             for shard in shards:
@@ -143,6 +146,7 @@ def build_distributed(
     work_dir: str,
     timer: PhaseTimer,
     trained: faiss.Index | None = None,
+    tokenizer: ReaderTokenizer | None = None,
 ) -> Built:
     """`build_full` spread over the Ray cluster: sampling and adding run as tasks, one per group of at most
     `index.segment_vectors` rows, each writing its own segment to storage (`add_group`). The driver
@@ -169,7 +173,7 @@ def build_distributed(
     index, queries = faiss.deserialize_index(fit.index), fit.queries
     quantizer = save_quantizer(index, work_dir)
     k = min(max(RECALL_K), plan.vectors)
-    settings = AddSettings(config.nprobe, k, config.refine_k, config.keep_vectors)
+    settings = AddSettings(config.nprobe, k, config.refine_k, config.keep_vectors, tokenizer and tokenizer.model)
     serialized, held_out = ray.put(fit.index), ray.put(queries)
     adder = ray.remote(add_group).options(**resources)
     with (

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import faiss
 
 from pipeline.config import IndexConfig, PipelineConfig
+from pipeline.docstore import TOKENS_FILE
 from pipeline.errors import PipelineError
 from pipeline.index.build import Built, build_delta, build_full
 from pipeline.index.compact import compact
@@ -34,14 +36,16 @@ from pipeline.index.publish import (
 )
 from pipeline.index.quality import drifted
 from pipeline.layout import INDEX_MANIFEST, published_version, read_index_manifest, version_dir
+from pipeline.lexical import FORMAT as LEXICAL_FORMAT
 from pipeline.lexical import build_lexical
 from pipeline.manifests import FileEntry, IndexManifest
 from pipeline.primitives import BuildMode, BuildSummary
 from pipeline.raycluster import get
-from pipeline.segments import IVF_FILE, LocalSegment, fetch_verified, files_of, segments_of, split_ids
+from pipeline.segments import IVF_FILE, LocalSegment, fetch_verified, files_of, footprint, segments_of, split_ids
 from pipeline.snapshots import Link, LiveEmbeddings, embedding_chain, live_rows
 from pipeline.storage import Storage
 from pipeline.telemetry import PhaseTimer, peak_rss, reset_peak_rss
+from pipeline.tokens import ReaderTokenizer, reader_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,7 @@ class Planned:
     version: str
     plan: IndexPlan
     live: LiveEmbeddings
+    tokenizer: ReaderTokenizer | None  # the reader's, whose token ids the new segments store
 
     @property
     def lexical_base(self) -> IndexManifest | None:
@@ -90,8 +95,14 @@ def plan_version(storage: Storage, config: PipelineConfig) -> Planned | BuildSum
     # the question encoder paired with these vectors: the config's, else the one the published version records
     question_model = config.encode.question_model or (previous[1].encoder.get("question_model") if previous else None)
     delta = mode == "delta"
+    tokenizer = reader_tokenizer(config.serve.reader_model) if config.index.reader_ids else None
     version = index_version(
-        snapshot, links[start:] if delta else links, config.index, previous[0] if delta else None, question_model
+        snapshot,
+        links[start:] if delta else links,
+        config.index,
+        previous[0] if delta else None,
+        question_model,
+        tokenizer.fingerprint if tokenizer else None,
     )
     existing = storage.read_manifest(version_dir(version), IndexManifest, name=INDEX_MANIFEST)
     if existing is not None:
@@ -115,7 +126,7 @@ def plan_version(storage: Storage, config: PipelineConfig) -> Planned | BuildSum
             f"{plan.memory_bytes / GiB:.2f} GiB, over index.max_memory "
             f"({config.index.max_memory / GiB:.2f} GiB): raise it or choose a smaller factory"
         )
-    return Planned(snapshot, links, previous, mode, start, question_model, version, plan, live)
+    return Planned(snapshot, links, previous, mode, start, question_model, version, plan, live, tokenizer)
 
 
 def _build(
@@ -127,7 +138,7 @@ def _build(
     links, previous, plan = planned.links, planned.previous, planned.plan
     if planned.mode == "delta":
         version, manifest = previous
-        built = build_delta(storage, manifest, links[planned.start :], config, work_dir, timer)
+        built = build_delta(storage, manifest, links[planned.start :], config, work_dir, timer, planned.tokenizer)
         if not drifted(built.reference_distortion, built.distortion, config.max_drift):
             return built, manifest.trained_from or version, "delta"
         log.info(
@@ -145,7 +156,7 @@ def _build(
         path = fetch_verified(storage, [files_of(manifest)[manifest.quantizer]], os.path.join(work_dir, "published"))[
             0
         ][manifest.quantizer]
-        built = full(live, config, plan, work_dir, timer, faiss.read_index(path))
+        built = full(live, config, plan, work_dir, timer, faiss.read_index(path), planned.tokenizer)
         if built.gated_recall >= config.min_recall:
             log.info("reused the quantizer trained for %s (recall@100 %.4f)", version, built.gated_recall)
             return built, manifest.trained_from or version, "full"
@@ -155,7 +166,7 @@ def _build(
             built.recall[100],
             config.min_recall,
         )
-    return full(live, config, plan, work_dir, timer), None, "full"
+    return full(live, config, plan, work_dir, timer, tokenizer=planned.tokenizer), None, "full"
 
 
 def _gate(built: Built, config: IndexConfig, version: str) -> None:
@@ -171,6 +182,17 @@ def _gate(built: Built, config: IndexConfig, version: str) -> None:
             f"{f' refined from {config.refine_k}' if built.refined else ''} is below index.min_recall "
             f"{config.min_recall}: version {version} not published"
         )
+
+
+def _reusable(previous: tuple[str, IndexManifest] | None, tokenizer: ReaderTokenizer | None) -> dict[str, FileEntry]:
+    """The published version's files a new version may list again: all but the token ids of another tokenizer
+    (the reader tokenizes those segments' passages itself)."""
+    if previous is None:
+        return {}
+    files, recorded = files_of(previous[1]), (previous[1].tokenizer or {}).get("fingerprint")
+    if tokenizer is not None and recorded == tokenizer.fingerprint:
+        return files
+    return {name: entry for name, entry in files.items() if posixpath.basename(name) != TOKENS_FILE}
 
 
 def _compacted(
@@ -202,7 +224,10 @@ def _lineage(
     )
     vectors = built.stored - len(built.dead)
     question = {"question_model": planned.question_model} if planned.question_model else {}
+    tokenizer = planned.tokenizer
     return {
+        "lexical_format": LEXICAL_FORMAT,
+        "tokenizer": {"model": tokenizer.model, "fingerprint": tokenizer.fingerprint} if tokenizer else None,
         "snapshot": planned.snapshot,
         "embeddings": storage.url(head.embeddings_dir),
         "fingerprint": head.embeddings.fingerprint,
@@ -243,7 +268,7 @@ def run_build_index(config: PipelineConfig) -> BuildSummary:
     with tempfile.TemporaryDirectory(prefix="build-index-") as work_dir, cancelled_on_error(lexical_task):
         built, trained_from, mode = _build(storage, planned, config.index, work_dir, timer)
         _gate(built, config.index, planned.version)
-        files = {**(files_of(planned.previous[1]) if planned.previous else {}), **built.uploaded}
+        files = {**_reusable(planned.previous, planned.tokenizer), **built.uploaded}
         built = _compacted(storage, built, files, config.index, work_dir, timer)
         lexical = None
         if config.index.lexical:
@@ -273,6 +298,7 @@ def run_build_index(config: PipelineConfig) -> BuildSummary:
         add_seconds=timer.seconds.get("add", 0.0),
         phase_seconds=timer.seconds,
         reused=manifest is None,
+        bytes_per_passage=footprint(manifest) if manifest is not None else None,
         add_nodes=len(built.nodes),
         driver_peak_rss=peak_rss(),
     )

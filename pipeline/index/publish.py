@@ -20,16 +20,7 @@ from pipeline.index.build import Built
 from pipeline.layout import INDEX_MANIFEST, INDEXES, latest_snapshot, point_latest, read_latest, version_dir
 from pipeline.manifests import EmbeddingManifest, FileEntry, IndexManifest, SegmentEntry
 from pipeline.primitives import BuildSummary
-from pipeline.segments import (
-    DOCSTORE_FILE,
-    IVF_FILE,
-    KEYS_FILE,
-    TOMBSTONES_FILE,
-    VECTORS_FILE,
-    LocalSegment,
-    segments_of,
-    upload_once,
-)
+from pipeline.segments import SEGMENT_FILES, TOMBSTONES_FILE, LocalSegment, footprint, segments_of, upload_once
 from pipeline.snapshots import Link, npy_bytes
 from pipeline.storage import Storage
 
@@ -67,8 +58,8 @@ def publish(
                 written += size
             segments.append(SegmentEntry(name=name, seq=segment.seq, rows=segment.rows))
         else:
-            kinds = (DOCSTORE_FILE, IVF_FILE, KEYS_FILE, VECTORS_FILE)  # the vectors when the segment kept them
-            entries += [previous_files[segment.file(n)] for n in kinds if segment.file(n) in previous_files]
+            # (its vectors and token ids when it has them)
+            entries += [previous_files[segment.file(n)] for n in SEGMENT_FILES if segment.file(n) in previous_files]
             segments.append(SegmentEntry(name=segment.name, seq=segment.seq, rows=segment.rows))
     tombstones = None
     if len(built.dead):
@@ -82,7 +73,7 @@ def publish(
             )
         )
         written += len(data)
-    entries += list((lexical or {}).values())  # uploaded by build_lexical (content-addressed)
+    entries += list({e.name: e for e in (lexical or {}).values()}.values())  # uploaded by build_lexical, by content
     manifest = storage.write_manifest(
         posixpath.join("indexes", version),
         IndexManifest(
@@ -142,11 +133,18 @@ def settings_digest(config: IndexConfig) -> str:
 
 
 def index_version(
-    snapshot: str, links: Sequence[Link], config: IndexConfig, on: str | None = None, question_model: str | None = None
+    snapshot: str,
+    links: Sequence[Link],
+    config: IndexConfig,
+    on: str | None = None,
+    question_model: str | None = None,
+    tokenizer: str | None = None,
 ) -> str:
     """Same inputs and settings → same version, so a rerun finds its own published work; the question encoder the
-    version pairs with is part of it (versions without one keep their names)."""
+    version pairs with and the reader tokenizer its token ids are for are part of it (versions without them keep
+    their names)."""
     paired = {"question_model": question_model} if question_model else {}
+    paired |= {"tokenizer": tokenizer} if tokenizer else {}
     digest = hashlib.sha256(
         json.dumps(
             {
@@ -209,4 +207,5 @@ def reused_summary(storage: Storage, version: str, manifest: IndexManifest) -> B
         add_seconds=seconds.get("add", 0.0),
         phase_seconds=seconds,
         reused=True,
+        bytes_per_passage=footprint(manifest),
     )

@@ -22,6 +22,7 @@ from pipeline.config import PipelineConfig, ServeConfig, load_config
 from pipeline.layout import published_version
 from pipeline.lexical import fuse
 from pipeline.primitives import EncodeCall, LexicalSearch, ShardSearch
+from pipeline.serve.batching import Coalescer
 from pipeline.serve.deployments import Lexical, PartSettings, QuestionEncoder, Reader, Retriever
 from pipeline.serve.errors import Refused
 from pipeline.serve.fanout import (
@@ -52,6 +53,14 @@ async def _with_one_retry(method, *args):
     except REPLICA_LOST as exc:
         log.warning("a replica died with a request in flight (%s); retrying once", type(exc).__name__)
         return await method.remote(*args)
+
+
+PRIVATE = frozenset({"key", "title_ids", "text_ids"})  # what a hit carries for the ingress and the reader only
+
+
+def public(hit: dict[str, Any]) -> dict[str, Any]:
+    """A hit as the HTTP API gives it: id, title, text, score."""
+    return {name: value for name, value in hit.items() if name not in PRIVATE}
 
 
 class Ingress:
@@ -212,8 +221,8 @@ class Ingress:
                     hits = fuse(by_dense[q], by_sparse[q], k, s.rrf_k, s.dense_weight)
                 else:
                     hits = (by_dense if mode == "dense" else by_sparse)[q][:k]
-                results.append([{key: value for key, value in hit.items() if key != "key"} for hit in hits])
-            answered.append({"index_version": version, "results": results})
+                results.append(hits)
+            answered.append({"index_version": version, "results": results, "tokenizer": found[0].get("tokenizer")})
             position += len(asked)
         return answered
 
@@ -237,8 +246,10 @@ class Ingress:
     async def search(self, questions: list[str], k: int, mode: str | None = None) -> JSONResponse:
         mode = mode or self.settings.mode
         self._check(questions, k, mode)
+        found = await self._retrieve(questions, k, mode)
         # Already the response model's shape: sent as is, not validated and re-encoded field by field again.
-        return JSONResponse(await self._retrieve(questions, k, mode))
+        results = [[public(hit) for hit in hits] for hits in found["results"]]
+        return JSONResponse({"index_version": found["index_version"], "results": results})
 
     async def ask(self, question: str, k: int, top_answers: int, mode: str | None = None) -> JSONResponse:
         mode = mode or self.settings.mode
@@ -249,9 +260,9 @@ class Ingress:
         if self.reader is not None and passages:
             started = time.perf_counter()
             read = passages[: self.settings.reader_passages]
-            spans = await _with_one_retry(
-                self.reader.read, {"question": question, "passages": read, "top_answers": top_answers}
-            )
+            asked = {"question": question, "passages": read, "top_answers": top_answers}
+            asked["tokenizer"] = found["tokenizer"]  # what the passages' token ids are from
+            spans = await _with_one_retry(self.reader.read, asked)
             self.metrics.stage.labels("read").observe(time.perf_counter() - started)
             answers = [
                 {
@@ -264,6 +275,7 @@ class Ingress:
                 }
                 for s in spans
             ]
+        passages = [public(hit) for hit in passages]
         return JSONResponse({"answers": answers, "passages": passages, "index_version": found["index_version"]})
 
     def _parts(self) -> list[tuple[str, Any]]:
@@ -309,19 +321,20 @@ class Ingress:
 @serve.ingress()
 class QAService(Ingress):
     """The ingress deployment: `Ingress` as Ray Serve runs it, its HTTP API built per replica, concurrent requests
-    coalesced (`serve.batch_max_size`, waiting up to `serve.batch_wait_s`) into one `_retrieve_batch`."""
+    coalesced into one `_retrieve_batch` (`pipeline.serve.batching.Coalescer`, not `serve.batch`: no batch wait; a
+    request that finds none in flight goes at once, those arriving meanwhile join the next, up to
+    `serve.batch_max_size`)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._retrieve_together.set_max_batch_size(self.settings.batch_max_size)
-        self._retrieve_together.set_batch_wait_timeout_s(self.settings.batch_wait_s)
+        self.together = Coalescer(self._retrieve_batch, self.settings.batch_max_size)
 
     async def _retrieve(self, questions: list[str], k: int, mode: str) -> dict[str, Any]:
-        return await self._retrieve_together((questions, k, mode))
+        return await self.together.submit((questions, k, mode))
 
-    @serve.batch  # size and wait: set in __init__
-    async def _retrieve_together(self, requests: list[tuple[list[str], int, str]]) -> list[dict[str, Any]]:
-        return await self._retrieve_batch(requests)
+    def batch_sizes(self) -> dict[int, int]:
+        """Batch size -> batches this replica has retrieved (for a handle call: benchmarks/serve.py)."""
+        return dict(self.together.sizes)
 
 
 def build_app(config: PipelineConfig):

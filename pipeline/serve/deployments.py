@@ -6,6 +6,7 @@ holds the index, never loads it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import tempfile
 import threading
@@ -20,7 +21,8 @@ from pipeline.errors import PipelineError
 from pipeline.layout import published_version, read_index_manifest
 from pipeline.lexical import LexicalIndex, load_lexical
 from pipeline.primitives import EncodeCall, LexicalSearch, ShardSearch
-from pipeline.segments import PublishedIndex, evict, load_published
+from pipeline.segments import PublishedIndex, evict, footprint, load_published
+from pipeline.serve.batching import Coalescer
 from pipeline.serve.versions import Versions
 from pipeline.storage import Storage
 
@@ -205,7 +207,7 @@ class Retriever(_Versioned):
                 continue
             asked = [(requests[p].vectors, requests[p].k) for p in positions]
             for position, results in zip(positions, _search(index, asked, self._refine_k(index))):
-                answered[position] = self._answer(used, results=results)
+                answered[position] = self._answer(used, results=results, tokenizer=index.store.tokenizer)
         return answered
 
     def _details(self, index: PublishedIndex) -> dict[str, Any]:
@@ -214,6 +216,7 @@ class Retriever(_Versioned):
             "shard": list(self.shard),
             "node": ray.get_runtime_context().get_node_id(),  # where this shard's answering replica runs
             "segments": len(index.docstores),
+            "bytes_per_passage": footprint(index.manifest),
             "lineage": index.manifest.model_dump(exclude={"files"}),
         }
 
@@ -239,40 +242,29 @@ class Lexical(_Versioned):
         answered = []
         for questions, k, version in requests:
             used, index = await self.versions.get(version)
-            answered.append(self._answer(used, results=index.search(questions, k)))
+            tokenizer = index.store.tokenizer if index.store is not None else None
+            answered.append(self._answer(used, results=index.search(questions, k), tokenizer=tokenizer))
         return answered
 
 
 def _search(
     index: PublishedIndex, requests: list[tuple[np.ndarray, int]], refine_k: int
 ) -> list[list[list[dict[str, Any]]]]:
-    """Per request, per question: the hits (id, title, text, score, key = FAISS id), best first; with refine_k,
-    the scores are exact inner products of the re-scored candidates."""
+    """Per request, per question: the hits (id, title, text, score, key = FAISS id, and the reader's token ids when
+    the version has them), best first; with refine_k, the scores are exact inner products of the re-scored
+    candidates."""
     queries = np.concatenate([np.asarray(vectors, dtype=np.float32).reshape(-1, index.d) for vectors, _ in requests])
     scores, rows = index.search(queries, max(k for _, k in requests), refine_k)
-    table = index.passages([int(r) for r in rows.ravel() if r >= 0])
-    ids, titles, texts = (table.column(c).to_pylist() for c in ("id", "title", "text"))
-    answered, question, position = [], 0, 0
-    for vectors, k in requests:
+    ks = np.repeat([k for _, k in requests], [len(vectors) for vectors, _ in requests])
+    wanted = (rows >= 0) & (np.arange(rows.shape[1]) < ks[:, None])  # each question's own k
+    hits = iter(index.store.hits(rows[wanted], scores[wanted]))  # one take from the docstores for all of them
+    answered, question = [], 0
+    for vectors, _ in requests:
         results = []
         for _ in range(len(vectors)):
-            hits = []
-            for rank, row in enumerate(rows[question]):
-                if row < 0:
-                    continue
-                if rank < k:
-                    hits.append(
-                        {
-                            "id": ids[position],
-                            "title": titles[position],
-                            "text": texts[position],
-                            "score": float(scores[question, rank]),
-                            "key": int(row),
-                        }
-                    )
-                position += 1
-            hits.sort(key=lambda hit: (-hit["score"], hit["key"]))
-            results.append(hits)
+            found = [next(hits) for _ in range(int(wanted[question].sum()))]
+            found.sort(key=lambda hit: (-hit["score"], hit["key"]))
+            results.append(found)
             question += 1
         answered.append(results)
     return answered
@@ -280,13 +272,18 @@ def _search(
 
 @serve.deployment
 class Reader:
-    """`pipeline.reader.SpanReader` as a deployment, concurrent questions batched into one forward pass."""
+    """`pipeline.reader.SpanReader` as a deployment: questions that arrive while a forward pass runs go through the
+    next one together (up to 8; `pipeline.serve.batching`: a lone question waits for nothing). The pass runs on a
+    thread, so the replica keeps taking requests meanwhile."""
 
     def __init__(self, model: str, max_length: int, max_answer_tokens: int):
         from pipeline.reader import SpanReader
 
         self.reader = SpanReader(model, max_length, max_answer_tokens)
+        self.together = Coalescer(self._read_batch, 8)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def read(self, requests: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-        return self.reader.read(requests)
+    async def _read_batch(self, requests: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        return await asyncio.to_thread(self.reader.read, requests)
+
+    async def read(self, request: dict[str, Any]) -> list[dict[str, Any]]:
+        return await self.together.submit(request)

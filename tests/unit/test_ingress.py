@@ -78,7 +78,15 @@ class Shard(Part):
             return {"index_version": used, **self._status(), "results": None}
         results = [
             [
-                {"id": f"{used}-s{self.number}-{i}", "title": "t", "text": "x", "score": 1 - i / 10, "key": i * 10}
+                {
+                    "id": f"{used}-s{self.number}-{i}",
+                    "title": "t",
+                    "text": "x",
+                    "score": 1 - i / 10,
+                    "key": i * 10,
+                    "title_ids": np.array([i], np.uint16),
+                    "text_ids": np.array([i, i], np.uint16),
+                }
                 for i in range(request.k)
             ]
             for _ in range(len(request.vectors))
@@ -132,13 +140,19 @@ def test_a_batch_is_split_back_per_request_with_its_own_k_and_mode():
     shard_hits = [[{"id": f"v1-s{s}-{i}", "score": 1 - i / 10, "key": i * 10} for i in range(depth)] for s in (0, 1)]
     merged = merge_hits(shard_hits, depth)
     assert [h["id"] for h in dense_a["results"][0]] == [h["id"] for h in merged[:2]]
-    assert all("key" not in hit for hits in dense_a["results"] for hit in hits)  # FAISS ids stay inside
     bm25 = [{"id": f"v1-b{i}", "score": 9.0 - i} for i in range(depth)]
     expected = [h["id"] for h in fuse(merged, bm25, 3, 60, 0.5)]
     assert [[h["id"] for h in hits] for hits in hybrid["results"]] == [expected, expected]
     assert [h["id"] for h in sparse["results"][0]] == ["v1-b0"]
     assert {a["index_version"] for a in (dense_a, hybrid, sparse)} == {"v1"}
     assert parts["encoder"].asked == ["v1"] and parts["bm25"].asked == ["v1"]  # one call each for the batch
+
+
+def test_hits_leave_the_app_without_their_faiss_ids_and_token_ids():
+    client = TestClient(build_api(_ingress(_parts()), None))
+    for mode in ("dense", "hybrid"):
+        answer = client.post("/v1/search", json={"questions": ["q"], "k": 2, "mode": mode}).json()
+        assert [set(hit) for hit in answer["results"][0]] == [{"id", "title", "text", "score"}] * 2, mode
 
 
 def test_while_a_shard_lacks_the_new_version_answers_come_from_the_one_before():
