@@ -218,6 +218,9 @@ def test_docs_openapi_health_index_and_metrics(qa):
     info = requests.get(f"{qa['url']}/v1/index", timeout=10).json()
     assert info["index_version"] == _latest(qa) and info["vectors"] == 400
     assert info["lineage"]["snapshot"] == "s1" and info["lineage"]["factory"] == "IVF4,PQ32x8"
+    footprint = info["bytes_per_passage"]  # what a replica stores, by kind: the reader's token ids among them
+    assert footprint["token_ids"] > 0 and footprint["bm25"] < footprint["docstore"] and footprint["total"] > 0
+    assert info["lineage"]["tokenizer"]["model"] == qa["config"].serve.reader_model
     requests.post(f"{qa['url']}/v1/search", json={"questions": ["army ship"]}, timeout=30)
     metrics = requests.get(f"{qa['url']}/metrics", timeout=10).text
     assert 'qa_requests_total{route="/v1/search",status="200"}' in metrics
