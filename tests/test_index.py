@@ -205,7 +205,8 @@ def test_a_build_killed_mid_way_reruns_to_the_bytes_of_a_clean_build(encoded):
     second = published_files()
     assert first == second and first[1] == sorted(pid for pid, _, _ in ROWS)
     kinds = sorted(name.rsplit("/", 1)[-1].rsplit(".", 1)[-1] for name in first[0])
-    assert kinds == ["arrow", "bin", "faiss", "npy", "npy"]  # docstore, lists, quantizer, keys, vectors
+    # docstore and reader ids, inverted lists, quantizer, keys and vectors
+    assert kinds == ["arrow", "arrow", "bin", "faiss", "npy", "npy"]
     if before is not None:
         fs.pipe_file("idx/root/indexes/LATEST", f"{before}\n".encode())
 

@@ -1,0 +1,62 @@
+"""Compaction carries the reader's token ids: the merged segment's `reader_ids.arrow` holds, row for row, the ids of
+its live docstore rows (copied, not recomputed); with one merged segment lacking them, it has none."""
+
+import os
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from kit.models import tiny_dpr
+from pipeline.docstore import TOKENS_FILE, open_arrow
+from pipeline.index.build import Built
+from pipeline.index.compact import compact
+from pipeline.segments import DOCSTORE_FILE, SegmentWriter, faiss_ids
+from pipeline.storage import Storage
+from pipeline.telemetry import PhaseTimer
+from pipeline.tokens import ReaderTokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return ReaderTokenizer(tiny_dpr(tmp_path_factory.mktemp("reader"), ("reader",))["reader"])
+
+
+def _segments(tmp_path, tokenizer, with_ids=(True, True)) -> tuple[Built, list[pa.Table]]:
+    rng = np.random.default_rng(0)
+    quantizer = faiss.index_factory(8, "IVF2,PQ2x4", faiss.METRIC_INNER_PRODUCT)
+    quantizer.train(rng.normal(size=(300, 8)).astype(np.float32))
+    path = str(tmp_path / "quantizer.faiss")
+    faiss.write_index(quantizer, path)
+    segments, tables = [], []
+    for seq, ids in zip((1, 2), with_ids):
+        rows = pa.table(
+            {
+                "id": [f"{seq}-{i}" for i in range(20)],
+                "title": [f"Title {seq} {i}" for i in range(20)],
+                "text": [f"passage {i} of segment {seq} about rivers " * (1 + i % 3) for i in range(20)],
+            }
+        )
+        writer = SegmentWriter(quantizer, seq, str(tmp_path), True, tokenizer if ids else None)
+        writer.add(rng.normal(size=(20, 8)).astype(np.float32), rows)
+        segments.append(writer.close())
+        tables.append(rows)
+    dead = np.concatenate([faiss_ids(1, 0, 20)[[2, 5]], faiss_ids(2, 0, 20)[[0, 19]]])
+    return Built(path, segments, dead, {10: 1.0, 100: 1.0}, {}, 40, None, None), tables
+
+
+def test_compaction_copies_the_live_rows_token_ids(tmp_path, tokenizer):
+    built, _ = _segments(tmp_path, tokenizer)
+    merged = compact(Storage(str(tmp_path / "store"), {}), built, [0, 1], {}, str(tmp_path), PhaseTimer())
+    [segment] = merged.segments
+    docstore, tokens = open_arrow(segment.paths[DOCSTORE_FILE]), open_arrow(segment.paths[TOKENS_FILE])
+    assert docstore.num_rows == tokens.num_rows == 36 and "1-2" not in docstore.column("id").to_pylist()
+    assert tokens.equals(tokenizer.table(docstore))  # row for row, the live rows' ids
+
+
+def test_a_merged_segment_without_ids_leaves_the_compacted_one_without(tmp_path, tokenizer):
+    built, _ = _segments(tmp_path, tokenizer, with_ids=(True, False))
+    merged = compact(Storage(str(tmp_path / "store"), {}), built, [0, 1], {}, str(tmp_path), PhaseTimer())
+    assert TOKENS_FILE not in merged.segments[0].paths
+    assert not os.path.exists(os.path.join(os.path.dirname(merged.segments[0].paths[DOCSTORE_FILE]), TOKENS_FILE))
