@@ -629,3 +629,24 @@ def test_a_shard_replica_killed_under_load_costs_at_most_one_percent(qa, segment
         serve.delete("kill3")
     failed = [s for s in statuses if s != 200]
     assert len(statuses) >= 100 and len(failed) <= 0.01 * len(statuses), (len(statuses), failed)
+
+
+def test_metrics_expose_every_series_the_grafana_dashboard_queries(qa):
+    """infra/grafana/qa-dashboard.json: each metric name its PromQL selects is a sample of the live app's /metrics once
+    the app has answered a search, an ask and a refused request."""
+    from kit.dashboard import dashboard_metric_names, load_dashboard, sample_names
+
+    url = qa["url"]
+    search = requests.post(f"{url}/v1/search", json={"questions": ["river castle"], "k": 3}, timeout=60)
+    assert search.status_code == 200, search.text
+    ask = requests.post(f"{url}/v1/ask", json={"question": "which river", "k": 3}, timeout=60)
+    assert ask.status_code == 200, ask.text
+    refused = requests.post(f"{url}/v1/search", json={"questions": "not a list"}, timeout=30)
+    assert refused.status_code == 422, refused.text
+    metrics = requests.get(f"{url}/metrics", timeout=10).text
+    used = dashboard_metric_names(load_dashboard())
+    assert {"qa_requests_total", "qa_request_seconds_bucket", "qa_stage_seconds_bucket"} <= used
+    assert used - sample_names(metrics) == set(), metrics
+    assert 'qa_requests_total{route="/v1/search",status="422"}' in metrics  # what the error panels select
+    for stage in ("encode", "search", "read"):
+        assert f'qa_stage_seconds_count{{stage="{stage}"}}' in metrics

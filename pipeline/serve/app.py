@@ -328,6 +328,7 @@ class QAService(Ingress):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.together = Coalescer(self._retrieve_batch, self.settings.batch_max_size)
+        self.metrics.queued.set_function(lambda: self.together.queued)
 
     async def _retrieve(self, questions: list[str], k: int, mode: str) -> dict[str, Any]:
         return await self.together.submit((questions, k, mode))

@@ -68,6 +68,8 @@ class Guard:
             await send(message)
 
         rid = request_id(scope)
+        route = path if path in ROUTES else "other"
+        self.metrics.in_flight.labels(route).inc()
         try:
             rejection, receive = await self._admit(scope, path, rid, receive)
             await (rejection or self.app)(scope, receive, send_counted)
@@ -76,7 +78,7 @@ class Guard:
                 raise
             await unexpected(exc, rid, path)(scope, receive, send_counted)
         finally:
-            route = path if path in ROUTES else "other"
+            self.metrics.in_flight.labels(route).dec()
             self.metrics.requests.labels(route, str(status[0])).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
 

@@ -31,6 +31,11 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
         )
         self.version = Gauge("qa_index_version_info", "index version answering", ["version"], registry=self.registry)
+        self.in_flight = Gauge(
+            "qa_requests_in_flight", "requests being answered now", ["route"], registry=self.registry
+        )
+        # Requests waiting for the next retrieval batch (set to read the ingress's batcher where there is one).
+        self.queued = Gauge("qa_batch_queue_depth", "requests waiting for the next batch", registry=self.registry)
         self._served: str | None = None
 
     def serving(self, version: str) -> None:
