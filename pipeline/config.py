@@ -247,6 +247,38 @@ class IndexConfig(Section):
         return self
 
 
+class Autoscaling(Section):
+    """Ray Serve's `autoscaling_config` for one part of the QA app: replicas between `min_replicas` and
+    `max_replicas`, sized so that each has about `target_ongoing_requests` calls in flight or queued."""
+
+    min_replicas: int = Field(1, ge=1, description="a versioned part needs a replica holding the version")
+    max_replicas: int = Field(gt=0)
+    initial_replicas: int | None = Field(None, ge=1)
+    target_ongoing_requests: float = Field(
+        2,
+        gt=0,
+        description="calls in flight per replica to aim at; the ingress sends the question encoder and each shard "
+        "one call per batch, so below 1 there (e.g. 0.5: a second replica once batches are back to back)",
+    )
+    upscale_delay_s: float = Field(30, ge=0)
+    downscale_delay_s: float = Field(600, ge=0)
+    metrics_interval_s: float = Field(10, gt=0, description="how often replicas report their load")
+    look_back_period_s: float = Field(30, gt=0, description="the window the load is averaged over")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Autoscaling:
+        initial = self.initial_replicas if self.initial_replicas is not None else self.min_replicas
+        if not self.min_replicas <= initial <= self.max_replicas:
+            raise ValueError(
+                f"replicas must satisfy min_replicas ({self.min_replicas}) <= initial_replicas ({initial}) <= "
+                f"max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+AUTOSCALED = Literal["ingress", "encoder", "retriever", "lexical", "reader"]
+
+
 class ServeConfig(Section):
     question_model: str = Field(
         "facebook/dpr-question_encoder-single-nq-base",
@@ -317,6 +349,11 @@ class ServeConfig(Section):
     retriever_cpus: float = Field(1, ge=0, description="CPUs per retriever replica (FAISS search threads)")
     reader_gpus: float = Field(0, ge=0)
     reader_cpus: float = Field(1, ge=0)
+    autoscaling: dict[AUTOSCALED, Autoscaling] = Field(
+        default_factory=dict,
+        description="per part (ingress, encoder, retriever: every shard, lexical, reader), Ray Serve autoscaling "
+        "instead of that part's fixed *_replicas",
+    )
 
     @model_validator(mode="after")
     def _a_resource_map_per_shard(self) -> ServeConfig:

@@ -338,6 +338,15 @@ class QAService(Ingress):
         return dict(self.together.sizes)
 
 
+def replicas(s: ServeConfig, part: str, fixed: int) -> dict[str, Any]:
+    """A part's deployment options for its replica count: `serve.autoscaling[part]` as Ray Serve's
+    `autoscaling_config`, else `fixed` replicas."""
+    scaling = s.autoscaling.get(part)
+    if scaling is None:
+        return {"num_replicas": fixed}
+    return {"autoscaling_config": scaling.model_dump(exclude_none=True)}
+
+
 def build_app(config: PipelineConfig):
     """The application graph: ingress → (question encoder, retriever shards, BM25, reader). The version is the
     ingress's `user_config` (`serve.index_version` its default): no other deployment takes one."""
@@ -347,14 +356,14 @@ def build_app(config: PipelineConfig):
     where = (storage.root_url, config.storage.options)
     part = PartSettings(*where, os.path.abspath(s.cache_dir), s.batch_max_size, s.version_idle_s)
     encoder = QuestionEncoder.options(
-        num_replicas=s.encoder_replicas,
+        **replicas(s, "encoder", s.encoder_replicas),
         ray_actor_options={"num_cpus": s.encoder_cpus, "num_gpus": s.encoder_gpus},
     ).bind(part, s.question_model, s.question_pooling)
     # With serve.shards > 1, one Retriever deployment per shard, each with its own replicas and its own segments.
     retrievers = [
         Retriever.options(
             name=name,
-            num_replicas=s.retriever_replicas,
+            **replicas(s, "retriever", s.retriever_replicas),
             ray_actor_options={"num_cpus": s.retriever_cpus, "resources": resources},
         ).bind(part, (shard, s.shards), s.refine_k)
         for shard, (name, resources) in enumerate(
@@ -364,19 +373,20 @@ def build_app(config: PipelineConfig):
     reader = None
     if s.reader_model:
         reader = Reader.options(
-            num_replicas=s.reader_replicas,
+            **replicas(s, "reader", s.reader_replicas),
             ray_actor_options={"num_cpus": s.reader_cpus, "num_gpus": s.reader_gpus},
         ).bind(s.reader_model, s.reader_max_length, s.max_answer_tokens)
     lexical = None
     if config.index.lexical:  # the versions carry a BM25 index: sparse and hybrid searches
         lexical = Lexical.options(
-            num_replicas=s.lexical_replicas,
+            **replicas(s, "lexical", s.lexical_replicas),
             ray_actor_options={"num_cpus": s.lexical_cpus},
         ).bind(part)
     # The ingress only awaits the others: it takes no CPU slot, so it is always schedulable.
     # A replaced ingress replica drains its in-flight requests (each retried on the new replicas of the others,
     # which may take a while to load their models) instead of being killed after Serve's default 20 s.
     ingress = QAService.options(
+        **replicas(s, "ingress", 1),
         max_ongoing_requests=s.max_ongoing_requests,
         max_queued_requests=s.max_queued_requests,
         ray_actor_options={"num_cpus": 0},
@@ -387,5 +397,17 @@ def build_app(config: PipelineConfig):
 
 
 def app(args: dict[str, Any]):
-    """Builder for `serve run` / `serve deploy`: args `config` (a deployment YAML) and optional `set` overrides."""
-    return build_app(load_config(args["config"], list(args.get("set", []))))
+    """Builder for `serve run` / `serve deploy`. Args: `settings`, the app's part of the deployment YAML as
+    `python -m jobs.serve_config` writes it (`config` then only names the file it came from), or `config`, the
+    deployment YAML's path (read where the app is built); optional `set` overrides (`dotted.key=value`) on top.
+    Settings in the args are what make an edit reach the app: Serve rebuilds an app on `serve deploy` only when
+    its args change (`pipeline.serveconfig`)."""
+    from pipeline.serveconfig import app_settings, read_args, settings_config, settings_sha256
+
+    settings, overrides = read_args(args)
+    if settings is None:
+        config, source = load_config(args["config"], overrides), f"args.config {args['config']}"
+    else:
+        config, source = settings_config(settings, overrides, args.get("config")), "args.settings"
+    log.info("building the QA app from %s (settings %s)", source, settings_sha256(app_settings(config))[:12])
+    return build_app(config)

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,28 @@ def test_missing_config_file_exits_2(tmp_path):
 def test_bad_command_line_exits_2():
     run = run_job("ingest", Path("configs/demo.yaml"), "no-equals-sign")
     assert run.returncode == 2
+
+
+def test_autoscaling_is_checked_and_becomes_ray_serves_autoscaling_config():
+    from pipeline.serve.app import replicas
+
+    scaled = load_config(
+        REPO / "configs" / "demo.yaml", ["serve.autoscaling={encoder: {max_replicas: 3, target_ongoing_requests: 0.5}}"]
+    ).serve
+    assert replicas(scaled, "encoder", 1)["autoscaling_config"] == {
+        "min_replicas": 1,
+        "max_replicas": 3,
+        "target_ongoing_requests": 0.5,
+        "upscale_delay_s": 30,
+        "downscale_delay_s": 600,
+        "metrics_interval_s": 10,
+        "look_back_period_s": 30,
+    }
+    assert replicas(scaled, "reader", 4) == {"num_replicas": 4}  # a part without autoscaling keeps its count
+    for bad, says in (
+        ("{encoder: {min_replicas: 3, max_replicas: 2}}", "min_replicas (3) <= initial_replicas (3) <= max_replicas"),
+        ("{decoder: {max_replicas: 2}}", "decoder"),
+        ("{encoder: {max_replicas: 2, target: 1}}", "target"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            load_config(REPO / "configs" / "demo.yaml", [f"serve.autoscaling={bad}"])

@@ -142,6 +142,29 @@ def test_rayservice_serves_the_app_from_the_serve_config(manifest):
     assert f"http://{doc['metadata']['name']}-serve-svc:8000" in nightly
 
 
+@pytest.mark.parametrize("manifest", ["rayservice-qa.yaml", "rayservice-qa-sharded.yaml"])
+def test_the_rayservice_autoscales_as_the_deployment_yaml_says(manifest):
+    """Each deployment's autoscaling_config is `serve.autoscaling`'s for its part (the shards within their worker
+    groups), and the cluster grows its pods with the replicas."""
+    from pipeline.serve.app import replicas
+
+    [doc] = _documents(KUBERAY / manifest)
+    [app] = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]
+    serve = load_config(REPO / app["args"]["config"], app["args"].get("set", [])).serve
+    assert doc["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
+    parts = {"QAService": "ingress", "QuestionEncoder": "encoder", "Retriever": "retriever", "Reader": "reader"}
+    groups = {g["groupName"]: g for g in doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    scaled = {d["name"]: d["autoscaling_config"] for d in app["deployments"] if "autoscaling_config" in d}
+    assert {"QAService", "QuestionEncoder", "Reader"} <= set(scaled)
+    for name, given in scaled.items():
+        assert "num_replicas" not in next(d for d in app["deployments"] if d["name"] == name)
+        if name in parts:
+            wanted = replicas(serve, parts[name], 1)["autoscaling_config"]
+            assert given == {key: wanted[key] for key in given}, name
+        else:  # a shard: Retriever<i>, on its own worker group
+            assert given["max_replicas"] <= groups[f"shard{name.removeprefix('Retriever')}"]["maxReplicas"], name
+
+
 def test_each_shard_has_a_worker_group_whose_resource_only_its_replicas_ask_for():
     [doc] = _documents(KUBERAY / "rayservice-qa-sharded.yaml")
     [app] = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]
