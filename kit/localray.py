@@ -131,8 +131,9 @@ class LocalRay:
             raise
 
     def pids(self) -> list[int]:
-        """This cluster's processes: those naming its temp dir or GCS address, and all their descendants."""
-        return marked_processes(str(self.temp_dir), self.address)
+        """This cluster's processes: those naming its temp dir or GCS address (Ray's client server names it by the
+        node's own IP: its GCS port is the mark), and all their descendants."""
+        return marked_processes(str(self.temp_dir), self.address, f":{self.port} --")
 
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM its processes, SIGKILL what is left after `grace_s`."""

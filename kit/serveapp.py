@@ -39,3 +39,14 @@ def serve_deploy(dashboard: str, spec: dict[str, Any], path: Path) -> None:
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
         raise AssertionError(f"serve deploy failed: {done.stderr[-2000:]}")
+
+
+def answers_by_mode(url: str, questions: list[str], modes: tuple[str, ...], k: int = 5) -> dict[str, dict[str, Any]]:
+    """What the app at `url` answers now to `questions` in each mode (each answer names its version)."""
+    out = {}
+    for mode in modes:
+        response = requests.post(f"{url}/v1/search", json={"questions": questions, "k": k, "mode": mode}, timeout=60)
+        if response.status_code != 200:
+            raise AssertionError(f"{mode}: {response.status_code} {response.text}")
+        out[mode] = response.json()
+    return out

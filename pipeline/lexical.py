@@ -11,8 +11,8 @@ none); a hit's text and token ids are read from the version's docstores (`pipeli
 side reads, so a replica holds each passage's text once. Versions built before this (`lexical_format` 1) stored
 id, title and text in tantivy and still serve from them.
 
-A version lists each tantivy file by sha256 (objects `indexes/lexical/<sha>-<file>`, shared by the versions that
-contain them); a replica verifies every file before tantivy opens the directory of links to them.
+A version lists each tantivy file by sha256 (objects `indexes/lexical/<sha>.<kind>`, shared by the versions and
+files that have the same bytes); a replica verifies every file before tantivy opens the directory of links to them.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from kit.jobs import free_port, run_job, write_config
 from kit.load import Load
 from kit.models import tiny_dpr
 from kit.poll import until
-from kit.serveapp import serve_config, serve_deploy
+from kit.serveapp import answers_by_mode, serve_config, serve_deploy
 from pipeline.segments import load_published
 from pipeline.storage import Storage
 from pipeline.text_encoder import EncoderSettings, TextEncoder
@@ -35,12 +35,7 @@ def _clients(url: str) -> Load:
 
 def _expected(url: str) -> dict[str, dict]:
     """What the app answers now in each mode (the version each names)."""
-    out = {}
-    for mode in MODES:
-        response = requests.post(f"{url}/v1/search", json={"questions": QUESTIONS, "k": 5, "mode": mode}, timeout=60)
-        assert response.status_code == 200, response.text
-        out[mode] = response.json()
-    return out
+    return answers_by_mode(url, QUESTIONS, MODES)
 
 
 def _wait_for(url: str, version: str, timeout: float = 120) -> None:

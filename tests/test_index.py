@@ -1,7 +1,6 @@
 """Index building end to end on the encode job's output (its pure planning: tests/unit/test_index_plan.py)."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -326,8 +325,7 @@ def test_a_version_built_before_the_bm25_and_token_id_change_still_serves_the_sa
     """A version as the release before published it (BM25 with id, title and text stored, `lexical_format` 1; no
     token ids): its sparse hits, read from tantivy's stored fields, equal the current version's, read from the
     docstores (positions were never part of BM25's scores), and its dense hits come without token ids."""
-    import tantivy
-
+    from kit.legacy import format1_bm25
     from pipeline.lexical import object_name
     from pipeline.segments import TOKENS_FILE, upload_once
 
@@ -335,21 +333,9 @@ def test_a_version_built_before_the_bm25_and_token_id_change_still_serves_the_sa
     assert run.returncode == 0, run.stderr[-3000:]
     storage, version = encoded["storage"], run.summary["version"]
     current = load_published(storage, version, str(tmp_path / "cache"))
-    builder = tantivy.SchemaBuilder()  # the schema of lexical_format 1
-    builder.add_text_field("key", tokenizer_name="raw", index_option="basic")
-    for name in ("id", "title", "text"):
-        builder.add_text_field(name, stored=True, tokenizer_name="raw", index_option="basic")
-    builder.add_text_field("body", tokenizer_name="en_stem")
-    (tmp_path / "old").mkdir()
-    old_index = tantivy.Index(builder.build(), path=str(tmp_path / "old"))
-    writer = old_index.writer(heap_size=50_000_000, num_threads=1)
     ids, _ = current.live_ids()
     table = current.passages(ids)
-    for pid, title, text in zip(*(table.column(c).to_pylist() for c in ("id", "title", "text"))):
-        writer.add_document(tantivy.Document(key=pid, id=pid, title=title, text=text, body=f"{title} {text}"))
-    writer.commit()
-    writer.wait_merging_threads()
-    files = {n: str(tmp_path / "old" / n) for n in os.listdir(tmp_path / "old") if not n.endswith(".lock")}
+    files = format1_bm25(tmp_path / "old", zip(*(table.column(c).to_pylist() for c in ("id", "title", "text"))))
     lexical = {name: upload_once(storage, path, object_name(name, path))[0] for name, path in files.items()}
     manifest = current.manifest
     kept = [e for e in manifest.files if e.name not in set(manifest.lexical.values()) and TOKENS_FILE not in e.name]

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 import tantivy
 
+from kit.legacy import format1_bm25
 from pipeline.docstore import Docstore, faiss_ids
 from pipeline.errors import PipelineError
 from pipeline.keys import keys_of
@@ -112,17 +113,7 @@ def test_a_bm25_key_without_a_live_docstore_row_is_an_error(tmp_path):
 
 def test_an_index_of_the_format_before_still_searches(tmp_path):
     """lexical_format 1: id, title and text stored in tantivy, no docstore needed."""
-    builder = tantivy.SchemaBuilder()
-    builder.add_text_field("key", tokenizer_name="raw", index_option="basic")
-    for name in ("id", "title", "text"):
-        builder.add_text_field(name, stored=True, tokenizer_name="raw", index_option="basic")
-    builder.add_text_field("body", tokenizer_name="en_stem")
-    (tmp_path / "old").mkdir()
-    index = tantivy.Index(builder.build(), path=str(tmp_path / "old"))
-    writer = index.writer(heap_size=15_000_000, num_threads=1)
-    for pid, title, text in [("a", "Rivers", "the longest river"), ("b", "Hills", "a green hill")]:
-        writer.add_document(tantivy.Document(key=pid, id=pid, title=title, text=text, body=f"{title} {text}"))
-    writer.commit()
-    index.reload()
+    format1_bm25(tmp_path / "old", [("a", "Rivers", "the longest river"), ("b", "Hills", "a green hill")])
+    index = tantivy.Index.open(str(tmp_path / "old"))
     [[hit]] = LexicalIndex("old", index).search(["rivers"], 1)
     assert hit == {"id": "a", "title": "Rivers", "text": "the longest river", "score": pytest.approx(hit["score"])}
