@@ -1,4 +1,5 @@
-"""Train and publish a FAISS IVF-PQ index (with its docstore) from an encode job's embedding shards.
+"""Train and publish a FAISS IVF-PQ index (with its docstore) from an encode job's embedding shards; a run that
+publishes a version (or fails) is recorded in the history (`nightly/history/`, `python -m jobs.report`).
 
 ray job submit --working-dir . -- python -m jobs.build_index --config configs/wiki21m.yaml
 """
@@ -6,11 +7,12 @@ ray job submit --working-dir . -- python -m jobs.build_index --config configs/wi
 import sys
 
 from pipeline.cli import run_job
+from pipeline.history import recorded
 from pipeline.index.job import run_build_index
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job("build_index", run_build_index, argv)
+    return run_job("build_index", recorded("build", run_build_index), argv)
 
 
 if __name__ == "__main__":

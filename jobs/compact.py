@@ -1,5 +1,6 @@
 """Merge the published index version's segments into one and drop its tombstoned rows, as a new version (the
-nightly does this by itself past index.max_segments / index.max_tombstone_fraction).
+nightly does this by itself past index.max_segments / index.max_tombstone_fraction). A compaction that publishes
+(or fails) is recorded in the history (`nightly/history/`, `python -m jobs.report`).
 
     ray job submit --working-dir . -- python -m jobs.compact --config configs/wiki21m.yaml
 """
@@ -7,11 +8,12 @@ nightly does this by itself past index.max_segments / index.max_tombstone_fracti
 import sys
 
 from pipeline.cli import run_job
+from pipeline.history import recorded
 from pipeline.index.job import run_compact
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job("compact", run_compact, argv)
+    return run_job("compact", recorded("compact", run_compact), argv)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ pointers (`passages/LATEST`, `indexes/LATEST`), which are moved only after the m
     indexes/quantizers/, indexes/segments/  shared, content-addressed
     indexes/<version>/manifest.json         an index version (and its tombstones.npy)
     nightly/<snapshot>.json                 what a night diffs against
+    nightly/history/<when>-<kind>-<id>.json one record per night, build or compaction (pipeline.history)
+    nightly/report.html                     `jobs.report`'s default output when storage.root is local
 """
 
 from __future__ import annotations
@@ -34,6 +36,17 @@ def version_dir(version: str) -> str:
 
 def nightly_record(snapshot: str) -> str:
     return posixpath.join("nightly", f"{snapshot}.json")
+
+
+HISTORY = posixpath.join("nightly", "history")  # one object per record: object stores have no append
+
+
+def history_record(name: str) -> str:
+    return posixpath.join(HISTORY, name)
+
+
+def history_report() -> str:
+    return posixpath.join("nightly", "report.html")
 
 
 def read_latest(storage: Storage, area: str) -> str | None:

@@ -13,6 +13,7 @@ manifest is created with a conditional write, so two runs of one night cannot bo
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import os
@@ -21,9 +22,11 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from pipeline import history
 from pipeline.config import PipelineConfig
 from pipeline.encode.job import run_encode
 from pipeline.errors import PipelineError
+from pipeline.history import NightRun
 from pipeline.index.job import run_build_index
 from pipeline.ingest import run_ingest
 from pipeline.layout import nightly_record, published_index, snapshot_dir
@@ -77,12 +80,23 @@ def night_record(storage: Storage, config: PipelineConfig) -> dict[str, Any]:
 
 
 def run_nightly(config: PipelineConfig) -> dict[str, Any]:
+    """One night, recorded in the history (`pipeline.history`) whether it ends well or fails."""
     storage = Storage(config.storage.root, config.storage.options)
+    night = NightRun(PhaseTimer(log))
+    try:
+        summary = _run_night(storage, config, night)
+    except Exception as exc:
+        history.record_quietly(storage, functools.partial(history.night_entry, storage, config, night, exc))
+        raise
+    summary["history"] = history.record_quietly(storage, functools.partial(history.night_entry, storage, config, night))
+    return summary
+
+
+def _run_night(storage: Storage, config: PipelineConfig, night: NightRun) -> dict[str, Any]:
     snapshot = config.ingest.snapshot
-    record = night_record(storage, config)
-    timer = PhaseTimer(log)
-    with timer("ingest"):
-        ingested = run_ingest(
+    record = night.plan = night_record(storage, config)
+    with night.stage("ingest"):
+        ingested = night.ingested = run_ingest(
             config.model_copy(update={"ingest": config.ingest.model_copy(update={"base": record.get("base")})})
         )
     encode_config = config.model_copy(
@@ -96,17 +110,17 @@ def run_nightly(config: PipelineConfig) -> dict[str, Any]:
             )
         }
     )
-    with timer("encode"):
-        encoded = run_encode(encode_config)
+    with night.stage("encode"):
+        encoded = night.encoded = run_encode(encode_config)
     index_config = config.model_copy(
         update={"index": config.index.model_copy(update={"snapshot": snapshot, "fingerprint": encoded.fingerprint})}
     )
-    with timer("build_index"):
-        built = run_build_index(index_config)
+    with night.stage("build_index"):
+        built = night.built = run_build_index(index_config)
     served = None
     if config.nightly.serve_address:
-        with timer("serve"):
-            served = point_serve_at(config, built.version)
+        with night.stage("serve"):
+            served = night.served = point_serve_at(config, built.version)
     return {
         "snapshot": snapshot,
         "previous_snapshot": record["previous_snapshot"],
@@ -126,7 +140,7 @@ def run_nightly(config: PipelineConfig) -> dict[str, Any]:
         "recall_at_100": built.recall_at_100,
         "distortion": built.distortion,
         "served": served,
-        "phase_seconds": timer.seconds,
+        "phase_seconds": night.timer.seconds,
         "output": built.output,
     }
 

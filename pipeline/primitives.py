@@ -15,6 +15,9 @@ Hit = dict[str, Any]
 # How an index version was made: one new segment on the published quantizer, every live row, or nothing to do.
 BuildMode = Literal["full", "delta", "current"]
 
+# What a history record (pipeline.history) was written by: a nightly run, `jobs.build_index`, `jobs.compact`.
+RunKind = Literal["night", "build", "compact"]
+
 
 class EncodeCall(NamedTuple):
     """Questions for the question encoder, and the version whose question encoder should answer."""

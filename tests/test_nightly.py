@@ -441,3 +441,64 @@ def test_evaluate_searches_exactly_over_a_delta_chain(nights, night2):
     found = [ctx for record in exact for ctx in record["ctxs"]]
     assert len(found) == 40 and all(ctx["text"] == rows[ctx["id"]] for ctx in found)  # live rows, current text
     assert not {ctx["id"] for ctx in found} & night2["deleted"]
+
+
+def test_the_history_records_each_night_and_compaction_and_the_report_shows_them(nights, night2, night3, compacted):
+    """One history record per night run (reruns included: they published nothing) and per compaction that
+    published, with their kinds, modes, versions, rows and stages; nothing of the storage options or credentials in
+    them; and `jobs.report`, run as a user runs it, writes a page with one table row per record."""
+    import base64
+    import json
+    import re
+
+    from pipeline.history import read_history
+    from tests.conftest import FAKE_CREDENTIALS
+
+    storage = nights["storage"]
+    records, skipped = read_history(storage)
+    assert skipped == []
+    ours = [r for r in records if r.snapshot in {"d1", "d2", "d3"}]  # a later test may have run night d4
+    second, third = night2["summary"], night3["summary"]
+    assert [(r.kind, r.snapshot, r.mode, r.version, r.published, r.status) for r in ours] == [
+        ("night", "d1", "full", nights["first"]["version"], True, "ok"),
+        ("night", "d2", "delta", second["version"], True, "ok"),
+        ("night", "d2", "current", second["version"], False, "ok"),  # the rerun: found published
+        ("night", "d3", "delta", third["version"], True, "ok"),
+        ("night", "d3", "current", third["version"], False, "ok"),
+        ("compact", "d3", "delta", compacted["version"], True, "ok"),  # its rerun published nothing: no record
+    ]
+    first, d2, d2_again, d3, d3_again, compaction = ours
+    rows = [(r.rows.new, r.rows.changed, r.rows.deleted) for r in (first, d2, d2_again, d3)]
+    assert rows == [(600, 0, 0), (25, 15, 20), (25, 15, 20), (20, 18, 25)]
+    assert (first.rows.encoded, d2.rows.encoded, d3.rows.encoded, compaction.rows.live) == (600, 40, 0, 600)
+    assert set(first.stage_seconds) == {"ingest", "encode", "build_index"} and first.serve_moved is None
+    assert set(d2.stage_seconds) == {"ingest", "encode", "build_index", "serve"}
+    assert d2.serve_moved is True and d2.serve_seconds == d2.stage_seconds["serve"] > 0
+    assert first.recall_at_100 == nights["first"]["recall_at_100"] and d2.recall_at_100 is None  # measured: full
+    assert first.retrained is True and "train" in first.build_seconds and d2.build_seconds
+    assert 0 < d2.bytes_written.total < 0.25 * first.bytes_written.total
+    assert min(first.bytes_written.passages, first.bytes_written.embeddings, first.bytes_written.index) > 0
+    assert d2_again.bytes_written.total == 0 and d3_again.bytes_written.total == 0
+    assert (d3.segments, compaction.segments, compaction.compacted, compaction.tombstone_fraction) == (3, 1, True, 0)
+    assert 0 < d3.tombstone_fraction == pytest.approx(d3.tombstones / (600 + d3.tombstones), abs=1e-6)
+    assert all(r.distortion and r.reference_distortion and r.max_drift == 0.2 for r in ours)
+    assert all(r.bytes_per_passage["total"] > 0 for r in ours)
+    written = [storage.read_bytes(f"nightly/history/{n}").decode() for n in storage.list_names("nightly/history")]
+    for secret in [*FAKE_CREDENTIALS.values(), storage.options["endpoint_url"]]:
+        assert not any(secret in text for text in written)
+
+    out = nights["tmp"] / "report" / "report.html"
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.report", "--config", str(nights["config"]), "--out", str(out), "--last", "500"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "ok" and summary["output"] == str(out) and summary["records"] == len(records)
+    page = out.read_text()
+    assert page.split("<tbody>")[1].split("</tbody>")[0].count("<tr") == len(records)
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) == 6 and all(base64.b64decode(i).startswith(b"\x89PNG\r\n\x1a\n") for i in images)
