@@ -23,6 +23,7 @@ from pipeline.lexical import LexicalIndex, load_lexical
 from pipeline.primitives import EncodeCall, LexicalSearch, ShardSearch
 from pipeline.segments import PublishedIndex, evict, footprint, load_published
 from pipeline.serve.batching import Coalescer
+from pipeline.serve.fanout import retriever_names
 from pipeline.serve.versions import Versions
 from pipeline.storage import Storage
 
@@ -177,7 +178,7 @@ class Retriever(_Versioned):
         self.search.set_max_batch_size(part.batch_max_size)
         self.refine_k = refine_k  # None: each version's own index.refine_k
         self.shard = tuple(shard)
-        self._versions_init(part, f"index shard {self.shard[0]} of")
+        self._versions_init(part, f"index shard {self.shard[0]} ({retriever_names(self.shard[1])[self.shard[0]]}) of")
 
     def _load(self, version: str) -> PublishedIndex:
         candidate = load_published(self.storage, version, self.cache_dir, self.shard)

@@ -160,5 +160,9 @@ class Versions(Generic[T]):
         log.error("%s %s refused: %s", self.what, name, exc)
 
     def status(self) -> dict[str, object]:
-        """What every answer of a versioned deployment carries, so the ingress can tell what to ask for."""
-        return {"loaded": self.held, "refused": self.refused()}
+        """What every answer of a versioned deployment carries, so the ingress can tell what to ask for (and say
+        which part refused a version, and why)."""
+        return {
+            "loaded": self.held,
+            "refused": {name: f"{self.what} {name}: {why}" for name, why in self.refused().items()},
+        }
