@@ -461,12 +461,18 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config {path} must be a mapping of sections")
         data = loaded or {}
+    return config_from(data, overrides, f"config{f' {path}' if path else ''}")
+
+
+def config_from(data: dict[str, Any], overrides: list[str] | tuple[str, ...], what: str) -> PipelineConfig:
+    """`data` (a deployment YAML's mapping, changed in place) with the overrides applied in order, validated;
+    errors name `what` it came from and each bad key."""
     for assignment in overrides:
         apply_override(data, assignment)
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"invalid config{f' {path}' if path else ''}: {_describe(exc)}") from None
+        raise ConfigError(f"invalid {what}: {_describe(exc)}") from None
 
 
 def argument_parser(job: str) -> argparse.ArgumentParser:

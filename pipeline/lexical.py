@@ -115,20 +115,19 @@ class LexicalIndex:
         """Per question, the k best passages by BM25 (id, title, text, score, and from the docstores the FAISS id
         as `key` and the token ids when the version has them), best first (ties: the id)."""
         searcher = self.index.searcher()
-        answered = []
+        found = []
         for question in questions:
             words = query_text(question)
-            if not words:
-                answered.append([])
-                continue
-            found = searcher.search(self.index.parse_query(words, ["body"]), k, count=False).hits
-            if self.store is None:
-                hits = [_stored_hit(searcher.doc(address), score) for score, address in found]
-            else:
-                keys = np.array(searcher.fast_field_values("key", [a for _, a in found]), np.int64).view(np.uint64)
-                hits = self.store.hits(self.store.by_key(keys), [score for score, _ in found])
+            found.append(searcher.search(self.index.parse_query(words, ["body"]), k, count=False).hits if words else [])
+        if self.store is None:
+            answered = [[_stored_hit(searcher.doc(address), score) for score, address in hits] for hits in found]
+        else:  # one docstore take for every question's hits
+            addresses = [address for hits in found for _, address in hits]
+            keys = np.array(searcher.fast_field_values("key", addresses), np.int64).view(np.uint64)
+            rows = iter(self.store.hits(self.store.by_key(keys), [score for hits in found for score, _ in hits]))
+            answered = [[next(rows) for _ in hits] for hits in found]
+        for hits in answered:
             hits.sort(key=lambda hit: (-hit["score"], hit["id"]))
-            answered.append(hits)
         return answered
 
     def keys(self) -> np.ndarray:

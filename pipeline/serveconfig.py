@@ -25,9 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from pydantic import ValidationError
-
-from pipeline.config import CREDENTIAL_KEYS, PipelineConfig, _describe, apply_override, load_config
+from pipeline.config import CREDENTIAL_KEYS, PipelineConfig, config_from, load_config
 from pipeline.errors import ConfigError
 
 IMPORT_PATH = "pipeline.serve.app:app"
@@ -129,13 +127,7 @@ def settings_config(
 ) -> PipelineConfig:
     """The typed config from `args.settings` and `set` overrides, validated as a deployment YAML is (`source`: the
     file they were written from, for the message)."""
-    data = copy.deepcopy(settings)
-    for assignment in overrides:
-        apply_override(data, assignment)
-    try:
-        return PipelineConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(f"invalid args.settings{f' (from {source})' if source else ''}: {_describe(exc)}") from None
+    return config_from(copy.deepcopy(settings), overrides, f"args.settings{f' (from {source})' if source else ''}")
 
 
 def with_settings(
