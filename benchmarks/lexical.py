@@ -56,10 +56,8 @@ def build(directory: str, size: int) -> tuple[dict[str, str], float, Docstore]:
 
 
 def measure(size: int, queries: int, tmp: str) -> dict:
-    import tantivy
-
     files, seconds, store = build(os.path.join(tmp, f"full-{size}"), size)
-    index = LexicalIndex("bench", tantivy.Index.open(os.path.join(tmp, f"full-{size}")), store)
+    index = LexicalIndex.at("bench", os.path.join(tmp, f"full-{size}"), store)
     rng = np.random.default_rng(1)
     sample = passages(0, min(size, CHUNK), seed=0).column("text").to_pylist()
     questions = [" ".join(sample[i].split()[5:11]) for i in rng.choice(len(sample), queries, replace=False)]

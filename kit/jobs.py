@@ -50,6 +50,15 @@ def run_job(
     return JobRun(done.returncode, done.stdout, done.stderr)
 
 
+def run_chain(config: Path | str, jobs: tuple[str, ...] = ("ingest", "encode", "build_index")) -> dict[str, JobRun]:
+    """Each job in turn on `config`, as a user runs them; AssertionError naming the first that fails."""
+    runs = {}
+    for job in jobs:
+        runs[job] = run_job(job, config)
+        assert runs[job].returncode == 0, f"{job}: {runs[job].stderr[-3000:]}"
+    return runs
+
+
 def run_ok(job: str, config: Path | str, *overrides: str) -> tuple[dict[str, Any], float]:
     """`run_job` for a benchmark, unbounded: (its summary, wall seconds); SystemExit with its stderr's tail when it
     fails."""

@@ -11,15 +11,20 @@ none); a hit's text and token ids are read from the version's docstores (`pipeli
 side reads, so a replica holds each passage's text once. Versions built before this (`lexical_format` 1) stored
 id, title and text in tantivy and still serve from them.
 
+A question is never parsed: it goes through the text analyzer the body field is indexed with (named by the
+index's schema) and becomes a disjunction of term queries, so no text (underscores, URLs, query syntax, any script)
+can make a query the index cannot run. Each distinct word of the question counts once, as tantivy's query parser
+counted it (`docs/decisions/0005-bm25-queries-built-not-parsed.md`).
+
 A version lists each tantivy file by sha256 (objects `indexes/lexical/<sha>.<kind>`, shared by the versions and
 files that have the same bytes); a replica verifies every file before tantivy opens the directory of links to them.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,7 +45,7 @@ from pipeline.storage import Storage, sha256_file
 log = logging.getLogger(__name__)
 
 LOCKS = (".tantivy-meta.lock", ".tantivy-writer.lock")
-WORD = re.compile(r"\w+")
+BODY = "body"
 FORMAT = 2  # the IndexManifest's lexical_format this module writes
 
 
@@ -48,7 +53,7 @@ def schema() -> tantivy.Schema:
     builder = tantivy.SchemaBuilder()
     # The id's 64-bit key, as int64 (tantivy-py deletes no u64 term past 2**63): deletes, and a hit's passage.
     builder.add_integer_field("key", indexed=True, fast=True)
-    builder.add_text_field("body", tokenizer_name="en_stem", index_option="freq")  # title and text: BM25's input
+    builder.add_text_field(BODY, tokenizer_name="en_stem", index_option="freq")  # title and text: BM25's input
     return builder.build()
 
 
@@ -76,7 +81,7 @@ class LexicalWriter:
         for key, title, text in zip(keys_of(ids).view(np.int64).tolist(), titles, texts):
             doc = tantivy.Document()
             doc.add_integer("key", key)
-            doc.add_text("body", f"{title} {text}")
+            doc.add_text(BODY, f"{title} {text}")
             self.writer.add_document(doc)
         self.added += len(ids)
 
@@ -96,29 +101,77 @@ def object_name(name: str, path: str) -> str:
     return f"lexical/{sha256_file(path)[:20]}{os.path.splitext(name)[1]}"
 
 
-def query_text(question: str) -> str:
-    """A question as a disjunction of its words, lower-cased: no query-language syntax (AND, quotes, field:)
-    reaches tantivy's parser."""
-    return " ".join(WORD.findall(question.lower()))
+def _stemmed(*filters: tantivy.Filter) -> tantivy.TextAnalyzer:
+    builder = tantivy.TextAnalyzerBuilder(tantivy.Tokenizer.simple()).filter(tantivy.Filter.remove_long(40))
+    for extra in (tantivy.Filter.lowercase(), *filters):
+        builder = builder.filter(extra)
+    return builder.build()
+
+
+# tantivy's built-in tokenizers by name (its TokenizerManager's defaults), rebuilt from the same parts: what a
+# question must go through to meet the terms a body field of that tokenizer holds (tests/unit/test_lexical.py
+# checks each against tantivy's own indexing).
+ANALYZERS = {
+    "default": _stemmed,
+    "en_stem": lambda: _stemmed(tantivy.Filter.stemmer("english")),
+}
+
+
+def body_analyzer(directory: str) -> tantivy.TextAnalyzer:
+    """The analyzer of the body field of the tantivy index in `directory`, by the tokenizer its schema names."""
+    with open(os.path.join(directory, "meta.json"), encoding="utf-8") as f:
+        fields = {field["name"]: field for field in json.load(f)["schema"]}
+    name = fields[BODY]["options"]["indexing"]["tokenizer"]
+    if name not in ANALYZERS:
+        raise PipelineError(f"{directory}: its BM25 body's tokenizer {name!r} has no query analyzer here")
+    return ANALYZERS[name]()
+
+
+def query_terms(analyzer: tantivy.TextAnalyzer, question: str) -> list[str]:
+    """A question's BM25 terms: the analyzer's tokens of it, each distinct word (case aside) once; words the
+    analyzer keeps nothing of (punctuation, words over 40 bytes) give none."""
+    seen: set[str] = set()
+    terms = []
+    for token in analyzer.pre_tokenize(question).tokens:
+        word = question[token.char_offset_from : token.char_offset_to].lower()
+        if word not in seen:
+            seen.add(word)
+            terms.append(token.text)
+    return terms
 
 
 @dataclass
 class LexicalIndex:
-    """A version's BM25 index and the passages its hits are read from (`store`; None for a `lexical_format` 1
-    index, whose text is in tantivy)."""
+    """A version's BM25 index, the analyzer of its body field, and the passages its hits are read from (`store`;
+    None for a `lexical_format` 1 index, whose text is in tantivy)."""
 
     version: str
     index: tantivy.Index
+    analyzer: tantivy.TextAnalyzer
     store: Docstore | None = None
+
+    @classmethod
+    def at(cls, version: str, directory: str, store: Docstore | None = None) -> LexicalIndex:
+        """The tantivy index in `directory` (its files already verified) with its body's analyzer."""
+        return cls(version, tantivy.Index.open(directory), body_analyzer(directory), store)
+
+    def query(self, question: str) -> tantivy.Query | None:
+        """The question as a disjunction of term queries on the body (None: no term), built, never parsed."""
+        schema = self.index.schema
+        terms = query_terms(self.analyzer, question)
+        should = tantivy.Occur.Should
+        clauses = [(should, tantivy.Query.term_query(schema, BODY, term, index_option="freq")) for term in terms]
+        return tantivy.Query.boolean_query(clauses) if clauses else None
 
     def search(self, questions: Sequence[str], k: int) -> list[list[Hit]]:
         """Per question, the k best passages by BM25 (id, title, text, score, and from the docstores the FAISS id
-        as `key` and the token ids when the version has them), best first (ties: the id)."""
+        as `key` and the token ids when the version has them), best first (ties: the id); none for a question
+        without a term."""
         searcher = self.index.searcher()
         found = []
         for question in questions:
-            words = query_text(question)
-            found.append(searcher.search(self.index.parse_query(words, ["body"]), k, count=False).hits if words else [])
+            query = self.query(question)
+            found.append(searcher.search(query, k, count=False).hits if query is not None else [])
         if self.store is None:
             answered = [[_stored_hit(searcher.doc(address), score) for score, address in hits] for hits in found]
         else:  # one docstore take for every question's hits
@@ -155,14 +208,13 @@ def open_lexical(version: str, files: dict[str, str], view_dir: str, store: Docs
                 os.remove(link)
             os.symlink(os.path.abspath(path), link)
     try:
-        index = tantivy.Index.open(view_dir)
-    except ValueError as exc:
-        raise PipelineError(f"index {version}: its BM25 index does not open ({exc})") from None
-    if store is not None and index.searcher().num_docs != store.live:
-        raise PipelineError(
-            f"index {version}: its BM25 index has {index.searcher().num_docs} passages, its docstores {store.live}"
-        )
-    return LexicalIndex(version, index, store)
+        opened = LexicalIndex.at(version, view_dir, store)
+    except (ValueError, OSError, KeyError) as exc:
+        raise PipelineError(f"index {version}: its BM25 index does not open ({type(exc).__name__}: {exc})") from None
+    documents = opened.index.searcher().num_docs
+    if store is not None and documents != store.live:
+        raise PipelineError(f"index {version}: its BM25 index has {documents} passages, its docstores {store.live}")
+    return opened
 
 
 def build_lexical(

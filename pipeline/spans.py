@@ -122,10 +122,12 @@ def assemble(
     """[P, longest] int64 ids of `[CLS] question [SEP] title [SEP] text`, each truncated to max_length and padded with
     pad_id to the longest row: what DPRReaderTokenizer(questions=..., titles=..., texts=..., truncation=True,
     max_length=..., padding='longest') gives. Ids are without special tokens (`add_special_tokens=False`); an empty
-    title still gets its `[SEP]`, as the tokenizer's batch pair encoding gives it."""
+    title still gets its `[SEP]`, as the tokenizer's batch pair encoding gives it. A question is cut to half of
+    max_length, so that a long one leaves its passages room (the tokenizer would cut them away whole, and with them
+    every span)."""
     if len(titles) != len(texts):
         raise ValueError(f"{len(titles)} titles but {len(texts)} texts")
-    head = np.asarray([cls_id, *question_ids, sep_id], dtype=np.int64)
+    head = np.asarray([cls_id, *question_ids[: max_length // 2], sep_id], dtype=np.int64)
     rows = [
         np.concatenate([head, np.asarray(title, dtype=np.int64), [sep_id], np.asarray(text, dtype=np.int64)])[
             :max_length

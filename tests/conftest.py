@@ -11,6 +11,7 @@ from pathlib import Path
 import boto3
 import pytest
 import requests
+from hypothesis import settings
 
 from kit.jobs import free_port
 from kit.localray import LocalRay
@@ -36,6 +37,12 @@ os.environ["RAY_ADDRESS"] = "local"
 
 
 logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's per-request access log
+
+# Property tests (hypothesis): the same examples on every run and no example database written into the repository;
+# `pytest --hypothesis-profile=thorough` runs ten times as many, freshly drawn.
+settings.register_profile("ci", derandomize=True, database=None, deadline=None, max_examples=100)
+settings.register_profile("thorough", database=None, deadline=None, max_examples=1000)
+settings.load_profile("ci")
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import requests
 import yaml
 
 from kit.corpora import synthetic_rows, write_tsv
-from kit.jobs import free_port, run_job, write_config
+from kit.jobs import free_port, run_chain, run_job, write_config
 from kit.rss import maps_library
 from pipeline.config import load_config
 from pipeline.lexical import fuse, load_lexical
@@ -57,9 +57,7 @@ def qa(tmp_path_factory, tiny_models, ray_address):
             },
         },
     )
-    for job in ("ingest", "encode", "build_index"):
-        run = run_job(job, config_path)
-        assert run.returncode == 0, run.stderr[-3000:]
+    run_chain(config_path)
     config = load_config(config_path)
     ray.init(address=ray_address, logging_level="WARNING", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})

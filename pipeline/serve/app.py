@@ -24,7 +24,7 @@ from pipeline.lexical import fuse
 from pipeline.primitives import EncodeCall, LexicalSearch, ShardSearch
 from pipeline.serve.batching import Coalescer
 from pipeline.serve.deployments import Lexical, PartSettings, QuestionEncoder, Reader, Retriever
-from pipeline.serve.errors import Refused
+from pipeline.serve.errors import Refused, status_of
 from pipeline.serve.fanout import (
     ShardsDisagree,
     ShardUnavailable,
@@ -32,6 +32,7 @@ from pipeline.serve.fanout import (
     merged,
     refusal,
     retriever_names,
+    searches,
     started_first,
 )
 from pipeline.serve.guard import error, request_id
@@ -154,6 +155,14 @@ class Ingress:
                 )
             if not question.strip():
                 raise Refused(422, f"question {i} is empty")
+            try:
+                question.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a lone surrogate, escaped in the JSON (\ud800): not text
+                raise Refused(
+                    422,
+                    f"question {i} is not Unicode text: a lone surrogate (U+{ord(question[exc.start]):04X}) at "
+                    f"character {exc.start}",
+                ) from None
         if k > s.max_k:
             raise Refused(422, f"k={k} is over serve.max_k={s.max_k}")
 
@@ -169,50 +178,63 @@ class Ingress:
         return found
 
     async def _retrieve_batch(self, requests: list[tuple[list[str], int, str]]) -> list[dict[str, Any]]:
-        """Concurrent requests share one encoder call and one search of each index (the dense shards, and BM25 when
-        a request is sparse or hybrid), all answered from one version: per-call overhead is paid once."""
+        """Concurrent requests share one encoder call and, per search depth (`fanout.searches`: each request at its
+        own), one search of each index (the dense shards, and BM25 for sparse and hybrid questions), all answered
+        from one version: per-call overhead is paid once, and each request answers as it would alone."""
         s = self.settings
-        modes = {mode for _, _, mode in requests}
         questions = [q for asked, _, _ in requests for q in asked]
-        depth = max(k for _, k, _ in requests)
-        depth = max(depth, s.hybrid_depth) if "hybrid" in modes else depth
-        dense, sparse = bool(modes - {"sparse"}), bool(modes - {"dense"})
+        groups = searches(requests, s.hybrid_depth)
+        encoded_at = sorted({p for dense, _ in groups.values() for p in dense})  # the questions needing vectors
+        row = {p: i for i, p in enumerate(encoded_at)}
         want = self.serving
-        # BM25 needs no vectors: it is asked at once, while the questions are encoded.
-        lexical = None
-        if sparse:
-            bm25 = asyncio.ensure_future(self._search_lexical(LexicalSearch(questions, depth, want)))
-            lexical = started_first(
-                bm25, want, lambda version: self._search_lexical(LexicalSearch(questions, depth, version))
+
+        def bm25(depth: int, positions: list[int]):
+            return lambda version: self._search_lexical(
+                LexicalSearch([questions[p] for p in positions], depth, version)
             )
 
+        # BM25 needs no vectors: it is asked at once, while the questions are encoded.
+        lexical = {depth: bm25(depth, sparse) for depth, (_, sparse) in groups.items() if sparse}
+        started = {depth: asyncio.ensure_future(search(want)) for depth, search in lexical.items()}
+        lexical = {depth: started_first(started[depth], want, search) for depth, search in lexical.items()}
+
         async def ask(version: str) -> list[dict[str, Any]]:
-            parts = []
-            if dense:
-                started = time.perf_counter()
-                encoded = await _with_one_retry(self.encoder.encode, EncodeCall(questions, version))
-                self.metrics.stage.labels("encode").observe(time.perf_counter() - started)
+            if encoded_at:
+                began = time.perf_counter()
+                call = EncodeCall([questions[p] for p in encoded_at], version)
+                encoded = await _with_one_retry(self.encoder.encode, call)
+                self.metrics.stage.labels("encode").observe(time.perf_counter() - began)
                 version = encoded["index_version"]  # the index parts are asked for the vectors' version
-                parts = [
-                    self._search_shard(shard, ShardSearch(encoded["vectors"], depth, version))
-                    for shard in range(len(self.retrievers))
-                ]
-            if sparse:
-                parts.append(lexical(version))
-            started = time.perf_counter()
+            parts = []
+            for depth, (dense, sparse) in groups.items():
+                if dense:
+                    vectors = encoded["vectors"][[row[p] for p in dense]]
+                    parts += [
+                        self._search_shard(shard, ShardSearch(vectors, depth, version))
+                        for shard in range(len(self.retrievers))
+                    ]
+                if sparse:
+                    parts.append(lexical[depth](version))
+            began = time.perf_counter()
             found = await asyncio.gather(*parts)
-            self.metrics.stage.labels("search").observe(time.perf_counter() - started)
-            return ([encoded] if dense else []) + list(found)
+            self.metrics.stage.labels("search").observe(time.perf_counter() - began)
+            return ([encoded] if encoded_at else []) + list(found)
 
         try:
             found = await self._agree(ask)
         finally:
-            if sparse and not bm25.done():
-                bm25.cancel()
-        found = found[1:] if dense else found  # the encoder's answer
-        version = found[0]["index_version"]
-        by_dense = merged(found[: len(self.retrievers)], depth) if dense else None
-        by_sparse = found[-1]["results"] if sparse else None
+            for task in started.values():
+                if not task.done():
+                    task.cancel()
+        parts = iter(found[1:] if encoded_at else found)  # past the encoder's answer
+        by_dense, by_sparse = {}, {}  # question position -> its hits, at its request's depth
+        for depth, (dense, sparse) in groups.items():
+            if dense:
+                by_dense.update(zip(dense, merged([next(parts) for _ in self.retrievers], depth)))
+            if sparse:
+                by_sparse.update(zip(sparse, next(parts)["results"]))
+        first = found[1] if encoded_at else found[0]  # an index part's answer: its version and token ids' tokenizer
+        version, tokenizer = first["index_version"], first.get("tokenizer")
         answered, position = [], 0
         for asked, k, mode in requests:
             results = []
@@ -222,7 +244,7 @@ class Ingress:
                 else:
                     hits = (by_dense if mode == "dense" else by_sparse)[q][:k]
                 results.append(hits)
-            answered.append({"index_version": version, "results": results, "tokenizer": found[0].get("tokenizer")})
+            answered.append({"index_version": version, "results": results, "tokenizer": tokenizer})
             position += len(asked)
         return answered
 
@@ -323,11 +345,11 @@ class QAService(Ingress):
     """The ingress deployment: `Ingress` as Ray Serve runs it, its HTTP API built per replica, concurrent requests
     coalesced into one `_retrieve_batch` (`pipeline.serve.batching.Coalescer`, not `serve.batch`: no batch wait; a
     request that finds none in flight goes at once, those arriving meanwhile join the next, up to
-    `serve.batch_max_size`)."""
+    `serve.batch_max_size`; a batch that fails is retried request by request, unless a part is unavailable)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.together = Coalescer(self._retrieve_batch, self.settings.batch_max_size)
+        self.together = Coalescer(self._retrieve_batch, self.settings.batch_max_size, shared=_unavailable)
         self.metrics.queued.set_function(lambda: self.together.queued)
 
     async def _retrieve(self, questions: list[str], k: int, mode: str) -> dict[str, Any]:
@@ -336,6 +358,11 @@ class QAService(Ingress):
     def batch_sizes(self) -> dict[int, int]:
         """Batch size -> batches this replica has retrieved (for a handle call: benchmarks/serve.py)."""
         return dict(self.together.sizes)
+
+
+def _unavailable(exc: Exception) -> bool:
+    """A part down, too slow or without the version (a 503): each request of a failed batch would meet it alone."""
+    return status_of(exc) == 503
 
 
 def replicas(s: ServeConfig, part: str, fixed: int) -> dict[str, Any]:

@@ -10,6 +10,10 @@ queue behind a batch already formed instead of joining it.
 that arrive while one is in flight wait and all join the next (up to `max_size`, in arrival order), which starts
 the moment the one in flight finishes. A batch's size is what queued during the batch before it: nothing is waited
 for that has not already arrived.
+
+One bad call never fails another: a batch the handler fails is retried one call at a time, so each call gets what
+it would have got alone (its result, or its own error), unless the error is the batch's as a whole (`shared`: a
+part down or too slow, which every call would meet again alone, and a retry per call would only multiply).
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 __all__ = ["Coalescer"]
+
+log = logging.getLogger("ray.serve")
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -30,20 +37,30 @@ class Coalescer(Generic[T, R]):
     """`await coalescer.submit(item)`: `item` handled in a batch, `handler(items) -> results` (one result per item,
     in order), with at most one batch in flight.
 
-    Each caller gets its own result, or the exception the handler raised for its batch (a copy per caller where the
-    exception can be copied), or an error when the handler returns a wrong number of results. A caller cancelled
+    Each caller gets its own result. When the handler raises for a batch of several calls, each call is handled
+    again alone (concurrently), and gets that result or that error; when `shared(error)` says the error is the
+    batch's as a whole, every caller gets it at once (a copy per caller where the exception can be copied), as they
+    do an error for a wrong number of results. A caller cancelled
     while queued is dropped from its batch; one cancelled while its batch is in flight only stops waiting: the
     batch goes on for the others. The handler runs in the context the Coalescer was built in, not a caller's, so
     that no caller's context variables (Ray Serve's request context, whose calls are cancelled with that request)
     reach a batch shared with others. `max_size` 1: no coalescing, each `submit` calls the handler with `[item]`
     itself, concurrently with the others.
 
-    `sizes`: batch size -> batches handled (for metrics)."""
+    `sizes`: batch size -> batches handled (for metrics; the retries alone count as batches of 1); `split`: failed
+    batches retried call by call."""
 
-    def __init__(self, handler: Callable[[list[T]], Awaitable[Sequence[R]]], max_size: int):
+    def __init__(
+        self,
+        handler: Callable[[list[T]], Awaitable[Sequence[R]]],
+        max_size: int,
+        shared: Callable[[Exception], bool] = lambda exc: False,
+    ):
         self._handler = handler
+        self._shared = shared
         self.max_size = max_size
         self.sizes: collections.Counter[int] = collections.Counter()
+        self.split = 0
         self._queue: collections.deque[tuple[T, asyncio.Future]] = collections.deque()
         self._in_flight: asyncio.Task | None = None
         self._context = contextvars.copy_context()
@@ -112,19 +129,49 @@ class Coalescer(Generic[T, R]):
         futures = [future for _, future in batch]
         self.sizes[len(batch)] += 1
         try:
-            results = _results(await self._handler([item for item, _ in batch]), len(batch))
-        except Exception as exc:  # noqa: BLE001 - every caller of the batch gets it
-            for i, future in enumerate(futures):
-                if not future.done():
-                    future.set_exception(exc if i == 0 else _copy(exc))
+            answered = await self._handler([item for item, _ in batch])
+        except Exception as exc:  # noqa: BLE001 - a caller's own fault, or the batch's
+            if len(batch) > 1 and not self._shared(exc):
+                await self._split(batch, exc)
+            else:
+                _fail(futures, exc)
+            return
         except BaseException:
             for future in futures:
                 future.cancel()
             raise
+        try:
+            results = _results(answered, len(batch))
+        except RuntimeError as exc:
+            _fail(futures, exc)
+            return
+        for future, result in zip(futures, results):
+            if not future.done():  # a caller cancelled while its batch was in flight
+                future.set_result(result)
+
+    async def _split(self, batch: list[tuple[T, asyncio.Future]], exc: Exception) -> None:
+        """A failed batch's calls, each handled again alone: the others' fault is not theirs."""
+        self.split += 1
+        log.warning("a batch of %d calls failed (%s: %s): handling each alone", len(batch), type(exc).__name__, exc)
+        await asyncio.gather(*(self._alone(item, future) for item, future in batch if not future.done()))
+
+    async def _alone(self, item: T, future: asyncio.Future) -> None:
+        self.sizes[1] += 1
+        try:
+            result = _results(await self._handler([item]), 1)[0]
+        except Exception as exc:  # noqa: BLE001 - this call's own error
+            if not future.done():
+                future.set_exception(exc)
         else:
-            for future, result in zip(futures, results):
-                if not future.done():  # a caller cancelled while its batch was in flight
-                    future.set_result(result)
+            if not future.done():
+                future.set_result(result)
+
+
+def _fail(futures: list[asyncio.Future], exc: Exception) -> None:
+    """`exc` to every caller still waiting (a copy to each but the first)."""
+    for i, future in enumerate(futures):
+        if not future.done():
+            future.set_exception(exc if i == 0 else _copy(exc))
 
 
 def _results(results: Sequence[R], expected: int) -> list[R]:

@@ -105,14 +105,14 @@ class QuestionEncoder(_Versioned):
     (`encode.question_model`; `serve.question_model` for versions that record none), with its passages' pooling,
     normalization and length. A version whose model cannot be loaded, or whose vectors do not have its index's
     dimension, is refused. Versions using the same model share one copy, and a replica drops a version no request
-    has named for `serve.version_idle_s`: two models only for the minutes of an encoder upgrade. Batched across
-    requests with `serve.batch`."""
+    has named for `serve.version_idle_s`: two models only for the minutes of an encoder upgrade. Calls queued
+    together are batched (`pipeline.serve.batching`: no wait, and one bad call fails alone)."""
 
     def __init__(self, part: PartSettings, fallback_model: str, pooling: str | None):
         self.fallback_model, self.pooling = fallback_model, pooling
         self._models: dict[EncoderSettings, Any] = {}
         self._models_lock = threading.Lock()
-        self.encode.set_max_batch_size(part.batch_max_size)
+        self.together = Coalescer(self._encode_batch, part.batch_max_size)
         self._versions_init(part, "question encoder of")
 
     def _load(self, version: str) -> _QuestionModel:
@@ -144,11 +144,12 @@ class QuestionEncoder(_Versioned):
     def _details(self, loaded: _QuestionModel) -> dict[str, Any]:
         return {"question_model": loaded.settings.model, "pooling": loaded.settings.pooling}
 
-    # No waiting here: the ingress already waited to fill its batch; this only merges calls that are queued
-    # together (from several ingress replicas).
-    @serve.batch(batch_wait_timeout_s=0)  # its size: serve.batch_max_size, set in __init__
-    async def encode(self, calls: list[EncodeCall]) -> list[dict[str, Any]]:
-        """Each call brings questions and the version wanted; the calls answered by one version go through its
+    async def encode(self, call: EncodeCall) -> dict[str, Any]:
+        """The call's questions (from one ingress batch) as vectors of the version it names, or of the one held."""
+        return await self.together.submit(call)
+
+    async def _encode_batch(self, calls: list[EncodeCall]) -> list[dict[str, Any]]:
+        """Calls queued together (from several ingress replicas); the calls answered by one version go through its
         model together. Each answer: the version used, the vectors, and what the replica holds."""
         answered: list[dict[str, Any] | None] = [None] * len(calls)
         for used, loaded, positions in await self.versions.grouped([call.version for call in calls]):
@@ -175,7 +176,7 @@ class Retriever(_Versioned):
     evicted."""
 
     def __init__(self, part: PartSettings, shard: tuple[int, int] = (0, 1), refine_k: int | None = None):
-        self.search.set_max_batch_size(part.batch_max_size)
+        self.together = Coalescer(self._search_batch, part.batch_max_size)
         self.refine_k = refine_k  # None: each version's own index.refine_k
         self.shard = tuple(shard)
         self._versions_init(part, f"index shard {self.shard[0]} ({retriever_names(self.shard[1])[self.shard[0]]}) of")
@@ -195,8 +196,10 @@ class Retriever(_Versioned):
     def _refine_k(self, index: PublishedIndex) -> int:
         return index.manifest.refine_k if self.refine_k is None else self.refine_k
 
-    @serve.batch(batch_wait_timeout_s=0)  # merges queued calls only, as the encoder does (size set in __init__)
-    async def search(self, requests: list[ShardSearch]) -> list[dict[str, Any]]:
+    async def search(self, request: ShardSearch) -> dict[str, Any]:
+        return await self.together.submit(request)
+
+    async def _search_batch(self, requests: list[ShardSearch]) -> list[dict[str, Any]]:
         """Concurrent requests' questions in one FAISS search and one docstore take per version; each request
         (vectors, k, version) gets its rows, best first (ties: the smaller FAISS id, the `key` the ingress merges
         shards by), from the version it names when held."""
@@ -228,7 +231,7 @@ class Lexical(_Versioned):
     is opened; versions are held and refused as the Retriever's are, so a hybrid answer comes from one version."""
 
     def __init__(self, part: PartSettings):
-        self.search.set_max_batch_size(part.batch_max_size)
+        self.together = Coalescer(self._search_batch, part.batch_max_size)
         self._versions_init(part, "BM25 index of")
 
     def _load(self, version: str) -> LexicalIndex:
@@ -237,8 +240,10 @@ class Lexical(_Versioned):
             raise PipelineError(f"index {version} has no BM25 index (built with index.lexical: false)")
         return candidate
 
-    @serve.batch(batch_wait_timeout_s=0)  # size set in __init__
-    async def search(self, requests: list[LexicalSearch]) -> list[dict[str, Any]]:
+    async def search(self, request: LexicalSearch) -> dict[str, Any]:
+        return await self.together.submit(request)
+
+    async def _search_batch(self, requests: list[LexicalSearch]) -> list[dict[str, Any]]:
         """A request is (questions, k, version); each gets its hits per question, best first."""
         answered = []
         for questions, k, version in requests:
@@ -253,21 +258,19 @@ def _search(
 ) -> list[list[list[dict[str, Any]]]]:
     """Per request, per question: the hits (id, title, text, score, key = FAISS id, and the reader's token ids when
     the version has them), best first; with refine_k, the scores are exact inner products of the re-scored
-    candidates."""
-    queries = np.concatenate([np.asarray(vectors, dtype=np.float32).reshape(-1, index.d) for vectors, _ in requests])
-    scores, rows = index.search(queries, max(k for _, k in requests), refine_k)
-    ks = np.repeat([k for _, k in requests], [len(vectors) for vectors, _ in requests])
-    wanted = (rows >= 0) & (np.arange(rows.shape[1]) < ks[:, None])  # each question's own k
-    hits = iter(index.store.hits(rows[wanted], scores[wanted]))  # one take from the docstores for all of them
-    answered, question = [], 0
-    for vectors, _ in requests:
-        results = []
-        for _ in range(len(vectors)):
-            found = [next(hits) for _ in range(int(wanted[question].sum()))]
-            found.sort(key=lambda hit: (-hit["score"], hit["key"]))
-            results.append(found)
-            question += 1
-        answered.append(results)
+    candidates. The requests of one k are searched together, each k apart (a top-k is not the head of a deeper
+    top-k where scores tie, nor are refined candidates the same): a request answers as it would alone."""
+    answered: list = [None] * len(requests)
+    for k in sorted({k for _, k in requests}):
+        positions = [p for p, (_, asked) in enumerate(requests) if asked == k]
+        vectors = [np.asarray(requests[p][0], dtype=np.float32).reshape(-1, index.d) for p in positions]
+        scores, rows = index.search(np.concatenate(vectors), k, refine_k)
+        hits = iter(index.store.hits(rows[rows >= 0], scores[rows >= 0]))  # one docstore take for all of them
+        found = [[next(hits) for _ in range(int(live))] for live in (rows >= 0).sum(axis=1)]
+        for hits_of in found:
+            hits_of.sort(key=lambda hit: (-hit["score"], hit["key"]))
+        for p, part in zip(positions, np.split(np.arange(len(found)), np.cumsum([len(v) for v in vectors])[:-1])):
+            answered[p] = [found[q] for q in part]
     return answered
 
 

@@ -46,6 +46,30 @@ def merge_hits(per_shard: Sequence[list[Hit]], k: int) -> list[Hit]:
     return sorted((hit for hits in per_shard for hit in hits), key=lambda hit: (-hit["score"], hit["key"]))[:k]
 
 
+def depth_of(k: int, mode: str, hybrid_depth: int) -> int:
+    """How deep a request's rankings are searched: its k, and for hybrid at least the fusion's depth (pure)."""
+    return max(k, hybrid_depth) if mode == "hybrid" else k
+
+
+def searches(
+    requests: Sequence[tuple[list[str], int, str]], hybrid_depth: int
+) -> dict[int, tuple[list[int], list[int]]]:
+    """One batch's searches: depth -> (the questions searched densely at that depth, those searched by BM25), as
+    positions in the batch's questions, request after request (pure). Each request is searched at its own depth,
+    whatever else its batch asks: a top-k is not the head of a deeper top-k where scores tie at its end (an index
+    keeps the tied hits it met first), nor is a fusion of deeper rankings the same fusion, so a request answers in a
+    batch exactly as alone."""
+    groups: dict[int, tuple[list[int], list[int]]] = {}
+    position = 0
+    for asked, k, mode in requests:
+        dense, sparse = groups.setdefault(depth_of(k, mode, hybrid_depth), ([], []))
+        at = range(position, position + len(asked))
+        dense.extend(at if mode != "sparse" else ())
+        sparse.extend(at if mode != "dense" else ())
+        position += len(asked)
+    return groups
+
+
 def refusal(found: Sequence[dict[str, Any]], version: str | None) -> str | None:
     """Why a part refused `version`, when one did (pure)."""
     return next((f["refused"][version] for f in found if version in f.get("refused", {})), None)

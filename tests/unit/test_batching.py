@@ -177,10 +177,10 @@ def test_max_size_can_change_between_batches():
     run(main)
 
 
-def test_a_handler_error_goes_to_every_caller_of_its_batch_only():
+def test_an_error_the_batch_shares_goes_to_every_caller_of_its_batch_only():
     async def main():
         handler = Handler()
-        coalescer = Coalescer(handler, max_size=32)
+        coalescer = Coalescer(handler, max_size=32, shared=lambda exc: isinstance(exc, LookupError))
         first = asyncio.ensure_future(coalescer.submit(0))
         await steps()
         failing = [asyncio.ensure_future(coalescer.submit(item)) for item in (1, 2, 3)]
@@ -194,6 +194,7 @@ def test_a_handler_error_goes_to_every_caller_of_its_batch_only():
         assert [type(exc) for exc in raised] == [LookupError] * 3
         assert [str(exc) for exc in raised] == ["shard 0 is down"] * 3
         assert len({id(exc) for exc in raised}) == 3  # each caller its own: one's traceback is not another's
+        assert handler.batches == [[0], [1, 2, 3]] and coalescer.split == 0  # not retried: every call would meet it
         # The coalescer goes on after a failed batch.
         handler.error = None
         after = asyncio.ensure_future(coalescer.submit(9))
@@ -212,7 +213,7 @@ def test_an_error_with_attributes_keeps_its_type_and_attributes_for_each_caller(
 
     async def main():
         handler = Handler()
-        coalescer = Coalescer(handler, max_size=32)
+        coalescer = Coalescer(handler, max_size=32, shared=lambda exc: True)
         first = asyncio.ensure_future(coalescer.submit(0))
         await steps()
         calls = [asyncio.ensure_future(coalescer.submit(item)) for item in (1, 2)]
@@ -232,6 +233,64 @@ def test_an_error_with_attributes_keeps_its_type_and_attributes_for_each_caller(
         for exc in raised:
             assert type(exc) is Refused and exc.status == 503 and str(exc) == "no version to answer from"
             assert isinstance(exc.__cause__, KeyError)
+
+    run(main)
+
+
+class Poisoned:
+    """A handler that fails any batch holding a poisoned item (a question no tokenizer takes, say), and answers the
+    others by their own value alone (`r<item>`)."""
+
+    def __init__(self, poisoned: set, gated: int | None = None):
+        self.poisoned, self.batches, self.gated = poisoned, [], gated  # gated: the batch (by number) that waits
+        self.gate = asyncio.Event()
+
+    async def __call__(self, items: list) -> list:
+        self.batches.append(list(items))
+        if len(self.batches) - 1 == self.gated:
+            await self.gate.wait()
+        bad = [item for item in items if item in self.poisoned]
+        if bad:
+            raise ValueError(f"cannot take item {bad[0]}")
+        return [f"r{item}" for item in items]
+
+
+def test_one_bad_call_fails_alone_and_the_others_get_what_they_get_alone():
+    async def main():
+        handler = Poisoned({3, 5}, gated=0)
+        coalescer = Coalescer(handler, max_size=32)
+        first = asyncio.ensure_future(coalescer.submit(0))
+        await steps()
+        calls = [asyncio.ensure_future(coalescer.submit(item)) for item in range(1, 7)]
+        await steps()
+        handler.gate.set()
+        got = await asyncio.gather(*calls, return_exceptions=True)
+        assert await first == "r0"
+        assert got[:2] + got[3:4] + got[5:] == ["r1", "r2", "r4", "r6"]
+        assert [str(got[2]), str(got[4])] == ["cannot take item 3", "cannot take item 5"]  # each its own error
+        assert handler.batches[:2] == [[0], [1, 2, 3, 4, 5, 6]]
+        assert sorted(handler.batches[2:]) == [[1], [2], [3], [4], [5], [6]]  # each retried alone, once
+        assert coalescer.split == 1 and coalescer.sizes == {1: 7, 6: 1}
+        assert await coalescer.submit(7) == "r7"  # and it goes on
+
+    run(main)
+
+
+def test_a_caller_cancelled_while_its_failed_batch_is_split_is_not_retried():
+    async def main():
+        handler = Poisoned({2}, gated=1)
+        coalescer = Coalescer(handler, max_size=32)
+        first = asyncio.ensure_future(coalescer.submit(0))
+        calls = [asyncio.ensure_future(coalescer.submit(item)) for item in (1, 2, 3)]  # the next batch
+        await steps()
+        assert handler.batches == [[0], [1, 2, 3]]  # in flight, at the gate
+        calls[2].cancel()
+        await steps()
+        handler.gate.set()
+        got = await asyncio.gather(*calls, return_exceptions=True)
+        assert got[0] == "r1" and isinstance(got[1], ValueError) and isinstance(got[2], asyncio.CancelledError)
+        assert await first == "r0"
+        assert handler.batches[2:] == [[1], [2]]  # the cancelled caller's call is not handled again
 
     run(main)
 

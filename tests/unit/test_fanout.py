@@ -14,6 +14,7 @@ from pipeline.serve.fanout import (
     merged,
     next_version,
     refusal,
+    searches,
     started_first,
 )
 
@@ -34,6 +35,15 @@ def test_merge_keeps_the_k_best_ties_to_the_smaller_key():
     b = [{"id": "c", "score": 0.9, "key": 2}, {"id": "d", "score": 0.1, "key": 1}]
     assert [h["id"] for h in merge_hits([a, b], 3)] == ["c", "a", "b"]
     assert merge_hits([[], []], 5) == []
+
+
+def test_each_request_is_searched_at_its_own_depth_whatever_its_batch_asks():
+    requests = [(["a"], 5, "dense"), (["b", "c"], 5, "hybrid"), (["d"], 5, "sparse"), (["e"], 120, "hybrid")]
+    requests += [(["f"], 5, "dense")]
+    # dense k=5: a, f; hybrid: at least the fusion's depth (100), or its own k past it; sparse k=5: d
+    assert searches(requests, hybrid_depth=100) == {5: ([0, 5], [3]), 100: ([1, 2], [1, 2]), 120: ([4], [4])}
+    assert searches([(["a"], 5, "sparse")], hybrid_depth=100) == {5: ([], [0])}
+    assert searches([], hybrid_depth=100) == {}
 
 
 def _part(used: str, loaded: list[str], refused: dict[str, str] | None = None, **fields) -> dict:

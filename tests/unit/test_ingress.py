@@ -14,7 +14,8 @@ import pipeline.serve.app as app_module
 from pipeline.config import ServeConfig
 from pipeline.lexical import fuse
 from pipeline.serve.app import Ingress
-from pipeline.serve.fanout import merge_hits
+from pipeline.serve.batching import Coalescer
+from pipeline.serve.fanout import ShardUnavailable, merge_hits
 from pipeline.serve.routes import build_api
 
 DIMS = {"v1": 4, "v2": 6}  # the two versions' question encoders give vectors of other widths
@@ -100,8 +101,12 @@ class Shard(Part):
 
 
 class Bm25(Part):
+    poison = "a_b"  # a question this BM25 index fails on (as tantivy's parser failed on it)
+
     async def search(self, request):
         used = await self._pick(request.version)
+        if any(self.poison in question for question in request.questions):
+            raise ValueError("The field 'body' does not have positions indexed")
         hits = [{"id": f"{used}-b{i}", "title": "t", "text": "x", "score": 9.0 - i} for i in range(request.k)]
         return {"index_version": used, **self._status(), "results": [hits for _ in request.questions]}
 
@@ -145,7 +150,10 @@ def test_a_batch_is_split_back_per_request_with_its_own_k_and_mode():
     assert [[h["id"] for h in hits] for hits in hybrid["results"]] == [expected, expected]
     assert [h["id"] for h in sparse["results"][0]] == ["v1-b0"]
     assert {a["index_version"] for a in (dense_a, hybrid, sparse)} == {"v1"}
-    assert parts["encoder"].asked == ["v1"] and parts["bm25"].asked == ["v1"]  # one call each for the batch
+    assert parts["encoder"].asked == ["v1"]  # one encoder call for the batch
+    # One search of each index per depth the batch asks (dense at 2 and 6, BM25 at 6 and 1): each request is searched
+    # as deep as it would be alone.
+    assert parts["bm25"].asked == ["v1", "v1"] and [s.asked for s in parts["shards"]] == [["v1", "v1"]] * 2
 
 
 def test_hits_leave_the_app_without_their_faiss_ids_and_token_ids():
@@ -235,3 +243,57 @@ def test_refusals_have_their_status_and_say_why(body, status, says):
     assert response.status_code == status and says in str(response.json())
     assert response.json()["request_id"]
     assert parts["encoder"].asked == []  # refused before any model or index work
+
+
+def test_a_lone_surrogate_is_refused_naming_the_question():
+    parts = _parts()
+    body = b'{"questions": ["castle", "a \\ud800 b"], "k": 2}'  # valid JSON: the surrogate escaped
+    response = TestClient(build_api(_ingress(parts), None)).post(
+        "/v1/search", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] == "question 1 is not Unicode text: a lone surrogate (U+D800) at character 2"
+    assert parts["encoder"].asked == []
+
+
+def _answered(found: dict) -> tuple:
+    return found["index_version"], [[(hit["id"], hit["score"]) for hit in hits] for hits in found["results"]]
+
+
+def _coalesced(ingress: Ingress) -> Coalescer:
+    """The ingress's batching as QAService wires it."""
+    return Coalescer(ingress._retrieve_batch, 32, shared=app_module._unavailable)
+
+
+def test_one_bad_request_in_a_batch_fails_alone_and_the_others_answer_as_alone():
+    ordinary = [(["castle"], 2, "sparse"), (["road", "hill"], 3, "hybrid"), (["north"], 2, "dense")]
+
+    async def main():
+        ingress = _ingress(_parts())
+        alone = [(await ingress._retrieve_batch([request]))[0] for request in ordinary]
+        together = _coalesced(ingress)
+        first = asyncio.ensure_future(together.submit((["first"], 1, "dense")))  # in flight: the rest queue
+        calls = [asyncio.ensure_future(together.submit(r)) for r in [ordinary[0], (["what is a_b"], 2, "sparse")]]
+        calls += [asyncio.ensure_future(together.submit(r)) for r in ordinary[1:]]
+        got = await asyncio.gather(*calls, return_exceptions=True)
+        await first
+        assert together.sizes[4] == 1 and together.split == 1  # one batch of four, failed, then each alone
+        assert isinstance(got[1], ValueError) and "positions" in str(got[1])
+        assert [_answered(a) for a in [got[0], *got[2:]]] == [_answered(a) for a in alone]
+
+    asyncio.run(main())
+
+
+def test_a_part_unavailable_fails_its_batch_at_once_without_a_retry_per_request():
+    async def main():
+        parts = _parts()
+        ingress = _ingress(parts, shard_timeout_s=0.05)
+        together = _coalesced(ingress)
+        first = asyncio.ensure_future(together.submit((["first"], 1, "dense")))
+        parts["shards"][0].delay_s = 0.2  # past serve.shard_timeout_s
+        calls = [asyncio.ensure_future(together.submit(([f"q{i}"], 1, "dense"))) for i in range(3)]
+        got = await asyncio.gather(first, *calls, return_exceptions=True)
+        assert all(isinstance(exc, ShardUnavailable) for exc in got[1:])
+        assert together.split == 0 and sum(together.sizes.values()) == 2  # the lone first and the batch of 3
+
+    asyncio.run(main())

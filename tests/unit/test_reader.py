@@ -1,11 +1,14 @@
 """The reader fed token ids: the ids a build stores give the answers that tokenizing the passages gives, ids of
-another tokenizer are not used, and passages without ids (a version built before) are tokenized."""
+another tokenizer are not used, passages without ids (a version built before) are tokenized, and any question text,
+however long, is read beside others without changing their answers."""
 
 import numpy as np
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
 
 from kit.models import tiny_dpr
+from kit.questions import questions
 from pipeline.docstore import list_values
 from pipeline.reader import SpanReader
 from pipeline.tokens import ReaderTokenizer
@@ -61,3 +64,27 @@ def test_ids_of_another_tokenizer_are_not_used(reader):
 
 def _ask(passages: list[dict]) -> dict:
     return {"question": "where is the mill", "passages": passages}
+
+
+def test_a_question_longer_than_the_window_leaves_its_passages_room(reader):
+    span_reader, _ = reader
+    [answers] = span_reader.read([{"question": "castle " * 200, "passages": PASSAGES[:3], "top_answers": 2}])
+    assert len(answers) == 2
+    for answer in answers:  # spans after the question's half of the 48-token window
+        assert 24 < answer["start"] <= answer["end"] < 48 and answer["text"]
+
+
+def _spans(answers: list[dict]) -> list[tuple]:
+    return [(a["passage"], a["start"], a["end"], a["text"]) for a in answers]
+
+
+@settings(max_examples=max(10, settings.default.max_examples // 4))
+@given(question=questions(400))
+def test_any_question_reads_and_leaves_the_others_in_its_batch_as_they_were(reader, question):
+    span_reader, _ = reader
+    ordinary = {"question": QUESTION, "passages": PASSAGES[:4], "top_answers": 2}
+    [alone] = span_reader.read([ordinary])
+    odd, beside = span_reader.read([{"question": question, "passages": PASSAGES[4:8], "top_answers": 3}, ordinary])
+    assert len(odd) == 3 and all(0 <= a["start"] <= a["end"] < 48 for a in odd)
+    assert _spans(beside) == _spans(alone)
+    assert [a["score"] for a in beside] == pytest.approx([a["score"] for a in alone], abs=1e-4)
