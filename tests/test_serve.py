@@ -235,18 +235,20 @@ def test_hot_swap_under_load(qa):
     assert new != old
 
     seen, failures, stop = [], [], threading.Event()
+    by_client: list[list[str]] = [[], [], []]
 
-    def client():
+    def client(number: int):
         while not stop.is_set() and len(seen) + len(failures) < 5000:
             try:
                 r = requests.post(
                     f"{qa['url']}/v1/search", json={"questions": ["north south road"], "k": 3}, timeout=30
                 )
                 (seen if r.status_code == 200 else failures).append(r.json().get("index_version", r.text))
+                by_client[number].append(seen[-1] if r.status_code == 200 else "failed")
             except requests.RequestException as exc:
                 failures.append(repr(exc))
 
-    threads = [threading.Thread(target=client) for _ in range(3)]
+    threads = [threading.Thread(target=client, args=(number,)) for number in range(3)]
     for thread in threads:
         thread.start()
     time.sleep(1)
@@ -259,9 +261,11 @@ def test_hot_swap_under_load(qa):
     for thread in threads:
         thread.join(timeout=60)
     assert failures == []
-    assert set(seen) == {old, new} and seen[-1] == new
-    switched = seen.index(new)
-    assert seen.count(old) >= 1 and all(v == new for v in seen[switched + 3 * 3 :])
+    assert set(seen) == {old, new} and seen[-1] == new and seen.count(old) >= 1
+    # No client ever sees the version go back: once one of its answers came from the new version, all later ones
+    # do. (Across clients, a request sent before the move may still finish after another's first new answer.)
+    for versions in by_client:
+        assert versions == sorted(versions, key=lambda v: v == new), versions
 
 
 @pytest.mark.reliability
