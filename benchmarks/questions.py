@@ -15,27 +15,18 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import logging
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
+from benchmarks.serve import QUESTIONS as ORDINARY
 from kit.jobs import REPO
 from kit.questions import TRICKY
+from kit.serveapp import private_serve
 
 MODES = ("dense", "sparse", "hybrid")
-ORDINARY = [
-    "How do I sort a list in place?",
-    "What does the with statement do?",
-    "How are exceptions raised?",
-    "What is a generator expression?",
-    "How do I read a CSV file?",
-    "What does functools.partial do?",
-    "How do I compute a SHA-256 digest?",
-    "What is a frozen dataclass?",
-]
 
 
 def held_out(count: int = 100, words: int = 40) -> list[str]:
@@ -109,24 +100,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args()
 
-    import ray
     from ray import serve
 
-    from kit.localray import exit_on_signals
     from pipeline.config import load_config
     from pipeline.serve.app import build_app
 
     config = load_config(REPO / args.config)
-    url = f"http://{config.serve.host}:{config.serve.port}"
-    exit_on_signals()  # SIGTERM / SIGINT still shut Serve and this private Ray down
-    ray.init(address="local", logging_level=logging.WARNING, log_to_driver=False, include_dashboard=False)
-    serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
-    try:
+    with private_serve(config.serve.host, config.serve.port) as url:
         serve.run(build_app(config), name="qa", route_prefix="/")
         result = measure(url, args.rounds)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     print(json.dumps({"benchmark": "questions", "index": args.config, **result}))
 
 

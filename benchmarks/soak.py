@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import threading
 import time
 
@@ -47,19 +46,14 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     args = parser.parse_args()
 
-    import ray
     from ray import serve
 
-    from kit.localray import exit_on_signals
+    from kit.serveapp import private_serve
     from pipeline.config import load_config
     from pipeline.serve.app import build_app
 
     config = load_config(REPO / args.config)
-    url = f"http://{config.serve.host}:{config.serve.port}"
-    exit_on_signals()  # SIGTERM / SIGINT still shut Serve and this private Ray down
-    ray.init(address="local", logging_level=logging.WARNING, log_to_driver=False, include_dashboard=True)
-    serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
-    try:
+    with private_serve(config.serve.host, config.serve.port, dashboard=True) as url:  # the state API: replicas
         serve.run(build_app(config), name="qa", route_prefix="/")
         pids = replica_pids()
         result: dict = {}
@@ -78,9 +72,6 @@ def main() -> None:
         loader.join()
         at_end = {name: rss_mb(pid) for name, pid in pids.items()}
         replaced = sorted(name for name, pid in replica_pids().items() if pids.get(name) != pid)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     growth = {
         name: round(100 * (at_end[name] - after_warmup[name]) / after_warmup[name], 1)
         for name in pids

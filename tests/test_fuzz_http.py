@@ -13,9 +13,10 @@ import requests
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from kit.corpora import synthetic_rows, write_tsv
+from kit.corpora import synthetic_rows
 from kit.jobs import free_port, run_chain, write_config
 from kit.questions import TRICKY, questions
+from kit.serveapp import tiny_qa_config
 from pipeline.config import load_config
 from pipeline.lexical import ANALYZERS
 
@@ -43,28 +44,8 @@ def app(tmp_path_factory, tiny_models, ray_address):
 
     tmp = tmp_path_factory.mktemp("fuzz")
     port = free_port()
-    config_path = write_config(
-        tmp / "c.yaml",
-        {
-            "storage": {"root": str(tmp / "store")},
-            "ingest": {"input": str(write_tsv(tmp / "psgs.tsv", ROWS)), "snapshot": "f1", "shard_rows": 200},
-            "encode": {"model": tiny_models["ctx"], "pooling": "dpr", "max_length": 64},
-            "index": {"factory": "IVF4,PQ32x8", "nprobe": 4, "queries": 40, "min_recall": 0.5},
-            "serve": {
-                "question_model": tiny_models["question"],
-                "reader_model": tiny_models["reader"],
-                "cache_dir": str(tmp / "cache"),
-                "port": port,
-                "retriever_cpus": 0.25,
-                "reader_cpus": 0.25,
-                "encoder_cpus": 0.25,
-                "lexical_cpus": 0.1,
-                "max_question_chars": MAX_CHARS,
-                "max_body_bytes": 65536,
-                "reader_max_length": 96,
-            },
-        },
-    )
+    limits = {"max_question_chars": MAX_CHARS, "max_body_bytes": 65536}
+    config_path = write_config(tmp / "c.yaml", tiny_qa_config(tmp, tiny_models, ROWS, port, **limits))
     run_chain(config_path)
     ray.init(address=ray_address, logging_level="WARNING", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
