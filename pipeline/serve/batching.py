@@ -41,10 +41,10 @@ class Coalescer(Generic[T, R]):
     again alone (concurrently), and gets that result or that error; when `shared(error)` says the error is the
     batch's as a whole, every caller gets it at once (a copy per caller where the exception can be copied), as they
     do an error for a wrong number of results. A caller cancelled while queued is dropped from its batch; one
-    cancelled while its batch is in flight only stops waiting: the batch goes on for the others. The handler runs in the context the Coalescer was built in, not a caller's, so
-    that no caller's context variables (Ray Serve's request context, whose calls are cancelled with that request)
-    reach a batch shared with others. `max_size` 1: no coalescing, each `submit` calls the handler with `[item]`
-    itself, concurrently with the others.
+    cancelled while its batch is in flight only stops waiting: the batch goes on for the others. The handler runs
+    in the context the Coalescer was built in, not a caller's, so that no caller's context variables (Ray Serve's
+    request context, whose calls are cancelled with that request) reach a batch shared with others. `max_size` 1:
+    no coalescing, each `submit` calls the handler with `[item]` itself, concurrently with the others.
 
     `sizes`: batch size -> batches handled (for metrics; the retries alone count as batches of 1); `split`: failed
     batches retried call by call."""
