@@ -293,7 +293,18 @@ class ServeConfig(Section):
         description="version to serve (default: indexes/LATEST when the app starts); the default of the ingress's "
         "user_config, where `serve deploy` pins, rolls back and the nightly moves the whole app",
     )
-    cache_dir: str = Field("/tmp/dpr-pipeline-index-cache", description="local copies of index versions")
+    cache_dir: str = Field(
+        "/tmp/dpr-pipeline-index-cache",
+        description="the node's verified copies of index versions, shared by every replica on the node (and by "
+        "jobs.evaluate when its cache_dir is the same)",
+    )
+    cache_max_bytes: ByteSize | None = Field(
+        None,
+        gt=0,
+        description="the node cache's budget: beyond it, files of versions no process on the node holds go, least "
+        "recently used first, and a version that does not fit beside those held is refused; null: files go as soon "
+        "as no process holds a version listing them",
+    )
     version_idle_s: float = Field(
         120,
         gt=0,

@@ -22,6 +22,7 @@ files that have the same bytes); a replica verifies every file before tantivy op
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -33,12 +34,13 @@ import numpy as np
 import pyarrow as pa
 import tantivy
 
+from pipeline.cache import VIEWS, Lease, NodeCache, fetch_verified
 from pipeline.docstore import Docstore
 from pipeline.errors import PipelineError
 from pipeline.keys import keys_of
 from pipeline.manifests import FileEntry, IndexManifest
 from pipeline.primitives import Hit
-from pipeline.segments import fetch_verified, load_docstore, upload_once
+from pipeline.segments import load_docstore, upload_once
 from pipeline.snapshots import Link, LiveEmbeddings
 from pipeline.storage import Storage, sha256_file
 
@@ -149,6 +151,7 @@ class LexicalIndex:
     index: tantivy.Index
     analyzer: tantivy.TextAnalyzer
     store: Docstore | None = None
+    lease: Lease | None = None  # the node cache keeps its files while it is held
 
     @classmethod
     def at(cls, version: str, directory: str, store: Docstore | None = None) -> LexicalIndex:
@@ -196,17 +199,17 @@ def _stored_hit(doc: tantivy.Document, score: float) -> Hit:
 
 
 def open_lexical(version: str, files: dict[str, str], view_dir: str, store: Docstore | None = None) -> LexicalIndex:
-    """Open a version's verified tantivy files (name → local path) through a directory of links to them."""
+    """Open a version's verified tantivy files (name → local path) through a directory of links to them, which
+    replicas on a node share: each link is made under a name of its own and moved into place whole."""
     os.makedirs(view_dir, exist_ok=True)
-    for name in os.listdir(view_dir):
-        if name not in files:
-            os.remove(os.path.join(view_dir, name))
     for name, path in files.items():
         link = os.path.join(view_dir, name)
         if not os.path.islink(link) or os.readlink(link) != os.path.abspath(path):
-            if os.path.lexists(link):
-                os.remove(link)
-            os.symlink(os.path.abspath(path), link)
+            made = f"{link}.{os.getpid()}.link"
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(made)
+            os.symlink(os.path.abspath(path), made)
+            os.replace(made, link)
     try:
         opened = LexicalIndex.at(version, view_dir, store)
     except (ValueError, OSError, KeyError) as exc:
@@ -260,18 +263,30 @@ def build_lexical_task(
         return build_lexical(Storage(root, options), links, start, previous, work_dir)
 
 
-def load_lexical(storage: Storage, manifest: IndexManifest, cache_dir: str) -> LexicalIndex | None:
-    """A published version's BM25 index and (`lexical_format` 2) the docstores its hits are read from, every file
-    checked against its sha256 first; None when it has none."""
+def load_lexical(storage: Storage, manifest: IndexManifest, cache: NodeCache | str) -> LexicalIndex | None:
+    """A published version's BM25 index and (`lexical_format` 2) the docstores its hits are read from, leased in the
+    node cache (`pipeline.cache`) and every file checked against its sha256 first; None when it has none."""
     if not manifest.lexical:
         return None
-    store = load_docstore(storage, manifest, cache_dir) if manifest.lexical_format == FORMAT else None
+    cache = cache if isinstance(cache, NodeCache) else NodeCache(cache)
+    lease = cache.lease(manifest.version, manifest.files)
+    try:
+        found = _open_lexical(storage, manifest, cache)
+    except BaseException:
+        cache.release(lease)
+        raise
+    found.lease = lease
+    return found
+
+
+def _open_lexical(storage: Storage, manifest: IndexManifest, cache: NodeCache) -> LexicalIndex:
+    store = load_docstore(storage, manifest, cache) if manifest.lexical_format == FORMAT else None
     files = {entry.name: entry for entry in manifest.files}
     try:
-        paths, _ = fetch_verified(storage, [files[name] for name in manifest.lexical.values()], cache_dir)
+        paths, _ = cache.fetch(storage, [files[name] for name in manifest.lexical.values()], manifest.version)
     except PipelineError as exc:
         raise PipelineError(f"{exc}: refusing to load the BM25 index of {manifest.version}") from None
-    view = os.path.join(cache_dir, "lexical-views", manifest.version)
+    view = os.path.join(cache.directory, VIEWS, manifest.version)
     return open_lexical(manifest.version, {name: paths[obj] for name, obj in manifest.lexical.items()}, view, store)
 
 

@@ -32,6 +32,7 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
+from pipeline.cache import Lease, NodeCache
 from pipeline.docstore import (
     DOCSTORE_FILE,
     DOCSTORE_SCHEMA,
@@ -342,6 +343,7 @@ class PublishedIndex:
     stored: dict[int, np.ndarray] = field(default_factory=dict)  # seq → fp16 [rows, d], memory-mapped (refine)
     _params: faiss.SearchParameters = None
     _keep: list = field(default_factory=list)  # the C++ objects the index and the parameters point into
+    lease: Lease | None = None  # the node cache keeps its files while it is held
 
     @property
     def d(self) -> int:
@@ -385,42 +387,38 @@ class PublishedIndex:
         return np.concatenate(ids) if ids else np.empty(0, np.int64), names
 
 
-def fetch_verified(storage: Storage, entries: Sequence[FileEntry], cache_dir: str) -> tuple[dict[str, str], int]:
-    """Local copies of objects under `indexes/`, each checked against its sha256 before anything parses it.
-    Objects already in the cache (content-addressed names) are not downloaded again. (paths, bytes fetched)"""
-    paths, fetched = {}, 0
-    for entry in entries:
-        path = os.path.join(cache_dir, *entry.name.split("/"))
-        if not os.path.exists(path) or os.path.getsize(path) != entry.bytes:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            partial = f"{path}.{os.getpid()}.partial"  # replicas and shards on a node share the cache
-            storage.download(posixpath.join("indexes", entry.name), partial)
-            os.replace(partial, path)
-            fetched += entry.bytes
-        digest = sha256_file(path)
-        if digest != entry.sha256:
-            os.remove(path)
-            raise PipelineError(
-                f"{storage.url('indexes', entry.name)}: checksum mismatch (manifest "
-                f"{entry.sha256[:12]}…, file {digest[:12]}…)"
-            )
-        paths[entry.name] = path
-    return paths, fetched
-
-
 def load_published(
     storage: Storage,
     version: str | None,
-    cache_dir: str,
+    cache: NodeCache | str,
     shard: tuple[int, int] = (0, 1),
     nprobe: int | None = None,
 ) -> PublishedIndex:
-    """Fetch what a version lists that the cache lacks, check every file's sha256 against the manifest, then open
-    it. FAISS and Arrow never parse an unverified file (FAISS's reader is not safe on untrusted input). With
-    `shard` = (i, n), only the segments `assign_segments` gives shard i (and the quantizer and tombstones). `nprobe`
-    searches more or fewer lists than the manifest's (None: the manifest's, the one its recall was measured at)."""
+    """Lease the version in the node cache (`pipeline.cache`), fetch what it lists that the cache lacks, check every
+    file's sha256 against the manifest, then open it; the lease is the index's until `release`. FAISS and Arrow never
+    parse an unverified file (FAISS's reader is not safe on untrusted input). With `shard` = (i, n), only the
+    segments `assign_segments` gives shard i (and the quantizer and tombstones). `nprobe` searches more or fewer
+    lists than the manifest's (None: the manifest's, the one its recall was measured at)."""
+    cache = cache if isinstance(cache, NodeCache) else NodeCache(cache)
     version = published_version(storage, version)
     manifest = read_index_manifest(storage, version)
+    lease = cache.lease(manifest.version, manifest.files)
+    try:
+        return _open_published(storage, manifest, cache, shard, nprobe, lease)
+    except BaseException:
+        cache.release(lease)
+        raise
+
+
+def _open_published(
+    storage: Storage,
+    manifest: IndexManifest,
+    cache: NodeCache,
+    shard: tuple[int, int],
+    nprobe: int | None,
+    lease: Lease,
+) -> PublishedIndex:
+    version = manifest.version
     number, shards = shard
     listed = segments_of(manifest)
     owner = assign_segments(listed, shards)
@@ -433,7 +431,7 @@ def load_published(
         names = [manifest.quantizer, *(s.file(n) for s in segments for n in SEGMENT_FILES if s.file(n) in files)]
         needed = [files[name] for name in names + ([manifest.tombstones] if manifest.tombstones else [])]
     try:
-        paths, fetched = fetch_verified(storage, needed, cache_dir)
+        paths, fetched = cache.fetch(storage, needed, version)
     except PipelineError as exc:
         raise PipelineError(f"{exc}: refusing to load index {version}") from None
     index = faiss.read_index(paths[manifest.quantizer])
@@ -476,6 +474,7 @@ def load_published(
         vectors,
         params,
         [invlists, stacked, hstack, *keep],
+        lease,
     )
 
 
@@ -513,33 +512,15 @@ def open_docstore(
     return store
 
 
-def load_docstore(storage: Storage, manifest: IndexManifest, cache_dir: str) -> Docstore:
+def load_docstore(storage: Storage, manifest: IndexManifest, cache: NodeCache) -> Docstore:
     """A version's passages for the BM25 deployment: every segment's docstore, token ids and keys, and the
-    tombstones, each checked against its sha256 (the same cached files a Retriever on the node reads)."""
+    tombstones, each checked against its sha256 (the same cached files a Retriever on the node reads); the caller
+    holds the version's lease."""
     files, segments = files_of(manifest), segments_of(manifest)
     names = [s.file(n) for s in segments for n in (DOCSTORE_FILE, TOKENS_FILE, KEYS_FILE) if s.file(n) in files]
     needed = [files[name] for name in names + ([manifest.tombstones] if manifest.tombstones else [])]
     try:
-        paths, _ = fetch_verified(storage, needed, cache_dir)
+        paths, _ = cache.fetch(storage, needed, manifest.version)
     except PipelineError as exc:
         raise PipelineError(f"{exc}: refusing to load the passages of index {manifest.version}") from None
     return open_docstore(manifest, paths, segments, dead_rows(manifest, paths, segments), with_keys=True)
-
-
-def evict(cache_dir: str, keep: Sequence[IndexManifest]) -> list[str]:
-    """Delete cached objects that none of `keep` lists (a mapped file stays readable until it is unmapped)."""
-    wanted = {os.path.join(cache_dir, *e.name.split("/")) for manifest in keep for e in manifest.files}
-    # A kept version's BM25 index is opened through links to its cached files (pipeline.lexical.load_lexical).
-    wanted |= {os.path.join(cache_dir, "lexical-views", manifest.version) for manifest in keep}
-    removed = []
-    for directory, _, names in os.walk(cache_dir):
-        if directory.startswith(os.path.join(cache_dir, "lexical-views", "")) and (
-            directory in wanted or os.path.dirname(directory) in wanted
-        ):
-            continue
-        for name in names:
-            path = os.path.join(directory, name)
-            if path not in wanted and not name.endswith(".partial"):
-                os.remove(path)
-                removed.append(path)
-    return removed

@@ -16,6 +16,7 @@ import pyarrow as pa
 from faiss.contrib.exhaustive_search import knn_ground_truth
 from tqdm import tqdm
 
+from pipeline.cache import fetch_verified
 from pipeline.config import IndexConfig
 from pipeline.errors import InputError
 from pipeline.index.plan import RECALL_K, IndexPlan, sample_positions
@@ -29,7 +30,6 @@ from pipeline.segments import (
     SegmentRef,
     SegmentWriter,
     faiss_ids,
-    fetch_verified,
     files_of,
     open_vectors,
     segments_of,

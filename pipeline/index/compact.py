@@ -11,6 +11,7 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
+from pipeline.cache import fetch_verified
 from pipeline.docstore import open_arrow
 from pipeline.index.build import Built
 from pipeline.manifests import FileEntry
@@ -27,7 +28,6 @@ from pipeline.segments import (
     VectorWriter,
     copy_live_codes,
     faiss_ids,
-    fetch_verified,
     finish_segment,
     ivf_of,
     open_vectors,

@@ -19,6 +19,7 @@ from typing import Any
 
 import faiss
 
+from pipeline.cache import fetch_verified
 from pipeline.config import IndexConfig, PipelineConfig
 from pipeline.docstore import TOKENS_FILE
 from pipeline.errors import PipelineError
@@ -41,7 +42,7 @@ from pipeline.lexical import build_lexical
 from pipeline.manifests import FileEntry, IndexManifest
 from pipeline.primitives import BuildMode, BuildSummary
 from pipeline.raycluster import get
-from pipeline.segments import IVF_FILE, LocalSegment, fetch_verified, files_of, footprint, segments_of, split_ids
+from pipeline.segments import IVF_FILE, LocalSegment, files_of, footprint, segments_of, split_ids
 from pipeline.snapshots import Link, LiveEmbeddings, embedding_chain, live_rows
 from pipeline.storage import Storage
 from pipeline.telemetry import PhaseTimer, peak_rss, reset_peak_rss

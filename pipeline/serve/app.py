@@ -381,7 +381,8 @@ def build_app(config: PipelineConfig):
     storage = Storage(config.storage.root, config.storage.options)
     # Local paths are made absolute here: replicas do not share the working directory of `serve run`.
     where = (storage.root_url, config.storage.options)
-    part = PartSettings(*where, os.path.abspath(s.cache_dir), s.batch_max_size, s.version_idle_s)
+    budget = int(s.cache_max_bytes) if s.cache_max_bytes else None
+    part = PartSettings(*where, os.path.abspath(s.cache_dir), s.batch_max_size, s.version_idle_s, budget)
     encoder = QuestionEncoder.options(
         **replicas(s, "encoder", s.encoder_replicas),
         ray_actor_options={"num_cpus": s.encoder_cpus, "num_gpus": s.encoder_gpus},

@@ -17,11 +17,12 @@ import numpy as np
 import ray
 from ray import serve
 
+from pipeline.cache import NodeCache
 from pipeline.errors import PipelineError
 from pipeline.layout import published_version, read_index_manifest
 from pipeline.lexical import LexicalIndex, load_lexical
 from pipeline.primitives import EncodeCall, LexicalSearch, ShardSearch
-from pipeline.segments import PublishedIndex, evict, footprint, load_published
+from pipeline.segments import PublishedIndex, footprint, load_published
 from pipeline.serve.batching import Coalescer
 from pipeline.serve.fanout import retriever_names
 from pipeline.serve.versions import Versions
@@ -53,6 +54,7 @@ class PartSettings:
     cache_dir: str
     batch_max_size: int
     idle_s: float = 120
+    cache_max_bytes: int | None = None
 
 
 class _Versioned:
@@ -63,7 +65,7 @@ class _Versioned:
 
     def _versions_init(self, part: PartSettings, what: str) -> None:
         self.storage = Storage(part.storage_root, part.storage_options)
-        self.cache_dir = part.cache_dir or tempfile.mkdtemp(prefix="index-cache-")
+        self.cache = NodeCache(part.cache_dir or tempfile.mkdtemp(prefix="index-cache-"), part.cache_max_bytes)
         self.versions = Versions(self._load, what, on_change=self._held_changed, idle_s=part.idle_s)
         latest = _latest(self.storage)
         if latest is not None:
@@ -84,8 +86,14 @@ class _Versioned:
     def _load(self, version: str):
         raise NotImplementedError
 
-    def _held_changed(self, held: list) -> None:
-        """Called with what the replica holds after a load (to free what none of them uses)."""
+    def _held_changed(self, held: list, dropped: list) -> None:
+        """After a load or a drop: what the replica holds and what it let go. Files a dropped version leased in the
+        node cache go once no process on the node holds them (`pipeline.cache`)."""
+        for loaded in dropped:
+            if getattr(loaded, "lease", None) is not None:
+                self.cache.release(loaded.lease)
+        if any(getattr(loaded, "lease", None) is not None for loaded in [*held, *dropped]):
+            self.cache.evict()
 
     def _answer(self, version: str, **fields: Any) -> dict[str, Any]:
         return {"index_version": version, **self.versions.status(), **fields}
@@ -134,7 +142,7 @@ class QuestionEncoder(_Versioned):
             self._models.setdefault(settings, encoder)
         return _QuestionModel(settings, self._models[settings])
 
-    def _held_changed(self, held: list[_QuestionModel]) -> None:
+    def _held_changed(self, held: list[_QuestionModel], dropped: list[_QuestionModel]) -> None:
         with self._models_lock:
             used = {model.settings for model in held}
             for settings in [s for s in self._models if s not in used]:
@@ -182,16 +190,17 @@ class Retriever(_Versioned):
         self._versions_init(part, f"index shard {self.shard[0]} ({retriever_names(self.shard[1])[self.shard[0]]}) of")
 
     def _load(self, version: str) -> PublishedIndex:
-        candidate = load_published(self.storage, version, self.cache_dir, self.shard)
-        probe = np.zeros((1, candidate.d), dtype=np.float32)
-        _, rows = candidate.search(probe, 1, self._refine_k(candidate))  # refine needs the vectors
-        if candidate.vectors and rows[0, 0] < 0:
-            raise PipelineError(f"index {candidate.version}: the probe query found nothing")
+        candidate = load_published(self.storage, version, self.cache, self.shard)
+        try:
+            probe = np.zeros((1, candidate.d), dtype=np.float32)
+            _, rows = candidate.search(probe, 1, self._refine_k(candidate))  # refine needs the vectors
+            if candidate.vectors and rows[0, 0] < 0:
+                raise PipelineError(f"index {candidate.version}: the probe query found nothing")
+        except BaseException:
+            self.cache.release(candidate.lease)
+            raise
         log.info("index %s loaded (%d vectors, shard %s)", candidate.version, candidate.vectors, self.shard)
         return candidate
-
-    def _held_changed(self, held: list[PublishedIndex]) -> None:
-        evict(self.cache_dir, [index.manifest for index in held])
 
     def _refine_k(self, index: PublishedIndex) -> int:
         return index.manifest.refine_k if self.refine_k is None else self.refine_k
@@ -235,7 +244,7 @@ class Lexical(_Versioned):
         self._versions_init(part, "BM25 index of")
 
     def _load(self, version: str) -> LexicalIndex:
-        candidate = load_lexical(self.storage, read_index_manifest(self.storage, version), self.cache_dir)
+        candidate = load_lexical(self.storage, read_index_manifest(self.storage, version), self.cache)
         if candidate is None:
             raise PipelineError(f"index {version} has no BM25 index (built with index.lexical: false)")
         return candidate

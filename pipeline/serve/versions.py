@@ -34,7 +34,8 @@ class VersionRefused(PipelineError):
 
 
 class Versions(Generic[T]):
-    """Versions by name, loaded by `load(name)` on a thread of their own, the `keep` asked for last held."""
+    """Versions by name, loaded by `load(name)` on a thread of their own, the `keep` asked for last held;
+    `on_change(held, dropped)` after a load or a drop, with what is held and what was just let go."""
 
     def __init__(
         self,
@@ -42,7 +43,7 @@ class Versions(Generic[T]):
         what: str,
         keep: int = 2,
         retry_s: float = 60.0,
-        on_change: Callable[[list[T]], None] | None = None,
+        on_change: Callable[[list[T], list[T]], None] | None = None,
         idle_s: float | None = None,
     ):
         self._load, self.what, self.keep, self.retry_s, self.idle_s = load, what, keep, retry_s, idle_s
@@ -102,12 +103,13 @@ class Versions(Generic[T]):
             return
         now, last = time.monotonic(), next(reversed(self._held))
         idle = [n for n in self._held if n not in (asked, last) and now - self._asked.get(n, now) > self.idle_s]
+        dropped = []
         for name in idle:
-            del self._held[name]
+            dropped.append(self._held.pop(name))
             self._asked.pop(name, None)
             log.info("dropped %s %s: no request named it for %.0f s", self.what, name, self.idle_s)
         if idle and self._on_change is not None:
-            self._pool.submit(self._on_change, list(self._held.values()))  # off the request path
+            self._pool.submit(self._on_change, list(self._held.values()), dropped)  # off the request path
 
     async def grouped(self, asked: list[str]) -> list[tuple[str, T, list[int]]]:
         """One batch's calls by the version that answers them: (version, what it loaded, the calls' positions), so
@@ -144,14 +146,17 @@ class Versions(Generic[T]):
             self._held[name] = loaded
             self._held.move_to_end(name)
             self._asked[name] = time.monotonic()
+            dropped = []
             while len(self._held) > self.keep:
-                self._asked.pop(self._held.popitem(last=False)[0], None)
+                oldest, loaded_before = self._held.popitem(last=False)
+                self._asked.pop(oldest, None)
+                dropped.append(loaded_before)
             self._loading.pop(name, None)
             self._refused.pop(name, None)
             held = list(self._held.values())
         log.info("holding %s %s (and %s)", self.what, name, [n for n in self.held if n != name])
         if self._on_change is not None:
-            self._on_change(held)
+            self._on_change(held, dropped)
 
     def _failed(self, name: str, exc: Exception) -> None:
         with self._lock:

@@ -33,9 +33,19 @@ def _settle(versions: Versions, name: str) -> None:
         time.sleep(0.01)
 
 
+def _recording(freed: list, dropped: list):
+    """An `on_change` that keeps each call's held list and every version let go."""
+
+    def on_change(held: list, gone: list) -> None:
+        freed.append(held)
+        dropped.extend(gone)
+
+    return on_change
+
+
 def test_a_new_version_loads_beside_and_answers_come_from_a_held_one_meanwhile():
-    load, freed = Loader(), []
-    versions = Versions(load, "index", keep=2, on_change=freed.append)
+    load, freed, dropped = Loader(), [], []
+    versions = Versions(load, "index", keep=2, on_change=_recording(freed, dropped))
     versions.preload("v1")
     load.gate["v2"] = threading.Event()
     assert asyncio.run(versions.get("v2")) == ("v1", "loaded v1")  # v2 loading: v1 answers, nothing waits
@@ -49,7 +59,7 @@ def test_a_new_version_loads_beside_and_answers_come_from_a_held_one_meanwhile()
     asyncio.run(versions.get("v3"))
     _settle(versions, "v3")
     assert versions.held == ["v1", "v3"]  # v2 was asked for least recently: dropped
-    assert freed[-1] == ["loaded v1", "loaded v3"]
+    assert freed[-1] == ["loaded v1", "loaded v3"] and dropped == ["loaded v2"]
 
 
 def test_with_nothing_held_the_first_ask_waits_for_its_load():
@@ -84,8 +94,13 @@ def test_nothing_held_and_the_version_refused_raises_naming_it():
 
 
 def test_a_version_no_request_names_for_idle_s_is_dropped_but_never_the_last_one():
-    freed = []
-    versions = Versions(Loader(), "question encoder of", idle_s=0.2, on_change=freed.append)
+    freed, dropped = [], []
+    versions = Versions(
+        Loader(),
+        "question encoder of",
+        idle_s=0.2,
+        on_change=lambda held, gone: (freed.append(held), dropped.extend(gone)),
+    )
     versions.preload("v1")
     versions.preload("v2")
     assert versions.held == ["v1", "v2"]
@@ -96,6 +111,7 @@ def test_a_version_no_request_names_for_idle_s_is_dropped_but_never_the_last_one
     while not freed or freed[-1] != ["loaded v2"]:
         assert time.monotonic() < deadline
         time.sleep(0.01)
+    assert dropped == ["loaded v1"]
     time.sleep(0.3)
     assert asyncio.run(versions.get("v2")) == ("v2", "loaded v2") and versions.held == ["v2"]
 
