@@ -151,3 +151,50 @@ def test_the_nightly_setting_the_version_keeps_the_settings_and_restarts_nothing
     ]
     assert _replica_ids(dashboard) == replicas
     assert (_status(url, 8), _status(url, 9)) == (200, 422)
+
+
+def test_replicas_replaced_by_a_settings_change_start_on_the_pinned_version_not_latest(app, edited):
+    """The app pinned to its first version while `LATEST` names a newer one, and a setting changed in the same
+    `serve deploy` (so Serve replaces every replica): each new replica loads the pinned version before it takes
+    traffic, and none loads `LATEST` (each part holds the pinned version alone); no request fails meanwhile."""
+    url, dashboard, pinned = app["url"], app["dashboard"], app["version"]
+    config = load_config(app["config"], [f"nightly.serve_address={dashboard}", "nightly.serve_timeout_s=120"])
+    assert point_serve_at(config, pinned)["index_version"] == pinned  # pinned in place, as the nightly pins
+    newer = run_job("build_index", app["config"], "index.nprobe=3")
+    assert newer.returncode == 0 and newer.summary["version"] != pinned, newer.stderr[-2000:]
+    state = {**app, "template": app["tmp"] / "serve-pinned.yaml"}
+    state["template"].write_text(yaml.safe_dump(serve_config(app["config"], _port(url), index_version=pinned)))
+    app["settings"]["serve"]["version_idle_s"] = 90
+    write_config(app["config"], app["settings"])
+    before = _replica_ids(dashboard)
+
+    def body(client: int, turn: int) -> dict:
+        return {"questions": QUESTIONS, "k": 5}
+
+    try:
+        with Load(f"{url}/v1/search", 2, body, pause_s=0.05) as clients:
+            time.sleep(1)
+            _write_and_deploy(state, "deploy-pinned.yaml")
+            until(lambda: _replaced(dashboard, before), 180, 0.5, "every replica replaced")
+            time.sleep(1)
+        info = requests.get(f"{url}/v1/index", timeout=30).json()
+        assert info["index_version"] == pinned and info["pinned"], info
+        assert info["held"] == {"QuestionEncoder": [pinned], "Retriever": [pinned]}, info["held"]
+        assert clients.failed() == [] and len(clients.answers) > 20, clients.failed()[:3]
+        assert {a.body["index_version"] for a in clients.answers} == {pinned}
+    finally:  # the app as the other tests of this module find it: `edited`'s config, following LATEST
+        del app["settings"]["serve"]["version_idle_s"]
+        write_config(app["config"], app["settings"])
+        serve_deploy(dashboard, edited["written"], app["tmp"] / "deploy-restored.yaml")
+        until(lambda: _deployed(dashboard)["status"] == "RUNNING", 180, 0.5, "the app restored")
+
+
+def _replaced(dashboard: str, before: set[str]) -> bool:
+    """The app running on replicas that are all new (none of `before` left, in any state)."""
+    deployed = _deployed(dashboard)
+    replicas = {r["replica_id"] for d in deployed["deployments"].values() for r in d["replicas"]}
+    return deployed["status"] == "RUNNING" and bool(replicas) and not replicas & before
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])

@@ -34,12 +34,35 @@ if TYPE_CHECKING:
 log = logging.getLogger("ray.serve")
 
 
-def _latest(storage: Storage) -> str | None:
-    """The version `indexes/LATEST` names now (what a replica loads as it starts), None when there is none."""
+INGRESS = "QAService"  # the deployment whose user_config sets the app's version (pipeline.serve.app)
+
+
+def _start_version(storage: Storage) -> str | None:
+    """What a replica loads as it starts, before it takes traffic: the version its app is set to (`_pinned`), else
+    the one `indexes/LATEST` names; None when there is none."""
+    pinned = _pinned()
+    if pinned is not None:
+        return pinned
     try:
         return published_version(storage, None)
     except PipelineError as exc:
         log.warning("no published index version to load at start: %s", exc)
+        return None
+
+
+def _pinned() -> str | None:
+    """The version this replica's app is set to answer from: the ingress's `user_config.index_version` as the Serve
+    controller's target holds it. The target is set before any replica of a deploy starts, so a replica started by a
+    settings change, by autoscaling or on a restarted node loads the app's version, not `LATEST` and then the
+    version on its first request. None when the app follows `LATEST`, or outside Serve."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        app = serve.get_replica_context().replica_id.deployment_id.app_name
+        deployments = _get_global_client().get_serve_details()["applications"][app]["deployments"]
+        return ((deployments[INGRESS]["deployment_config"].get("user_config") or {}).get("index_version")) or None
+    except Exception as exc:  # noqa: BLE001 - not a replica, or the controller did not answer: LATEST it is
+        log.warning("the app's version is unknown at start (%s: %s): loading indexes/LATEST", type(exc).__name__, exc)
         return None
 
 
@@ -59,17 +82,17 @@ class PartSettings:
 
 class _Versioned:
     """What the question encoder, the Retriever and the BM25 deployment share: the versions they hold
-    (`pipeline.serve.versions`), the one `indexes/LATEST` names loaded as the replica starts (before Serve sends it
-    a request), the others when a request first names them. Every answer says which version answered and what the
-    replica holds, so the ingress can keep one version per response."""
+    (`pipeline.serve.versions`), the app's version (or the one `indexes/LATEST` names) loaded as the replica starts,
+    before Serve sends it a request, the others when a request first names them. Every answer says which version
+    answered and what the replica holds, so the ingress can keep one version per response."""
 
     def _versions_init(self, part: PartSettings, what: str) -> None:
         self.storage = Storage(part.storage_root, part.storage_options)
         self.cache = NodeCache(part.cache_dir or tempfile.mkdtemp(prefix="index-cache-"), part.cache_max_bytes)
         self.versions = Versions(self._load, what, on_change=self._held_changed, idle_s=part.idle_s)
-        latest = _latest(self.storage)
-        if latest is not None:
-            self.versions.preload(latest)
+        first = _start_version(self.storage)
+        if first is not None:
+            self.versions.preload(first)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Configs of older releases set `index_version` here: null is harmless, a name would silently not pin."""
