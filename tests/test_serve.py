@@ -10,6 +10,7 @@ import yaml
 
 from kit.corpora import synthetic_rows
 from kit.jobs import free_port, run_chain, run_job, write_config
+from kit.poll import until
 from kit.rss import maps_library
 from kit.serveapp import tiny_qa_config
 from pipeline.config import load_config
@@ -422,11 +423,11 @@ def test_sparse_and_hybrid_find_what_only_bm25_finds(qa, tiny_models):
 
 @pytest.fixture(scope="module")
 def segmented(qa):
-    """Two versions of the same 400 passages in 4 segments each (distributed builds of 100-vector groups, other
-    seeds: other codes, other scores); LATEST is put back."""
+    """Three versions of the same 400 passages in 4 segments each (distributed builds of 100-vector groups, other
+    seeds: other quantizers, codes and scores, so no segment or quantizer file is shared); LATEST is put back."""
     before = _latest(qa)
     versions = []
-    for seed in (11, 12):
+    for seed in (11, 12, 13):
         run = run_job(
             "build_index",
             qa["config_path"],
@@ -515,7 +516,7 @@ def test_a_swap_across_three_shards_under_load_fails_nothing_and_mixes_nothing(q
     different versions, and none fails while the shards move one after another."""
     from ray import serve
 
-    old, new = segmented
+    old, new, _ = segmented
     body = {"questions": QUESTIONS[:2], "k": 10}
     try:
         # The timeout only tells a dead shard from a live one; here every shard lives, while the new version's
@@ -551,6 +552,59 @@ def test_a_swap_across_three_shards_under_load_fails_nothing_and_mixes_nothing(q
     assert [a for a in answers if a[0] != 200] == []
     assert {a[1]["index_version"] for a in answers} == {old, new}
     assert all(answer == expected[answer["index_version"]] for _, answer in answers)
+
+
+MODES = ("dense", "sparse", "hybrid")
+
+
+@pytest.mark.reliability
+def test_three_shards_and_bm25_moved_ten_times_among_three_versions_under_load_fail_nothing(qa, segmented):
+    """Three shards and the BM25 deployment on one node share its cache: moved ten times among three versions that
+    share no segment or quantizer, with clients searching in every mode, no request fails (no part evicts a file
+    another part holds or is loading) and every answer equals, hit for hit, its version's answer in its mode."""
+    from ray import serve
+
+    slow = {"shard_timeout_s": 60}
+    expected = {}
+    try:
+        for version in segmented:
+            url = _sharded(qa, "moves", version, 3, **slow)
+            until(lambda v=version, u=url: _answers_from(u, v), 90, 0.2, f"the app answering from {version}")
+            for mode in MODES:
+                answer = requests.post(f"{url}/v1/search", json={**_BODY, "mode": mode}, timeout=60).json()
+                expected[(version, mode)] = answer["results"]
+        answers, stop = [], threading.Event()
+
+        def client(number: int):
+            session, turn = requests.Session(), number
+            while not stop.is_set():
+                mode, turn = MODES[turn % 3], turn + 1
+                response = session.post(f"{url}/v1/search", json={**_BODY, "mode": mode}, timeout=60)
+                answers.append((mode, response.status_code, response.json()))
+
+        threads = [threading.Thread(target=client, args=(number,)) for number in range(3)]
+        for thread in threads:
+            thread.start()
+        for move in range(10):
+            version = segmented[move % 3]
+            _sharded(qa, "moves", version, 3, **slow)
+            until(lambda v=version: answers and answers[-1][2].get("index_version") == v, 90, 0.2, f"move {move}")
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    finally:
+        serve.delete("moves")
+    assert [a for a in answers if a[1] != 200] == []
+    assert {answer["index_version"] for _, _, answer in answers} == set(segmented)
+    assert all(answer["results"] == expected[(answer["index_version"], mode)] for mode, _, answer in answers)
+
+
+_BODY = {"questions": QUESTIONS[:2], "k": 10}
+
+
+def _answers_from(url: str, version: str) -> bool:
+    response = requests.post(f"{url}/v1/search", json=_BODY, timeout=60)
+    return response.status_code == 200 and response.json()["index_version"] == version
 
 
 @pytest.mark.reliability

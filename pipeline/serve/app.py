@@ -421,7 +421,10 @@ def build_app(config: PipelineConfig):
         graceful_shutdown_timeout_s=120,
         user_config={"index_version": s.index_version},
     )
-    return ingress.bind(encoder, retrievers, reader, s, lexical, where)
+    # The version reaches the ingress through its user_config alone: left out of its arguments, a version set with
+    # `serve.run` moves the running replica in place instead of replacing it.
+    unpinned = s.model_copy(update={"index_version": None})
+    return ingress.bind(encoder, retrievers, reader, unpinned, lexical, where)
 
 
 def app(args: dict[str, Any]):
