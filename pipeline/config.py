@@ -392,6 +392,20 @@ class NightlyConfig(Section):
     max_chain: int = Field(7, ge=0, description="delta snapshots in a row before a full one is written")
 
 
+class RetainConfig(Section):
+    versions: int = Field(
+        7, ge=1, description="the newest index versions kept, each with everything it lists and its snapshot chain"
+    )
+    min_age_h: float = Field(
+        24,
+        ge=0,
+        description="no object younger than this is deleted, nor any version published within it (a night in "
+        "flight writes its files before its manifest)",
+    )
+    pinned: list[str] = Field([], description="index versions kept whatever their age (a rollback target, say)")
+    after_night: bool = Field(True, description="the nightly runs the retention step once it has published")
+
+
 class EvaluateConfig(Section):
     questions: str | None = Field(
         None, description="DPR .qa.csv (question<TAB>['answers']) or JSONL {question, answers}: path or URL"
@@ -425,6 +439,7 @@ class PipelineConfig(Section):
     index: IndexConfig = Field(default_factory=IndexConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     nightly: NightlyConfig = Field(default_factory=NightlyConfig)
+    retain: RetainConfig = Field(default_factory=RetainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
 

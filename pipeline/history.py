@@ -77,6 +77,17 @@ class BytesWritten(_Closed):
         return self.passages + self.embeddings + self.index
 
 
+class Retention(_Closed):
+    """What a retention step did (`pipeline.retention`): a night's last step, or `jobs.gc`."""
+
+    kept_versions: list[str] = []
+    dropped_versions: list[str] = []
+    deleted_objects: int = 0
+    deleted_bytes: int = 0
+    store_bytes: int  # the store's bytes (passages, embeddings, indexes, nightly) after the step
+    error: str | None = None  # the step failed (the night it followed stands)
+
+
 class HistoryRecord(_Closed):
     """One run: a night (ingest → encode → build → serve), a build or a compaction."""
 
@@ -109,6 +120,7 @@ class HistoryRecord(_Closed):
     bytes_per_passage: dict[str, float] | None = None  # what a replica stores, by kind (BuildSummary)
     serve_moved: bool | None = None  # None: no Serve app to move (nightly.serve_address unset)
     serve_seconds: float | None = None
+    retention: Retention | None = None  # the retention step's outcome (a night with retain.after_night, a gc)
 
     @property
     def drift_limit(self) -> float | None:
@@ -244,6 +256,7 @@ class NightRun:
     encoded: EncodeSummary | None = None
     built: BuildSummary | None = None
     served: dict[str, Any] | None = None
+    retention: Retention | None = None
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -301,6 +314,7 @@ def night_entry(
         bytes_written=_night_bytes(storage, night),
         serve_moved=(night.served is not None) if serving and built is not None else None,
         serve_seconds=stage_seconds.get("serve") if serving else None,
+        retention=night.retention,
         **{**fields, "snapshot": config.ingest.snapshot},
     )
 
@@ -329,6 +343,39 @@ def build_entry(
         stage_seconds={"build_index": round(seconds, 3)},
         bytes_written=BytesWritten(index=built.bytes_written if built else 0),
         **fields,
+    )
+
+
+def retention_of(summary: dict[str, Any] | None, error: BaseException | None = None, config=None) -> Retention:
+    """A retention step's record from `pipeline.retention.run_gc`'s summary, or its failure."""
+    if summary is None:
+        return Retention(store_bytes=0, error=error_message(error, config) if error is not None else None)
+    return Retention(
+        kept_versions=summary["kept_versions"],
+        dropped_versions=summary["dropped_versions"],
+        deleted_objects=summary["deleted_objects"],
+        deleted_bytes=summary["deleted_bytes"],
+        store_bytes=summary["store_bytes_after"],
+    )
+
+
+def gc_entry(
+    config: PipelineConfig,
+    started: dt.datetime,
+    seconds: float,
+    summary: dict[str, Any] | None,
+    error: BaseException | None = None,
+) -> HistoryRecord:
+    """The record of a `jobs.gc` run."""
+    return HistoryRecord(
+        when=started,
+        kind="gc",
+        status="ok" if error is None else "failed",
+        error=error_message(error, config) if error is not None else None,
+        failed_stage="retain" if error is not None else None,
+        seconds=round(seconds, 3),
+        stage_seconds={"retain": round(seconds, 3)},
+        retention=retention_of(summary, error, config),
     )
 
 

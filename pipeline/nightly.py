@@ -121,6 +121,11 @@ def _run_night(storage: Storage, config: PipelineConfig, night: NightRun) -> dic
     if config.nightly.serve_address:
         with night.stage("serve"):
             served = night.served = point_serve_at(config, built.version)
+    if config.retain.after_night:  # once the app holds tonight's version: what no retained version needs goes
+        from pipeline.retention import retain_after_night
+
+        with night.stage("retain"):
+            night.retention = retain_after_night(config)
     return {
         "snapshot": snapshot,
         "previous_snapshot": record["previous_snapshot"],
@@ -140,6 +145,7 @@ def _run_night(storage: Storage, config: PipelineConfig, night: NightRun) -> dic
         "recall_at_100": built.recall_at_100,
         "distortion": built.distortion,
         "served": served,
+        "retention": night.retention.model_dump() if night.retention is not None else None,
         "phase_seconds": night.timer.seconds,
         "output": built.output,
     }
@@ -190,6 +196,18 @@ def with_index_version(deploy_config: dict[str, Any], app: str, version: str) ->
     return {**deploy_config, "applications": applications}
 
 
+def app_url(config: PipelineConfig) -> str:
+    """Where the app answers HTTP: `nightly.serve_url`, else serve.host:serve.port."""
+    host = "127.0.0.1" if config.serve.host == "0.0.0.0" else config.serve.host
+    return (config.nightly.serve_url or f"http://{host}:{config.serve.port}").rstrip("/")
+
+
+def auth_headers(config: PipelineConfig) -> dict[str, str]:
+    """The app's Bearer key, from the variable `serve.api_key_env` names, when it has one."""
+    key = os.environ.get(config.serve.api_key_env) if config.serve.api_key_env else None
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def point_serve_at(config: PipelineConfig, version: str) -> dict[str, Any]:
     """Set the app's version (the ingress's `user_config.index_version`) through the Serve REST API, as `serve
     deploy` would: every part loads it beside the version it serves. Then check it by searching, in every mode the
@@ -209,10 +227,7 @@ def point_serve_at(config: PipelineConfig, version: str) -> dict[str, Any]:
     current = {
         key: details[key] for key in ("proxy_location", "http_options", "grpc_options") if details.get(key) is not None
     }
-    host = "127.0.0.1" if config.serve.host == "0.0.0.0" else config.serve.host
-    url = (night.serve_url or f"http://{host}:{config.serve.port}").rstrip("/")
-    key = os.environ.get(config.serve.api_key_env) if config.serve.api_key_env else None
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    url, headers = app_url(config), auth_headers(config)
 
     def set_version(name: str) -> None:
         updated = with_index_version({**current, "applications": deployed}, night.serve_app, name)

@@ -16,7 +16,7 @@ Hit = dict[str, Any]
 BuildMode = Literal["full", "delta", "current"]
 
 # What a history record (pipeline.history) was written by: a nightly run, `jobs.build_index`, `jobs.compact`.
-RunKind = Literal["night", "build", "compact"]
+RunKind = Literal["night", "build", "compact", "gc"]
 
 
 class EncodeCall(NamedTuple):

@@ -24,8 +24,14 @@ from pipeline.storage import Storage
 log = logging.getLogger(__name__)
 
 DEFAULT_LAST = 60
-STAGES = ("ingest", "encode", "build_index", "serve")
-STAGE_COLOURS = {"ingest": "#4e79a7", "encode": "#f28e2b", "build_index": "#59a14f", "serve": "#b07aa1"}
+STAGES = ("ingest", "encode", "build_index", "serve", "retain")
+STAGE_COLOURS = {
+    "ingest": "#4e79a7",
+    "encode": "#f28e2b",
+    "build_index": "#59a14f",
+    "serve": "#b07aa1",
+    "retain": "#9c755f",
+}
 PHASE_ORDER = ("sample", "train", "add", "measure", "tombstone", "compact", "lexical", "publish")
 AREA_COLOURS = {"passages": "#4e79a7", "embeddings": "#f28e2b", "index": "#59a14f"}
 ROW_COLOURS = {"new": "#59a14f", "changed": "#f1ce63", "deleted": "#e15759"}
@@ -267,6 +273,23 @@ class Plotter:
         handles = right.get_legend_handles_labels()[0]
         return self.finish(figure, axes, "Segments and tombstone fraction of the version", "segments", handles)
 
+    def store_bytes(self) -> bytes:
+        from matplotlib.lines import Line2D
+        from matplotlib.ticker import FuncFormatter
+
+        figure, axes = self.figure()
+        points = [(x, r.retention.store_bytes) for x, r in zip(self.x, self.records) if _retained(r)]
+        deleted = [(x, r.retention.deleted_bytes) for x, r in zip(self.x, self.records) if _retained(r)]
+        extra = []
+        if points:
+            axes.plot(*zip(*points), marker="o", markersize=4, color="#2c7bb6", linewidth=1.5, label="store")
+            axes.bar(*zip(*deleted), width=0.6, color="#e15759", alpha=0.6, label="deleted by retention")
+            axes.set_ylim(bottom=0)
+        else:
+            extra.append(Line2D([], [], linestyle="none", label="no retention step recorded"))
+        axes.yaxis.set_major_formatter(FuncFormatter(_human_bytes))
+        return self.finish(figure, axes, "The store's bytes after each retention step", "bytes", extra)
+
     def all(self) -> list[tuple[str, bytes]]:
         """Every figure: (title, PNG)."""
         self.made = []
@@ -277,6 +300,7 @@ class Plotter:
             self.rows_changed,
             self.distortion,
             self.segments,
+            self.store_bytes,
         ):
             plot()
         return list(self.made)
@@ -291,6 +315,18 @@ def _num(value: float | int | None, digits: int = 0) -> str:
     if value is None:
         return "–"
     return f"{value:,.{digits}f}" if isinstance(value, float) or digits else f"{value:,}"
+
+
+def _retained(record: HistoryRecord) -> bool:
+    return record.retention is not None and record.retention.error is None
+
+
+def _store_cell(record: HistoryRecord) -> str:
+    kept = record.retention
+    if kept is None or kept.error is not None:
+        return "–" if kept is None else "failed"
+    title = f"deleted {kept.deleted_objects:,} objects, {kept.deleted_bytes:,} bytes; dropped {kept.dropped_versions}"
+    return f'<span title="{_e(title)}">{_e(_human_bytes(kept.store_bytes))}</span>'
 
 
 def _row(record: HistoryRecord) -> str:
@@ -337,7 +373,8 @@ def _row(record: HistoryRecord) -> str:
         _e(recall),
         f'<span title="{_e(kinds)}">{_e(_num(per_passage))}</span>',
         _e(serve),
-        _e(record.error or ""),
+        _store_cell(record),
+        _e(record.error or (record.retention.error if record.retention else "") or ""),
     ]
     css = ' class="failed"' if record.status == "failed" else ""
     return f"<tr{css}>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>"
@@ -360,6 +397,7 @@ HEADERS = (
     "recall@100 (refined)",
     "bytes / passage",
     "Serve app",
+    "store after retention",
     "error",
 )
 

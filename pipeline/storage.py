@@ -8,12 +8,14 @@ lists every object with its sha256, and is the only thing readers trust: objects
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
 import json
 import logging
 import os
 import posixpath
 import uuid
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import fsspec
@@ -86,6 +88,28 @@ def read_parquet_bytes(data: bytes, columns: list[str] | None = None) -> pa.Tabl
     exits abort it ("terminate called without an active exception", exit 134), seen with pyarrow 25 and 26.
     """
     return pq.read_table(pa.BufferReader(data), columns=columns, use_threads=False)
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """An object as a listing gives it: its path under `storage.root`, size and last modification (epoch s)."""
+
+    rel: str
+    bytes: int
+    modified: float
+
+
+def _modified(info: dict[str, Any]) -> float:
+    """A listing's modification time: `mtime` locally, `LastModified` on S3, `updated` on GCS."""
+    for key in ("mtime", "LastModified", "updated", "last_modified"):
+        value = info.get(key)
+        if isinstance(value, int | float):
+            return float(value)
+        if hasattr(value, "timestamp"):
+            return value.timestamp()
+        if isinstance(value, str):
+            return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    raise PipelineError(f"{info.get('name')}: the store gives no modification time ({sorted(info)})")
 
 
 class Storage:
@@ -203,6 +227,38 @@ class Storage:
 
     def delete(self, rel: str) -> None:
         self.fs.rm(self.path(rel))
+
+    def inventory(self, rel_dir: str) -> list[StoredObject]:
+        """Every object under a directory, at any depth (empty when there is none)."""
+        directory = self.path(rel_dir)
+        self.fs.invalidate_cache()
+        with self._naming("listing", rel_dir):
+            try:
+                found = self.fs.find(directory, detail=True)
+            except FileNotFoundError:
+                return []
+        prefix = self.root_path.rstrip("/") + "/"
+        return sorted(
+            (
+                StoredObject(path[len(prefix) :], int(info["size"]), _modified(info))
+                for path, info in found.items()
+                if info.get("type", "file") == "file" and path.startswith(prefix)
+            ),
+            key=lambda o: o.rel,
+        )
+
+    def delete_many(self, rels: list[str], batch: int = 1000) -> None:
+        """Delete objects in the order given, `batch` to a request (S3's DeleteObjects takes 1,000); locally, the
+        folders left empty go too."""
+        for start in range(0, len(rels), batch):
+            chunk = rels[start : start + batch]
+            with self._naming("delete", chunk[0]):
+                self.fs.rm([self.path(rel) for rel in chunk])
+        if self.is_local:
+            for folder in sorted({posixpath.dirname(self.path(rel)) for rel in rels}, key=len, reverse=True):
+                while folder.startswith(self.root_path.rstrip("/") + "/") and not os.listdir(folder):
+                    os.rmdir(folder)
+                    folder = posixpath.dirname(folder)
 
     def write_json(self, rel: str, value: Any) -> str:
         return self.write_bytes(rel, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode())

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from pipeline import history
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
-from pipeline.history import BytesWritten, HistoryRecord, Rows, read_history
+from pipeline.history import BytesWritten, HistoryRecord, Retention, Rows, read_history
 from pipeline.layout import HISTORY
 from pipeline.primitives import BuildSummary
 from pipeline.report import Plotter, render
@@ -231,7 +231,7 @@ def test_the_report_has_a_row_per_record_and_inline_pngs_only():
     assert body.index("2026-11-24") < body.index("2026-11-20")  # newest first
     assert "<script" not in page.lower() and "http://" not in page and "https://" not in page
     images = _pngs(page)
-    assert len(images) == 6
+    assert len(images) == 7
     import matplotlib.image
 
     for data in images:
@@ -249,7 +249,7 @@ def test_the_report_has_a_row_per_record_and_inline_pngs_only():
 def test_full_builds_compactions_and_failures_are_marked_on_every_plot():
     records = _records()
     plotter = Plotter(records)
-    assert len(plotter.all()) == 6
+    assert len(plotter.all()) == 7
     for title, labels in plotter.legends.items():
         assert {"full build", "compaction", "failed run"} <= set(labels), title
     assert "limit: reference × (1 + max_drift)" in next(v for k, v in plotter.legends.items() if "drift limit" in k)
@@ -291,3 +291,21 @@ def test_the_report_job_writes_where_it_says(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--config", str(config_path), "--last", "0"])
     assert exit_.value.code == 2
+
+
+def test_retention_steps_are_plotted_and_their_store_bytes_tabled():
+    records = _records()
+    deleted = {"deleted_objects": 12, "deleted_bytes": 1_000_000}
+    step = Retention(kept_versions=["v2"], dropped_versions=["v0"], store_bytes=9_000_000, **deleted)
+    records[1] = records[1].model_copy(update={"retention": step})
+    gc = HistoryRecord(
+        when=T0 + dt.timedelta(days=6), kind="gc", status="ok", seconds=1.5, retention=Retention(store_bytes=8_500_000)
+    )
+    plotter = Plotter([*records, gc])
+    plotter.all()
+    assert {"store", "deleted by retention"} <= set(plotter.legends["The store's bytes after each retention step"])
+    page = render([*records, gc], "/tmp/store")
+    assert "9 MB" in page and "8.5 MB" in page and "deleted 12 objects, 1,000,000 bytes" in page
+    quiet = Plotter(_records())
+    quiet.all()
+    assert "no retention step recorded" in quiet.legends["The store's bytes after each retention step"]
