@@ -32,11 +32,16 @@ class JobRun:
 
 
 def run_job(
-    job: str, config: Path | str, *overrides: str, timeout: float | None = 600, env: dict[str, str] | None = None
+    job: str,
+    config: Path | str,
+    *overrides: str,
+    timeout: float | None = 600,
+    env: dict[str, str] | None = None,
+    flags: tuple[str, ...] = (),
 ) -> JobRun:
-    """`python -m jobs.<job> --config ... --set ...` in the repository, as a user runs it (in this process's
+    """`python -m jobs.<job> --config ... [flags] --set ...` in the repository, as a user runs it (in this process's
     environment unless `env` is given)."""
-    command = [sys.executable, "-m", f"jobs.{job}", "--config", str(config)]
+    command = [sys.executable, "-m", f"jobs.{job}", "--config", str(config), *flags]
     for item in overrides:
         command += ["--set", item]
     done = subprocess.run(
