@@ -46,10 +46,14 @@ def scaled_corpus(count: int) -> list[tuple[str, str, str]]:
     return rows[:count]
 
 
-def next_night(rows: list[tuple[str, str, str]], changed: float, night: int) -> tuple[list[tuple[str, str, str]], dict]:
-    """Edit 40%, delete 30% and add 30% of `changed` x passages, spread over the corpus (deterministic per night)."""
+def next_night(
+    rows: list[tuple[str, str, str]], changed: float, night: int, mix: tuple[float, float] = (0.4, 0.3)
+) -> tuple[list[tuple[str, str, str]], dict]:
+    """Of `changed` x passages, edit `mix[0]`, delete `mix[1]` and add the rest (40%, 30%, 30%), spread over the
+    corpus (deterministic per night)."""
     n = max(3, int(len(rows) * changed))
-    edited, deleted, added = int(n * 0.4), int(n * 0.3), n - int(n * 0.4) - int(n * 0.3)
+    edited, deleted = int(n * mix[0]), int(n * mix[1])
+    added = n - edited - deleted
     step = len(rows) // (edited + deleted)
     touched = [(i + night * 7) % len(rows) for i in range(0, step * (edited + deleted), step)]
     edit_at, delete_at = set(touched[:edited]), set(touched[edited:])
