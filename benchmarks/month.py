@@ -95,7 +95,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-month-"))
     exit_on_signals()
     dashboard_port, port = free_port(), free_port()
-    cluster = LocalRay(Path(tempfile.mkdtemp(prefix="ray-")), dashboard_port=dashboard_port)
+    # 4 logical CPUs on this 2-core machine: the app's replicas hold slices while each night's encode actors need
+    # whole ones (on a real cluster the nightly runs on its own workers).
+    cluster = LocalRay(Path(tempfile.mkdtemp(prefix="ray-")), num_cpus=4, dashboard_port=dashboard_port)
     nights, truth = [], Truth()
     try:
         os.environ["RAY_ADDRESS"] = cluster.start()

@@ -1,5 +1,6 @@
 """Storage on a local path: whole writes, manifests and their checks (the S3 API server's tests stay beside)."""
 
+import time
 from typing import Literal
 
 import pytest
@@ -69,3 +70,14 @@ def test_remove_unlisted_keeps_listed_parts(tmp_path):
         storage.write_bytes(f"d/{name}", b"x")
     assert storage.remove_unlisted("d", keep={"part-1"}) == ["part-2"]
     assert storage.list_names("d") == ["other", "part-1"]
+
+
+def test_an_inventory_lists_every_object_with_its_size_and_age_and_a_batched_delete_leaves_no_empty_folder(tmp_path):
+    storage = Storage(str(tmp_path / "root"))
+    for rel, data in {"a/x/1": b"1", "a/x/2": b"22", "a/y/3": b"333", "b/4": b"4444"}.items():
+        storage.write_bytes(rel, data)
+    listed = storage.inventory("a")
+    assert [(o.rel, o.bytes) for o in listed] == [("a/x/1", 1), ("a/x/2", 2), ("a/y/3", 3)]
+    assert all(abs(o.modified - time.time()) < 60 for o in listed) and storage.inventory("missing") == []
+    storage.delete_many(["a/x/1", "a/x/2", "a/y/3"], batch=2)
+    assert not (tmp_path / "root" / "a").exists() and storage.exists("b/4")  # emptied folders go, up to the root
