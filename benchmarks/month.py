@@ -25,6 +25,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -147,10 +148,14 @@ def main() -> None:
             for night in range(2, args.nights + 1):
                 rows, _ = next_night(rows, 0.02, night, mix=(0.5, 0.25))  # 1% edited, 0.5% deleted, 0.5% added
                 started = time.monotonic()
-                killed = None
+                kill: list[float] = []  # [when killed, when replaced + 5 s], filled by a watcher while the night runs
+                watcher = None
                 if night % args.kill_every == 0:
-                    os.kill(replicas()["Retriever"][0], signal.SIGKILL)
-                    killed = time.monotonic()
+                    victim = replicas()["Retriever"][0]
+                    os.kill(victim, signal.SIGKILL)
+                    kill.append(time.monotonic())
+                    watcher = threading.Thread(target=_replaced, args=(kill, victim), daemon=True)
+                    watcher.start()
                 summary, seconds = run_ok(
                     "nightly",
                     config,
@@ -159,11 +164,8 @@ def main() -> None:
                 )
                 truth.add(summary["version"], rows)
                 (work / f"n{night - 1:02d}.tsv").unlink()
-                window_end = None
-                if killed is not None:
-                    until(lambda: len(replicas().get("Retriever", [])) == 2, 300, 1, "the killed replica replaced")
-                    window_end = time.monotonic() + 5
-                    time.sleep(5)
+                if watcher is not None:
+                    watcher.join(timeout=600)
                 nights.append(
                     {
                         "night": night,
@@ -174,7 +176,7 @@ def main() -> None:
                         "retention": summary["retention"],
                         "started": started,
                         "ended": time.monotonic(),
-                        "kill": [killed, window_end] if killed is not None else None,
+                        "kill": kill or None,
                         "rss_mib": {name: [rss_mib(pid) for pid in pids] for name, pids in replicas().items()},
                         "cache_bytes": folder_bytes(work / "cache"),
                         "store_bytes": folder_bytes(work / "store"),
@@ -188,6 +190,18 @@ def main() -> None:
         print(json.dumps(report(args, load, truth, nights)))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _replaced(kill: list[float], victim: int) -> None:
+    """Wait until Serve has replaced the killed Retriever replica, then 5 s more: the end of the kill window."""
+
+    def replaced() -> bool:
+        alive = replicas().get("Retriever", [])
+        return len(alive) == 2 and victim not in alive
+
+    until(replaced, 600, 1, "the killed replica replaced")
+    time.sleep(5)
+    kill.append(time.monotonic())
 
 
 def _version_bytes(store: Path, version: str) -> int:
