@@ -100,12 +100,12 @@ def test_a_version_whose_question_encoder_does_not_fit_its_index_is_refused(tiny
     recorded = {"pooling": "dpr", "max_length": 32, "normalize": False, "question_model": tiny_models["question"]}
     manifests = {"wrong": SimpleNamespace(encoder=recorded, dim=768), "v1": SimpleNamespace(encoder=recorded, dim=32)}
     monkeypatch.setattr(deployments, "read_index_manifest", lambda storage, version: manifests[version])
-    monkeypatch.setattr(deployments, "_latest", lambda storage: None)
+    monkeypatch.setattr(deployments, "_start_version", lambda storage: None)
     part = deployments.PartSettings(str(tmp_path), {}, "", 4)
     encoder = deployments.QuestionEncoder.func_or_class(part, "/a/fallback/no/version/uses", None)
     with pytest.raises(PipelineError, match=r"gives 32-d vectors, its index holds 768-d"):
         encoder._load("wrong")
     first = encoder._load("v1")
     manifests["v2"] = manifests["v1"]
-    encoder._held_changed([first])
+    encoder._held_changed([first], [])
     assert first.settings.model == tiny_models["question"] and encoder._load("v2").encoder is first.encoder

@@ -471,8 +471,8 @@ def test_the_history_records_each_night_and_compaction_and_the_report_shows_them
     rows = [(r.rows.new, r.rows.changed, r.rows.deleted) for r in (first, d2, d2_again, d3)]
     assert rows == [(600, 0, 0), (25, 15, 20), (25, 15, 20), (20, 18, 25)]
     assert (first.rows.encoded, d2.rows.encoded, d3.rows.encoded, compaction.rows.live) == (600, 40, 0, 600)
-    assert set(first.stage_seconds) == {"ingest", "encode", "build_index"} and first.serve_moved is None
-    assert set(d2.stage_seconds) == {"ingest", "encode", "build_index", "serve"}
+    assert set(first.stage_seconds) == {"ingest", "encode", "build_index", "retain"} and first.serve_moved is None
+    assert set(d2.stage_seconds) == {"ingest", "encode", "build_index", "serve", "retain"}
     assert d2.serve_moved is True and d2.serve_seconds == d2.stage_seconds["serve"] > 0
     assert first.recall_at_100 == nights["first"]["recall_at_100"] and d2.recall_at_100 is None  # measured: full
     assert first.retrained is True and "train" in first.build_seconds and d2.build_seconds
@@ -501,4 +501,5 @@ def test_the_history_records_each_night_and_compaction_and_the_report_shows_them
     page = out.read_text()
     assert page.split("<tbody>")[1].split("</tbody>")[0].count("<tr") == len(records)
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    assert len(images) == 6 and all(base64.b64decode(i).startswith(b"\x89PNG\r\n\x1a\n") for i in images)
+    assert len(images) == 7 and "<figcaption>The store&#x27;s bytes after each retention step" in page
+    assert all(base64.b64decode(i).startswith(b"\x89PNG\r\n\x1a\n") for i in images)
