@@ -360,6 +360,15 @@ class ServeConfig(Section):
     retriever_cpus: float = Field(1, ge=0, description="CPUs per retriever replica (FAISS search threads)")
     reader_gpus: float = Field(0, ge=0)
     reader_cpus: float = Field(1, ge=0)
+    max_surge_percent: int = Field(
+        100,
+        ge=0,
+        le=100,
+        description="replicas started beyond each part's count while a settings change replaces them (Ray Serve's "
+        "max_surge_percent): with 100 every old replica answers until its replacement is ready, so a part with "
+        "one replica never has none; it needs room for them (CPUs, and GPUs for GPU parts); 0 = Serve's own "
+        "rolling update, which stops an old replica before starting its replacement",
+    )
     autoscaling: dict[AUTOSCALED, Autoscaling] = Field(
         default_factory=dict,
         description="per part (ingress, encoder, retriever: every shard, lexical, reader), Ray Serve autoscaling "

@@ -113,15 +113,20 @@ def edited(app):
     def body(client: int, turn: int) -> dict:
         return {"questions": QUESTIONS, "k": 5}
 
+    running: list[dict[str, int]] = []  # each deployment's RUNNING replicas, polled while the edit moves in
     with Load(f"{url}/v1/search", 2, body, pause_s=0.05) as clients:
         time.sleep(1)
         started = time.monotonic()
         written = _write_and_deploy(app, "deploy-2.yaml")
-        until(lambda: _status(url, 8) == 200, 180, 0.5, "k=8 answered (serve.max_k 8)")
+        while _status(url, 8) != 200:
+            assert time.monotonic() - started < 180, "k=8 not answered (serve.max_k 8) within 180 s"
+            deployments = _deployed(dashboard)["deployments"]
+            running.append({n: sum(r["state"] == "RUNNING" for r in d["replicas"]) for n, d in deployments.items()})
+            time.sleep(0.2)
         took = time.monotonic() - started
         time.sleep(1)
     print(f"first deploy {app['first_deploy_s']:.1f}s; the edit took effect {took:.1f}s after `serve deploy`")
-    return {"before": before, "written": written, "clients": clients, "took_s": took}
+    return {"before": before, "written": written, "clients": clients, "took_s": took, "running": running}
 
 
 def test_an_edited_setting_reaches_the_app_without_a_failed_request(app, edited):
@@ -131,8 +136,10 @@ def test_an_edited_setting_reaches_the_app_without_a_failed_request(app, edited)
     old, new = app["written"]["applications"][0]["args"], edited["written"]["applications"][0]["args"]
     assert (old["settings"]["serve"]["max_k"], new["settings"]["serve"]["max_k"]) == (5, 8)
     assert _deployed(dashboard)["deployed_app_config"]["args"] == new
-    # Serve rebuilt the app: every replica is a new one, and no request failed while they were replaced
+    # Serve rebuilt the app: every replica is a new one, and no request failed while they were replaced; each old
+    # replica answered until its replacement was ready (serve.max_surge_percent 100): no part was ever without one
     assert not _replica_ids(dashboard) & edited["before"]["replicas"]
+    assert len(edited["running"]) > 5 and all(min(polled.values()) >= 1 for polled in edited["running"])
     clients = edited["clients"]
     assert clients.failed() == [] and len(clients.answers) > 20, clients.failed()[:3]
 

@@ -43,6 +43,7 @@ from pipeline.storage import Storage
 
 log = logging.getLogger("ray.serve")
 REFUSED_RETRY_S = 10.0  # how often the ingress asks again for a version a part refused
+START_WAIT_S = 60.0  # how long a starting ingress replica waits for every part to hold its version
 REPLICA_LOST = (RayActorError, ActorUnavailableError)
 
 
@@ -98,7 +99,9 @@ class Ingress:
         self.metrics = Metrics()
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """`{"index_version": name or null}`: the version every part of the app answers from once all hold it."""
+        """`{"index_version": name or null}`: the version every part of the app answers from once all hold it. A
+        starting replica (a settings change replaces every one) returns once they do, or after `START_WAIT_S`, so
+        that its first requests do not wait for a version the parts are still loading."""
         unknown = set(user_config or {}) - {"index_version"}
         if unknown:
             raise ValueError(f"QAService user_config takes only index_version, not {sorted(unknown)}")
@@ -108,8 +111,11 @@ class Ingress:
         if want != self.want:
             log.info("the app's version is now %s (%s)", want, "pinned" if pinned else "indexes/LATEST")
             self.want, self.last_error = want, None
+            starting = self.serving is None
             self.serving = self.serving or want  # a new replica: nothing answered before to fall back on
             self._moving = asyncio.get_running_loop().create_task(self._move_to(want))
+            if starting:  # Serve sends a replica traffic once this returns: not before the parts hold its version
+                await asyncio.wait({self._moving}, timeout=START_WAIT_S)
 
     async def _move_to(self, version: str) -> None:
         """Ask every part for `version` (each starts loading it) until all hold it, then ask requests for it; while a
@@ -367,11 +373,11 @@ def _unavailable(exc: Exception) -> bool:
 
 def replicas(s: ServeConfig, part: str, fixed: int) -> dict[str, Any]:
     """A part's deployment options for its replica count: `serve.autoscaling[part]` as Ray Serve's
-    `autoscaling_config`, else `fixed` replicas."""
-    scaling = s.autoscaling.get(part)
+    `autoscaling_config`, else `fixed` replicas; and how many more may start while a change replaces them."""
+    scaling, surge = s.autoscaling.get(part), {"max_surge_percent": s.max_surge_percent}
     if scaling is None:
-        return {"num_replicas": fixed}
-    return {"autoscaling_config": scaling.model_dump(exclude_none=True)}
+        return {"num_replicas": fixed, **surge}
+    return {"autoscaling_config": scaling.model_dump(exclude_none=True), **surge}
 
 
 def build_app(config: PipelineConfig):

@@ -110,7 +110,7 @@ def test_autoscaling_is_checked_and_becomes_ray_serves_autoscaling_config():
         "metrics_interval_s": 10,
         "look_back_period_s": 30,
     }
-    assert replicas(scaled, "reader", 4) == {"num_replicas": 4}  # a part without autoscaling keeps its count
+    assert replicas(scaled, "reader", 4) == {"num_replicas": 4, "max_surge_percent": 100}  # no autoscaling: its count
     for bad, says in (
         ("{encoder: {min_replicas: 3, max_replicas: 2}}", "min_replicas (3) <= initial_replicas (3) <= max_replicas"),
         ("{decoder: {max_replicas: 2}}", "decoder"),

@@ -177,6 +177,36 @@ def test_while_a_shard_lacks_the_new_version_answers_come_from_the_one_before():
     assert ingress.answered == "v2"
 
 
+def test_a_starting_replica_takes_traffic_once_every_part_holds_its_version(monkeypatch):
+    """A settings change replaces every replica: a new ingress's `reconfigure` (Serve sends it nothing before it
+    returns) waits until the parts hold its version, so its first requests do not wait for a load; a version that
+    never comes is waited for `START_WAIT_S` at most."""
+    parts = _parts(encoder=("v1",), shards=(("v1",), ("v1", "v2")), bm25=("v1",))
+
+    async def start(ingress: Ingress, version: str) -> float:
+        started = asyncio.get_running_loop().time()
+        await ingress.reconfigure({"index_version": version})
+        return asyncio.get_running_loop().time() - started
+
+    async def loaded_later():
+        await asyncio.sleep(0.3)
+        for part in (parts["encoder"], parts["shards"][0], parts["bm25"]):
+            part.held.append("v2")
+
+    async def both():
+        ingress = _ingress(parts, serving=None)
+        ingress.want = None
+        waited, _ = await asyncio.gather(start(ingress, "v2"), loaded_later())
+        return ingress, waited
+
+    ingress, waited = asyncio.run(both())
+    assert waited >= 0.3 and ingress.serving == "v2" and ingress._moving.done()
+    monkeypatch.setattr(app_module, "START_WAIT_S", 0.2)
+    never = _ingress(parts, serving=None)
+    never.want = None
+    assert 0.2 <= asyncio.run(start(never, "v3")) < 2 and never.serving == "v3"  # nothing else to answer from
+
+
 def test_a_version_one_part_refuses_is_never_served_and_index_says_why(monkeypatch):
     """The question encoder refuses v2 (its model is missing); the BM25 index holds it. The ingress keeps asking
     requests for v1 in every mode, sparse included, and /v1/index names the reason."""
