@@ -41,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kit.text import real_passages, word_questions
+
 REPO = Path(__file__).resolve().parents[1]  # runs on a GPU machine from the repository alone: no kit
 
 log = logging.getLogger("benchmarks.gpu")
@@ -351,15 +353,6 @@ def parity(bf16, fp32, tokens) -> dict:
     }
 
 
-def real_passages(count: int) -> tuple[list[str], list[str]]:
-    """Titles and texts of real 100-word passages (the demo corpus, cut from Python's documentation), repeated."""
-    from pipeline.demo_corpus import passages
-
-    rows = list(passages())
-    rows = [rows[i % len(rows)] for i in range(count)]
-    return [title for _, _, title in rows], [text for _, text, _ in rows]
-
-
 def tokenize_on_one_core(model_dir: str, count: int) -> dict:
     """In a child process pinned to one core (the tokenizer's own threads off): what one tokenizer actor does."""
     from pipeline.text_encoder import EncoderSettings, PassageTokenizer
@@ -389,22 +382,11 @@ def tokenizer_rate(model_dir: str, quick: bool, result: dict) -> dict:
     return out
 
 
-def questions(count: int, seed: int = 2) -> list[str]:
-    _, texts = real_passages(200)
-    words = " ".join(texts).split()
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(count):
-        start = int(rng.integers(0, len(words) - 16))
-        out.append(" ".join(words[start : start + int(rng.integers(6, 15))]) + "?")
-    return out
-
-
 def question_encoder(model_dir: str, device: torch.device, sizes: dict) -> dict:
     from pipeline.text_encoder import EncoderSettings, TextEncoder
 
     encoder = TextEncoder(EncoderSettings(model=model_dir, question=True), device=device)
-    asked = questions(max(sizes["questions"], 64 * sizes["question_batches"]))
+    asked = word_questions(max(sizes["questions"], 64 * sizes["question_batches"]))
     for question in asked[:10]:
         encoder.encode(None, [question])  # warm-up
     latencies = []

@@ -27,7 +27,7 @@ from kit.jobs import REPO
 from pipeline.config import IndexConfig, load_config
 from pipeline.index.plan import plan_index
 from pipeline.index.quality import recall_at
-from pipeline.segments import load_published
+from pipeline.published import load_published
 from pipeline.snapshots import LiveEmbeddings, embedding_chain
 from pipeline.storage import Storage
 

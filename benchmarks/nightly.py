@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--nprobe", type=int, default=16, help="16 at 50k-250k; 32 at 1M keeps recall@100 over 0.5")
     parser.add_argument("--min-recall", type=float, default=0.5)
     args = parser.parse_args()
-    from pipeline.segments import load_published
+    from pipeline.published import load_published
     from pipeline.storage import Storage
 
     work = Path(tempfile.mkdtemp(prefix="bench-nightly-"))

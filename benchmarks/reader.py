@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.gpu import questions, real_passages
+from kit.text import real_passages, word_questions
 from pipeline.reader import SpanReader
 
 
@@ -36,7 +36,7 @@ def requests_for(span_reader: SpanReader, count: int, passages: int) -> tuple[li
     )
     plain = [{"title": t, "text": x} for t, x in zip(titles, texts)]
     with_ids = [{**p, "title_ids": a, "text_ids": b} for p, a, b in zip(plain, title_ids, text_ids)]
-    asked = questions(count, seed=5)
+    asked = word_questions(count, seed=5)
     return (
         [{"question": q, "passages": plain, "top_answers": 3} for q in asked],
         [{"question": q, "passages": with_ids, "top_answers": 3, "tokenizer": span_reader.fingerprint} for q in asked],

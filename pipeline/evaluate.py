@@ -31,7 +31,7 @@ from pipeline.config import PipelineConfig
 from pipeline.errors import InputError, PipelineError
 from pipeline.layout import published_version
 from pipeline.lexical import fuse, load_lexical
-from pipeline.segments import load_published
+from pipeline.published import load_published
 from pipeline.snapshots import LiveEmbeddings, embedding_chain
 from pipeline.storage import Storage, resolve
 from pipeline.text_encoder import TextEncoder, question_settings

@@ -40,7 +40,8 @@ from pipeline.errors import PipelineError
 from pipeline.keys import keys_of
 from pipeline.manifests import FileEntry, IndexManifest
 from pipeline.primitives import Hit
-from pipeline.segments import load_docstore, upload_once
+from pipeline.published import load_docstore
+from pipeline.segments import upload_once
 from pipeline.snapshots import Link, LiveEmbeddings
 from pipeline.storage import Storage, sha256_file
 

@@ -13,7 +13,7 @@ from kit.load import Load
 from kit.models import tiny_dpr
 from kit.poll import until
 from kit.serveapp import answers_by_mode, serve_config, serve_deploy
-from pipeline.segments import load_published
+from pipeline.published import load_published
 from pipeline.storage import Storage
 from pipeline.text_encoder import EncoderSettings, TextEncoder
 from tests.conftest import RAY_DASHBOARD_PORT

@@ -13,7 +13,7 @@ from pipeline.docstore import ROW_MASK
 from pipeline.errors import PipelineError
 from pipeline.lexical import load_lexical
 from pipeline.manifests import IndexManifest
-from pipeline.segments import load_published
+from pipeline.published import load_published
 from pipeline.storage import Storage
 
 ROWS = synthetic_rows(800, words=30)

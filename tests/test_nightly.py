@@ -23,7 +23,8 @@ from kit.poll import until
 from kit.serveapp import put_app, serve_config
 from pipeline.keys import keys_of
 from pipeline.lexical import load_lexical
-from pipeline.segments import KEYS_FILE, load_published, split_ids
+from pipeline.published import load_published
+from pipeline.segments import KEYS_FILE, split_ids
 from pipeline.snapshots import LiveEmbeddings, embedding_chain
 from pipeline.storage import Storage
 from tests.conftest import RAY_DASHBOARD_PORT

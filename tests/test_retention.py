@@ -18,7 +18,7 @@ from kit.jobs import REPO, run_job, write_config
 from pipeline.history import read_history
 from pipeline.layout import read_latest
 from pipeline.lexical import load_lexical
-from pipeline.segments import load_published
+from pipeline.published import load_published
 from pipeline.storage import Storage
 
 pytestmark = pytest.mark.ray

@@ -22,7 +22,8 @@ from pipeline.errors import PipelineError
 from pipeline.layout import published_version, read_index_manifest
 from pipeline.lexical import LexicalIndex, load_lexical
 from pipeline.primitives import EncodeCall, LexicalSearch, ShardSearch
-from pipeline.segments import PublishedIndex, footprint, load_published
+from pipeline.published import PublishedIndex, load_published
+from pipeline.segments import footprint
 from pipeline.serve.batching import Coalescer
 from pipeline.serve.fanout import retriever_names
 from pipeline.serve.versions import Versions
@@ -99,7 +100,7 @@ class _Versioned:
         if (user_config or {}).get("index_version") is not None:
             raise ValueError(
                 f"{type(self).__name__} takes no index_version: the app's version is set in one place, the "
-                "QAService's user_config (README: Pinning and rolling back a version)"
+                "QAService's user_config (docs/serving.md: Pinning and rolling back a version)"
             )
         if user_config:
             log.warning(

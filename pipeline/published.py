@@ -1,0 +1,236 @@
+"""A published index version loaded for search: its files leased in the node cache (`pipeline.cache`), checked
+against their sha256, then the shared quantizer with every segment's inverted lists stacked on it, the tombstone
+filter and the docstores, all memory-mapped (`pipeline.segments` has the format). No torch here: serving imports it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import faiss
+import numpy as np
+import pyarrow as pa
+
+from pipeline.cache import Lease, NodeCache
+from pipeline.docstore import DOCSTORE_FILE, TOKENS_FILE, Docstore, faiss_ids, open_arrow, split_ids
+from pipeline.errors import PipelineError
+from pipeline.layout import published_version, read_index_manifest
+from pipeline.manifests import IndexManifest
+from pipeline.segments import (
+    IVF_FILE,
+    KEYS_FILE,
+    SEGMENT_FILES,
+    VECTORS_FILE,
+    SegmentRef,
+    assign_segments,
+    files_of,
+    ivf_of,
+    open_vectors,
+    read_invlists,
+    rescore,
+    search_parameters,
+    segments_of,
+)
+from pipeline.snapshots import read_npy_file
+from pipeline.storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PublishedIndex:
+    """A published version, verified and loaded: the shared quantizer with every segment's inverted lists stacked
+    on it (memory-mapped), the tombstone filter, and the segments' docstores (memory-mapped Arrow)."""
+
+    version: str
+    manifest: IndexManifest
+    index: faiss.Index
+    store: Docstore  # the segments' passages (and token ids), row i of segment seq = FAISS id (seq << 40 | i)
+    dead: np.ndarray  # sorted FAISS ids of tombstoned rows
+    fetched: int = 0  # bytes downloaded to load it (what the cache lacked)
+    stored: dict[int, np.ndarray] = field(default_factory=dict)  # seq → fp16 [rows, d], memory-mapped (refine)
+    _params: faiss.SearchParameters = None
+    _keep: list = field(default_factory=list)  # the C++ objects the index and the parameters point into
+    lease: Lease | None = None  # the node cache keeps its files while it is held
+
+    @property
+    def d(self) -> int:
+        return int(self.index.d)
+
+    @property
+    def docstores(self) -> dict[int, pa.Table]:
+        return self.store.texts
+
+    @property
+    def vectors(self) -> int:
+        """Live vectors (stored minus tombstoned)."""
+        return int(self.index.ntotal) - len(self.dead)
+
+    def search(self, queries: np.ndarray, k: int, refine_k: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, FAISS ids) best first; -1 where fewer than k live vectors were found. With `refine_k`, the
+        IVF-PQ search returns that many candidates (at least k), re-scored exactly (`rescore`)."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if not refine_k:
+            return self.index.search(queries, k, params=self._params)
+        if len(self.stored) != len(self.docstores):
+            raise PipelineError(
+                f"index {self.version} keeps no vectors to re-score with (built with index.keep_vectors: false): "
+                "set refine_k to 0"
+            )
+        _, candidates = self.index.search(queries, max(k, refine_k), params=self._params)
+        return rescore(queries, candidates, k, self.stored)
+
+    def passages(self, ids: Sequence[int]) -> pa.Table:
+        """id, title, text of each FAISS id, in the order given (zero-copy takes from the segments' docstores)."""
+        return self.store.passages(ids)
+
+    def live_ids(self) -> tuple[np.ndarray, list[str]]:
+        """Every live FAISS id and its passage id, segment by segment (for checks and tests)."""
+        ids, names = [], []
+        for seq, table in self.docstores.items():
+            segment_ids = faiss_ids(seq, 0, table.num_rows)
+            live = ~np.isin(segment_ids, self.dead)
+            ids.append(segment_ids[live])
+            names += [name for name, keep in zip(table.column("id").to_pylist(), live) if keep]
+        return np.concatenate(ids) if ids else np.empty(0, np.int64), names
+
+
+def load_published(
+    storage: Storage,
+    version: str | None,
+    cache: NodeCache | str,
+    shard: tuple[int, int] = (0, 1),
+    nprobe: int | None = None,
+) -> PublishedIndex:
+    """Lease the version in the node cache (`pipeline.cache`), fetch what it lists that the cache lacks, check every
+    file's sha256 against the manifest, then open it; the lease is the index's until `release`. FAISS and Arrow never
+    parse an unverified file (FAISS's reader is not safe on untrusted input). With `shard` = (i, n), only the
+    segments `assign_segments` gives shard i (and the quantizer and tombstones). `nprobe` searches more or fewer
+    lists than the manifest's (None: the manifest's, the one its recall was measured at)."""
+    cache = cache if isinstance(cache, NodeCache) else NodeCache(cache)
+    version = published_version(storage, version)
+    manifest = read_index_manifest(storage, version)
+    lease = cache.lease(manifest.version, manifest.files)
+    try:
+        return _open_published(storage, manifest, cache, shard, nprobe, lease)
+    except BaseException:
+        cache.release(lease)
+        raise
+
+
+def _open_published(
+    storage: Storage,
+    manifest: IndexManifest,
+    cache: NodeCache,
+    shard: tuple[int, int],
+    nprobe: int | None,
+    lease: Lease,
+) -> PublishedIndex:
+    version = manifest.version
+    number, shards = shard
+    listed = segments_of(manifest)
+    owner = assign_segments(listed, shards)
+    segments = [s for s in listed if owner[s.seq] == number]
+    if shards == 1:  # everything but the BM25 index (pipeline.lexical loads that)
+        lexical = set((manifest.lexical or {}).values())
+        needed = [entry for entry in manifest.files if entry.name not in lexical]
+    else:
+        files = files_of(manifest)
+        names = [manifest.quantizer, *(s.file(n) for s in segments for n in SEGMENT_FILES if s.file(n) in files)]
+        needed = [files[name] for name in names + ([manifest.tombstones] if manifest.tombstones else [])]
+    try:
+        paths, fetched = cache.fetch(storage, needed, version)
+    except PipelineError as exc:
+        raise PipelineError(f"{exc}: refusing to load index {version}") from None
+    index = faiss.read_index(paths[manifest.quantizer])
+    ivf = ivf_of(index)
+    invlists = [read_invlists(paths[s.file(IVF_FILE)]) for s in segments]
+    stacked = faiss.InvertedListsPtrVector()
+    for lists in invlists:
+        stacked.push_back(lists)
+    hstack = faiss.HStackInvertedLists(len(invlists), stacked.data()) if invlists else None
+    if hstack is not None:
+        ivf.replace_invlists(hstack, False)
+    total = sum(s.rows for s in segments)
+    ivf.ntotal = index.ntotal = total
+    vectors = {
+        segment.seq: open_vectors(
+            paths[segment.file(VECTORS_FILE)], segment.rows, index.d, f"index {version}: {segment.name}"
+        )
+        for segment in segments
+        if segment.file(VECTORS_FILE) in paths
+    }
+    dead = dead_rows(manifest, paths, segments)
+    store = open_docstore(manifest, paths, segments, dead)
+    params, keep = search_parameters(index, nprobe or int(manifest.nprobe), dead)
+    log.info(
+        "index %s shard %d/%d: %d segments, %d live vectors, %d bytes fetched",
+        version,
+        number,
+        shards,
+        len(segments),
+        total - len(dead),
+        fetched,
+    )
+    return PublishedIndex(
+        version,
+        manifest,
+        index,
+        store,
+        dead,
+        fetched,
+        vectors,
+        params,
+        [invlists, stacked, hstack, *keep],
+        lease,
+    )
+
+
+def dead_rows(manifest: IndexManifest, paths: dict[str, str], segments: Sequence[SegmentRef]) -> np.ndarray:
+    """The sorted FAISS ids of `segments`' tombstoned rows."""
+    tombstones = manifest.tombstones
+    dead = read_npy_file(paths[tombstones], np.int64, tombstones) if tombstones else np.empty(0, np.int64)
+    return np.sort(dead[np.isin(split_ids(dead)[0], [s.seq for s in segments])])
+
+
+def open_docstore(
+    manifest: IndexManifest,
+    paths: dict[str, str],
+    segments: Sequence[SegmentRef],
+    dead: np.ndarray,
+    with_keys: bool = False,
+) -> Docstore:
+    """The verified docstores (and token ids, and with `with_keys` the rows' passage keys) of `segments`, memory-
+    mapped; a file whose row count is not its segment's is refused."""
+    store = Docstore({}, dead=dead, tokenizer=(manifest.tokenizer or {}).get("fingerprint"))
+    for segment in segments:
+        named = {"docstore": DOCSTORE_FILE, "token-id": TOKENS_FILE}
+        for what, name in named.items():
+            if segment.file(name) not in paths:
+                continue
+            table = open_arrow(paths[segment.file(name)])
+            if table.num_rows != segment.rows:
+                raise PipelineError(
+                    f"index {manifest.version}: {segment.name} has {table.num_rows} {what} rows for {segment.rows}"
+                    " vectors"
+                )
+            (store.texts if name == DOCSTORE_FILE else store.tokens)[segment.seq] = table
+        if with_keys:
+            store.keys[segment.seq] = read_npy_file(paths[segment.file(KEYS_FILE)], np.uint64, segment.name)
+    return store
+
+
+def load_docstore(storage: Storage, manifest: IndexManifest, cache: NodeCache) -> Docstore:
+    """A version's passages for the BM25 deployment: every segment's docstore, token ids and keys, and the
+    tombstones, each checked against its sha256 (the same cached files a Retriever on the node reads); the caller
+    holds the version's lease."""
+    files, segments = files_of(manifest), segments_of(manifest)
+    names = [s.file(n) for s in segments for n in (DOCSTORE_FILE, TOKENS_FILE, KEYS_FILE) if s.file(n) in files]
+    needed = [files[name] for name in names + ([manifest.tombstones] if manifest.tombstones else [])]
+    try:
+        paths, _ = cache.fetch(storage, needed, manifest.version)
+    except PipelineError as exc:
+        raise PipelineError(f"{exc}: refusing to load the passages of index {manifest.version}") from None
+    return open_docstore(manifest, paths, segments, dead_rows(manifest, paths, segments), with_keys=True)
