@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -56,6 +57,14 @@ def _find_credential_key(options: Any, prefix: str = "") -> str | None:
     return None
 
 
+def _absolute(value: Any) -> Any:
+    """A local path made absolute where the config is loaded: Ray workers do not share the driver's working
+    directory, so a relative `.demo/store` would name another place in each of them. URLs stay as written."""
+    if isinstance(value, str) and value and "://" not in value:
+        return os.path.abspath(os.path.expanduser(value))
+    return value
+
+
 def _snapshot_name(value: Any) -> Any:
     """Snapshot names are path components; YAML turns 2026-11-26 into a date, which is meant as its name."""
     if isinstance(value, dt.date):
@@ -70,8 +79,15 @@ class Section(BaseModel):
 
 
 class StorageConfig(Section):
-    root: str = Field(description="URL or path under which everything is written (s3://bucket/prefix, /tmp/x)")
+    """Where every stage reads and writes: one root (local path, `s3://`, `gs://`) for passages, embeddings, index
+    versions and the nightly history."""
+
+    root: str = Field(
+        description="URL or path under which everything is written (s3://bucket/prefix, /tmp/x; a relative path is "
+        "taken from the working directory)"
+    )
     options: dict[str, Any] = Field(default_factory=dict, description="fsspec storage_options, no credentials")
+    _root = field_validator("root")(lambda cls, value: _absolute(value))
 
     @field_validator("options")
     @classmethod
@@ -86,9 +102,15 @@ class StorageConfig(Section):
 
 
 class IngestConfig(Section):
+    """Passage files to a Parquet passage snapshot (`jobs.ingest`, the nightly's first stage): full, or a delta on
+    the last one."""
+
     input: str | None = Field(None, description="URL/path/glob of .tsv(.gz), .jsonl(.gz) or .parquet files")
+    _input = field_validator("input")(lambda cls, value: _absolute(value))
     snapshot: str = Field(default_factory=_today, description="name of the passage snapshot to write")
-    format: Literal["auto", "tsv", "jsonl", "parquet"] = "auto"
+    format: Literal["auto", "tsv", "jsonl", "parquet"] = Field(
+        "auto", description="the input files' format (auto: from each file's extension, .gz looked through)"
+    )
     shard_rows: int = Field(100_000, gt=0, description="passages per Parquet shard")
     max_text_chars: int = Field(100_000, gt=0, description="longer passages are rejected as bad input")
     max_bad_rows: int = Field(
@@ -109,6 +131,9 @@ class IngestConfig(Section):
 
 
 class EncodeConfig(Section):
+    """The DPR context encoder over a snapshot's passages on a Ray actor pool (`jobs.encode`): the model, its
+    batching, and how failures are retried."""
+
     snapshot: str | None = Field(None, description="snapshot to encode (default: the latest ingested)")
     _snapshot = field_validator("snapshot", mode="before")(lambda cls, value: _snapshot_name(value))
     model: str = Field(
@@ -121,9 +146,12 @@ class EncodeConfig(Section):
         "two checkpoints): recorded in each index version's manifest, so Serve and evaluate encode questions with "
         "the version's own (null: serve.question_model)",
     )
-    pooling: Literal["dpr", "cls", "mean"] = "dpr"
+    pooling: Literal["dpr", "cls", "mean"] = Field(
+        "dpr",
+        description="dpr: DPRContextEncoder's pooler_output; cls / mean: a BERT-family encoder's [CLS] or mean state",
+    )
     normalize: bool = Field(False, description="L2-normalize embeddings (for models trained with cosine)")
-    max_length: int = Field(256, gt=0)
+    max_length: int = Field(256, gt=0, description="tokens per passage (title [SEP] text), longer ones cut as DPR does")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="compute dtype: auto = bf16 (fp16 without bf16) autocast on GPU, fp32 on CPU"
     )
@@ -140,8 +168,12 @@ class EncodeConfig(Section):
     batch_tokens: int | None = Field(
         None, gt=0, description="padded tokens per forward pass (default: 65536 on GPU, 4096 on CPU)"
     )
-    max_batch_size: int = Field(512, gt=0)
-    embedding_dtype: Literal["float32", "float16"] = "float32"
+    max_batch_size: int = Field(
+        512, gt=0, description="passages per forward pass at most, whatever batch_tokens allows"
+    )
+    embedding_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="how embedding shards store the vectors (float16 halves them)"
+    )
     actors: int | None = Field(None, gt=0, description="encoder actors (default: one per GPU, else one on CPU)")
     cpu_threads: int | None = Field(None, gt=0, description="torch threads of a CPU actor (default: node CPUs)")
     tokenizer_actors: int | None = Field(
@@ -170,6 +202,9 @@ class EncodeConfig(Section):
 
 
 class IndexConfig(Section):
+    """The FAISS IVF-PQ index version built from the embeddings (`jobs.build_index`, `jobs.compact`): its factory,
+    the recall gate, segments, compaction and the BM25 index beside it."""
+
     snapshot: str | None = Field(None, description="passage snapshot (default: the latest ingested)")
     fingerprint: str | None = Field(None, description="encoder fingerprint (default: newest encode of the snapshot)")
     _snapshot = field_validator("snapshot", mode="before")(lambda cls, value: _snapshot_name(value))
@@ -202,7 +237,9 @@ class IndexConfig(Section):
         "recall with it and records it, and Serve and jobs.evaluate use it unless they set their own",
     )
     max_memory: ByteSize = Field(32 * 2**30, gt=0, description="refuse to build when the estimate exceeds this")
-    seed: int = 0
+    seed: int = Field(
+        0, description="seed of the training sample, the held-out recall queries and k-means: a rebuild is reproducible"
+    )
     reuse_trained: bool = Field(
         True,
         description="add to the published index's trained quantizer (same encoder "
@@ -252,16 +289,16 @@ class Autoscaling(Section):
     `max_replicas`, sized so that each has about `target_ongoing_requests` calls in flight or queued."""
 
     min_replicas: int = Field(1, ge=1, description="a versioned part needs a replica holding the version")
-    max_replicas: int = Field(gt=0)
-    initial_replicas: int | None = Field(None, ge=1)
+    max_replicas: int = Field(gt=0, description="the most replicas the part scales up to")
+    initial_replicas: int | None = Field(None, ge=1, description="replicas at deploy (null: min_replicas)")
     target_ongoing_requests: float = Field(
         2,
         gt=0,
         description="calls in flight per replica to aim at; the ingress sends the question encoder and each shard "
         "one call per batch, so below 1 there (e.g. 0.5: a second replica once batches are back to back)",
     )
-    upscale_delay_s: float = Field(30, ge=0)
-    downscale_delay_s: float = Field(600, ge=0)
+    upscale_delay_s: float = Field(30, ge=0, description="how long the load stays high before a replica is added")
+    downscale_delay_s: float = Field(600, ge=0, description="how long the load stays low before a replica is removed")
     metrics_interval_s: float = Field(10, gt=0, description="how often replicas report their load")
     look_back_period_s: float = Field(30, gt=0, description="the window the load is averaged over")
 
@@ -280,6 +317,9 @@ AUTOSCALED = Literal["ingress", "encoder", "retriever", "lexical", "reader"]
 
 
 class ServeConfig(Section):
+    """The Ray Serve QA app (`pipeline.serve.app`): the question encoder and reader models, the HTTP limits, each
+    part's replicas and resources, hybrid fusion and the node cache."""
+
     question_model: str = Field(
         "facebook/dpr-question_encoder-single-nq-base",
         description="question encoder for index versions whose manifest records none (encode.question_model)",
@@ -311,20 +351,22 @@ class ServeConfig(Section):
         description="a replica drops a version no request has named for this long (never the one asked for last): "
         "how long the version before, its question model and its index stay held after the app moved on",
     )
-    max_question_chars: int = Field(1000, gt=0)
-    max_k: int = Field(100, gt=0)
+    max_question_chars: int = Field(1000, gt=0, description="a longer question is refused with 413")
+    max_k: int = Field(100, gt=0, description="the most passages a request may ask for (k); more is refused with 422")
     max_batch_questions: int = Field(64, gt=0, description="questions per /v1/search request")
-    max_body_bytes: ByteSize = Field(256 * 1024, gt=0)
+    max_body_bytes: ByteSize = Field(256 * 1024, gt=0, description="a larger request body is refused with 413 unread")
     api_key_env: str | None = Field(None, description="environment variable holding the Bearer key (none = open)")
     batch_max_size: int = Field(32, gt=0, description="requests coalesced into one encode + search (1 = off)")
     reader_passages: int = Field(10, gt=0, description="top passages the reader reads")
-    reader_max_length: int = Field(256, gt=0)
-    max_answer_tokens: int = Field(10, gt=0)
-    max_ongoing_requests: int = Field(32, gt=0)
+    reader_max_length: int = Field(256, gt=0, description="tokens of question and passage the reader reads per passage")
+    max_answer_tokens: int = Field(10, gt=0, description="the longest answer span the reader returns, in tokens")
+    max_ongoing_requests: int = Field(32, gt=0, description="requests an ingress replica answers at once (Ray Serve's)")
     max_queued_requests: int = Field(64, gt=0, description="beyond this the proxy answers 503 at once")
-    host: str = "127.0.0.1"
-    port: int = Field(8000, gt=0)
-    encoder_replicas: int = Field(1, gt=0)
+    host: str = Field("127.0.0.1", description="where `jobs.demo` starts the app's HTTP proxy, and the nightly asks it")
+    port: int = Field(
+        8000, gt=0, description="the HTTP port with serve.host (a Serve config's http_options set its own)"
+    )
+    encoder_replicas: int = Field(1, gt=0, description="replicas of the question encoder (without autoscaling)")
     retriever_replicas: int = Field(1, gt=0, description="2+ so that a lost replica costs no request")
     shards: int = Field(
         1,
@@ -347,19 +389,19 @@ class ServeConfig(Section):
     rrf_k: float = Field(60, gt=0, description="hybrid: reciprocal-rank fusion's constant (score w / (rrf_k + rank))")
     dense_weight: float = Field(0.5, ge=0, le=1, description="hybrid: the dense ranking's weight (BM25: 1 - it)")
     lexical_replicas: int = Field(1, gt=0, description="replicas of the BM25 deployment (with index.lexical)")
-    lexical_cpus: float = Field(0.5, ge=0)
+    lexical_cpus: float = Field(0.5, ge=0, description="CPUs per BM25 replica")
     refine_k: int | None = Field(
         None,
         ge=0,
         description="IVF-PQ candidates re-scored exactly per question (0 = off; null = the index's own "
         "index.refine_k); with shards, each shard re-scores its own candidates",
     )
-    reader_replicas: int = Field(1, gt=0)
+    reader_replicas: int = Field(1, gt=0, description="replicas of the DPR reader (without autoscaling)")
     encoder_gpus: float = Field(0, ge=0, description="GPUs per question-encoder replica (1 on a GPU cluster)")
-    encoder_cpus: float = Field(1, ge=0)
+    encoder_cpus: float = Field(1, ge=0, description="CPUs per question-encoder replica (torch threads)")
     retriever_cpus: float = Field(1, ge=0, description="CPUs per retriever replica (FAISS search threads)")
-    reader_gpus: float = Field(0, ge=0)
-    reader_cpus: float = Field(1, ge=0)
+    reader_gpus: float = Field(0, ge=0, description="GPUs per reader replica (1 on a GPU cluster)")
+    reader_cpus: float = Field(1, ge=0, description="CPUs per reader replica")
     max_surge_percent: int = Field(
         100,
         ge=0,
@@ -385,6 +427,9 @@ class ServeConfig(Section):
 
 
 class NightlyConfig(Section):
+    """The nightly run (`jobs.nightly`): where the Serve app it moves to the new version is, and when a full
+    snapshot is written instead of a delta."""
+
     serve_address: str | None = Field(
         None,
         description="Ray dashboard URL whose Serve REST API gets the new "
@@ -396,12 +441,17 @@ class NightlyConfig(Section):
         description="where the app answers HTTP, to check it serves the new "
         "version (default: http://serve.host:serve.port)",
     )
-    serve_timeout_s: float = Field(600, gt=0)
+    serve_timeout_s: float = Field(
+        600, gt=0, description="how long the nightly waits for the app to answer from the new version"
+    )
     full: bool = Field(False, description="write a full passage snapshot tonight instead of a delta")
     max_chain: int = Field(7, ge=0, description="delta snapshots in a row before a full one is written")
 
 
 class RetainConfig(Section):
+    """Retention (`jobs.gc`, and the nightly's last step): which index versions are kept with everything they need;
+    the rest is deleted."""
+
     versions: int = Field(
         7, ge=1, description="the newest index versions kept, each with everything it lists and its snapshot chain"
     )
@@ -416,6 +466,9 @@ class RetainConfig(Section):
 
 
 class EvaluateConfig(Section):
+    """Top-k retrieval accuracy of a published version against exact search (`jobs.evaluate`): the questions, the
+    output, the depth."""
+
     questions: str | None = Field(
         None, description="DPR .qa.csv (question<TAB>['answers']) or JSONL {question, answers}: path or URL"
     )

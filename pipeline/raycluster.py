@@ -65,6 +65,11 @@ def connect() -> None:
     if host_port and not _answers(address):
         raise RayUnavailable(f"no Ray answers at {address} ({source}): {advice}")
     options = {} if address != "local" else {"include_dashboard": False}
+    if address == "local" and "RAY_AUTH_MODE" not in os.environ:
+        log.info(
+            "starting a local Ray for this job: Ray turns its token authentication on by default and warns that it "
+            "did (the token is kept in ~/.ray/auth_token; RAY_AUTH_MODE=token or =disabled chooses, unwarned)"
+        )
     try:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, **options)
     except ConnectionError as error:

@@ -460,11 +460,19 @@ def default_output(storage: Storage) -> Path:
     return Path(storage.path(history_report())) if storage.is_local else Path.cwd() / "report.html"
 
 
+def _shown(storage: Storage) -> str:
+    """The store as the page names it: a local one relative to the working directory when it lies below it (no
+    machine's own path in a page that is shared), else its URL."""
+    if storage.is_local and Path(storage.root_url).is_relative_to(Path.cwd()):
+        return os.path.relpath(storage.root_url)
+    return storage.url()
+
+
 def run_report(config: PipelineConfig, out: str | None = None, last: int = DEFAULT_LAST) -> dict[str, Any]:
     storage = Storage(config.storage.root, config.storage.options)
     records, skipped = read_history(storage, last)
     path = Path(out) if out else default_output(storage)
-    page = render(records, storage.url(), skipped)
+    page = render(records, _shown(storage), skipped)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     temporary.write_text(page, encoding="utf-8")

@@ -1,4 +1,4 @@
-"""Changing the QA app's settings as the README says: edit the deployment YAML, write the Serve config with
+"""Changing the QA app's settings as docs/serving.md says: edit the deployment YAML, write the Serve config with
 `python -m jobs.serve_config`, `serve deploy` it. The new setting takes effect (Serve rebuilds the app: its args
 changed), no request fails while it does, and the nightly's version change afterwards keeps the settings and
 restarts nothing. Real Ray Serve through the `serve deploy` CLI, real HTTP."""
@@ -120,8 +120,9 @@ def edited(app):
         written = _write_and_deploy(app, "deploy-2.yaml")
         while _status(url, 8) != 200:
             assert time.monotonic() - started < 180, "k=8 not answered (serve.max_k 8) within 180 s"
-            deployments = _deployed(dashboard)["deployments"]
-            running.append({n: sum(r["state"] == "RUNNING" for r in d["replicas"]) for n, d in deployments.items()})
+            deployments = _deployed(dashboard)["deployments"]  # none listed while Serve builds the new app
+            if deployments:
+                running.append({n: sum(r["state"] == "RUNNING" for r in d["replicas"]) for n, d in deployments.items()})
             time.sleep(0.2)
         took = time.monotonic() - started
         time.sleep(1)
