@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: venv test unit demo clean
+.PHONY: venv test unit demo docs clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,10 @@ unit: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m jobs.demo --config configs/demo.yaml
+
+# The reference pages written from the code: docs/configuration.md, docs/api.md, docs/openapi.json.
+docs: $(STAMP)
+	$(PY) -m jobs.docs
 
 clean:
 	rm -rf .demo .pytest_cache

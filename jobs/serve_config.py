@@ -52,7 +52,7 @@ def render(serve_config: dict, command: str) -> str:
     header = (
         f"# Written by `{command}`.\n"
         "# The QA app's args.settings are its deployment YAML's settings: edit that file, write this again and\n"
-        '# `serve deploy` it (README, "Changing settings"). args.config only says where they came from.\n'
+        '# `serve deploy` it (docs/serving.md, "Changing settings"). args.config only says where they came from.\n'
     )
     return header + yaml.safe_dump(serve_config, sort_keys=False, default_flow_style=False, width=120)
 

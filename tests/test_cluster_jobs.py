@@ -1,4 +1,4 @@
-"""The jobs on a two-node Ray cluster, submitted with `ray job submit --working-dir .` exactly as the README says:
+"""The jobs on a two-node Ray cluster, submitted with `ray job submit --working-dir .` exactly as docs/cluster.md says:
 the working dir's upload leaves out what git ignores, each job's JSON summary is its last log line, the build's
 add tasks run on both nodes, and `serve deploy` places each index shard on the node its resources name."""
 
@@ -135,7 +135,7 @@ def test_jobs_submitted_to_two_nodes_build_on_both(built, s3_endpoint):
 
 
 def test_serve_deploy_places_each_shard_on_the_node_its_resources_name(cluster, built, tmp_path):
-    """`serve deploy` as the README says, with `serve.shards: 2` and a custom resource per shard: shard 0's
+    """`serve deploy` as docs/cluster.md says, with `serve.shards: 2` and a custom resource per shard: shard 0's
     replica runs on the node with `node_a`, shard 1's on the node with `node_b`, and the app answers from both."""
     head, env = cluster
     config, summaries, _ = built

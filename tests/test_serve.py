@@ -1,5 +1,6 @@
 """The QA app on Ray Serve, over real HTTP: results, reader spans, every error status, metrics, hot swap."""
 
+import json
 import threading
 import time
 
@@ -9,14 +10,15 @@ import requests
 import yaml
 
 from kit.corpora import synthetic_rows
-from kit.jobs import free_port, run_chain, run_job, write_config
+from kit.jobs import REPO, free_port, run_chain, run_job, write_config
 from kit.poll import until
 from kit.rss import maps_library
 from kit.serveapp import tiny_qa_config
 from pipeline.config import load_config
 from pipeline.lexical import fuse, load_lexical
 from pipeline.manifests import IndexManifest
-from pipeline.segments import load_published
+from pipeline.published import load_published
+from pipeline.serve.examples import EXAMPLES
 from pipeline.storage import Storage
 from pipeline.text_encoder import EncoderSettings, TextEncoder
 from tests.conftest import TEST_API_KEY
@@ -192,8 +194,10 @@ def test_docs_openapi_health_index_and_metrics(qa):
     assert requests.get(f"{qa['url']}/healthz", timeout=10).json() == {"status": "ok"}
     assert requests.get(f"{qa['url']}/docs", timeout=10).status_code == 200
     spec = requests.get(f"{qa['url']}/openapi.json", timeout=10).json()
-    assert {"/v1/search", "/v1/ask", "/v1/index", "/healthz", "/metrics"} <= set(spec["paths"])
+    committed = json.loads((REPO / "docs" / "openapi.json").read_text())  # docs/api.md's schema is the app's own
+    assert spec["paths"] == committed["paths"] and spec["components"] == committed["components"]
     info = requests.get(f"{qa['url']}/v1/index", timeout=10).json()
+    assert set(info) == set(EXAMPLES["GET /v1/index"]["answer"])  # docs/api.md's example has the keys it answers
     assert info["index_version"] == _latest(qa) and info["vectors"] == 400
     assert info["lineage"]["snapshot"] == "s1" and info["lineage"]["factory"] == "IVF4,PQ32x8"
     footprint = info["bytes_per_passage"]  # what a replica stores, by kind: the reader's token ids among them

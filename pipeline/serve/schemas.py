@@ -28,9 +28,9 @@ class SearchResponse(BaseModel):
 
 
 class AskRequest(BaseModel):
-    question: str = Field(min_length=1)
+    question: str = Field(min_length=1, description="the question to answer")
     k: int = Field(10, ge=1, description="passages to retrieve (at most serve.max_k)")
-    top_answers: int = Field(3, ge=1, le=20)
+    top_answers: int = Field(3, ge=1, le=20, description="answer spans to return, best first")
     mode: Mode | None = Field(None, description=MODE)
 
 
