@@ -1,4 +1,4 @@
-"""Write the reference pages from the code: `docs/configuration.md` from `pipeline/config.py`'s models,
+"""Write the reference pages from the code: `docs/configuration.md` from the models of `pipeline/sections.py`,
 `docs/api.md` and `docs/openapi.json` from the QA app's FastAPI schema (`make docs`).
 
     python -m jobs.docs [--check]
@@ -54,7 +54,7 @@ def pages() -> dict[Path, str]:
     stand_in = SimpleNamespace(settings=ServeConfig(), metrics=Metrics())  # the schema needs no running app
     schema = build_api(stand_in, None).openapi()
     return {
-        DOCS / "configuration.md": configuration_page(PipelineConfig, CONFIGURATION, "pipeline/config.py"),
+        DOCS / "configuration.md": configuration_page(PipelineConfig, CONFIGURATION, "pipeline/sections.py"),
         DOCS / "api.md": api_page(schema, API, EXAMPLES, "pipeline/serve/routes.py, schemas.py, examples.py"),
         DOCS / "openapi.json": json.dumps(schema, indent=2, ensure_ascii=False) + "\n",
     }
