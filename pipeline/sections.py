@@ -36,6 +36,7 @@ CREDENTIAL_KEYS = frozenset(
 
 
 def _today() -> str:
+    """today's date, as 2026-11-26"""
     return dt.date.today().isoformat()
 
 
