@@ -6,6 +6,7 @@ filter and the docstores, all memory-mapped (`pipeline.segments` has the format)
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ from pipeline.segments import (
     SegmentRef,
     assign_segments,
     files_of,
+    free_invlists,
     ivf_of,
     open_vectors,
     read_invlists,
@@ -145,8 +147,37 @@ def _open_published(
     except PipelineError as exc:
         raise PipelineError(f"{exc}: refusing to load index {version}") from None
     index = faiss.read_index(paths[manifest.quantizer])
-    ivf = ivf_of(index)
     invlists = [read_invlists(paths[s.file(IVF_FILE)]) for s in segments]
+    try:
+        published = _stacked(manifest, index, invlists, segments, paths, nprobe, fetched, lease)
+    except BaseException:
+        free_invlists(invlists)
+        raise
+    weakref.finalize(published, free_invlists, invlists)  # unmapped once the version is dropped and unreferenced
+    log.info(
+        "index %s shard %d/%d: %d segments, %d live vectors, %d bytes fetched",
+        version,
+        number,
+        shards,
+        len(segments),
+        published.index.ntotal - len(published.dead),
+        fetched,
+    )
+    return published
+
+
+def _stacked(
+    manifest: IndexManifest,
+    index: faiss.Index,
+    invlists: list,
+    segments: Sequence[SegmentRef],
+    paths: dict[str, str],
+    nprobe: int | None,
+    fetched: int,
+    lease: Lease,
+) -> PublishedIndex:
+    """The version searchable: the segments' lists stacked on the quantizer, vectors, tombstones and docstores."""
+    version, ivf = manifest.version, ivf_of(index)
     stacked = faiss.InvertedListsPtrVector()
     for lists in invlists:
         stacked.push_back(lists)
@@ -165,15 +196,6 @@ def _open_published(
     dead = dead_rows(manifest, paths, segments)
     store = open_docstore(manifest, paths, segments, dead)
     params, keep = search_parameters(index, nprobe or int(manifest.nprobe), dead)
-    log.info(
-        "index %s shard %d/%d: %d segments, %d live vectors, %d bytes fetched",
-        version,
-        number,
-        shards,
-        len(segments),
-        total - len(dead),
-        fetched,
-    )
     return PublishedIndex(
         version,
         manifest,

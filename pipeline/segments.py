@@ -67,8 +67,16 @@ def write_invlists(invlists: faiss.InvertedLists, path: str) -> None:
 
 
 def read_invlists(path: str) -> faiss.InvertedLists:
-    """Memory-mapped, read-only inverted lists (OnDiskInvertedLists)."""
+    """Memory-mapped, read-only inverted lists (OnDiskInvertedLists). faiss's wrapper does not own what it reads:
+    `free_invlists` unmaps them."""
     return faiss.read_InvertedLists(faiss.FileIOReader(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+
+
+def free_invlists(lists: Sequence[faiss.InvertedLists]) -> None:
+    """Delete lists `read_invlists` mapped, unmapping their files, once nothing searches them. Left to Python, they
+    never were: a replica kept every version it had dropped mapped (7 MiB of RSS a night at 100k passages)."""
+    for one in lists:
+        type(one).__swig_destroy__(one)
 
 
 def search_parameters(index: faiss.Index, nprobe: int, dead: np.ndarray) -> tuple[faiss.SearchParameters, list]:

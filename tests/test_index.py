@@ -99,6 +99,31 @@ def test_build_index_end_to_end(encoded):
     assert again.summary["version"] == summary["version"] and again.summary["bytes_per_passage"] == footprint
 
 
+def _mapped(directory) -> int:
+    """How many memory maps of this process name a file under `directory`."""
+    return sum(str(directory) in line for line in open("/proc/self/maps"))
+
+
+def test_a_version_let_go_is_unmapped_and_twenty_loads_hold_what_one_does(encoded):
+    """A replica loads a version a night and drops the one before: once nothing references a version, its
+    segments' inverted lists are unmapped (faiss's wrapper leaves them unowned; left to it they stayed mapped, and
+    a replica's RSS grew by a version's codes every night)."""
+    import gc
+
+    cache = encoded["tmp"] / "cache-unmapped"
+    published = load_published(encoded["storage"], None, str(cache))
+    once = _mapped(cache)
+    assert once >= 3  # the inverted lists, the vectors and the docstore of its segment
+    for _ in range(20):
+        published = load_published(encoded["storage"], None, str(cache))
+        assert published.search(np.ones((1, published.d), np.float32), 5)[1].shape == (1, 5)
+    gc.collect()
+    assert _mapped(cache) == once
+    del published
+    gc.collect()
+    assert _mapped(cache) == 0
+
+
 def test_recall_gate_refuses_a_bad_factory(encoded):
     before = _latest(encoded["fs"])
     run = run_job(
