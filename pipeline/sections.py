@@ -177,6 +177,12 @@ class EncodeConfig(Section):
         description="CPU actors that read and tokenize shards for GPU actors (default: 6 per GPU "
         "actor; 0 without GPUs, where encoder actors tokenize themselves)",
     )
+    start_timeout_s: float = Field(
+        900,
+        gt=0,
+        description="how long the job waits for its actors to start (an autoscaler may add nodes meanwhile); past "
+        "it, the job fails saying what it asked for and what the cluster has free",
+    )
     max_attempts: int = Field(3, gt=0, description="tries per shard when an encoder actor dies")
     max_bad_shards: int = Field(
         0,

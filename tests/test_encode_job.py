@@ -197,6 +197,16 @@ def test_bad_passage_shard_names_the_shard_and_lists_nothing(corpus, s3_endpoint
     assert not fs.glob(f"{s3_bucket}/root/embeddings/snap/*/_manifest.json")
 
 
+def test_actors_the_cluster_cannot_place_fail_the_job_saying_what_it_asked_for(corpus, s3_endpoint, s3_bucket):
+    """Eight tokenizer actors of 1 CPU each on the session's 2-CPU Ray: Ray would wait for ever for the CPUs; the job
+    fails after encode.start_timeout_s naming what it asked for and what the cluster has, and lists nothing."""
+    run = run_job("encode", corpus, "encode.tokenizer_actors=8", "encode.start_timeout_s=5", timeout=300)
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert "did not start within 5 s (encode.start_timeout_s)" in run.stderr
+    assert "8 tokenizer actor(s) (1 CPU each)" in run.stderr and "the cluster has {'CPU': 2.0" in run.stderr
+    assert not _fs(s3_endpoint).glob(f"{s3_bucket}/root/embeddings/snap/*/_manifest.json")
+
+
 @pytest.mark.reliability
 def test_bad_shards_are_quarantined_within_max_bad_shards(corpus, s3_endpoint, s3_bucket):
     """A corrupt, an empty and an oversized shard: skipped, listed, and the rest encoded; one more would fail."""

@@ -15,7 +15,9 @@ import ray
 
 from pipeline.config import PipelineConfig
 from pipeline.encode.plan import Carry, ShardKeys
+from pipeline.errors import PipelineError
 from pipeline.manifests import FileEntry
+from pipeline.raycluster import get
 from pipeline.shards import embedding_matrix, embedding_table, read_passage_shard, read_shard
 from pipeline.snapshots import read_shard_keys
 from pipeline.storage import Storage, parquet_bytes
@@ -142,10 +144,30 @@ class EncoderActor:
 class ActorPool:
     encoders: list
     tokenizers: list
+    encoder_resources: str = "1 CPU each"
 
     def kill(self) -> None:
         for actor in self.encoders + self.tokenizers:
             ray.kill(actor)
+
+
+def started(pool: ActorPool, timeout_s: float) -> list[dict[str, Any]]:
+    """The encoder actors' descriptions once every actor of `pool` has started; a PipelineError naming what was
+    asked for and what the cluster has free if they have not within `timeout_s` (Ray would wait for ever for
+    resources no node has)."""
+    described = [actor.describe.remote() for actor in pool.encoders]
+    ready = [actor.ready.remote() for actor in pool.tokenizers]
+    _, waiting = ray.wait(described + ready, num_returns=len(described) + len(ready), timeout=timeout_s)
+    if waiting:
+        free = {k: round(v, 2) for k, v in sorted(ray.available_resources().items()) if k in ("CPU", "GPU")}
+        total = {k: round(v, 2) for k, v in sorted(ray.cluster_resources().items()) if k in ("CPU", "GPU")}
+        raise PipelineError(
+            f"{len(waiting)} of {len(described) + len(ready)} encode actors did not start within {timeout_s:.0f} s "
+            f"(encode.start_timeout_s): asked for {len(pool.encoders)} encoder actor(s) ({pool.encoder_resources}) "
+            f"and {len(pool.tokenizers)} tokenizer actor(s) (1 CPU each); the cluster has {total}, {free} free. "
+            "Lower encode.actors or encode.tokenizer_actors, or add nodes"
+        )
+    return get(described)
 
 
 def start_actors(config: PipelineConfig, settings: EncoderSettings, writer: WriterSettings) -> ActorPool:
@@ -163,6 +185,7 @@ def start_actors(config: PipelineConfig, settings: EncoderSettings, writer: Writ
     encoder_class = ray.remote(max_restarts=-1, max_task_retries=0, **options)(EncoderActor)
     tokenizer_class = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=0)(TokenizerActor)
     return ActorPool(
+        encoder_resources="1 GPU and 1 CPU each" if gpus else "1 CPU each",
         encoders=[encoder_class.remote(settings, writer) for _ in range(encoders)],
         tokenizers=[
             tokenizer_class.remote(settings, config.storage.root, config.storage.options, writer.max_shard_bytes)

@@ -19,11 +19,10 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-import ray
 from tqdm import tqdm
 
 from pipeline.config import PipelineConfig
-from pipeline.encode.actors import ActorPool, WriterSettings, read_keys, start_actors
+from pipeline.encode.actors import ActorPool, WriterSettings, read_keys, start_actors, started
 from pipeline.encode.plan import Carry, plan_carry_over, plan_shards
 from pipeline.encode.scheduler import ShardScheduler
 from pipeline.errors import InputError, PipelineError
@@ -79,8 +78,7 @@ def run_encode(config: PipelineConfig) -> EncodeSummary:
     connect()
     pool = start_actors(config, settings, writer)
     try:
-        described = ray.get([actor.describe.remote() for actor in pool.encoders])
-        ray.get([actor.ready.remote() for actor in pool.tokenizers])
+        described = started(pool, config.encode.start_timeout_s)
         fingerprints = {d["fingerprint"] for d in described}
         if len(fingerprints) != 1:
             raise PipelineError(f"encoder actors disagree on the model fingerprint: {sorted(fingerprints)}")
