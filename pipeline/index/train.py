@@ -14,6 +14,7 @@ import faiss
 import numpy as np
 import ray
 
+from pipeline.errors import PipelineError
 from pipeline.segments import ivf_of
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,14 @@ def split_and_train(
     if hasattr(ivf, "do_polysemous_training"):
         ivf.do_polysemous_training = False
     with training_on_gpus(index):
-        index.train(train)
+        try:
+            index.train(train)
+        except RuntimeError as exc:  # faiss's own check, e.g. fewer training points than a codebook's centroids
+            why = str(exc).rsplit("failed: ", 1)[-1].strip().splitlines()[0]
+            raise PipelineError(
+                f"training {factory} on {len(train)} vectors of {sample.shape[1]} dims failed: {why}; lower the "
+                "lists or the codebook bits of index.factory, or give it more vectors (index.train_size)"
+            ) from None
     return index, queries
 
 

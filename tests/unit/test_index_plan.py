@@ -211,3 +211,16 @@ def test_refine_over_segments_merges_to_one_search():
     for query in range(5):
         top = np.argsort(-ann[query])[:30]  # one search: the union's IVF-PQ top 30, then exact order
         assert merged[query].tolist() == top[np.argsort(-exact[query][top], kind="stable")][:10].tolist()
+
+
+def test_a_factory_its_sample_cannot_train_is_refused_naming_both():
+    """PQ16x8 needs 256 training points a sub-quantizer: faiss's own RuntimeError becomes a PipelineError that says
+    which factory, how many vectors, why, and what to change (the job exits 1 with it, not "failed unexpectedly")."""
+    from pipeline.index.train import split_and_train
+
+    sample = np.random.default_rng(0).standard_normal((240, 32)).astype(np.float32)
+    with pytest.raises(PipelineError) as refused:
+        split_and_train([sample], None, "IVF4,PQ16x8", train_size=216, seed=0)
+    says = str(refused.value)
+    assert "training IVF4,PQ16x8 on 216 vectors of 32 dims failed" in says and "(216)" in says and "(256)" in says
+    assert "index.factory" in says and "index.train_size" in says
