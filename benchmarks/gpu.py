@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kit.text import real_passages, word_questions
+from pipeline.demo_corpus import real_passages, word_questions
 
 REPO = Path(__file__).resolve().parents[1]  # runs on a GPU machine from the repository alone: no kit
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kit.text import real_passages, word_questions
+from pipeline.demo_corpus import real_passages, word_questions
 from pipeline.reader import SpanReader
 
 

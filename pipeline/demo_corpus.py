@@ -117,3 +117,25 @@ def write_demo_corpus(path: str | Path, max_passages: int | None = None) -> int:
             out.write(f"{pid}\t{quoted}\t{title}\n")
             rows += 1
     return rows
+
+
+def real_passages(count: int) -> tuple[list[str], list[str]]:
+    """Titles and texts of `count` real 100-word passages (this corpus, repeated as needed), for the model
+    benchmarks (`benchmarks/gpu.py`, `benchmarks/reader.py`), which run where only this package is importable."""
+    rows = list(passages())
+    rows = [rows[i % len(rows)] for i in range(count)]
+    return [title for _, _, title in rows], [text for _, text, _ in rows]
+
+
+def word_questions(count: int, seed: int = 2) -> list[str]:
+    """`count` questions of 6 to 14 consecutive words of the real passages, with a question mark."""
+    import numpy as np
+
+    _, texts = real_passages(200)
+    words = " ".join(texts).split()
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        start = int(rng.integers(0, len(words) - 16))
+        out.append(" ".join(words[start : start + int(rng.integers(6, 15))]) + "?")
+    return out
