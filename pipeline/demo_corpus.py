@@ -13,6 +13,8 @@ import pydoc_data.topics
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+
 # Modules that libraries imported by the pipeline do not patch (torch replaces inspect.getfile, for one), so the
 # corpus is the same whatever ran first.
 MODULES = (
@@ -129,8 +131,6 @@ def real_passages(count: int) -> tuple[list[str], list[str]]:
 
 def word_questions(count: int, seed: int = 2) -> list[str]:
     """`count` questions of 6 to 14 consecutive words of the real passages, with a question mark."""
-    import numpy as np
-
     _, texts = real_passages(200)
     words = " ".join(texts).split()
     rng = np.random.default_rng(seed)

@@ -77,7 +77,7 @@ def settings_table(model: type[BaseModel]) -> list[str]:
 
 
 def nested_models(model: type[BaseModel]) -> Iterator[type[BaseModel]]:
-    """Models a section's settings hold (e.g. serve.autoscaling's), each once, in the order first met."""
+    """Models a section's settings hold (e.g. serve.autoscaling's), in the order met."""
     for field in model.model_fields.values():
         for arg in typing.get_args(field.annotation) or (field.annotation,):
             if isinstance(arg, type) and issubclass(arg, BaseModel):

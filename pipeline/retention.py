@@ -91,8 +91,8 @@ def plan_gc(view: StoreView, retain: RetainConfig, held: Iterable[str], now: flo
     kept = [facts for facts in newest if facts.name in why]
     wanted_index = {f"{INDEXES}/{name}" for facts in kept for name in facts.files}
     wanted_index |= {f"{INDEXES}/{facts.name}/{INDEX_MANIFEST}" for facts in kept}
-    snapshots = {s for facts in kept for s in view.chains.get(facts.snapshot, [facts.snapshot])}
     embeddings = {(s, facts.fingerprint) for facts in kept for s in view.chains.get(facts.snapshot, [facts.snapshot])}
+    snapshots = {s for s, _ in embeddings}
     if view.latest_snapshot:
         latest_chain = view.chains.get(view.latest_snapshot, [view.latest_snapshot])
         snapshots |= set(latest_chain)
@@ -106,7 +106,8 @@ def plan_gc(view: StoreView, retain: RetainConfig, held: Iterable[str], now: flo
     doomed = [o for o in view.objects if not _kept(o.rel, wanted_index, snapshots, embeddings)]
     plan.young = sum(o.modified > young for o in doomed)
     doomed = [o for o in doomed if o.modified <= young]
-    doomed.sort(key=lambda o: (_order(o.rel, set(plan.drop)), o.rel))
+    dropped = set(plan.drop)
+    doomed.sort(key=lambda o: (_order(o.rel, dropped), o.rel))
     plan.delete = [o.rel for o in doomed]
     plan.delete_bytes = sum(o.bytes for o in doomed)
     return plan

@@ -1,6 +1,7 @@
 """The reference pages written from the code (`python -m jobs.docs`): committed as the code gives them, every
 setting described, and the API's examples in the shape the routes answer."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -58,8 +59,6 @@ def test_the_examples_are_what_the_routes_take_and_answer():
 
 
 def pages_schema() -> dict:
-    import json
-
     return json.loads((REPO / "docs" / "openapi.json").read_text())
 
 
