@@ -11,6 +11,7 @@ import yaml
 
 from kit.corpora import synthetic_rows
 from kit.jobs import REPO, free_port, run_chain, run_job, write_config
+from kit.load import Load
 from kit.poll import until
 from kit.rss import maps_library
 from kit.serveapp import tiny_qa_config
@@ -577,30 +578,17 @@ def test_three_shards_and_bm25_moved_ten_times_among_three_versions_under_load_f
             for mode in MODES:
                 answer = requests.post(f"{url}/v1/search", json={**_BODY, "mode": mode}, timeout=60).json()
                 expected[(version, mode)] = answer["results"]
-        answers, stop = [], threading.Event()
-
-        def client(number: int):
-            session, turn = requests.Session(), number
-            while not stop.is_set():
-                mode, turn = MODES[turn % 3], turn + 1
-                response = session.post(f"{url}/v1/search", json={**_BODY, "mode": mode}, timeout=60)
-                answers.append((mode, response.status_code, response.json()))
-
-        threads = [threading.Thread(target=client, args=(number,)) for number in range(3)]
-        for thread in threads:
-            thread.start()
-        for move in range(10):
-            version = segmented[move % 3]
-            _sharded(qa, "moves", version, 3, **slow)
-            until(lambda v=version: answers and answers[-1][2].get("index_version") == v, 90, 0.2, f"move {move}")
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=60)
+        with Load(f"{url}/v1/search", 3, lambda client, turn: {**_BODY, "mode": MODES[(client + turn) % 3]}) as load:
+            for move in range(10):
+                version = segmented[move % 3]
+                _sharded(qa, "moves", version, 3, **slow)
+                moved = lambda v=version: load.answers and load.answers[-1].body.get("index_version") == v  # noqa: E731
+                until(moved, 90, 0.2, f"move {move}")
     finally:
         serve.delete("moves")
-    assert [a for a in answers if a[1] != 200] == []
-    assert {answer["index_version"] for _, _, answer in answers} == set(segmented)
-    assert all(answer["results"] == expected[(answer["index_version"], mode)] for mode, _, answer in answers)
+    assert load.failed() == []
+    assert {a.body["index_version"] for a in load.answers} == set(segmented)
+    assert all(a.body["results"] == expected[(a.body["index_version"], a.request["mode"])] for a in load.answers)
 
 
 _BODY = {"questions": QUESTIONS[:2], "k": 10}
