@@ -3,7 +3,11 @@ stored them, the reader's token ids of each passage, memory-mapped, addressed by
 by passage key. The dense shards and the BM25 deployment read the same files, so a replica's disk holds each
 passage's text once (no torch or tantivy here).
 
-Token ids: `reader_ids.arrow` beside a segment's docstore, row i = the docstore's row i, with `title_ids` and
+Both are block files (`pipeline.blocks`: zstd blocks of 8 rows, a hit decompresses its own), `docstore.zst` and
+`reader_ids.zst`; versions built before them have uncompressed Arrow IPC files (`docstore.arrow`, `reader_ids.arrow`),
+read as they were.
+
+Token ids: `reader_ids.zst` beside a segment's docstore, row i = the docstore's row i, with `title_ids` and
 `text_ids` (uint16 when the reader's vocabulary fits, else uint32) as the reader's tokenizer gives them without
 special tokens; the reader assembles `[CLS] question [SEP] title [SEP] text` from them instead of tokenizing the
 passages of every question.
@@ -17,9 +21,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from pipeline.blocks import BlockFile
 from pipeline.errors import PipelineError
 
-DOCSTORE_FILE, TOKENS_FILE = "docstore.arrow", "reader_ids.arrow"
+DOCSTORE_FILE, TOKENS_FILE = "docstore.zst", "reader_ids.zst"
+ARROW_DOCSTORE_FILE, ARROW_TOKENS_FILE = "docstore.arrow", "reader_ids.arrow"  # versions before block files
 DOCSTORE_SCHEMA = pa.schema([("id", pa.string()), ("title", pa.string()), ("text", pa.string())])
 SEQ_SHIFT = 40
 ROW_MASK = (1 << SEQ_SHIFT) - 1
@@ -45,8 +51,9 @@ def open_arrow(path: str) -> pa.Table:
     return pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
 
 
-def take_rows(tables: dict[int, pa.Table], ids: np.ndarray) -> pa.Table:
-    """The rows of FAISS ids `ids` from per-segment tables, in the order given (zero-copy takes)."""
+def take_rows(tables: dict[int, pa.Table | BlockFile], ids: np.ndarray) -> pa.Table:
+    """The rows of FAISS ids `ids` from per-segment tables, in the order given (zero-copy takes from Arrow files, one
+    block decompressed per row from block files)."""
     seqs, rows = split_ids(ids)
     parts, positions = [], []
     for seq in np.unique(seqs):
@@ -67,12 +74,12 @@ def list_values(column: pa.ChunkedArray) -> list[np.ndarray]:
 
 @dataclass
 class Docstore:
-    """The passages of a version's segments (`seq` → memory-mapped Arrow tables) and their reader token ids where
-    every segment has them. `dead` (sorted FAISS ids) and `keys` (`seq` → each row's 64-bit passage key) let a
-    passage be found by its key (the BM25 index holds only keys)."""
+    """The passages of a version's segments (`seq` → memory-mapped block files, or Arrow tables in versions before
+    them) and their reader token ids where every segment has them. `dead` (sorted FAISS ids) and `keys` (`seq` →
+    each row's 64-bit passage key) let a passage be found by its key (the BM25 index holds only keys)."""
 
-    texts: dict[int, pa.Table]
-    tokens: dict[int, pa.Table] = field(default_factory=dict)
+    texts: dict[int, pa.Table | BlockFile]
+    tokens: dict[int, pa.Table | BlockFile] = field(default_factory=dict)
     tokenizer: str | None = None  # the fingerprint of the tokenizer the ids are from (None: no ids)
     dead: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     keys: dict[int, np.ndarray] = field(default_factory=dict)

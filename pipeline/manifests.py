@@ -107,6 +107,7 @@ class IndexManifest(Manifest):
     recall_at_10: float
     recall_at_100: float
     refine_k: int = 0  # IVF-PQ candidates re-scored exactly (0: searched without refine)
+    sq8: str | None = None  # the 8-bit quantizer of segments' kept vectors (vectors_sq8.npy), listed in files
     refined_recall_at_10: float | None = None  # the recall that refine_k gives
     refined_recall_at_100: float | None = None
     reference_distortion: float | None = None

@@ -14,22 +14,33 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
+from pipeline.blocks import BlockFile, open_table
 from pipeline.cache import Lease, NodeCache
-from pipeline.docstore import DOCSTORE_FILE, TOKENS_FILE, Docstore, faiss_ids, open_arrow, split_ids
+from pipeline.docstore import (
+    ARROW_DOCSTORE_FILE,
+    ARROW_TOKENS_FILE,
+    DOCSTORE_FILE,
+    TOKENS_FILE,
+    Docstore,
+    faiss_ids,
+    split_ids,
+)
 from pipeline.errors import PipelineError
 from pipeline.layout import published_version, read_index_manifest
 from pipeline.manifests import IndexManifest
 from pipeline.segments import (
     IVF_FILE,
     KEYS_FILE,
+    REFINE_FILES,
     SEGMENT_FILES,
-    VECTORS_FILE,
     SegmentRef,
+    Sq8,
+    Sq8Vectors,
     assign_segments,
     files_of,
     free_invlists,
     ivf_of,
-    open_vectors,
+    open_refine,
     read_invlists,
     rescore,
     search_parameters,
@@ -52,7 +63,8 @@ class PublishedIndex:
     store: Docstore  # the segments' passages (and token ids), row i of segment seq = FAISS id (seq << 40 | i)
     dead: np.ndarray  # sorted FAISS ids of tombstoned rows
     fetched: int = 0  # bytes downloaded to load it (what the cache lacked)
-    stored: dict[int, np.ndarray] = field(default_factory=dict)  # seq → fp16 [rows, d], memory-mapped (refine)
+    # seq → the kept vectors, fp16 [rows, d] or sq8 codes decoded as read, memory-mapped (refine)
+    stored: dict[int, np.ndarray | Sq8Vectors] = field(default_factory=dict)
     _params: faiss.SearchParameters = None
     _keep: list = field(default_factory=list)  # the C++ objects the index and the parameters point into
     lease: Lease | None = None  # the node cache keeps its files while it is held
@@ -62,7 +74,7 @@ class PublishedIndex:
         return int(self.index.d)
 
     @property
-    def docstores(self) -> dict[int, pa.Table]:
+    def docstores(self) -> dict[int, pa.Table | BlockFile]:
         return self.store.texts
 
     @property
@@ -140,7 +152,8 @@ def _open_published(
         needed = [entry for entry in manifest.files if entry.name not in lexical]
     else:
         files = files_of(manifest)
-        names = [manifest.quantizer, *(s.file(n) for s in segments for n in SEGMENT_FILES if s.file(n) in files)]
+        shared = [manifest.quantizer, *([manifest.sq8] if manifest.sq8 else [])]
+        names = [*shared, *(s.file(n) for s in segments for n in SEGMENT_FILES if s.file(n) in files)]
         needed = [files[name] for name in names + ([manifest.tombstones] if manifest.tombstones else [])]
     try:
         paths, fetched = cache.fetch(storage, needed, version)
@@ -186,13 +199,13 @@ def _stacked(
         ivf.replace_invlists(hstack, False)
     total = sum(s.rows for s in segments)
     ivf.ntotal = index.ntotal = total
-    vectors = {
-        segment.seq: open_vectors(
-            paths[segment.file(VECTORS_FILE)], segment.rows, index.d, f"index {version}: {segment.name}"
-        )
-        for segment in segments
-        if segment.file(VECTORS_FILE) in paths
-    }
+    sq8 = Sq8.read(paths[manifest.sq8], index.d, manifest.sq8) if manifest.sq8 else None
+    vectors = {}
+    for segment in segments:
+        named = {name: paths[segment.file(name)] for name in REFINE_FILES if segment.file(name) in paths}
+        kept = open_refine(named, segment.rows, index.d, f"index {version}: {segment.name}", sq8)
+        if kept is not None:
+            vectors[segment.seq] = kept
     dead = dead_rows(manifest, paths, segments)
     store = open_docstore(manifest, paths, segments, dead)
     params, keep = search_parameters(index, nprobe or int(manifest.nprobe), dead)
@@ -225,20 +238,22 @@ def open_docstore(
     with_keys: bool = False,
 ) -> Docstore:
     """The verified docstores (and token ids, and with `with_keys` the rows' passage keys) of `segments`, memory-
-    mapped; a file whose row count is not its segment's is refused."""
+    mapped (block files, or the Arrow files of versions before them); a file whose row count is not its segment's is
+    refused."""
     store = Docstore({}, dead=dead, tokenizer=(manifest.tokenizer or {}).get("fingerprint"))
     for segment in segments:
-        named = {"docstore": DOCSTORE_FILE, "token-id": TOKENS_FILE}
-        for what, name in named.items():
-            if segment.file(name) not in paths:
+        named = {"docstore": (DOCSTORE_FILE, ARROW_DOCSTORE_FILE), "token-id": (TOKENS_FILE, ARROW_TOKENS_FILE)}
+        for what, names in named.items():
+            found = [paths[segment.file(name)] for name in names if segment.file(name) in paths]
+            if not found:
                 continue
-            table = open_arrow(paths[segment.file(name)])
+            table = open_table(found[0])
             if table.num_rows != segment.rows:
                 raise PipelineError(
                     f"index {manifest.version}: {segment.name} has {table.num_rows} {what} rows for {segment.rows}"
                     " vectors"
                 )
-            (store.texts if name == DOCSTORE_FILE else store.tokens)[segment.seq] = table
+            (store.texts if what == "docstore" else store.tokens)[segment.seq] = table
         if with_keys:
             store.keys[segment.seq] = read_npy_file(paths[segment.file(KEYS_FILE)], np.uint64, segment.name)
     return store
@@ -249,7 +264,8 @@ def load_docstore(storage: Storage, manifest: IndexManifest, cache: NodeCache) -
     tombstones, each checked against its sha256 (the same cached files a Retriever on the node reads); the caller
     holds the version's lease."""
     files, segments = files_of(manifest), segments_of(manifest)
-    names = [s.file(n) for s in segments for n in (DOCSTORE_FILE, TOKENS_FILE, KEYS_FILE) if s.file(n) in files]
+    kinds = (DOCSTORE_FILE, TOKENS_FILE, ARROW_DOCSTORE_FILE, ARROW_TOKENS_FILE, KEYS_FILE)
+    names = [s.file(n) for s in segments for n in kinds if s.file(n) in files]
     needed = [files[name] for name in names + ([manifest.tombstones] if manifest.tombstones else [])]
     try:
         paths, _ = cache.fetch(storage, needed, manifest.version)

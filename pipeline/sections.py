@@ -218,8 +218,13 @@ class IndexConfig(Section):
     )
     keep_vectors: bool = Field(
         True,
-        description="store each segment's vectors in fp16 beside its codes (2 bytes x dim a vector, on the "
-        "replicas' disks, read through the page cache) so searches can re-score their candidates exactly",
+        description="store each segment's vectors beside its codes (on the replicas' disks, read through the page "
+        "cache) so searches can re-score their candidates (refine_k)",
+    )
+    refine_codes: Literal["sq8", "fp16"] = Field(
+        "sq8",
+        description="how the kept vectors are stored: sq8 (1 byte x dim, an 8-bit scalar quantizer trained with "
+        "the version's quantizer; refined recall within 0.1 point of fp16's) or fp16 (2 bytes x dim)",
     )
     reader_ids: bool = Field(
         True,

@@ -4,11 +4,15 @@ serving imports it; `pipeline.published` loads a published version for search).
 A version (`indexes/<version>/manifest.json`) lists, by sha256, everything it needs, named relative to `indexes/`:
 - one trained, empty FAISS index: `quantizers/<sha>.faiss` (OPQ rotation, coarse centroids, PQ codebooks), stored
   once per training and shared by every version and segment built on it;
+- with `index.refine_codes: sq8` (the default), `quantizers/<sha>.sq8.npy`: the 8-bit scalar quantizer of the kept
+  vectors (`Sq8`), trained on the quantizer's training sample (the manifest's `sq8`);
 - its segments, immutable and content-addressed: `segments/<seq>-<hash>/` with `ivf.bin` (FAISS inverted lists
-  only: codes and ids), `docstore.arrow` (id, title, text; row i = the segment's row i, memory-mapped) and
-  `keys.npy` (the 64-bit key of each row's passage id, to find rows to tombstone) and `vectors.npy` (each row's
-  vector in fp16, unless built with `index.keep_vectors: false`: a search re-scores its IVF-PQ candidates exactly
-  from them, memory-mapped, when asked for `refine_k` candidates);
+  only: codes and ids), `docstore.zst` (id, title, text; row i = the segment's row i, in zstd blocks of a few rows:
+  `pipeline.blocks`), `keys.npy` (the 64-bit key of each row's passage id, to find rows to tombstone), the kept
+  vectors unless built with `index.keep_vectors: false` (`vectors_sq8.npy`, a byte a dimension, or `vectors.npy` in
+  fp16: a search re-scores its IVF-PQ candidates from them, memory-mapped, when asked for `refine_k` candidates) and
+  the reader's token ids (`reader_ids.zst`). Versions built before block files have `docstore.arrow` and
+  `reader_ids.arrow` (uncompressed Arrow IPC) and fp16 vectors, read as they were;
 - `tombstones.npy`: FAISS ids of rows that are dead in this version (deleted or replaced by a newer segment).
 
 A FAISS id is `seq << 40 | row`, so ids stay unique across segments even when a changed passage lives in two
@@ -33,7 +37,10 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
+from pipeline.blocks import BlockWriter
 from pipeline.docstore import (
+    ARROW_DOCSTORE_FILE,
+    ARROW_TOKENS_FILE,
     DOCSTORE_FILE,
     DOCSTORE_SCHEMA,
     SEQ_SHIFT,
@@ -50,7 +57,19 @@ from pipeline.storage import Storage, sha256_file
 log = logging.getLogger(__name__)
 
 IVF_FILE, KEYS_FILE, TOMBSTONES_FILE, VECTORS_FILE = "ivf.bin", "keys.npy", "tombstones.npy", "vectors.npy"
-SEGMENT_FILES = (IVF_FILE, DOCSTORE_FILE, KEYS_FILE, VECTORS_FILE, TOKENS_FILE)  # the last two when built with them
+SQ8_FILE = "vectors_sq8.npy"  # the kept vectors as 8-bit codes (index.refine_codes sq8)
+# Vectors (fp16 or sq8) and token ids when built with them; Arrow docstores and token ids in versions before blocks.
+SEGMENT_FILES = (
+    IVF_FILE,
+    DOCSTORE_FILE,
+    KEYS_FILE,
+    VECTORS_FILE,
+    SQ8_FILE,
+    TOKENS_FILE,
+    ARROW_DOCSTORE_FILE,
+    ARROW_TOKENS_FILE,
+)
+REFINE_FILES = (VECTORS_FILE, SQ8_FILE)
 
 
 def ivf_of(index: faiss.Index) -> faiss.IndexIVF:
@@ -126,8 +145,8 @@ def copy_live_codes(
 
 
 def exact_scores(queries: np.ndarray, ids: np.ndarray, stored: dict[int, np.ndarray]) -> np.ndarray:
-    """Each candidate's exact inner product with its query, from the stored fp16 vectors (`seq` → [rows, d], memory-
-    mapped: only the candidates' rows are read, in ascending order); -inf where the id is -1."""
+    """Each candidate's inner product with its query, from the stored vectors (`seq` → [rows, d] fp16, or `Sq8Vectors`,
+    memory-mapped: only the candidates' rows are read, in ascending order); -inf where the id is -1."""
     scores = np.full(ids.shape, -np.inf, dtype=np.float32)
     seqs, rows = split_ids(ids)
     for seq in np.unique(seqs[ids >= 0]):
@@ -152,14 +171,89 @@ def rescore(
     return best_by_score(exact_scores(queries, ids, stored), ids, k)
 
 
-def open_vectors(path: str, rows: int, dim: int, where: str) -> np.ndarray:
-    """A segment's fp16 vectors, memory-mapped (a file already checked against its manifest's sha256)."""
-    vectors = np.load(path, mmap_mode="r", allow_pickle=False)
-    if vectors.shape != (rows, dim) or vectors.dtype != np.float16:
+class Sq8:
+    """The 8-bit scalar quantizer of the kept vectors (`index.refine_codes: sq8`): each dimension's range, trained
+    on the quantizer's training sample and stored beside it (`quantizers/<sha>.sq8.npy`, float32 [2, d]: minimum,
+    width), so every segment of a version decodes with the same one. 1 byte a dimension instead of fp16's 2."""
+
+    def __init__(self, trained: np.ndarray):
+        self.trained = np.ascontiguousarray(trained, dtype=np.float32)
+        self.d = self.trained.shape[1]
+        self.quantizer = faiss.ScalarQuantizer(self.d, faiss.ScalarQuantizer.QT_8bit)
+        faiss.copy_array_to_vector(self.trained.ravel(), self.quantizer.trained)
+
+    @classmethod
+    def train(cls, sample: np.ndarray) -> Sq8:
+        quantizer = faiss.ScalarQuantizer(sample.shape[1], faiss.ScalarQuantizer.QT_8bit)
+        quantizer.train(np.ascontiguousarray(sample, dtype=np.float32))
+        return cls(faiss.vector_to_array(quantizer.trained).reshape(2, sample.shape[1]))
+
+    @classmethod
+    def read(cls, path: str, dim: int, where: str) -> Sq8:
+        """From its file (one already checked against its manifest's sha256)."""
+        trained = np.load(path, allow_pickle=False)
+        if trained.shape != (2, dim) or trained.dtype != np.float32:
+            raise PipelineError(f"{where}: an sq8 quantizer of shape {trained.shape} {trained.dtype} for {dim} dims")
+        return cls(trained)
+
+    def save(self, path: str) -> str:
+        with open(path, "wb") as handle:
+            handle.write(npy_bytes(self.trained))
+        return path
+
+    def encode(self, vectors: np.ndarray) -> np.ndarray:
+        return self.quantizer.compute_codes(np.ascontiguousarray(vectors, dtype=np.float32))
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        return self.quantizer.decode(np.ascontiguousarray(codes, dtype=np.uint8))
+
+
+class Sq8Vectors:
+    """A segment's sq8 codes, memory-mapped, read as float32 vectors: `rows[i]` decodes only the rows asked for."""
+
+    def __init__(self, codes: np.ndarray, sq8: Sq8):
+        self.codes, self.sq8 = codes, sq8
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def __getitem__(self, rows) -> np.ndarray:
+        codes = self.codes[rows]
+        return self.sq8.decode(codes[None])[0] if codes.ndim == 1 else self.sq8.decode(codes)
+
+
+def open_vectors(path: str, rows: int, dim: int, where: str, sq8: Sq8 | None = None) -> np.ndarray | Sq8Vectors:
+    """A segment's kept vectors, memory-mapped (a file already checked against its manifest's sha256): fp16, or
+    with `sq8` its 8-bit codes, decoded as they are read."""
+    vectors = open_rows(path, rows, dim, np.uint8 if sq8 is not None else np.float16, where)
+    return Sq8Vectors(vectors, sq8) if sq8 is not None else vectors
+
+
+def open_rows(path: str, rows: int, dim: int, dtype: type, where: str) -> np.ndarray:
+    """A .npy of [rows, dim] `dtype`, memory-mapped (verified already); refused when it is not that."""
+    array = np.load(path, mmap_mode="r", allow_pickle=False)
+    if array.shape != (rows, dim) or array.dtype != dtype:
         raise PipelineError(
-            f"{where}: vectors of shape {vectors.shape} {vectors.dtype} for {rows} rows of {dim} float16"
+            f"{where}: vectors of shape {array.shape} {array.dtype} for {rows} rows of {dim} {np.dtype(dtype)}"
         )
-    return vectors
+    return array
+
+
+def open_refine(
+    paths: dict[str, str], rows: int, dim: int, where: str, sq8: Sq8 | None
+) -> np.ndarray | Sq8Vectors | None:
+    """A segment's kept vectors from its files by name (`vectors.npy` fp16 or `vectors_sq8.npy`), None without."""
+    if VECTORS_FILE in paths:
+        return open_vectors(paths[VECTORS_FILE], rows, dim, where)
+    if SQ8_FILE in paths:
+        if sq8 is None:
+            raise PipelineError(f"{where}: sq8 vectors but no sq8 quantizer in its version's manifest")
+        return open_vectors(paths[SQ8_FILE], rows, dim, where, sq8)
+    return None
 
 
 # -- writing -------------------------------------------------------------------------------------------------------
@@ -179,24 +273,24 @@ class LocalSegment:
 
 
 class VectorWriter:
-    """fp16 vectors appended in row order to a .npy whose header, written by numpy, is rewritten at the end with
-    the row count (a fixed 128 bytes for any 2-D shape): the vectors stream to disk, never held."""
+    """Rows (fp16 vectors, or sq8 codes) appended in order to a .npy whose header, written by numpy, is rewritten at
+    the end with the row count (a fixed 128 bytes for any 2-D shape): the vectors stream to disk, never held."""
 
-    def __init__(self, path: str, dim: int):
-        self.path, self.dim, self.rows = path, dim, 0
+    def __init__(self, path: str, dim: int, dtype: type = np.float16):
+        self.path, self.dim, self.rows, self.dtype = path, dim, 0, np.dtype(dtype)
         self._file = open(path, "wb")
         self._file.write(self._header())
 
     def _header(self) -> bytes:
         buffer = io.BytesIO()
-        header = {"descr": np.dtype(np.float16).str, "fortran_order": False, "shape": (self.rows, self.dim)}
+        header = {"descr": self.dtype.str, "fortran_order": False, "shape": (self.rows, self.dim)}
         np.lib.format.write_array_header_1_0(buffer, header)
         if buffer.tell() != 128:
             raise PipelineError(f"{self.path}: unexpected .npy header size {buffer.tell()}")
         return buffer.getvalue()
 
     def add(self, vectors: np.ndarray) -> None:
-        self._file.write(np.ascontiguousarray(vectors, dtype=np.float16).tobytes())
+        self._file.write(np.ascontiguousarray(vectors, dtype=self.dtype).tobytes())
         self.rows += len(vectors)
 
     def close(self) -> None:
@@ -207,30 +301,40 @@ class VectorWriter:
 
 class SegmentWriter:
     """Adds vectors to a copy of the trained quantizer under ids `seq << 40 | row`, and writes the docstore part,
-    the keys, (with `keep_vectors`) the fp16 vectors and (with a `tokenizer`, a `pipeline.tokens.ReaderTokenizer`)
-    the reader's token ids in the same row order."""
+    the keys, (with `keep_vectors`) the vectors, in fp16 or as `sq8` codes, and (with a `tokenizer`, a
+    `pipeline.tokens.ReaderTokenizer`) the reader's token ids in the same row order."""
 
-    def __init__(self, quantizer: faiss.Index, seq: int, work_dir: str, keep_vectors: bool = True, tokenizer=None):
+    def __init__(
+        self,
+        quantizer: faiss.Index,
+        seq: int,
+        work_dir: str,
+        keep_vectors: bool = True,
+        tokenizer=None,
+        sq8: Sq8 | None = None,
+    ):
         self.index, self.seq, self.rows = faiss.clone_index(quantizer), seq, 0
         self.directory = os.path.join(work_dir, f"segment-{seq:06d}")
         os.makedirs(self.directory, exist_ok=True)
-        self._sink = pa.OSFile(os.path.join(self.directory, DOCSTORE_FILE), "wb")
-        self._docstore = pa.ipc.new_file(self._sink, DOCSTORE_SCHEMA)
+        self._docstore = BlockWriter(os.path.join(self.directory, DOCSTORE_FILE), DOCSTORE_SCHEMA)
         self._keys: list[np.ndarray] = []
-        self._vectors = VectorWriter(os.path.join(self.directory, VECTORS_FILE), quantizer.d) if keep_vectors else None
+        self.sq8 = sq8
+        self._vectors = None
+        if keep_vectors:
+            name, dtype = (SQ8_FILE, np.uint8) if sq8 is not None else (VECTORS_FILE, np.float16)
+            self._vectors = VectorWriter(os.path.join(self.directory, name), quantizer.d, dtype)
         self.tokenizer = tokenizer
         if tokenizer is not None:
-            self._tokens_sink = pa.OSFile(os.path.join(self.directory, TOKENS_FILE), "wb")
-            self._tokens = pa.ipc.new_file(self._tokens_sink, tokenizer.schema)
+            self._tokens = BlockWriter(os.path.join(self.directory, TOKENS_FILE), tokenizer.schema)
 
     def add(self, vectors: np.ndarray, passages: pa.Table) -> np.ndarray:
         """Returns the FAISS ids given to the rows."""
         ids = faiss_ids(self.seq, self.rows, len(vectors))
         self.index.add_with_ids(vectors, ids)
-        self._docstore.write_table(passages.select(DOCSTORE_SCHEMA.names))
+        self._docstore.write_table(passages)
         self._keys.append(keys_of(passages.column("id").to_pylist()))
         if self._vectors is not None:
-            self._vectors.add(vectors)
+            self._vectors.add(self.sq8.encode(vectors) if self.sq8 is not None else vectors)
         if self.tokenizer is not None:
             self._tokens.write_table(self.tokenizer.table(passages))
         self.rows += len(vectors)
@@ -238,12 +342,10 @@ class SegmentWriter:
 
     def close(self) -> LocalSegment:
         self._docstore.close()
-        self._sink.close()
         if self._vectors is not None:
             self._vectors.close()
         if self.tokenizer is not None:
             self._tokens.close()
-            self._tokens_sink.close()
         return finish_segment(self.seq, self.rows, ivf_of(self.index).invlists, self._keys, self.directory)
 
     def discard(self) -> None:
@@ -259,7 +361,7 @@ def finish_segment(
     """Write the inverted lists and keys beside an already written docstore (and vectors and token ids, when
     written)."""
     paths = {name: os.path.join(directory, name) for name in SEGMENT_FILES}
-    for optional in (VECTORS_FILE, TOKENS_FILE):
+    for optional in SEGMENT_FILES[3:]:
         if not os.path.exists(paths[optional]):
             del paths[optional]
     write_invlists(invlists, paths[IVF_FILE])
@@ -313,8 +415,11 @@ def files_of(manifest: IndexManifest) -> dict[str, FileEntry]:
 KINDS = {
     IVF_FILE: "codes",
     VECTORS_FILE: "vectors",
+    SQ8_FILE: "vectors",
     DOCSTORE_FILE: "docstore",
     TOKENS_FILE: "token_ids",
+    ARROW_DOCSTORE_FILE: "docstore",
+    ARROW_TOKENS_FILE: "token_ids",
     KEYS_FILE: "keys",
 }
 

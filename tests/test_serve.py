@@ -288,6 +288,43 @@ def test_a_corrupt_version_is_refused_and_the_current_one_keeps_serving(qa):
         qa["storage"].write_bytes("indexes/LATEST", f"{current}\n".encode())  # build_index had moved it to `bad`
 
 
+def test_a_version_of_the_release_before_block_files_serves_the_same_answers(qa):
+    """The app moved (as `serve deploy` moves it) to a version whose docstores and token ids are the uncompressed
+    Arrow files, and its kept vectors fp16, of the release before: /v1/search in every mode and /v1/ask answer as
+    from the same version in block files; and the block files' passages are the Arrow files' row for row."""
+    from ray import serve
+
+    from kit.legacy import before_blocks
+
+    current = _latest(qa)
+    old = before_blocks(qa["storage"], current, qa["tmp"] / "legacy")
+    bodies = [("search", {"questions": QUESTIONS, "k": 5, "mode": m}) for m in ("dense", "sparse", "hybrid")]
+    bodies.append(("ask", {"question": QUESTIONS[0], "k": 4, "top_answers": 2}))
+
+    def answers() -> list[dict]:
+        found = [requests.post(f"{qa['url']}/v1/{path}", json=body, timeout=60) for path, body in bodies]
+        assert all(r.status_code == 200 for r in found), [r.text for r in found]
+        return [{k: v for k, v in r.json().items() if k not in ("index_version", "request_id")} for r in found]
+
+    ingress = serve.get_deployment_handle("QAService", app_name="qa")
+    ingress.reconfigure.remote({"index_version": current}).result(timeout_s=60)
+    until(lambda: _answers_from(qa["url"], current), 60, what=f"answers from {current}")
+    expected = answers()
+    ingress.reconfigure.remote({"index_version": old}).result(timeout_s=60)
+    try:
+        until(lambda: _answers_from(qa["url"], old), 60, what=f"answers from {old}")
+        assert answers() == expected
+    finally:
+        ingress.reconfigure.remote({"index_version": current}).result(timeout_s=60)
+    blocks = load_published(qa["storage"], current, str(qa["tmp"] / "c-blocks"))
+    arrow = load_published(qa["storage"], old, str(qa["tmp"] / "c-arrow"))
+    ids, _ = blocks.live_ids()
+    assert blocks.passages(ids).equals(arrow.passages(ids))
+    assert [(a.tolist(), b.tolist()) for a, b in blocks.store.token_ids(ids)] == [
+        (a.tolist(), b.tolist()) for a, b in arrow.store.token_ids(ids)
+    ]
+
+
 def test_api_key_when_configured(qa):
     keyed = qa["config"].model_copy(
         update={

@@ -25,13 +25,13 @@ from pipeline.index.train import assigning_on_gpus, split_and_train
 from pipeline.manifests import FileEntry, IndexManifest
 from pipeline.segments import (
     KEYS_FILE,
-    VECTORS_FILE,
     LocalSegment,
     SegmentRef,
     SegmentWriter,
+    Sq8,
     faiss_ids,
     files_of,
-    open_vectors,
+    open_refine,
     segments_of,
 )
 from pipeline.snapshots import Link, LiveEmbeddings, read_npy_file
@@ -59,6 +59,7 @@ class Built:
     uploaded: dict[str, FileEntry] = field(default_factory=dict)
     written: int = 0
     nodes: tuple[str, ...] = ()  # the Ray nodes its add tasks ran on
+    sq8: str | FileEntry | None = None  # the kept vectors' 8-bit quantizer: a local path or the published entry
 
     @property
     def stored(self) -> int:
@@ -77,12 +78,22 @@ def _train(
     plan: IndexPlan,
     work_dir: str,
     timer: PhaseTimer,
-) -> tuple[faiss.Index, str, np.ndarray]:
+) -> tuple[faiss.Index, str, np.ndarray, Sq8 | None]:
     """Train in this process (unless given a trained index); returns the trained, empty index, its file in the
-    work dir and the held-out queries."""
+    work dir, the held-out queries and the kept vectors' sq8 quantizer (with `index.refine_codes: sq8`)."""
     with timer("train"):
-        index, queries = split_and_train(parts, trained, config.factory, plan.train_size, config.seed)
-    return index, save_quantizer(index, work_dir), queries
+        index, queries, sq8 = split_and_train(
+            parts, trained, config.factory, plan.train_size, config.seed, wants_sq8(config)
+        )
+    return index, save_quantizer(index, work_dir), queries, sq8
+
+
+def wants_sq8(config: IndexConfig) -> bool:
+    return config.keep_vectors and config.refine_codes == "sq8"
+
+
+def sq8_file(sq8: Sq8 | None, work_dir: str) -> str | None:
+    return sq8.save(os.path.join(work_dir, "quantizer.sq8.npy")) if sq8 is not None else None
 
 
 def save_quantizer(index: faiss.Index, work_dir: str) -> str:
@@ -123,8 +134,8 @@ def build_full(
             if len(picks):
                 _, vectors, keep = live.read(shard)
                 parts.append(vectors[picks][keep[picks]])
-    index, quantizer, queries = _train(parts, trained, config, plan, work_dir, timer)
-    writer = SegmentWriter(index, 1, work_dir, config.keep_vectors, tokenizer)
+    index, quantizer, queries, sq8 = _train(parts, trained, config, plan, work_dir, timer)
+    writer = SegmentWriter(index, 1, work_dir, config.keep_vectors, tokenizer, sq8)
     with (
         assigning_on_gpus(writer.index),
         timer("add"),
@@ -147,13 +158,23 @@ def build_full(
     with timer("measure"):
         recall = measure_recall(writer.index, queries, exact, config.nprobe)
         stored = (
-            {segment.seq: open_vectors(segment.paths[VECTORS_FILE], segment.rows, plan.dim, f"segment {segment.seq}")}
+            {segment.seq: open_refine(segment.paths, segment.rows, plan.dim, f"segment {segment.seq}", sq8)}
             if config.refine_k
             else {}
         )
         refined = measure_refined(writer.index, queries, exact, config, stored)
         error = distortion(writer.index, queries)
-    return Built(quantizer, [segment], np.empty(0, np.int64), recall, refined, writer.rows, error, error)
+    return Built(
+        quantizer,
+        [segment],
+        np.empty(0, np.int64),
+        recall,
+        refined,
+        writer.rows,
+        error,
+        error,
+        sq8=sq8_file(sq8, work_dir),
+    )
 
 
 def build_delta(
@@ -173,9 +194,13 @@ def build_delta(
     quantizer_entry = files[previous.quantizer]
     paths, _ = fetch_verified(storage, [quantizer_entry], cache)
     quantizer = faiss.read_index(paths[previous.quantizer])
+    sq8 = None
+    if previous.sq8:  # the new segment's kept vectors coded as the version's others
+        sq8_path = fetch_verified(storage, [files[previous.sq8]], cache)[0][previous.sq8]
+        sq8 = Sq8.read(sq8_path, quantizer.d, previous.sq8)
     segments = segments_of(previous)
     seq = max((s.seq for s in segments), default=0) + 1
-    writer = SegmentWriter(quantizer, seq, work_dir, config.keep_vectors, tokenizer)
+    writer = SegmentWriter(quantizer, seq, work_dir, config.keep_vectors, tokenizer, sq8)
     live = LiveEmbeddings(storage, deltas)
     added = []
     with timer("add"):
@@ -224,4 +249,14 @@ def build_delta(
     else:  # nothing new (a compaction of the published version): no segment
         new = []
         writer.discard()
-    return Built(quantizer_entry, [*segments, *new], dead_ids, recall, refined, writer.rows, reference, error)
+    return Built(
+        quantizer_entry,
+        [*segments, *new],
+        dead_ids,
+        recall,
+        refined,
+        writer.rows,
+        reference,
+        error,
+        sq8=files[previous.sq8] if previous.sq8 else None,
+    )

@@ -11,8 +11,9 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
+from pipeline.blocks import BlockFile, BlockWriter, chunks_of, open_table
 from pipeline.cache import fetch_verified
-from pipeline.docstore import open_arrow
+from pipeline.docstore import ARROW_DOCSTORE_FILE, ARROW_TOKENS_FILE
 from pipeline.index.build import Built
 from pipeline.manifests import FileEntry
 from pipeline.segments import (
@@ -20,9 +21,10 @@ from pipeline.segments import (
     DOCSTORE_SCHEMA,
     IVF_FILE,
     KEYS_FILE,
+    REFINE_FILES,
     SEGMENT_FILES,
+    SQ8_FILE,
     TOKENS_FILE,
-    VECTORS_FILE,
     LocalSegment,
     SegmentRef,
     VectorWriter,
@@ -30,7 +32,7 @@ from pipeline.segments import (
     faiss_ids,
     finish_segment,
     ivf_of,
-    open_vectors,
+    open_rows,
     read_invlists,
     split_ids,
 )
@@ -39,6 +41,16 @@ from pipeline.storage import Storage
 from pipeline.telemetry import PhaseTimer
 
 log = logging.getLogger(__name__)
+
+CHUNK = 65536  # rows copied at a time: memory bounded whatever the segment's size
+
+
+def copy_live(table: pa.Table | BlockFile, alive: np.ndarray, out: BlockWriter) -> None:
+    """The rows of `table` where `alive`, appended to `out` chunk by chunk."""
+    start = 0
+    for chunk in chunks_of(table, CHUNK):
+        out.write_table(chunk.filter(pa.array(alive[start : start + chunk.num_rows])))
+        start += chunk.num_rows
 
 
 def compact(
@@ -66,6 +78,10 @@ def compact(
         def path(segment, name: str) -> str | None:
             return local[segment.seq].get(name) if segment.seq in local else paths.get(segment.file(name))
 
+        def first_path(segment, *names: str) -> str | None:
+            """The segment's file of the first of `names` it has (block files, else the Arrow files before them)."""
+            return next((found for name in names if (found := path(segment, name))), None)
+
         quantizer = faiss.read_index(
             built.quantizer
             if isinstance(built.quantizer, str)
@@ -78,33 +94,31 @@ def compact(
         directory = os.path.join(work_dir, f"segment-{seq:06d}")
         os.makedirs(directory, exist_ok=True)
         remap, sources, keys, rows = {}, [], [], 0
-        # The live rows' vectors are copied too, when every merged segment kept them (refine stays possible).
-        with_vectors = all(path(segment, VECTORS_FILE) for segment in built.segments)
-        vectors = VectorWriter(os.path.join(directory, VECTORS_FILE), ivf.d) if with_vectors else None
+        # The live rows' kept vectors (fp16, or sq8 codes: copied as they are) too, when every merged segment kept
+        # them alike (refine stays possible).
+        kept_as = next((n for n in REFINE_FILES if all(path(segment, n) for segment in built.segments)), None)
+        dtype = np.uint8 if kept_as == SQ8_FILE else np.float16
+        vectors = VectorWriter(os.path.join(directory, kept_as), ivf.d, dtype) if kept_as else None
         # And the live rows' token ids, when every merged segment has them (the reader tokenizes the others).
-        tokens = [path(segment, TOKENS_FILE) for segment in built.segments]
-        token_tables = [open_arrow(p) for p in tokens] if all(tokens) else None
-        token_out = (
-            pa.ipc.new_file(os.path.join(directory, TOKENS_FILE), token_tables[0].schema) if token_tables else None
-        )
-        with (
-            pa.OSFile(os.path.join(directory, DOCSTORE_FILE), "wb") as sink,
-            pa.ipc.new_file(sink, DOCSTORE_SCHEMA) as out,
-        ):
-            for segment in built.segments:
-                alive = ~np.isin(faiss_ids(segment.seq, 0, segment.rows), built.dead)
-                remap[segment.seq] = np.where(alive, rows + np.cumsum(alive) - 1, -1)
-                rows += int(alive.sum())
-                sources.append(read_invlists(path(segment, IVF_FILE)))
-                docstore = pa.ipc.open_file(pa.memory_map(path(segment, DOCSTORE_FILE), "r")).read_all()
-                out.write_table(docstore.filter(pa.array(alive)))
-                if token_out is not None:
-                    token_out.write_table(token_tables[built.segments.index(segment)].filter(pa.array(alive)))
-                keys.append(read_npy_file(path(segment, KEYS_FILE), np.uint64, segment.name)[alive])
-                if vectors is not None:
-                    stored = open_vectors(path(segment, VECTORS_FILE), segment.rows, ivf.d, f"segment {segment.seq}")
-                    for start in range(0, segment.rows, 65536):  # bounded memory, whatever the segment's size
-                        vectors.add(stored[start : start + 65536][alive[start : start + 65536]])
+        tokens = [first_path(segment, TOKENS_FILE, ARROW_TOKENS_FILE) for segment in built.segments]
+        token_tables = [open_table(p) for p in tokens] if all(tokens) else None
+        token_out = BlockWriter(os.path.join(directory, TOKENS_FILE), token_tables[0].schema) if token_tables else None
+        out = BlockWriter(os.path.join(directory, DOCSTORE_FILE), DOCSTORE_SCHEMA)
+        for number, segment in enumerate(built.segments):
+            alive = ~np.isin(faiss_ids(segment.seq, 0, segment.rows), built.dead)
+            remap[segment.seq] = np.where(alive, rows + np.cumsum(alive) - 1, -1)
+            rows += int(alive.sum())
+            sources.append(read_invlists(path(segment, IVF_FILE)))
+            docstore = open_table(first_path(segment, DOCSTORE_FILE, ARROW_DOCSTORE_FILE))
+            copy_live(docstore, alive, out)
+            if token_out is not None:
+                copy_live(token_tables[number], alive, token_out)
+            keys.append(read_npy_file(path(segment, KEYS_FILE), np.uint64, segment.name)[alive])
+            if vectors is not None:
+                stored = open_rows(path(segment, kept_as), segment.rows, ivf.d, dtype, f"segment {segment.seq}")
+                for start in range(0, segment.rows, CHUNK):  # bounded memory, whatever the segment's size
+                    vectors.add(stored[start : start + CHUNK][alive[start : start + CHUNK]])
+        out.close()
         if vectors is not None:
             vectors.close()
         if token_out is not None:

@@ -26,14 +26,14 @@ from faiss.contrib.exhaustive_search import knn_ground_truth
 from tqdm import tqdm
 
 from pipeline.config import IndexConfig
-from pipeline.index.build import Built, read_and_match, save_quantizer
+from pipeline.index.build import Built, read_and_match, save_quantizer, sq8_file, wants_sq8
 from pipeline.index.plan import RECALL_K, IndexPlan, plan_groups, sample_positions
 from pipeline.index.quality import distortion, exact_ids, merge_topk, recall_at, refine_merged
 from pipeline.index.train import assigning_on_gpus, node_id, train_sample
 from pipeline.lexical import build_lexical_task
 from pipeline.manifests import FileEntry, IndexManifest, SegmentEntry
 from pipeline.raycluster import connect, get
-from pipeline.segments import VECTORS_FILE, SegmentRef, SegmentWriter, exact_scores, open_vectors, upload_once
+from pipeline.segments import SegmentRef, SegmentWriter, Sq8, exact_scores, open_refine, upload_once
 from pipeline.snapshots import Link, LiveEmbeddings
 from pipeline.storage import Storage
 from pipeline.telemetry import PhaseTimer, peak_rss, reset_peak_rss
@@ -87,6 +87,7 @@ def add_group(
     quantizer: np.ndarray,
     queries: np.ndarray,
     settings: AddSettings,
+    sq8: np.ndarray | None = None,
 ) -> AddedSegment:
     """Add the live vectors of `shards` to the serialized trained quantizer as segment `seq` (docstore written on
     the same pass), upload it (content-addressed: a retried task finds its objects there), and search it."""
@@ -96,7 +97,9 @@ def add_group(
     live = LiveEmbeddings(storage, links)
     with tempfile.TemporaryDirectory(prefix="add-") as work_dir:
         tokenizer = ReaderTokenizer(settings.tokenizer) if settings.tokenizer else None
-        writer = SegmentWriter(faiss.deserialize_index(quantizer), seq, work_dir, settings.keep_vectors, tokenizer)
+        refine = Sq8(sq8) if sq8 is not None else None
+        index = faiss.deserialize_index(quantizer)
+        writer = SegmentWriter(index, seq, work_dir, settings.keep_vectors, tokenizer, refine)
 
         def added() -> Iterator[np.ndarray]:
             for shard in shards:
@@ -115,7 +118,7 @@ def add_group(
         candidates = None
         if settings.refine_k:
             ann_scores, ids = writer.index.search(queries, max(k, settings.refine_k))
-            stored = {seq: open_vectors(local.paths[VECTORS_FILE], local.rows, writer.index.d, f"segment {seq}")}
+            stored = {seq: open_refine(local.paths, local.rows, writer.index.d, f"segment {seq}", refine)}
             candidates = (ann_scores, ids, exact_scores(queries, ids, stored))
         files, written = [], 0
         if local.rows:
@@ -167,7 +170,8 @@ def build_distributed(
         ]
         trainer = ray.remote(train_sample).options(num_cpus=config.train_cpus, num_gpus=config.train_gpus)
         reused = faiss.serialize_index(trained) if trained is not None else None
-        [fit] = get([trainer.remote(config.factory, plan.train_size, config.seed, reused, *parts)])
+        with_sq8 = wants_sq8(config)
+        [fit] = get([trainer.remote(config.factory, plan.train_size, config.seed, with_sq8, reused, *parts)])
         del parts
     log.info("trained on node %s with %d GPU(s) in %.1fs", fit.node, fit.gpus, fit.seconds)
     index, queries = faiss.deserialize_index(fit.index), fit.queries
@@ -181,7 +185,7 @@ def build_distributed(
         tqdm(total=plan.vectors, desc="add", unit=" vectors", unit_scale=True, mininterval=2) as bar,
     ):
         pending = [
-            adder.remote(root, options, links, group, seq, serialized, held_out, settings)
+            adder.remote(root, options, links, group, seq, serialized, held_out, settings, fit.sq8)
             for seq, group in enumerate(groups, start=1)
         ]
         added: list[AddedSegment] = []
@@ -224,6 +228,7 @@ def build_distributed(
         uploaded={entry.name: entry for a in kept for entry in a.files},
         written=sum(a.written for a in added),
         nodes=tuple(sorted({a.node for a in added})),
+        sq8=sq8_file(Sq8(fit.sq8) if fit.sq8 is not None else None, work_dir),
     )
 
 

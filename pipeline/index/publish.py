@@ -48,6 +48,16 @@ def publish(
         written += size
     else:
         entries.append(built.quantizer)
+    sq8 = None
+    if isinstance(built.sq8, str):
+        with open(built.sq8, "rb") as handle:
+            sq8 = f"quantizers/{hashlib.sha256(handle.read()).hexdigest()[:16]}.sq8.npy"
+        entry, size = upload_once(storage, built.sq8, sq8)
+        entries.append(entry)
+        written += size
+    elif built.sq8 is not None:
+        sq8 = built.sq8.name
+        entries.append(built.sq8)
     segments = []
     for segment in built.segments:
         if isinstance(segment, LocalSegment):
@@ -82,6 +92,7 @@ def publish(
             quantizer=entries[0].name,
             segments=segments,
             tombstones=tombstones,
+            sq8=sq8,
             lexical={name: entry.name for name, entry in lexical.items()} if lexical is not None else None,
             **lineage,
         ),
@@ -125,6 +136,8 @@ def settings_digest(config: IndexConfig) -> str:
                 "seed": config.seed,
                 "keep_vectors": config.keep_vectors,
                 "refine_k": config.refine_k,
+                # (only when sq8: versions built before it keep their names and their deltas)
+                **({"refine_codes": config.refine_codes} if config.refine_codes != "fp16" else {}),
                 "lexical": config.lexical,
             },
             sort_keys=True,

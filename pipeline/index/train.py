@@ -15,7 +15,7 @@ import numpy as np
 import ray
 
 from pipeline.errors import PipelineError
-from pipeline.segments import ivf_of
+from pipeline.segments import Sq8, ivf_of
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +42,22 @@ def training_on_gpus(index: faiss.Index):
 
 
 def split_and_train(
-    parts: Sequence[np.ndarray], trained: faiss.Index | None, factory: str, train_size: int, seed: int
-) -> tuple[faiss.Index, np.ndarray]:
+    parts: Sequence[np.ndarray],
+    trained: faiss.Index | None,
+    factory: str,
+    train_size: int,
+    seed: int,
+    sq8: bool = False,
+) -> tuple[faiss.Index, np.ndarray, Sq8 | None]:
     """Split the sample (drawn in shard order) into training vectors and held-out queries, and train a new index
-    unless given a trained one: (the trained, empty index, the queries)."""
+    unless given a trained one: (the trained, empty index, the queries, and with `sq8` the kept vectors' 8-bit
+    quantizer trained on the same vectors: a second or so, so trained anew even on a reused index)."""
     sample = np.concatenate(parts)
     order = np.random.default_rng(seed + 1).permutation(len(sample))
     train, queries = sample[order[:train_size]], sample[order[train_size:]]
+    refine = Sq8.train(train) if sq8 else None
     if trained is not None:
-        return trained, queries
+        return trained, queries, refine
     index = faiss.index_factory(sample.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     ivf = faiss.downcast_index(ivf_of(index))  # a factory that cannot be segmented is refused before the k-means
     # index_factory turns on polysemous training for PQ codes (about 1 s per sub-quantizer: 52 s of a 600-vector
@@ -66,37 +73,41 @@ def split_and_train(
                 f"training {factory} on {len(train)} vectors of {sample.shape[1]} dims failed: {why}; lower the "
                 "lists or the codebook bits of index.factory, or give it more vectors (index.train_size)"
             ) from None
-    return index, queries
+    return index, queries, refine
 
 
 @dataclass
 class TrainedIndex:
-    """What the training task sends back: the trained, empty index (faiss.serialize_index bytes) and the held-out
-    queries, a size set by the settings (centroids, codebooks, `index.queries`), not by the corpus."""
+    """What the training task sends back: the trained, empty index (faiss.serialize_index bytes), the held-out
+    queries and the sq8 quantizer's ranges, a size set by the settings (centroids, codebooks, `index.queries`), not
+    by the corpus."""
 
     index: np.ndarray
     queries: np.ndarray
+    sq8: np.ndarray | None
     node: str
     gpus: int  # the GPUs its k-means ran on
     seconds: float
 
 
 def train_sample(
-    factory: str, train_size: int, seed: int, trained: np.ndarray | None, *parts: np.ndarray | None
+    factory: str, train_size: int, seed: int, sq8: bool, trained: np.ndarray | None, *parts: np.ndarray | None
 ) -> TrainedIndex:
     """The distributed build's training, as a task with `index.train_cpus` / `train_gpus`: the sample parts come
     from the sampling tasks through the object store, so the driver never holds the training sample."""
     started = time.perf_counter()
-    index, queries = split_and_train(
+    index, queries, refine = split_and_train(
         [p for p in parts if p is not None],
         faiss.deserialize_index(trained) if trained is not None else None,
         factory,
         train_size,
         seed,
+        sq8,
     )
     return TrainedIndex(
         index=faiss.serialize_index(index),
         queries=queries,
+        sq8=refine.trained if refine is not None else None,
         node=node_id(),
         gpus=faiss.get_num_gpus() if trained is None else 0,
         seconds=round(time.perf_counter() - started, 3),

@@ -1,4 +1,4 @@
-"""Compaction carries the reader's token ids: the merged segment's `reader_ids.arrow` holds, row for row, the ids of
+"""Compaction carries the reader's token ids: the merged segment's `reader_ids.zst` holds, row for row, the ids of
 its live docstore rows (copied, not recomputed); with one merged segment lacking them, it has none."""
 
 import os
@@ -9,7 +9,8 @@ import pyarrow as pa
 import pytest
 
 from kit.models import tiny_dpr
-from pipeline.docstore import TOKENS_FILE, open_arrow
+from pipeline.blocks import open_table
+from pipeline.docstore import TOKENS_FILE
 from pipeline.index.build import Built
 from pipeline.index.compact import compact
 from pipeline.segments import DOCSTORE_FILE, SegmentWriter, faiss_ids
@@ -50,7 +51,8 @@ def test_compaction_copies_the_live_rows_token_ids(tmp_path, tokenizer):
     built, _ = _segments(tmp_path, tokenizer)
     merged = compact(Storage(str(tmp_path / "store"), {}), built, [0, 1], {}, str(tmp_path), PhaseTimer())
     [segment] = merged.segments
-    docstore, tokens = open_arrow(segment.paths[DOCSTORE_FILE]), open_arrow(segment.paths[TOKENS_FILE])
+    docstore = open_table(segment.paths[DOCSTORE_FILE]).read_all()
+    tokens = open_table(segment.paths[TOKENS_FILE]).read_all()
     assert docstore.num_rows == tokens.num_rows == 36 and "1-2" not in docstore.column("id").to_pylist()
     assert tokens.equals(tokenizer.table(docstore))  # row for row, the live rows' ids
 
