@@ -25,7 +25,6 @@ import mmap
 import struct
 import threading
 from collections.abc import Iterator
-from itertools import accumulate
 
 import numpy as np
 import pyarrow as pa
@@ -170,30 +169,43 @@ class BlockFile:
             found = self._local.decompressor = zstandard.ZstdDecompressor(dict_data=self._dictionary)
         return found
 
-    def block(self, number: int) -> list[list[bytes]]:
-        """Block `number`'s rows, each a list of its fields' bytes."""
+    def _frame(self, number: int) -> tuple[bytes, list[int]]:
+        """Block `number` decompressed, and its fields' byte lengths (row-major)."""
         start, end = int(self.offsets[number]), int(self.offsets[number + 1])
-        rows = min(self.block_rows, self.num_rows - number * self.block_rows)
-        width = len(self.fields)
+        count = min(self.block_rows, self.num_rows - number * self.block_rows) * len(self.fields)
         try:
             data = self._decompressor().decompress(self._map[start:end])
         except zstandard.ZstdError as exc:
             raise PipelineError(f"{self.path}: block {number} does not decompress ({exc})") from None
-        bounds = list(
-            accumulate(np.frombuffer(data, dtype="<u4", count=rows * width).tolist(), initial=4 * rows * width)
-        )
-        if bounds[-1] != len(data):
-            raise PipelineError(f"{self.path}: block {number} holds {len(data)} bytes, its lengths say {bounds[-1]}")
-        fields = [data[bounds[i] : bounds[i + 1]] for i in range(rows * width)]
-        return [fields[r * width : (r + 1) * width] for r in range(rows)]
+        lengths = np.frombuffer(data, dtype="<u4", count=count).tolist()
+        if 4 * count + sum(lengths) != len(data):
+            raise PipelineError(f"{self.path}: block {number} holds {len(data)} bytes, its lengths do not add up")
+        return data, lengths
+
+    def _row(self, data: bytes, lengths: list[int], row: int) -> list[bytes]:
+        """Row `row` of a decompressed block: its fields' bytes."""
+        width = len(self.fields)
+        at = 4 * len(lengths) + sum(lengths[: row * width])
+        fields = []
+        for length in lengths[row * width : (row + 1) * width]:
+            fields.append(data[at : at + length])
+            at += length
+        return fields
 
     def take(self, indices) -> pa.Table:
-        """Rows `indices` (any order, repeats allowed) as an Arrow table of the file's schema."""
+        """Rows `indices` (any order, repeats allowed) as an Arrow table of the file's schema: each block they fall
+        in decompressed once."""
         rows = np.asarray(indices.to_numpy() if isinstance(indices, pa.Array) else indices, dtype=np.int64)
         if len(rows) and (rows.min() < 0 or rows.max() >= self.num_rows):
             raise PipelineError(f"{self.path}: rows {rows.min()}..{rows.max()} asked of {self.num_rows}")
-        blocks = {number: self.block(int(number)) for number in np.unique(rows // self.block_rows)}
-        picked = [blocks[row // self.block_rows][row % self.block_rows] for row in rows.tolist()]
+        frames: dict[int, tuple[bytes, list[int]]] = {}
+        picked = []
+        for row in rows.tolist():
+            number, within = divmod(row, self.block_rows)
+            frame = frames.get(number)
+            if frame is None:
+                frame = frames[number] = self._frame(number)
+            picked.append(self._row(*frame, within))
         return self._table(picked)
 
     def _table(self, rows: list[list[bytes]]) -> pa.Table:
@@ -201,7 +213,7 @@ class BlockFile:
         for i, (_, kind) in enumerate(self.fields):
             values = [row[i] for row in rows]
             if kind == "utf8":
-                columns.append(pa.array([v.decode() for v in values], pa.string()))
+                columns.append(pa.array(values, pa.binary()).cast(pa.string()))
             else:
                 flat = np.frombuffer(b"".join(values), dtype="<" + ("u2" if kind == "uint16" else "u4"))
                 lengths = np.array([len(v) for v in values], dtype=np.int64) // flat.itemsize
