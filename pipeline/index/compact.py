@@ -98,7 +98,8 @@ def compact(
         # them alike (refine stays possible).
         kept_as = next((n for n in REFINE_FILES if all(path(segment, n) for segment in built.segments)), None)
         dtype = np.uint8 if kept_as == SQ8_FILE else np.float16
-        vectors = VectorWriter(os.path.join(directory, kept_as), ivf.d, dtype) if kept_as else None
+        # (the vectors' own dimension: an OPQ rotation's output, the IVF's, can be smaller)
+        vectors = VectorWriter(os.path.join(directory, kept_as), quantizer.d, dtype) if kept_as else None
         # And the live rows' token ids, when every merged segment has them (the reader tokenizes the others).
         tokens = [first_path(segment, TOKENS_FILE, ARROW_TOKENS_FILE) for segment in built.segments]
         token_tables = [open_table(p) for p in tokens] if all(tokens) else None
@@ -115,7 +116,8 @@ def compact(
                 copy_live(token_tables[number], alive, token_out)
             keys.append(read_npy_file(path(segment, KEYS_FILE), np.uint64, segment.name)[alive])
             if vectors is not None:
-                stored = open_rows(path(segment, kept_as), segment.rows, ivf.d, dtype, f"segment {segment.seq}")
+                where = f"segment {segment.seq}"
+                stored = open_rows(path(segment, kept_as), segment.rows, quantizer.d, dtype, where)
                 for start in range(0, segment.rows, CHUNK):  # bounded memory, whatever the segment's size
                     vectors.add(stored[start : start + CHUNK][alive[start : start + CHUNK]])
         out.close()

@@ -1,5 +1,6 @@
 """Compaction carries the reader's token ids: the merged segment's `reader_ids.zst` holds, row for row, the ids of
-its live docstore rows (copied, not recomputed); with one merged segment lacking them, it has none."""
+its live docstore rows (copied, not recomputed); with one merged segment lacking them, it has none. And the kept
+vectors' sq8 codes, copied as they are."""
 
 import os
 
@@ -13,7 +14,7 @@ from pipeline.blocks import open_table
 from pipeline.docstore import TOKENS_FILE
 from pipeline.index.build import Built
 from pipeline.index.compact import compact
-from pipeline.segments import DOCSTORE_FILE, SegmentWriter, faiss_ids
+from pipeline.segments import DOCSTORE_FILE, SQ8_FILE, SegmentWriter, Sq8, faiss_ids
 from pipeline.storage import Storage
 from pipeline.telemetry import PhaseTimer
 from pipeline.tokens import ReaderTokenizer
@@ -24,9 +25,11 @@ def tokenizer(tmp_path_factory):
     return ReaderTokenizer(tiny_dpr(tmp_path_factory.mktemp("reader"), ("reader",))["reader"])
 
 
-def _segments(tmp_path, tokenizer, with_ids=(True, True)) -> tuple[Built, list[pa.Table]]:
+def _segments(
+    tmp_path, tokenizer, with_ids=(True, True), factory: str = "IVF2,PQ2x4", sq8: Sq8 | None = None
+) -> tuple[Built, list[pa.Table]]:
     rng = np.random.default_rng(0)
-    quantizer = faiss.index_factory(8, "IVF2,PQ2x4", faiss.METRIC_INNER_PRODUCT)
+    quantizer = faiss.index_factory(8, factory, faiss.METRIC_INNER_PRODUCT)
     quantizer.train(rng.normal(size=(300, 8)).astype(np.float32))
     path = str(tmp_path / "quantizer.faiss")
     faiss.write_index(quantizer, path)
@@ -39,7 +42,7 @@ def _segments(tmp_path, tokenizer, with_ids=(True, True)) -> tuple[Built, list[p
                 "text": [f"passage {i} of segment {seq} about rivers " * (1 + i % 3) for i in range(20)],
             }
         )
-        writer = SegmentWriter(quantizer, seq, str(tmp_path), True, tokenizer if ids else None)
+        writer = SegmentWriter(quantizer, seq, str(tmp_path), True, tokenizer if ids else None, sq8)
         writer.add(rng.normal(size=(20, 8)).astype(np.float32), rows)
         segments.append(writer.close())
         tables.append(rows)
@@ -62,3 +65,16 @@ def test_a_merged_segment_without_ids_leaves_the_compacted_one_without(tmp_path,
     merged = compact(Storage(str(tmp_path / "store"), {}), built, [0, 1], {}, str(tmp_path), PhaseTimer())
     assert TOKENS_FILE not in merged.segments[0].paths
     assert not os.path.exists(os.path.join(os.path.dirname(merged.segments[0].paths[DOCSTORE_FILE]), TOKENS_FILE))
+
+
+def test_compaction_copies_the_live_rows_sq8_codes_behind_an_opq_rotation(tmp_path, tokenizer):
+    """The kept vectors have the vectors' dimension, not the IVF's (an OPQ rotation's output, 4 here): the live rows'
+    sq8 codes are copied as they are."""
+    sq8 = Sq8.train(np.random.default_rng(1).normal(size=(300, 8)).astype(np.float32))
+    built, _ = _segments(tmp_path, tokenizer, factory="OPQ2_4,IVF2,PQ2x4", sq8=sq8)
+    before = [np.load(s.paths[SQ8_FILE]) for s in built.segments]
+    alive = [~np.isin(faiss_ids(s.seq, 0, s.rows), built.dead) for s in built.segments]
+    merged = compact(Storage(str(tmp_path / "store"), {}), built, [0, 1], {}, str(tmp_path), PhaseTimer())
+    [segment] = merged.segments
+    codes = np.load(segment.paths[SQ8_FILE])
+    assert codes.shape == (36, 8) and np.array_equal(codes, np.concatenate([c[a] for c, a in zip(before, alive)]))
