@@ -123,6 +123,22 @@ class Tokens:
             types = np.fromiter((t for ids in token_type_ids for t in ids), dtype=np.int32, count=int(offsets[-1]))
         return cls(flat, offsets, types)
 
+    @classmethod
+    def concat(cls, parts: Sequence[Tokens]) -> Tokens:
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return cls.from_lists([])
+        starts = np.cumsum([0] + [int(p.offsets[-1]) for p in parts[:-1]])
+        offsets = np.concatenate([parts[0].offsets[:1], *(p.offsets[1:] + s for p, s in zip(parts, starts))])
+        types = None
+        if parts[0].token_type_ids is not None:
+            types = np.concatenate([p.token_type_ids for p in parts])
+        return cls(np.concatenate([p.input_ids for p in parts]), offsets, types)
+
+
+CHUNK = 4096  # passages tokenized at once
+
 
 class PassageTokenizer:
     """The CPU half of an encoder: DPR's `title [SEP] text` pairing, truncated, unpadded."""
@@ -135,6 +151,16 @@ class PassageTokenizer:
         self.pad_id = self.tokenizer.pad_token_id or 0
 
     def __call__(self, titles: Sequence[str] | None, texts: Sequence[str]) -> Tokens:
+        """`CHUNK` passages at a time: the fast tokenizer's per-token objects for a whole 100k-row shard took
+        ~5 GB of a worker's memory (`benchmarks/scale.py`), its ids as flat int32 arrays take ~70 MB."""
+        return Tokens.concat(
+            [
+                self._encode(None if titles is None else titles[start : start + CHUNK], texts[start : start + CHUNK])
+                for start in range(0, len(texts), CHUNK)
+            ]
+        )
+
+    def _encode(self, titles: Sequence[str] | None, texts: Sequence[str]) -> Tokens:
         args = (list(texts),) if titles is None else (list(titles), list(texts))
         encoded = self.tokenizer(
             *args,

@@ -1,6 +1,8 @@
 """The encoder's batching and token plumbing without a model."""
 
 import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pipeline.text_encoder import Tokens, plan_batches
 
@@ -21,3 +23,23 @@ def test_tokens_from_lists_roundtrip():
     assert tokens.lengths.tolist() == [3, 1, 0] and len(tokens) == 3
     assert tokens.input_ids[tokens.offsets[0] : tokens.offsets[1]].tolist() == [1, 2, 3]
     assert tokens.token_type_ids.tolist() == [0, 0, 1, 0]
+
+
+@given(
+    st.lists(st.lists(st.integers(0, 30000), max_size=6), min_size=1, max_size=12),
+    st.lists(st.integers(1, 12), min_size=1, max_size=5),
+    st.booleans(),
+)
+def test_tokens_concatenated_from_chunks_equal_the_tokens_of_all_at_once(sequences, cuts, with_types):
+    """A shard is tokenized in chunks (`PassageTokenizer`, 4,096 passages each) and joined: the same ids, offsets
+    and segment ids as one call over every passage."""
+    types = [[i % 2 for i in range(len(s))] for s in sequences] if with_types else None
+    bounds = sorted({0, len(sequences), *(min(c, len(sequences)) for c in cuts)})
+    parts = [
+        Tokens.from_lists(sequences[a:b], types[a:b] if types is not None else None) for a, b in zip(bounds, bounds[1:])
+    ]
+    whole, joined = Tokens.from_lists(sequences, types), Tokens.concat(parts)
+    assert joined.input_ids.tolist() == whole.input_ids.tolist() and joined.offsets.tolist() == whole.offsets.tolist()
+    assert (joined.token_type_ids is None) == (types is None)
+    if types is not None:
+        assert joined.token_type_ids.tolist() == whole.token_type_ids.tolist()
