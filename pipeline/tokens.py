@@ -10,6 +10,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+CHUNK = 4096  # rows tokenized at once
+
 
 def fingerprint(tokenizer: Any) -> str:
     """What makes two tokenizers give the same ids: its serialized vocabulary, normalizer and pre-tokenizer."""
@@ -33,14 +35,19 @@ class ReaderTokenizer:
         self.schema = tokens_schema(len(self.tokenizer))
 
     def table(self, passages):
-        """title_ids and text_ids of each row of `passages` (an Arrow table of title, text), in row order."""
+        """title_ids and text_ids of each row of `passages` (an Arrow table of title, text), in row order; `CHUNK`
+        rows at a time (the fast tokenizer's per-token objects for a whole shard take gigabytes)."""
         import pyarrow as pa
 
-        columns = {}
-        for source, name in (("title", "title_ids"), ("text", "text_ids")):
-            ids = self.tokenizer(passages.column(source).to_pylist(), add_special_tokens=False)["input_ids"]
-            columns[name] = pa.array(ids, self.schema.field(name).type)
-        return pa.table(columns, schema=self.schema)
+        parts = []
+        for start in range(0, passages.num_rows, CHUNK):
+            chunk = passages.slice(start, CHUNK)
+            columns = {}
+            for source, name in (("title", "title_ids"), ("text", "text_ids")):
+                ids = self.tokenizer(chunk.column(source).to_pylist(), add_special_tokens=False)["input_ids"]
+                columns[name] = pa.array(ids, self.schema.field(name).type)
+            parts.append(pa.table(columns, schema=self.schema))
+        return pa.concat_tables(parts) if parts else self.schema.empty_table()
 
 
 def reader_tokenizer(model: str | None) -> ReaderTokenizer | None:

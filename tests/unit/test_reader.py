@@ -88,3 +88,14 @@ def test_any_question_reads_and_leaves_the_others_in_its_batch_as_they_were(read
     assert len(odd) == 3 and all(0 <= a["start"] <= a["end"] < 48 for a in odd)
     assert _spans(beside) == _spans(alone)
     assert [a["score"] for a in beside] == pytest.approx([a["score"] for a in alone], abs=1e-4)
+
+
+def test_token_ids_of_a_shard_tokenized_in_chunks_are_those_of_one_call(reader, monkeypatch):
+    import pipeline.tokens
+
+    _, tokenizer = reader
+    table = pa.table({"title": [p["title"] for p in PASSAGES], "text": [p["text"] for p in PASSAGES]})
+    whole = tokenizer.table(table)
+    monkeypatch.setattr(pipeline.tokens, "CHUNK", 5)  # 12 rows: chunks of 5, 5 and 2
+    assert tokenizer.table(table).equals(whole) and whole.num_rows == 12
+    assert tokenizer.table(table.slice(0, 0)).num_rows == 0
