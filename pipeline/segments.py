@@ -270,7 +270,7 @@ class LocalSegment:
 
     seq: int
     rows: int
-    paths: dict[str, str]  # ivf.bin, docstore.arrow, keys.npy (vectors.npy, reader_ids.arrow) → local path
+    paths: dict[str, str]  # ivf.bin, docstore.zst, keys.npy (vectors_sq8.npy or vectors.npy, reader_ids.zst) → path
 
     @property
     def name(self) -> str:

@@ -273,7 +273,7 @@ def test_refine_orders_the_candidates_exactly_and_with_every_vector_is_exact_sea
     run = run_job("build_index", encoded["config"], "index.refine_k=200", "index.seed=7")
     assert run.returncode == 0, run.stderr[-3000:]
     summary = run.summary
-    assert summary["refined_recall_at_10"] >= summary["recall_at_10"] - 0.01  # near-ties aside (fp16 copies)
+    assert summary["refined_recall_at_10"] >= summary["recall_at_10"] - 0.01  # near-ties aside (sq8 codes)
     assert summary["refined_recall_at_100"] >= summary["recall_at_100"] - 0.01
     published = load_published(encoded["storage"], summary["version"], str(encoded["tmp"] / "cache-refine"))
     manifest = published.manifest
