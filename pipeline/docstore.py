@@ -26,6 +26,8 @@ from pipeline.errors import PipelineError
 
 DOCSTORE_FILE, TOKENS_FILE = "docstore.zst", "reader_ids.zst"
 ARROW_DOCSTORE_FILE, ARROW_TOKENS_FILE = "docstore.arrow", "reader_ids.arrow"  # versions before block files
+# A segment's docstore and its token ids, under either name (block files first): it has one of each at most.
+DOCSTORE_FILES, TOKENS_FILES = (DOCSTORE_FILE, ARROW_DOCSTORE_FILE), (TOKENS_FILE, ARROW_TOKENS_FILE)
 DOCSTORE_SCHEMA = pa.schema([("id", pa.string()), ("title", pa.string()), ("text", pa.string())])
 SEQ_SHIFT = 40
 ROW_MASK = (1 << SEQ_SHIFT) - 1

@@ -16,15 +16,7 @@ import pyarrow as pa
 
 from pipeline.blocks import BlockFile, open_table
 from pipeline.cache import Lease, NodeCache
-from pipeline.docstore import (
-    ARROW_DOCSTORE_FILE,
-    ARROW_TOKENS_FILE,
-    DOCSTORE_FILE,
-    TOKENS_FILE,
-    Docstore,
-    faiss_ids,
-    split_ids,
-)
+from pipeline.docstore import DOCSTORE_FILES, TOKENS_FILES, Docstore, faiss_ids, split_ids
 from pipeline.errors import PipelineError
 from pipeline.layout import published_version, read_index_manifest
 from pipeline.manifests import IndexManifest
@@ -242,8 +234,7 @@ def open_docstore(
     refused."""
     store = Docstore({}, dead=dead, tokenizer=(manifest.tokenizer or {}).get("fingerprint"))
     for segment in segments:
-        named = {"docstore": (DOCSTORE_FILE, ARROW_DOCSTORE_FILE), "token-id": (TOKENS_FILE, ARROW_TOKENS_FILE)}
-        for what, names in named.items():
+        for what, names in {"docstore": DOCSTORE_FILES, "token-id": TOKENS_FILES}.items():
             found = [paths[segment.file(name)] for name in names if segment.file(name) in paths]
             if not found:
                 continue
@@ -264,7 +255,7 @@ def load_docstore(storage: Storage, manifest: IndexManifest, cache: NodeCache) -
     tombstones, each checked against its sha256 (the same cached files a Retriever on the node reads); the caller
     holds the version's lease."""
     files, segments = files_of(manifest), segments_of(manifest)
-    kinds = (DOCSTORE_FILE, TOKENS_FILE, ARROW_DOCSTORE_FILE, ARROW_TOKENS_FILE, KEYS_FILE)
+    kinds = (*DOCSTORE_FILES, *TOKENS_FILES, KEYS_FILE)
     names = [s.file(n) for s in segments for n in kinds if s.file(n) in files]
     needed = [files[name] for name in names + ([manifest.tombstones] if manifest.tombstones else [])]
     try:

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from pipeline.blocks import BlockFile, BlockWriter, chunks_of, open_table
 from pipeline.cache import fetch_verified
-from pipeline.docstore import ARROW_DOCSTORE_FILE, ARROW_TOKENS_FILE
+from pipeline.docstore import DOCSTORE_FILES, TOKENS_FILES
 from pipeline.index.build import Built
 from pipeline.manifests import FileEntry
 from pipeline.segments import (
@@ -101,7 +101,7 @@ def compact(
         # (the vectors' own dimension: an OPQ rotation's output, the IVF's, can be smaller)
         vectors = VectorWriter(os.path.join(directory, kept_as), quantizer.d, dtype) if kept_as else None
         # And the live rows' token ids, when every merged segment has them (the reader tokenizes the others).
-        tokens = [first_path(segment, TOKENS_FILE, ARROW_TOKENS_FILE) for segment in built.segments]
+        tokens = [first_path(segment, *TOKENS_FILES) for segment in built.segments]
         token_tables = [open_table(p) for p in tokens] if all(tokens) else None
         token_out = BlockWriter(os.path.join(directory, TOKENS_FILE), token_tables[0].schema) if token_tables else None
         out = BlockWriter(os.path.join(directory, DOCSTORE_FILE), DOCSTORE_SCHEMA)
@@ -110,7 +110,7 @@ def compact(
             remap[segment.seq] = np.where(alive, rows + np.cumsum(alive) - 1, -1)
             rows += int(alive.sum())
             sources.append(read_invlists(path(segment, IVF_FILE)))
-            docstore = open_table(first_path(segment, DOCSTORE_FILE, ARROW_DOCSTORE_FILE))
+            docstore = open_table(first_path(segment, *DOCSTORE_FILES))
             copy_live(docstore, alive, out)
             if token_out is not None:
                 copy_live(token_tables[number], alive, token_out)

@@ -21,7 +21,7 @@ import faiss
 
 from pipeline.cache import fetch_verified
 from pipeline.config import IndexConfig, PipelineConfig
-from pipeline.docstore import ARROW_TOKENS_FILE, TOKENS_FILE
+from pipeline.docstore import TOKENS_FILES
 from pipeline.errors import PipelineError
 from pipeline.index.build import Built, build_delta, build_full
 from pipeline.index.compact import compact
@@ -193,9 +193,7 @@ def _reusable(previous: tuple[str, IndexManifest] | None, tokenizer: ReaderToken
     files, recorded = files_of(previous[1]), (previous[1].tokenizer or {}).get("fingerprint")
     if tokenizer is not None and recorded == tokenizer.fingerprint:
         return files
-    return {
-        name: entry for name, entry in files.items() if posixpath.basename(name) not in (TOKENS_FILE, ARROW_TOKENS_FILE)
-    }
+    return {name: entry for name, entry in files.items() if posixpath.basename(name) not in TOKENS_FILES}
 
 
 def _compacted(

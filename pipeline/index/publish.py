@@ -22,7 +22,7 @@ from pipeline.manifests import EmbeddingManifest, FileEntry, IndexManifest, Segm
 from pipeline.primitives import BuildSummary
 from pipeline.segments import SEGMENT_FILES, TOMBSTONES_FILE, LocalSegment, footprint, segments_of, upload_once
 from pipeline.snapshots import Link, npy_bytes
-from pipeline.storage import Storage
+from pipeline.storage import Storage, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -39,25 +39,13 @@ def publish(
     tombstones, then the manifest (sha256 of every file the version needs), then LATEST: a version is complete or
     invisible. The manifest is created with a conditional write: of two runs racing to publish one version, one
     wins and the other gets None. Returns (manifest, bytes written)."""
-    entries, written = [], 0
-    if isinstance(built.quantizer, str):
-        with open(built.quantizer, "rb") as handle:
-            name = f"quantizers/{hashlib.sha256(handle.read()).hexdigest()[:16]}.faiss"
-        entry, size = upload_once(storage, built.quantizer, name)
-        entries.append(entry)
-        written += size
-    else:
-        entries.append(built.quantizer)
+    quantizer, written = shared_file(storage, built.quantizer, ".faiss")
+    entries = [quantizer]
     sq8 = None
-    if isinstance(built.sq8, str):
-        with open(built.sq8, "rb") as handle:
-            sq8 = f"quantizers/{hashlib.sha256(handle.read()).hexdigest()[:16]}.sq8.npy"
-        entry, size = upload_once(storage, built.sq8, sq8)
-        entries.append(entry)
+    if built.sq8 is not None:
+        sq8, size = shared_file(storage, built.sq8, ".sq8.npy")
+        entries.append(sq8)
         written += size
-    elif built.sq8 is not None:
-        sq8 = built.sq8.name
-        entries.append(built.sq8)
     segments = []
     for segment in built.segments:
         if isinstance(segment, LocalSegment):
@@ -89,10 +77,10 @@ def publish(
         IndexManifest(
             files=entries,
             version=version,
-            quantizer=entries[0].name,
+            quantizer=quantizer.name,
             segments=segments,
             tombstones=tombstones,
-            sq8=sq8,
+            sq8=sq8.name if sq8 is not None else None,
             lexical={name: entry.name for name, entry in lexical.items()} if lexical is not None else None,
             **lineage,
         ),
@@ -104,6 +92,14 @@ def publish(
         return None, written
     point_latest(storage, INDEXES, version)
     return manifest, written
+
+
+def shared_file(storage: Storage, built: str | FileEntry, suffix: str) -> tuple[FileEntry, int]:
+    """A file versions share (the quantizer, its sq8 ranges): uploaded under `quantizers/<sha16><suffix>` when this
+    run trained it (a local path), else the published entry it reused; (its entry, bytes written)."""
+    if isinstance(built, FileEntry):
+        return built, 0
+    return upload_once(storage, built, f"quantizers/{sha256_file(built)[:16]}{suffix}")
 
 
 def find_embeddings(storage: Storage, config: IndexConfig) -> tuple[str, str]:
