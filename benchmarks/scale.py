@@ -39,9 +39,10 @@ so the build stores the reader's token ids of every passage (`index.reader_ids`)
 
 Goals (the last line, largest size against `--reference`, 1M): seconds a passage of each stage within 1.25x, peak
 RSS of each job's largest process within 1.25x, the 1% night <= 0.03 of the chain's seconds, the warm start
-<= 30 s, dense p99 at `--clients` clients within 1.5x. Work goes to a temp dir on /tmp (the run refuses up front
-when its free disk cannot hold the largest size), removed on exit, SIGTERM and SIGINT; `--keep DIR` works in DIR
-and leaves it.
+<= 30 s, dense p99 at `--clients` clients within 1.5x. `--from FILE` prints that line from the last lines of those
+sizes in a results file and runs nothing: for sizes measured by separate runs of the same code. Work goes to a
+temp dir on /tmp (the run refuses up front when its free disk cannot hold the largest size), removed on exit,
+SIGTERM and SIGINT; `--keep DIR` works in DIR and leaves it.
 """
 
 from __future__ import annotations
@@ -561,6 +562,18 @@ def summary_line(largest: dict[str, Any], reference: dict[str, Any], clients: in
     }
 
 
+def saved_line(path: Path, n: int) -> dict[str, Any]:
+    """The last `scale` line at `n` passages in a results file (JSON lines)."""
+    found = [
+        line
+        for line in map(json.loads, filter(str.strip, path.read_text().splitlines()))
+        if line.get("benchmark") == "scale" and line.get("passages") == n
+    ]
+    if not found:
+        raise SystemExit(f"{path}: no scale line at {n:,} passages")
+    return found[-1]
+
+
 # -- the run -----------------------------------------------------------------------------------------------------
 def check_disk(work: Path, sizes: list[int], keep: bool) -> None:
     """Refuse up front when the free disk cannot hold the run (the largest size; every size with --keep)."""
@@ -583,6 +596,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=20, help="of load per mode and client count")
     parser.add_argument("--keep", type=Path, help="work in this directory and leave it there")
     parser.add_argument("--reference", type=int, default=1_000_000, help="the size the largest is compared with")
+    parser.add_argument("--from", type=Path, dest="saved", help="print the goals line from a results file, run nothing")
     parser.add_argument("--min-lists", type=int, default=64, help="the fewest IVF lists at small sizes")
     parser.add_argument("--min-recall", type=float, default=0.2)
     parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="of the local Ray (default: every core)")
@@ -595,6 +609,10 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.saved:
+        largest, reference = (saved_line(args.saved, n) for n in (max(args.sizes), args.reference))
+        print(json.dumps(summary_line(largest, reference, args.clients)))
+        return
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-scale-", dir="/tmp"))
     work.mkdir(parents=True, exist_ok=True)
     exit_on_signals()  # SIGTERM / SIGINT still stop the cluster and remove the work dir
