@@ -343,6 +343,28 @@ def test_sq8_refine_codes_rank_as_fp16_vectors_do_but_where_scores_tie_within_a_
     assert overlap >= 0.95, f"top-10 overlap {overlap}; questions whose top-10 differ: {differing}"
 
 
+def test_a_train_task_runs_faiss_on_its_cpus_whatever_its_worker_ran_first(ray_address):
+    """Ray sets OMP_NUM_THREADS from the first task a worker runs and OpenMP reads it once: a worker that began with
+    a 1-CPU task trained a 2-CPU `train_sample`'s k-means on one thread (found by benchmarks/scale.py at 5M). Here
+    the worker starts with OMP_NUM_THREADS=1, as such a worker has it."""
+    import faiss
+    import ray
+
+    from pipeline.index.train import train_sample
+
+    one_thread = {"env_vars": {"OMP_NUM_THREADS": "1"}}
+
+    @ray.remote(num_cpus=2, runtime_env=one_thread)
+    def faiss_threads() -> int:
+        return faiss.omp_get_max_threads()
+
+    assert ray.get(faiss_threads.remote()) == 1  # what the worker starts with, unchanged by Ray's own setting
+    vectors = np.random.default_rng(0).standard_normal((600, 16)).astype(np.float32)
+    task = ray.remote(train_sample).options(num_cpus=2, runtime_env=one_thread)
+    fit = ray.get(task.remote("IVF8,Flat", 500, 0, False, None, vectors))
+    assert (fit.threads, len(fit.queries)) == (2, 100)
+
+
 def test_the_driver_of_a_distributed_build_does_not_grow_with_the_corpus(tmp_path, ray_address):
     """At 10k and 40k vectors of 512 dims (IVF,Flat: 2 KiB of codes each), the one-process build's peak grows with
     the codes it holds; the distributed build's driver holds the sample and the queries only."""

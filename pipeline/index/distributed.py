@@ -32,7 +32,7 @@ from pipeline.index.quality import distortion, exact_ids, merge_topk, recall_at,
 from pipeline.index.train import assigning_on_gpus, node_id, train_sample
 from pipeline.lexical import build_lexical_task
 from pipeline.manifests import FileEntry, IndexManifest, SegmentEntry
-from pipeline.raycluster import connect, get
+from pipeline.raycluster import connect, get, use_assigned_cpus
 from pipeline.segments import SegmentRef, SegmentWriter, Sq8, exact_scores, open_refine, upload_once
 from pipeline.snapshots import Link, LiveEmbeddings
 from pipeline.storage import Storage
@@ -93,6 +93,7 @@ def add_group(
     the same pass), upload it (content-addressed: a retried task finds its objects there), and search it."""
     started = time.perf_counter()
     reset_peak_rss()  # a reused worker: this task's own peak
+    use_assigned_cpus()  # and its own threads
     storage = Storage(root, options)
     live = LiveEmbeddings(storage, links)
     with tempfile.TemporaryDirectory(prefix="add-") as work_dir:
@@ -173,7 +174,7 @@ def build_distributed(
         with_sq8 = wants_sq8(config)
         [fit] = get([trainer.remote(config.factory, plan.train_size, config.seed, with_sq8, reused, *parts)])
         del parts
-    log.info("trained on node %s with %d GPU(s) in %.1fs", fit.node, fit.gpus, fit.seconds)
+    log.info("trained on node %s with %d GPU(s), %d threads in %.1fs", fit.node, fit.gpus, fit.threads, fit.seconds)
     index, queries = faiss.deserialize_index(fit.index), fit.queries
     quantizer = save_quantizer(index, work_dir)
     k = min(max(RECALL_K), plan.vectors)

@@ -15,6 +15,7 @@ import numpy as np
 import ray
 
 from pipeline.errors import PipelineError
+from pipeline.raycluster import use_assigned_cpus
 from pipeline.segments import Sq8, ivf_of
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class TrainedIndex:
     sq8: np.ndarray | None
     node: str
     gpus: int  # the GPUs its k-means ran on
+    threads: int  # and the CPU threads (`index.train_cpus`)
     seconds: float
 
 
@@ -96,6 +98,7 @@ def train_sample(
     """The distributed build's training, as a task with `index.train_cpus` / `train_gpus`: the sample parts come
     from the sampling tasks through the object store, so the driver never holds the training sample."""
     started = time.perf_counter()
+    threads = use_assigned_cpus()
     index, queries, refine = split_and_train(
         [p for p in parts if p is not None],
         faiss.deserialize_index(trained) if trained is not None else None,
@@ -110,6 +113,7 @@ def train_sample(
         sq8=refine.trained if refine is not None else None,
         node=node_id(),
         gpus=faiss.get_num_gpus() if trained is None else 0,
+        threads=threads,
         seconds=round(time.perf_counter() - started, 3),
     )
 

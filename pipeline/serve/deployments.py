@@ -23,6 +23,7 @@ from pipeline.layout import published_version, read_index_manifest
 from pipeline.lexical import LexicalIndex, load_lexical
 from pipeline.primitives import EncodeCall, LexicalSearch, ShardSearch
 from pipeline.published import PublishedIndex, load_published
+from pipeline.raycluster import use_assigned_cpus
 from pipeline.segments import footprint
 from pipeline.serve.batching import Coalescer
 from pipeline.serve.fanout import retriever_names
@@ -208,6 +209,7 @@ class Retriever(_Versioned):
     evicted."""
 
     def __init__(self, part: PartSettings, shard: tuple[int, int] = (0, 1), refine_k: int | None = None):
+        use_assigned_cpus()  # FAISS's threads: `serve.retriever_cpus`
         self.together = Coalescer(self._search_batch, part.batch_max_size)
         self.refine_k = refine_k  # None: each version's own index.refine_k
         self.shard = tuple(shard)
