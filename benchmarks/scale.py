@@ -39,8 +39,8 @@ so the build stores the reader's token ids of every passage (`index.reader_ids`)
 
 Goals (the last line, largest size against `--reference`, 1M): seconds a passage of each stage within 1.25x, peak
 RSS of each job's largest process within 1.25x, the 1% night <= 0.03 of the chain's seconds, the warm start
-<= 30 s, dense p99 at `--clients` clients within 1.5x. `--from FILE` prints that line from the last lines of those
-sizes in a results file and runs nothing: for sizes measured by separate runs of the same code. Work goes to a
+<= 30 s, dense p99 at `--clients` clients within 1.5x. `--from FILE...` prints that line from the last lines of
+those sizes in results files and runs nothing: for sizes measured by separate runs of the same code. Work goes to a
 temp dir on /tmp (the run refuses up front when its free disk cannot hold the largest size), removed on exit,
 SIGTERM and SIGINT; `--keep DIR` works in DIR and leaves it.
 """
@@ -53,6 +53,7 @@ import logging
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -488,6 +489,7 @@ def size_line(
     }
     return {
         "benchmark": "scale",
+        "code": code_version(),
         "passages": n,
         "coarse": args.coarse,
         "factory": index["factory"],
@@ -512,6 +514,15 @@ def size_line(
         "disk_peak_bytes": max(disk),
         "disk_bytes_per_passage": round(max(disk) / n),
     }
+
+
+def code_version() -> str:
+    """The commit measured (`+changes` when the work tree differs from it): lines of one run compare like with
+    like, and `--from` should only put lines of the same code side by side."""
+    git = ["git", "-C", str(Path(__file__).parent)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    return f"{head or 'unknown'}{'+changes' if dirty.stdout.strip() else ''}"
 
 
 def fractions(stage: dict[str, Any], chain_s: float, chain_bytes: int) -> dict[str, float | None]:
@@ -562,15 +573,16 @@ def summary_line(largest: dict[str, Any], reference: dict[str, Any], clients: in
     }
 
 
-def saved_line(path: Path, n: int) -> dict[str, Any]:
-    """The last `scale` line at `n` passages in a results file (JSON lines)."""
+def saved_line(paths: list[Path], n: int) -> dict[str, Any]:
+    """The last `scale` line at `n` passages in results files (JSON lines), read in the order given."""
     found = [
         line
+        for path in paths
         for line in map(json.loads, filter(str.strip, path.read_text().splitlines()))
         if line.get("benchmark") == "scale" and line.get("passages") == n
     ]
     if not found:
-        raise SystemExit(f"{path}: no scale line at {n:,} passages")
+        raise SystemExit(f"{', '.join(map(str, paths))}: no scale line at {n:,} passages")
     return found[-1]
 
 
@@ -596,7 +608,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=20, help="of load per mode and client count")
     parser.add_argument("--keep", type=Path, help="work in this directory and leave it there")
     parser.add_argument("--reference", type=int, default=1_000_000, help="the size the largest is compared with")
-    parser.add_argument("--from", type=Path, dest="saved", help="print the goals line from a results file, run nothing")
+    parser.add_argument("--from", type=Path, nargs="+", dest="saved", help="print the goals line from results files")
     parser.add_argument("--min-lists", type=int, default=64, help="the fewest IVF lists at small sizes")
     parser.add_argument("--min-recall", type=float, default=0.2)
     parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="of the local Ray (default: every core)")
