@@ -157,3 +157,23 @@ def test_a_budget_keeps_unheld_versions_until_room_is_needed_and_refuses_what_ca
     cache.release(big)
     assert os.path.exists(cache.path("segments/2/ivf.bin"))  # the held version was never touched
     cache.release(v2)
+
+
+def test_files_are_fetched_and_verified_several_at_a_time_and_a_bad_one_is_named_and_removed(tmp_path):
+    """fetch_verified hashes VERIFY_THREADS files at once: every good file is there whole, each checked; one whose
+    bytes differ from its manifest entry is refused by name and deleted, whatever thread checked it."""
+    from pipeline.cache import fetch_verified
+
+    objects = {f"seg-{i:02d}/ivf.bin": os.urandom(50_000 + i) for i in range(12)}
+    storage, listed = _store(tmp_path, {"v1": objects})
+    entries = listed["v1"] + listed["v1"][:2]  # a file listed twice is fetched once
+    paths, fetched = fetch_verified(storage, entries, str(tmp_path / "cache"))
+    assert fetched == sum(map(len, objects.values()))
+    assert {name: open(path, "rb").read() for name, path in paths.items()} == objects
+    assert fetch_verified(storage, entries, str(tmp_path / "cache"))[1] == 0  # there already: hashed, not fetched
+    bad = listed["v1"][7]
+    with open(paths[bad.name], "r+b") as handle:  # the cached copy changed on disk, same size
+        handle.write(b"\0" * 16)
+    with pytest.raises(PipelineError, match=r"seg-07/ivf.bin: checksum mismatch"):
+        fetch_verified(storage, entries, str(tmp_path / "cache"))
+    assert not os.path.exists(paths[bad.name]) and all(os.path.exists(p) for n, p in paths.items() if n != bad.name)
