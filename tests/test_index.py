@@ -358,10 +358,17 @@ def test_a_train_task_runs_faiss_on_its_cpus_whatever_its_worker_ran_first(ray_a
     def faiss_threads() -> int:
         return faiss.omp_get_max_threads()
 
-    assert ray.get(faiss_threads.remote()) == 1  # what the worker starts with, unchanged by Ray's own setting
-    vectors = np.random.default_rng(0).standard_normal((600, 16)).astype(np.float32)
-    task = ray.remote(train_sample).options(num_cpus=2, runtime_env=one_thread)
-    fit = ray.get(task.remote("IVF8,Flat", 500, 0, False, None, vectors))
+    joined = not ray.is_initialized()  # other modules join and leave the session's Ray themselves
+    if joined:
+        ray.init(address=ray_address, logging_level="WARNING", log_to_driver=False)
+    try:
+        assert ray.get(faiss_threads.remote()) == 1  # what the worker starts with, unchanged by Ray's own setting
+        vectors = np.random.default_rng(0).standard_normal((600, 16)).astype(np.float32)
+        task = ray.remote(train_sample).options(num_cpus=2, runtime_env=one_thread)
+        fit = ray.get(task.remote("IVF8,Flat", 500, 0, False, None, vectors))
+    finally:
+        if joined:
+            ray.shutdown()
     assert (fit.threads, len(fit.queries)) == (2, 100)
 
 
