@@ -9,9 +9,11 @@ Measured (all through the project's own code: `pipeline.text_encoder.TextEncoder
   over passages whose token lengths follow psgs_w100 (title + text: median 140, p95 256 BERT tokens), vs DPR's
   `generate_dense_embeddings` loop (pad to 256, batch 32, in order; fp32 and fp16); achieved TFLOP/s counted on
   real tokens (padding excluded) and its fraction of the GPU's dense bf16 peak (datasheet, and a measured matmul);
-- the same with the weights cast to bf16 (`encode.cast_weights`) instead of autocast;
+- the same with the weights cast to bf16 (`encode.cast_weights`) instead of autocast, and packed without padding
+  (`pipeline.packed`: FlashAttention's variable-length kernel, linear layers on real tokens only);
 - bf16 vs fp32 parity on 2,000 passages: minimum cosine, raw and after removing the mean vector (a random BERT maps
-  every passage near one direction, which flatters the raw cosine);
+  every passage near one direction, which flatters the raw cosine); and on 1,000 real passages, the overlap of each
+  of 100 passages' 10 nearest by bf16 and by fp32 vectors;
 - tokenization: passages/s on one pinned CPU core (a child process, fast tokenizer, title/text pairs of real
   100-word passages), and so the tokenizer cores one GPU needs;
 - question encoder: p50 latency at batch 1, questions/s at batch 64 (tokenization included);
@@ -245,21 +247,24 @@ def flops_per_passage(config, lengths: np.ndarray) -> np.ndarray:
 
 def context_encoder(model_dir: str, device: torch.device, sizes: dict, result: dict) -> dict:
     """bf16 both ways: autocast over fp32 weights (LayerNorms and residuals in fp32) and weights cast to bf16."""
+    from pipeline.packed import PackedTextEncoder
     from pipeline.text_encoder import EncoderSettings, TextEncoder
 
     lengths = psgs_w100_lengths(sizes["passages"])
     tokens = random_tokens(lengths)
     encoders = {
-        mode: TextEncoder(
+        mode: kind(
             EncoderSettings(model=model_dir, dtype="bfloat16", cast_weights=cast),
             device=device,
             max_batch_size=sizes["max_batch_size"],
             compile=compiled,
         )
-        for mode, cast, compiled in (
-            ("autocast", False, False),
-            ("bf16_weights", True, False),
-            ("bf16_weights_compiled", True, True),
+        for mode, kind, cast, compiled in (
+            ("autocast", TextEncoder, False, False),
+            ("bf16_weights", TextEncoder, True, False),
+            ("bf16_weights_compiled", TextEncoder, True, True),
+            # no padding: FlashAttention's varlen kernel, every linear layer on real tokens only (pipeline.packed)
+            ("bf16_weights_packed", PackedTextEncoder, True, False),
         )
     }
     if "compile_backend" in sizes:
@@ -309,11 +314,22 @@ def context_encoder(model_dir: str, device: torch.device, sizes: dict, result: d
         log.info("DPR loop %s: %.1f passages/s over %d passages", name, rate, count)
         del loop_model
     fp32 = TextEncoder(EncoderSettings(model=model_dir, dtype="float32"), device=device)
+    real = fp32.tokenize(*real_passages(min(sizes["parity"], 1_000)))  # the demo corpus: ~1,050 distinct passages
     for mode, encoder in encoders.items():
         figures = parity(encoder, fp32, subset(tokens, sizes["parity"]))
+        figures["top10_overlap"] = top10_overlap(encoder.encode_tokens(real), fp32.encode_tokens(real))
         out.update({f"{key}_{mode}": value for key, value in figures.items()})
     out["parity_passages"] = sizes["parity"]
     return out
+
+
+def top10_overlap(low: np.ndarray, high: np.ndarray, queries: int = 100) -> float:
+    """Each of the first `queries` real passages' 10 nearest passages (inner product, the fp32 mean vector removed
+    from both, as a random BERT maps every passage near one direction) by the bf16 vectors and by the fp32 ones:
+    the mean fraction shared. The goal is >= 0.99."""
+    count, mean = min(queries, len(high)), high.mean(axis=0)
+    nearest = [np.argsort(-(v[:count] @ v.T), axis=1, kind="stable")[:, :10] for v in (low - mean, high - mean)]
+    return round(float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(*nearest)])), 4)
 
 
 def dpr_loop_rate(model, tokens, device: torch.device, batch: int = 32, length: int = 256) -> float:

@@ -32,7 +32,7 @@ def test_quick_run_prints_every_figure(tmp_path):
     assert result["passages"] == 1000 and 120 <= result["tokens_median"] <= 160 and result["tokens_p95"] <= 256
     assert set(result["encoder"]) == {
         f"{mode}_{tokens}"
-        for mode in ("autocast", "bf16_weights", "bf16_weights_compiled")
+        for mode in ("autocast", "bf16_weights", "bf16_weights_compiled", "bf16_weights_packed")
         for tokens in (2048, 4096, 8192)
     }
     assert result["encoder_best"] in result["encoder"]
@@ -65,3 +65,7 @@ def test_quick_run_prints_every_figure(tmp_path):
     # The compiled graph computes the same vectors as the eager bf16-weights model, within bf16 rounding.
     assert result["bf16_min_cosine_bf16_weights_compiled"] > 0.999
     assert result["first_call_seconds"]["bf16_weights_compiled"] > 0
+    # Packed without padding (on CPU, attention a passage at a time): the eager bf16-weights vectors, within rounding.
+    assert result["bf16_min_cosine_bf16_weights_packed"] > 0.999
+    for mode in ("autocast", "bf16_weights", "bf16_weights_compiled", "bf16_weights_packed"):
+        assert 0 <= result[f"top10_overlap_{mode}"] <= 1, mode
