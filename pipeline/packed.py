@@ -16,14 +16,16 @@ import torch
 from pipeline.text_encoder import TextEncoder, Tokens
 
 
+def dpr_encoder(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The DPREncoder inside a DPR context or question encoder; None for another model."""
+    return next((getattr(model, n) for n in ("ctx_encoder", "question_encoder") if hasattr(model, n)), None)
+
+
 def bert_of(model: torch.nn.Module) -> torch.nn.Module:
     """The BertModel inside a DPR encoder (or the model itself)."""
-    for path in ("ctx_encoder.bert_model", "question_encoder.bert_model"):
-        inner = model
-        for name in path.split("."):
-            inner = getattr(inner, name, None)
-        if inner is not None:
-            return inner
+    encoder = dpr_encoder(model)
+    if encoder is not None:
+        return encoder.bert_model
     if hasattr(model, "embeddings") and hasattr(model, "encoder"):
         return model
     raise ValueError(f"{type(model).__name__}: packed encoding needs a BERT-family model")
@@ -81,6 +83,10 @@ class PackedTextEncoder(TextEncoder):
         self.bert = bert_of(self.model)
         if self.settings.pooling not in ("dpr", "cls", "mean"):
             raise ValueError(f"pooling {self.settings.pooling!r}: packed encoding pools dpr, cls or mean")
+        # DPR's projection of [CLS], when projection_dim > 0
+        self.projection = (
+            getattr(dpr_encoder(self.model), "encode_proj", None) if self.settings.pooling == "dpr" else None
+        )
 
     def _forward(self, batch: np.ndarray, tokens: Tokens, lengths: np.ndarray) -> torch.Tensor:
         batch_lengths = lengths[batch]
@@ -112,10 +118,4 @@ class PackedTextEncoder(TextEncoder):
             sums.index_add_(0, rows, hidden.float())
             return sums / self._to_device(batch_lengths.astype(np.float32))[:, None].clamp(min=1e-9)
         first = hidden[cu[:-1].long()]  # each passage's [CLS]
-        encoder = next(
-            (getattr(self.model, n) for n in ("ctx_encoder", "question_encoder") if hasattr(self.model, n)), None
-        )
-        projection = getattr(encoder, "encode_proj", None)  # DPR's, when projection_dim > 0
-        if self.settings.pooling == "dpr" and projection is not None:
-            return projection(first)
-        return first
+        return self.projection(first) if self.projection is not None else first
