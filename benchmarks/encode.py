@@ -4,7 +4,7 @@
     python -m benchmarks.encode --random-dpr-base --passages 200000   # BERT-base DPR at random weights (GPU)
 
 naive    = the HF model called as DPR's generate_dense_embeddings does: pad to 256, batch 32, fp32, in order.
-encoder  = pipeline.text_encoder.TextEncoder alone (tokenization included), no Ray.
+encoder  = pipeline.models.text_encoder.TextEncoder alone (tokenization included), no Ray.
 pipeline = `python -m jobs.encode` from Parquet shards on a local S3 API server (moto) to embedding shards, the
            job's own passages_per_s (actor start-up excluded: it is paid once per run, not per passage).
 """
@@ -27,7 +27,7 @@ from kit.jobs import REPO
 
 def load_passages(args) -> tuple[list[str], list[str], list[str]]:
     if args.corpus:
-        from pipeline.corpus import read_passages
+        from pipeline.ingest.corpus import read_passages
 
         rows = [(p.id, p.title, p.text) for p in read_passages(args.corpus)]
     elif args.random_dpr_base:
@@ -35,7 +35,7 @@ def load_passages(args) -> tuple[list[str], list[str], list[str]]:
 
         rows = [(pid, title, text) for pid, text, title in synthetic_rows(args.passages)]
     else:
-        from pipeline.demo_corpus import passages
+        from pipeline.ingest.demo_corpus import passages
 
         rows = [(pid, title, text) for pid, text, title in passages()]
     rows = rows[: args.passages]
@@ -56,7 +56,7 @@ def random_dpr_base(directory: Path) -> str:
 def naive_rate(settings, titles, texts, device) -> float:
     from transformers import AutoTokenizer
 
-    from pipeline.text_encoder import load_model, resolve_model_path
+    from pipeline.models.text_encoder import load_model, resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(settings.model))
     model = load_model(settings).to(device).eval()
@@ -81,7 +81,7 @@ def naive_rate(settings, titles, texts, device) -> float:
 
 
 def encoder_rate(settings, titles, texts, device, batch_tokens) -> tuple[float, float, int]:
-    from pipeline.text_encoder import TextEncoder
+    from pipeline.models.text_encoder import TextEncoder
 
     encoder = TextEncoder(settings, device=device, batch_tokens=batch_tokens)
     encoder.encode(titles[:64], texts[:64])  # warm-up
@@ -158,7 +158,7 @@ def main() -> None:
     parser.add_argument("--skip-pipeline", action="store_true")
     args = parser.parse_args()
 
-    from pipeline.text_encoder import EncoderSettings, default_device
+    from pipeline.models.text_encoder import EncoderSettings, default_device
 
     device = default_device()
     with tempfile.TemporaryDirectory() as tmp:

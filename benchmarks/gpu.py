@@ -3,14 +3,14 @@
     python -m benchmarks.gpu            # BERT-base DPR models at random weights on the GPU (about 3 minutes)
     python -m benchmarks.gpu --quick    # the same code on CPU with tiny models, in seconds (CI runs it)
 
-Measured (all through the project's own code: `pipeline.text_encoder.TextEncoder`, `PassageTokenizer`,
-`pipeline.reader.SpanReader`):
+Measured (all through the project's own code: `pipeline.models.text_encoder.TextEncoder`, `PassageTokenizer`,
+`pipeline.models.reader.SpanReader`):
 - context encoder: passages/s of `encode_tokens` (bf16 autocast, token-budget batches) at three `batch_tokens`,
   over passages whose token lengths follow psgs_w100 (title + text: median 140, p95 256 BERT tokens), vs DPR's
   `generate_dense_embeddings` loop (pad to 256, batch 32, in order; fp32 and fp16); achieved TFLOP/s counted on
   real tokens (padding excluded) and its fraction of the GPU's dense bf16 peak (datasheet, and a measured matmul);
 - the same with the weights cast to bf16 (`encode.cast_weights`) instead of autocast, and packed without padding
-  (`pipeline.packed`: FlashAttention's variable-length kernel, linear layers on real tokens only);
+  (`pipeline.models.packed`: FlashAttention's variable-length kernel, linear layers on real tokens only);
 - bf16 vs fp32 parity on 2,000 passages: minimum cosine, raw and after removing the mean vector (a random BERT maps
   every passage near one direction, which flatters the raw cosine); and on 1,000 real passages, the overlap of each
   of 100 passages' 10 nearest by bf16 and by fp32 vectors;
@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.demo_corpus import real_passages, word_questions
+from pipeline.ingest.demo_corpus import real_passages, word_questions
 
 REPO = Path(__file__).resolve().parents[1]  # runs on a GPU machine from the repository alone: no kit
 
@@ -212,7 +212,7 @@ def psgs_w100_lengths(count: int, seed: int = 0) -> np.ndarray:
 
 def random_tokens(lengths: np.ndarray, seed: int = 1):
     """[CLS] words [SEP] at the given lengths, word ids drawn uniformly from the vocabulary."""
-    from pipeline.text_encoder import Tokens
+    from pipeline.models.text_encoder import Tokens
 
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -223,13 +223,13 @@ def random_tokens(lengths: np.ndarray, seed: int = 1):
 
 
 def subset(tokens, count: int):
-    from pipeline.text_encoder import Tokens
+    from pipeline.models.text_encoder import Tokens
 
     return Tokens(tokens.input_ids[: tokens.offsets[count]], tokens.offsets[: count + 1])
 
 
 def shards(tokens, size: int):
-    from pipeline.text_encoder import Tokens
+    from pipeline.models.text_encoder import Tokens
 
     for start in range(0, len(tokens), size):
         end = min(start + size, len(tokens))
@@ -247,8 +247,8 @@ def flops_per_passage(config, lengths: np.ndarray) -> np.ndarray:
 
 def context_encoder(model_dir: str, device: torch.device, sizes: dict, result: dict) -> dict:
     """bf16 both ways: autocast over fp32 weights (LayerNorms and residuals in fp32) and weights cast to bf16."""
-    from pipeline.packed import PackedTextEncoder
-    from pipeline.text_encoder import EncoderSettings, TextEncoder
+    from pipeline.models.packed import PackedTextEncoder
+    from pipeline.models.text_encoder import EncoderSettings, TextEncoder
 
     lengths = psgs_w100_lengths(sizes["passages"])
     tokens = random_tokens(lengths)
@@ -263,7 +263,8 @@ def context_encoder(model_dir: str, device: torch.device, sizes: dict, result: d
             ("autocast", TextEncoder, False, False),
             ("bf16_weights", TextEncoder, True, False),
             ("bf16_weights_compiled", TextEncoder, True, True),
-            # no padding: FlashAttention's varlen kernel, every linear layer on real tokens only (pipeline.packed)
+            # no padding: FlashAttention's varlen kernel, every linear layer on real tokens only
+            # (pipeline.models.packed)
             ("bf16_weights_packed", PackedTextEncoder, True, False),
         )
     }
@@ -371,7 +372,7 @@ def parity(bf16, fp32, tokens) -> dict:
 
 def tokenize_on_one_core(model_dir: str, count: int) -> dict:
     """In a child process pinned to one core (the tokenizer's own threads off): what one tokenizer actor does."""
-    from pipeline.text_encoder import EncoderSettings, PassageTokenizer
+    from pipeline.models.text_encoder import EncoderSettings, PassageTokenizer
 
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     torch.set_num_threads(1)
@@ -399,7 +400,7 @@ def tokenizer_rate(model_dir: str, quick: bool, result: dict) -> dict:
 
 
 def question_encoder(model_dir: str, device: torch.device, sizes: dict) -> dict:
-    from pipeline.text_encoder import EncoderSettings, TextEncoder
+    from pipeline.models.text_encoder import EncoderSettings, TextEncoder
 
     encoder = TextEncoder(EncoderSettings(model=model_dir, question=True), device=device)
     asked = word_questions(max(sizes["questions"], 64 * sizes["question_batches"]))
@@ -424,7 +425,7 @@ def reader(model_dir: str, device: torch.device, sizes: dict) -> dict:
     assemble, forward and spans before (tokenize every passage, `decode_best_spans`) and after
     (`benchmarks.reader.measure`)."""
     from benchmarks.reader import measure, requests_for
-    from pipeline.reader import SpanReader
+    from pipeline.models.reader import SpanReader
 
     span_reader = SpanReader(model_dir, max_length=256, max_answer_tokens=10, device=device)
     count = 8 * sizes["reader_rounds"]

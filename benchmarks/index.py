@@ -27,9 +27,9 @@ from kit.jobs import REPO
 from pipeline.config import IndexConfig, load_config
 from pipeline.index.plan import plan_index
 from pipeline.index.quality import recall_at
-from pipeline.published import load_published
-from pipeline.snapshots import LiveEmbeddings, embedding_chain
-from pipeline.storage import Storage
+from pipeline.store.published import load_published
+from pipeline.store.snapshots import LiveEmbeddings, embedding_chain
+from pipeline.store.storage import Storage
 
 
 def qps(search, queries: np.ndarray, k: int, repeats: int = 3) -> tuple[float, np.ndarray]:
@@ -109,8 +109,8 @@ def synthetic_vectors(args) -> np.ndarray:
 
 def demo_window_vectors(count: int) -> np.ndarray:
     """Real embeddings: MiniLM over `count` overlapping 100-word windows (stride 10) of the demo's articles."""
-    from pipeline.demo_corpus import articles
-    from pipeline.text_encoder import EncoderSettings, TextEncoder
+    from pipeline.ingest.demo_corpus import articles
+    from pipeline.models.text_encoder import EncoderSettings, TextEncoder
 
     titles, texts = [], []
     for title, text in articles():

@@ -17,14 +17,14 @@ import time
 from pathlib import Path
 
 from kit.jobs import REPO
-from pipeline.telemetry import peak_rss
+from pipeline.runtime.telemetry import peak_rss
 
 
 def _measure(side: str, corpus: str, root: str, shard_rows: int) -> dict:
     start = time.perf_counter()
     if side == "ours":
         from pipeline.config import PipelineConfig
-        from pipeline.ingest import run_ingest
+        from pipeline.ingest.job import run_ingest
 
         config = PipelineConfig.model_validate(
             {"storage": {"root": root}, "ingest": {"input": corpus, "snapshot": "bench", "shard_rows": shard_rows}}

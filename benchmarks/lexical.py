@@ -1,4 +1,4 @@
-"""The BM25 index (tantivy, `pipeline.lexical`) at two corpus sizes: build time, index bytes, query latency (hits
+"""The BM25 index (tantivy, `pipeline.store.lexical`) at two corpus sizes: build time, index bytes, query latency (hits
 read from memory-mapped docstores, as a replica reads them), and a night's delta (1% of passages replaced, 0.1%
 removed) against a rebuild; prints one JSON line.
 
@@ -20,9 +20,9 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from pipeline.docstore import DOCSTORE_SCHEMA, Docstore, open_arrow
-from pipeline.keys import keys_of
-from pipeline.lexical import LexicalIndex, LexicalWriter
+from pipeline.store.docstore import DOCSTORE_SCHEMA, Docstore, open_arrow
+from pipeline.store.keys import keys_of
+from pipeline.store.lexical import LexicalIndex, LexicalWriter
 
 VOCABULARY = 200_000
 CHUNK = 50_000

@@ -29,7 +29,7 @@ from kit.corpora import synthetic_rows, write_tsv
 from kit.jobs import run_ok, write_config
 from kit.localray import LocalRay, exit_on_signals
 from kit.models import tiny_dpr
-from pipeline.demo_corpus import articles
+from pipeline.ingest.demo_corpus import articles
 
 
 def scaled_corpus(count: int) -> list[tuple[str, str, str]]:
@@ -90,8 +90,8 @@ def main() -> None:
     parser.add_argument("--nprobe", type=int, default=16, help="16 at 50k-250k; 32 at 1M keeps recall@100 over 0.5")
     parser.add_argument("--min-recall", type=float, default=0.5)
     args = parser.parse_args()
-    from pipeline.published import load_published
-    from pipeline.storage import Storage
+    from pipeline.store.published import load_published
+    from pipeline.store.storage import Storage
 
     work = Path(tempfile.mkdtemp(prefix="bench-nightly-"))
     exit_on_signals()  # SIGTERM / SIGINT still stop the cluster and remove the work dir

@@ -63,8 +63,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
     from pipeline.config import load_config
-    from pipeline.demo_corpus import passages
-    from pipeline.evaluate import run_evaluate
+    from pipeline.ingest.demo_corpus import passages
+    from pipeline.ops.evaluate import run_evaluate
 
     config = load_config(REPO / args.config)
     if args.dense_weight is not None:

@@ -5,7 +5,7 @@ spans, before and after token ids were stored by the build; prints one JSON line
 
 A tiny DPR reader on CPU, so the forward is small and the host's share shows. "before" is the reader as it was:
 the tokenizer over every passage of every question (`padding="max_length"`, cut to the longest row) and
-`decode_best_spans`'s Python loops. "after" is `pipeline.reader.SpanReader` fed the ids a build stores (computed
+`decode_best_spans`'s Python loops. "after" is `pipeline.models.reader.SpanReader` fed the ids a build stores (computed
 here once, as the build does) and choosing spans with tensor operations. Both read real 100-word passages at
 `max_length` 256 and return the same spans (checked). Goal: assemble + spans <= 5 ms a question at 100 passages.
 `benchmarks/gpu.py` runs the same measurement with BERT-base on a GPU.
@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.demo_corpus import real_passages, word_questions
-from pipeline.reader import SpanReader
+from pipeline.ingest.demo_corpus import real_passages, word_questions
+from pipeline.models.reader import SpanReader
 
 
 def requests_for(span_reader: SpanReader, count: int, passages: int) -> tuple[list[dict], list[dict]]:

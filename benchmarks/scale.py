@@ -15,7 +15,7 @@ vocabulary of pseudo-words; streamed to a TSV, never held in memory) with the ti
 - the app deployed from a config through the Serve REST API: seconds from the deploy to the first `/v1/search`
   answer with the node cache emptied first (fetch and verify) and again with it full (the app deleted and deployed
   again); the Retriever replica's RSS after its load and after 1,000 questions; bytes a passage by kind
-  (`pipeline.segments.footprint` of the version's manifest); `/v1/search` p50/p99 at 1 and `--clients` clients in
+  (`pipeline.store.segments.footprint` of the version's manifest); `/v1/search` p50/p99 at 1 and `--clients` clients in
   dense, sparse and hybrid mode, `--seconds` each;
 - then, the app deleted, a 1% night (`jobs.nightly`, the app left alone: 0.4% of the passages edited, 0.3% deleted,
   0.3% added, spread over the corpus) and a compaction (`jobs.compact`): seconds and bytes, and each as a fraction
@@ -51,27 +51,27 @@ import argparse
 import json
 import logging
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import requests
 
 from benchmarks.nightly import store_files, written_bytes
+from benchmarks.scale_goals import saved_line, summary_line
 from kit.jobs import JobRun, free_port, run_job, write_config
 from kit.load import Load
 from kit.localray import LocalRay, exit_on_signals
 from kit.models import tiny_dpr
 from kit.poll import until
 from kit.pseudowiki import next_night, passages, write_tsv
+from kit.rss import MIB, Peaks, cluster_processes, settled
 from kit.serveapp import put_app, serve_config
+from pipeline.ops.client import AppClient
 
 log = logging.getLogger("benchmarks.scale")
 
@@ -81,9 +81,6 @@ PASSAGES_PER_LIST = 320  # wiki21m.yaml: 21M passages in 65,536 lists
 # Peak disk a passage (TSVs, store after the night and the compaction, the node cache, build temp files): measured
 # at 20k-40k passages (`disk_peak_bytes`) and rounded up with room to spare.
 DISK_BYTES_PER_PASSAGE = 12_000
-GOALS = {"seconds_per_passage_ratio": 1.25, "peak_rss_ratio": 1.25, "night_fraction": 0.03, "warm_start_s": 30}
-P99_GOAL = 1.5
-MIB = 2**20
 
 
 # -- settings ----------------------------------------------------------------------------------------------------
@@ -146,114 +143,6 @@ def size_config(work: Path, n: int, tsv: Path, models: dict[str, str], args: arg
             "nightly": {"serve_address": None},
         },
     )
-
-
-# -- process memory ----------------------------------------------------------------------------------------------
-TITLE = re.compile(r"^ray::([A-Za-z0-9_:\-]+)")
-# Not a job's processes: Ray's agents on every node, and Serve's (up for the whole run).
-NOT_JOBS = (
-    "ray::DashboardAgent",
-    "ray::RuntimeEnvAgent",
-    "ray::ServeController",
-    "ray::ProxyActor",
-    "ray::ServeReplica",
-)
-
-
-def process_kind(command: str, parent: int) -> str | None:
-    """`driver` for the job this process started, `ray::<actor class or task>` for a Ray worker (its process title,
-    method dropped), None for the rest (raylet, GCS, dashboard...)."""
-    if parent == os.getpid() and " -m jobs." in f" {command}":
-        return "driver"
-    match = TITLE.match(command)
-    return f"ray::{match.group(1)}" if match else None
-
-
-def cluster_processes(cluster: LocalRay) -> list[tuple[int, str, int]]:
-    """(pid, kind, RSS bytes) of the cluster's workers and of the job driver this process runs, in one pass."""
-    table = {}
-    for process in psutil.process_iter(["pid", "ppid", "cmdline", "memory_info"]):
-        info = process.info
-        if info["memory_info"] is not None:
-            table[info["pid"]] = (info["ppid"] or 0, " ".join(info["cmdline"] or []), info["memory_info"].rss)
-    marks = (str(cluster.temp_dir), cluster.address, f":{cluster.port} --")
-    ours = {pid for pid, (_, command, _) in table.items() if any(mark in command for mark in marks)}
-    ours |= {pid for pid, (parent, _, _) in table.items() if parent == os.getpid()}
-    grew = True
-    while grew:
-        more = {pid for pid, (parent, _, _) in table.items() if parent in ours and pid not in ours}
-        ours |= more
-        grew = bool(more)
-    found = []
-    for pid in ours - {os.getpid()}:
-        parent, command, rss = table[pid]
-        kind = process_kind(command, parent)
-        if kind is not None:
-            found.append((pid, kind, rss))
-    return found
-
-
-def peak_hwm(pid: int) -> int:
-    """The kernel's peak RSS of `pid` (VmHWM), bytes; 0 when gone."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as status:
-            return int(next(line for line in status if line.startswith("VmHWM:")).split()[1]) * 1024
-    except (OSError, StopIteration, ValueError):
-        return 0
-
-
-def busy_workers(cluster: LocalRay) -> set[int]:
-    """Workers of the cluster holding an actor or running a task, Ray's agents and Serve's processes aside."""
-    found = cluster_processes(cluster)
-    return {pid for pid, kind, _ in found if kind not in ("driver", "ray::IDLE") and not kind.startswith(NOT_JOBS)}
-
-
-def settled(cluster: LocalRay, timeout: float = 30) -> set[int]:
-    """Wait (up to `timeout` s) for the actors of the jobs before to exit; the workers still busy then."""
-    deadline = time.monotonic() + timeout
-    while (left := busy_workers(cluster)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return left
-
-
-class Peaks:
-    """The largest RSS of each process kind while the block runs, sampled every `interval` s in a thread (the
-    driver's is its VmHWM, which misses nothing but its last interval); the processes in `skip` (a job before's
-    actors still exiting) are left out."""
-
-    def __init__(self, cluster: LocalRay, skip: set[int] = frozenset(), interval: float = 0.5):
-        self.cluster, self.skip, self.interval = cluster, skip, interval
-        self.peaks: dict[str, int] = {}
-        self.pids: dict[str, set[int]] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _sample(self) -> None:
-        for pid, kind, rss in cluster_processes(self.cluster):
-            if kind.startswith(NOT_JOBS) or pid in self.skip:
-                continue
-            rss = max(rss, peak_hwm(pid)) if kind == "driver" else rss
-            self.peaks[kind] = max(self.peaks.get(kind, 0), rss)
-            self.pids.setdefault(kind, set()).add(pid)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._sample()
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> Peaks:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-    def mib(self) -> dict[str, float]:
-        return {kind: round(rss / MIB, 1) for kind, rss in sorted(self.peaks.items())}
-
-    def processes(self) -> dict[str, int]:
-        return {kind: len(pids) for kind, pids in sorted(self.pids.items())}
 
 
 # -- jobs --------------------------------------------------------------------------------------------------------
@@ -342,7 +231,7 @@ def delete_app(dashboard: str, port: int, cluster: LocalRay) -> None:
     put_app(dashboard, serve_only(port))
 
     def gone() -> bool:
-        apps = requests.get(f"{dashboard}/api/serve/applications/", timeout=30).json()["applications"]
+        apps = AppClient(serve_address=dashboard).serve_details()["applications"]
         return "qa" not in apps and not replica_rss(cluster)
 
     until(gone, 600, 0.5, "the app deleted")
@@ -410,10 +299,10 @@ def measure_app(
 
 
 def footprint_of(store: Path, version: str) -> dict[str, float]:
-    """Bytes a live passage by kind, as `pipeline.segments.footprint` reads them from the version's manifest."""
-    from pipeline.layout import read_index_manifest
-    from pipeline.segments import footprint
-    from pipeline.storage import Storage
+    """Bytes a live passage by kind, as `pipeline.store.segments.footprint` reads them from the version's manifest."""
+    from pipeline.store.layout import read_index_manifest
+    from pipeline.store.segments import footprint
+    from pipeline.store.storage import Storage
 
     return footprint(read_index_manifest(Storage(str(store)), version))
 
@@ -532,58 +421,6 @@ def fractions(stage: dict[str, Any], chain_s: float, chain_bytes: int) -> dict[s
         "seconds_fraction": round(stage["seconds"] / chain_s, 4),
         "bytes_fraction": round(written / chain_bytes, 4) if written is not None else None,
     }
-
-
-# -- the comparison ----------------------------------------------------------------------------------------------
-def goal(value: float, limit: float) -> dict[str, Any]:
-    return {"value": round(value, 3), "goal": limit, "met": bool(value <= limit)}
-
-
-def largest_process(line: dict[str, Any], job: str) -> float:
-    """MiB of the job's largest process: its driver or a worker busy with it (idle workers left aside)."""
-    part = line["night"] if job == "nightly" else line["compaction"] if job == "compact" else line[job]
-    return max(mib for kind, mib in part["peak_rss_mib"].items() if kind != "ray::IDLE")
-
-
-def seconds_a_passage(line: dict[str, Any], job: str) -> float:
-    return line[job]["seconds"] / line["passages"]
-
-
-def summary_line(largest: dict[str, Any], reference: dict[str, Any], clients: int) -> dict[str, Any]:
-    """The largest size against the reference size: the issue's goals, each with its value and whether it is met."""
-    goals = {}
-    for job in CHAIN:
-        ratio = seconds_a_passage(largest, job) / seconds_a_passage(reference, job)
-        goals[f"{job}_seconds_per_passage_ratio"] = goal(ratio, GOALS["seconds_per_passage_ratio"])
-    compacted = "failed" not in largest["compaction"] and "failed" not in reference["compaction"]
-    for job in (*CHAIN, "nightly", "compact") if compacted else (*CHAIN, "nightly"):
-        ratio = largest_process(largest, job) / largest_process(reference, job)
-        goals[f"{job}_peak_rss_ratio"] = goal(ratio, GOALS["peak_rss_ratio"])
-    goals["night_fraction"] = goal(largest["night"]["seconds_fraction"], GOALS["night_fraction"])
-    goals["warm_start_s"] = goal(largest["replica"]["warm_start"]["first_answer_s"], GOALS["warm_start_s"])
-    p99 = [line["replica"]["search"][f"dense_{clients}"]["p99_ms"] for line in (largest, reference)]
-    goals[f"dense_p99_{clients}_clients_ratio"] = goal(p99[0] / p99[1], P99_GOAL)
-    return {
-        "benchmark": "scale-summary",
-        "passages": largest["passages"],
-        "reference": reference["passages"],
-        "factory": largest["factory"],
-        "goals": goals,
-        "met": all(g["met"] for g in goals.values()),
-    }
-
-
-def saved_line(paths: list[Path], n: int) -> dict[str, Any]:
-    """The last `scale` line at `n` passages in results files (JSON lines), read in the order given."""
-    found = [
-        line
-        for path in paths
-        for line in map(json.loads, filter(str.strip, path.read_text().splitlines()))
-        if line.get("benchmark") == "scale" and line.get("passages") == n
-    ]
-    if not found:
-        raise SystemExit(f"{', '.join(map(str, paths))}: no scale line at {n:,} passages")
-    return found[-1]
 
 
 # -- the run -----------------------------------------------------------------------------------------------------

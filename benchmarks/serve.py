@@ -159,10 +159,10 @@ def synthetic(args, factory: str, segments: int, variants: dict[str, dict]) -> d
     from kit.jobs import free_port, run_job, write_config
     from kit.localray import exit_on_signals
     from pipeline.config import load_config
-    from pipeline.manifests import IndexManifest
-    from pipeline.segments import assign_segments, files_of, segments_of
     from pipeline.serve.app import build_app
-    from pipeline.storage import Storage
+    from pipeline.store.manifests import IndexManifest
+    from pipeline.store.segments import assign_segments, files_of, segments_of
+    from pipeline.store.storage import Storage
 
     exit_on_signals()
     with tempfile.TemporaryDirectory(prefix="ss-", dir="/tmp") as tmp:

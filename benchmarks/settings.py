@@ -34,11 +34,12 @@ from kit.localray import LocalRay, exit_on_signals
 from kit.models import tiny_dpr
 from kit.poll import until
 from kit.serveapp import put_app, serve_config
-from pipeline.serveconfig import with_settings
+from pipeline.config.serve import with_settings
+from pipeline.ops.client import AppClient
 
 
 def replica_ids(dashboard: str) -> set[str]:
-    app = requests.get(f"{dashboard}/api/serve/applications/", timeout=30).json()["applications"]["qa"]
+    app = AppClient(serve_address=dashboard).serve_details()["applications"]["qa"]
     return {r["replica_id"] for d in app["deployments"].values() for r in d["replicas"]}
 
 

@@ -1,5 +1,5 @@
 """A replica's start with a full node cache is mostly checking every file of the version against its sha256
-(`pipeline.cache.fetch_verified`; FAISS and tantivy never read an unchecked file): 8.2 GB at 5M passages, ~32 GB
+(`pipeline.store.cache.fetch_verified`; FAISS and tantivy never read an unchecked file): 8.2 GB at 5M passages, ~32 GB
 at 21M. This times that check on one thread and on `VERIFY_THREADS`, at two sizes; prints one JSON line.
 
     python -m benchmarks.verify [--sizes-gb 1,4] [--file-mb 256]
@@ -18,9 +18,9 @@ import os
 import tempfile
 import time
 
-from pipeline import cache
-from pipeline.manifests import FileEntry
-from pipeline.storage import Storage
+from pipeline.store import cache
+from pipeline.store.manifests import FileEntry
+from pipeline.store.storage import Storage
 
 
 def make_store(root: str, total: int, file_bytes: int) -> tuple[Storage, list[FileEntry]]:

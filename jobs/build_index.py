@@ -6,9 +6,9 @@ ray job submit --working-dir . -- python -m jobs.build_index --config configs/wi
 
 import sys
 
-from pipeline.cli import run_job
-from pipeline.history import recorded
 from pipeline.index.job import run_build_index
+from pipeline.ops.history import recorded
+from pipeline.runtime.cli import run_job
 
 
 def main(argv: list[str] | None = None) -> int:

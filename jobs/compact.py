@@ -7,9 +7,9 @@ nightly does this by itself past index.max_segments / index.max_tombstone_fracti
 
 import sys
 
-from pipeline.cli import run_job
-from pipeline.history import recorded
 from pipeline.index.job import run_compact
+from pipeline.ops.history import recorded
+from pipeline.runtime.cli import run_job
 
 
 def main(argv: list[str] | None = None) -> int:

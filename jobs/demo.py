@@ -18,13 +18,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.cli import run_job
 from pipeline.config import PipelineConfig
-from pipeline.demo_corpus import WORDS_PER_PASSAGE, write_demo_corpus
 from pipeline.errors import ConfigError
-from pipeline.evaluate import run_evaluate
-from pipeline.nightly import run_nightly
-from pipeline.report import run_report
+from pipeline.ingest.demo_corpus import WORDS_PER_PASSAGE, write_demo_corpus
+from pipeline.ops.evaluate import run_evaluate
+from pipeline.ops.nightly import run_nightly
+from pipeline.ops.report import run_report
+from pipeline.runtime.cli import run_job
 from pipeline.serve.local import ask_once
 
 log = logging.getLogger("jobs.demo")

@@ -1,4 +1,4 @@
-"""Write the reference pages from the code: `docs/configuration.md` from the models of `pipeline/sections.py`,
+"""Write the reference pages from the code: `docs/configuration.md` from the models of `pipeline/config/sections.py`,
 `docs/api.md` and `docs/openapi.json` from the QA app's FastAPI schema (`make docs`).
 
     python -m jobs.docs [--check]
@@ -17,7 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from pipeline.config import PipelineConfig, ServeConfig
-from pipeline.reference import api_page, configuration_page
+from pipeline.config.reference import api_page, configuration_page
 from pipeline.serve.examples import EXAMPLES
 from pipeline.serve.metrics import Metrics
 from pipeline.serve.routes import build_api
@@ -54,7 +54,7 @@ def pages() -> dict[Path, str]:
     stand_in = SimpleNamespace(settings=ServeConfig(), metrics=Metrics())  # the schema needs no running app
     schema = build_api(stand_in, None).openapi()
     return {
-        DOCS / "configuration.md": configuration_page(PipelineConfig, CONFIGURATION, "pipeline/sections.py"),
+        DOCS / "configuration.md": configuration_page(PipelineConfig, CONFIGURATION, "pipeline/config/sections.py"),
         DOCS / "api.md": api_page(schema, API, EXAMPLES, "pipeline/serve/routes.py, schemas.py, examples.py"),
         DOCS / "openapi.json": json.dumps(schema, indent=2, ensure_ascii=False) + "\n",
     }

@@ -5,8 +5,8 @@ ray job submit --working-dir . -- python -m jobs.encode --config configs/wiki21m
 
 import sys
 
-from pipeline.cli import run_job
 from pipeline.encode.job import run_encode
+from pipeline.runtime.cli import run_job
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,8 +5,8 @@ python -m jobs.evaluate --config configs/wiki21m.yaml --set evaluate.questions=s
 
 import sys
 
-from pipeline.cli import run_job
-from pipeline.evaluate import run_evaluate
+from pipeline.ops.evaluate import run_evaluate
+from pipeline.runtime.cli import run_job
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Retention: delete what no retained index version needs (`pipeline.retention`; the nightly runs the same step
+"""Retention: delete what no retained index version needs (`pipeline.ops.retention`; the nightly runs the same step
 after it publishes, with `retain.after_night`). Kept: the newest `retain.versions` versions, `indexes/LATEST`'s,
 `retain.pinned`, what a running app holds (asked at `nightly.serve_address`), with everything they list and their
 snapshot chains; nothing younger than `retain.min_age_h`. A run that deletes is recorded in the history.
@@ -10,9 +10,9 @@ snapshot chains; nothing younger than `retain.min_age_h`. A run that deletes is 
 
 import sys
 
-from pipeline.cli import run_job
 from pipeline.config import argument_parser
-from pipeline.retention import recorded_gc
+from pipeline.ops.retention import recorded_gc
+from pipeline.runtime.cli import run_job
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,8 +5,8 @@ python -m jobs.ingest --config configs/wiki21m.yaml --set ingest.snapshot=2026-1
 
 import sys
 
-from pipeline.cli import run_job
-from pipeline.ingest import run_ingest
+from pipeline.ingest.job import run_ingest
+from pipeline.runtime.cli import run_job
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,8 +6,8 @@
 
 import sys
 
-from pipeline.cli import run_job
-from pipeline.nightly import run_nightly
+from pipeline.ops.nightly import run_nightly
+from pipeline.runtime.cli import run_job
 
 
 def main(argv: list[str] | None = None) -> int:

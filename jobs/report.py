@@ -10,9 +10,9 @@ Without `--out` the page goes to `<storage.root>/nightly/report.html` when the r
 
 import sys
 
-from pipeline.cli import run_job
 from pipeline.config import argument_parser
-from pipeline.report import DEFAULT_LAST, run_report
+from pipeline.ops.report import DEFAULT_LAST, run_report
+from pipeline.runtime.cli import run_job
 
 
 def main(argv: list[str] | None = None) -> int:

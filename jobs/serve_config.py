@@ -7,7 +7,7 @@ The Serve config `--serve-config` (default configs/serve.yaml) is written out wi
 `{config: <the deployment YAML>, settings: <what the app reads of it, with the --set overrides, validated>}`;
 everything else in it (deployments, the QAService's user_config index_version, http_options) as it is. Edit the
 deployment YAML, write again and `serve deploy` again: the settings changed, so the args did, and Serve rebuilds the
-app (`pipeline.serveconfig` says why a path alone is not enough). Needs no Ray; reads no storage.
+app (`pipeline.config.serve` says why a path alone is not enough). Needs no Ray; reads no storage.
 
 Unlike the jobs beside it this prints YAML, not a JSON summary: stdout is the Serve config (or `--output FILE`).
 Exit codes as theirs: 0 written, 2 a bad config or command line, or a credential that would be written (named).
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.config.serve import with_settings
 from pipeline.errors import ConfigError
-from pipeline.serveconfig import with_settings
 
 DEFAULT_SERVE_CONFIG = "configs/serve.yaml"
 

@@ -63,10 +63,10 @@ def write_random_embeddings(root: str, options: dict[str, Any], snapshot: str, d
     encoder on this machine would take too long for."""
     import numpy as np
 
-    from pipeline.layout import embeddings_dir
-    from pipeline.manifests import EmbeddingManifest, FileEntry, PassageManifest
-    from pipeline.shards import embedding_table, read_passage_shard
-    from pipeline.storage import Storage, parquet_bytes
+    from pipeline.store.layout import embeddings_dir
+    from pipeline.store.manifests import EmbeddingManifest, FileEntry, PassageManifest
+    from pipeline.store.shards import embedding_table, read_passage_shard
+    from pipeline.store.storage import Storage, parquet_bytes
 
     storage = Storage(root, options)
     passages = storage.read_manifest(f"passages/{snapshot}", PassageManifest)

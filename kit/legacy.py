@@ -10,12 +10,12 @@ import numpy as np
 import pyarrow as pa
 import tantivy
 
-from pipeline.blocks import open_table
-from pipeline.cache import fetch_verified
-from pipeline.docstore import ARROW_DOCSTORE_FILE, ARROW_TOKENS_FILE, DOCSTORE_FILE, TOKENS_FILE
-from pipeline.layout import read_index_manifest
-from pipeline.segments import SQ8_FILE, VECTORS_FILE, Sq8, Sq8Vectors, segments_of, upload_once
-from pipeline.storage import Storage
+from pipeline.store.blocks import open_table
+from pipeline.store.cache import fetch_verified
+from pipeline.store.docstore import ARROW_DOCSTORE_FILE, ARROW_TOKENS_FILE, DOCSTORE_FILE, TOKENS_FILE
+from pipeline.store.layout import read_index_manifest
+from pipeline.store.segments import SQ8_FILE, VECTORS_FILE, Sq8, Sq8Vectors, segments_of, upload_once
+from pipeline.store.storage import Storage
 
 
 def format1_bm25(directory: Path, rows: Iterable[tuple[str, str, str]]) -> dict[str, str]:

@@ -17,6 +17,7 @@ import yaml
 
 from kit.corpora import write_tsv
 from kit.jobs import REPO
+from pipeline.ops.client import AppClient
 
 
 def tiny_qa_config(
@@ -78,7 +79,7 @@ def serve_config(config: Path | str, port: int, index_version: str | None = None
 
 def put_app(dashboard: str, spec: dict[str, Any]) -> None:
     """What `serve deploy` sends: the whole config, to the Serve REST API of the dashboard at `dashboard`."""
-    requests.put(f"{dashboard}/api/serve/applications/", json=spec, timeout=60).raise_for_status()
+    AppClient(serve_address=dashboard).deploy(spec)
 
 
 def serve_deploy(dashboard: str, spec: dict[str, Any], path: Path) -> None:

@@ -15,8 +15,11 @@ Hit = dict[str, Any]
 # How an index version was made: one new segment on the published quantizer, every live row, or nothing to do.
 BuildMode = Literal["full", "delta", "current"]
 
-# What a history record (pipeline.history) was written by: a nightly run, `jobs.build_index`, `jobs.compact`.
+# What a history record (pipeline.ops.history) was written by: a nightly run, `jobs.build_index`, `jobs.compact`.
 RunKind = Literal["night", "build", "compact", "gc"]
+
+# The QA app's ingress deployment (`pipeline.serve.app.QAService`), whose user_config sets the whole app's version.
+INGRESS = "QAService"
 
 
 class EncodeCall(NamedTuple):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import uuid
 from pathlib import Path
@@ -13,9 +14,11 @@ import pytest
 import requests
 from hypothesis import settings
 
-from kit.jobs import free_port
+from kit.corpora import synthetic_rows
+from kit.jobs import free_port, run_chain, write_config
 from kit.localray import LocalRay
 from kit.models import tiny_dpr
+from kit.serveapp import tiny_qa_config
 
 # Fake credentials for the local S3 server; tests check they never leak into logs or outputs.
 FAKE_CREDENTIALS = {
@@ -92,6 +95,25 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     """Tiny DPR context/question encoders and reader (`kit.models`), loaded through the real `from_pretrained` path
     by the code under test."""
     return tiny_dpr(tmp_path_factory.mktemp("models"), ("ctx", "question", "reader"))
+
+
+QA_ROWS = synthetic_rows(400, words=40)  # the serve tests' corpus
+
+
+@pytest.fixture(scope="session")
+def qa_store(tmp_path_factory, tiny_models, ray_address) -> Path:
+    """The serve tests' corpus (`QA_ROWS`) published once a session by the jobs (ingest, encode, build_index) with
+    the tiny DPR models on every side, an IVF-PQ index and BM25; each module serves a copy of its own (`qa_copy`)."""
+    tmp = tmp_path_factory.mktemp("qa-store")
+    run_chain(write_config(tmp / "c.yaml", tiny_qa_config(tmp, tiny_models, QA_ROWS, free_port())))
+    return tmp / "store"
+
+
+def qa_copy(store: Path, tmp: Path, models: dict[str, str], port: int, **serve) -> Path:
+    """A copy of the published `store` under `tmp`, and the path of its config (`kit.serveapp.tiny_qa_config`, the
+    app on `port`, `serve` its settings): a module changes its copy as it likes."""
+    shutil.copytree(store, tmp / "store")
+    return write_config(tmp / "c.yaml", tiny_qa_config(tmp, models, QA_ROWS, port, **serve))
 
 
 def pytest_terminal_summary(terminalreporter, config) -> None:

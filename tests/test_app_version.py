@@ -13,9 +13,10 @@ from kit.load import Load
 from kit.models import tiny_dpr
 from kit.poll import until
 from kit.serveapp import answers_by_mode, serve_config, serve_deploy
-from pipeline.published import load_published
-from pipeline.storage import Storage
-from pipeline.text_encoder import EncoderSettings, TextEncoder
+from pipeline.models.text_encoder import EncoderSettings, TextEncoder
+from pipeline.ops.client import AppClient
+from pipeline.store.published import load_published
+from pipeline.store.storage import Storage
 from tests.conftest import RAY_DASHBOARD_PORT
 
 pytestmark = pytest.mark.ray
@@ -267,6 +268,6 @@ def test_a_version_whose_question_model_is_missing_is_refused_and_the_night_fail
     info = requests.get(f"{app['url']}/v1/index", timeout=30).json()
     assert (info["index_version"], info["target"], info["last_error"]) == (current, current, None)
     assert _expected(app["url"]) == before
-    deployed = requests.get(f"{app['dashboard']}/api/serve/applications/", timeout=30).json()
+    deployed = AppClient(serve_address=app["dashboard"]).serve_details()
     ingress = deployed["applications"]["qa"]["deployed_app_config"]["deployments"]
     assert [d["user_config"] for d in ingress if d["name"] == "QAService"] == [{"index_version": current}]

@@ -6,13 +6,13 @@ import json
 import time
 
 import pytest
-import requests
 
 from kit.corpora import synthetic_rows, write_tsv
 from kit.jobs import free_port, run_job, write_config
 from kit.load import Load
 from kit.poll import until
 from kit.serveapp import answers_by_mode, serve_config, serve_deploy
+from pipeline.ops.client import AppClient
 from tests.conftest import RAY_DASHBOARD_PORT
 
 pytestmark = pytest.mark.ray
@@ -36,7 +36,7 @@ def _answers(url: str) -> dict[str, dict]:
 
 def _encoders(dashboard: str) -> int:
     """Running replicas of the question encoder, as Serve's REST API lists them."""
-    deployed = requests.get(f"{dashboard}/api/serve/applications/", timeout=30).json()
+    deployed = AppClient(serve_address=dashboard).serve_details()
     replicas = deployed["applications"]["qa"]["deployments"]["QuestionEncoder"]["replicas"]
     return sum(replica["state"] == "RUNNING" for replica in replicas)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.demo_corpus import write_demo_corpus
+from pipeline.ingest.demo_corpus import write_demo_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 RUNNABLE = re.compile(r"^```sh demo\n(.*?)^```", re.M | re.S)

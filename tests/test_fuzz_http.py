@@ -18,7 +18,7 @@ from kit.jobs import free_port, run_chain, write_config
 from kit.questions import TRICKY, questions
 from kit.serveapp import tiny_qa_config
 from pipeline.config import load_config
-from pipeline.lexical import ANALYZERS
+from pipeline.store.lexical import ANALYZERS
 
 pytestmark = pytest.mark.ray
 MODES = ("dense", "sparse", "hybrid")

@@ -9,12 +9,12 @@ import s3fs
 
 from kit.corpora import synthetic_rows, write_tsv
 from kit.jobs import kill_when_logged, run_job, write_config
-from pipeline.docstore import ROW_MASK
 from pipeline.errors import PipelineError
-from pipeline.lexical import load_lexical
-from pipeline.manifests import IndexManifest
-from pipeline.published import load_published
-from pipeline.storage import Storage
+from pipeline.store.docstore import ROW_MASK
+from pipeline.store.lexical import load_lexical
+from pipeline.store.manifests import IndexManifest
+from pipeline.store.published import load_published
+from pipeline.store.storage import Storage
 
 ROWS = synthetic_rows(800, words=30)
 
@@ -68,7 +68,7 @@ def test_build_index_end_to_end(encoded):
     assert manifest.fingerprint.startswith("dpr-ctx-tiny-") and manifest.encoder["pooling"] == "dpr"
 
     # each passage's own vector finds itself first
-    from pipeline.text_encoder import EncoderSettings, TextEncoder
+    from pipeline.models.text_encoder import EncoderSettings, TextEncoder
 
     encoder = TextEncoder(EncoderSettings(manifest.encoder["model"], "dpr", max_length=64), device="cpu")
     vectors = encoder.encode([t for _, _, t in ROWS], [x for _, x, _ in ROWS])
@@ -77,7 +77,7 @@ def test_build_index_end_to_end(encoded):
     assert np.mean([a == pid for a, (pid, _, _) in zip(found_ids, ROWS)]) >= 0.95
 
     # the reader's token ids of each passage, stored beside its docstore row; the footprint by kind
-    from pipeline.tokens import ReaderTokenizer
+    from pipeline.models.tokens import ReaderTokenizer
 
     tokenizer = ReaderTokenizer(manifest.tokenizer["model"])
     assert manifest.tokenizer["fingerprint"] == published.store.tokenizer == tokenizer.fingerprint
@@ -309,7 +309,7 @@ def test_sq8_refine_codes_rank_as_fp16_vectors_do_but_where_scores_tie_within_a_
     top-10 is the same, or differs only between passages whose fp16 scores are closer than sq8 can tell apart (the
     sum over dimensions of |question| x the dimension's step: position by position, the passages the two lists put
     there score within it). The questions: 40 passages' own texts, encoded."""
-    from pipeline.text_encoder import EncoderSettings, TextEncoder
+    from pipeline.models.text_encoder import EncoderSettings, TextEncoder
 
     built = {}
     for codes in ("sq8", "fp16"):
@@ -420,8 +420,8 @@ def test_a_version_built_before_the_bm25_and_token_id_change_still_serves_the_sa
     token ids): its sparse hits, read from tantivy's stored fields, equal the current version's, read from the
     docstores (positions were never part of BM25's scores), and its dense hits come without token ids."""
     from kit.legacy import format1_bm25
-    from pipeline.lexical import object_name
-    from pipeline.segments import TOKENS_FILE, upload_once
+    from pipeline.store.lexical import object_name
+    from pipeline.store.segments import TOKENS_FILE, upload_once
 
     run = run_job("build_index", encoded["config"])
     assert run.returncode == 0, run.stderr[-3000:]

@@ -7,8 +7,8 @@ import s3fs
 
 from kit.corpora import synthetic_rows, write_jsonl, write_parquet, write_tsv
 from kit.jobs import run_job, write_config
-from pipeline.corpus import content_hash
-from pipeline.storage import read_parquet_bytes, sha256_hex
+from pipeline.ingest.corpus import content_hash
+from pipeline.store.storage import read_parquet_bytes, sha256_hex
 from tests.conftest import FAKE_CREDENTIALS
 
 ROWS = synthetic_rows(1_000) + [("1001", 'He said ""hi"" and\tleft', "Quotes"), ("1002", "東京 🙂", "Ünïcode")]
@@ -180,7 +180,7 @@ def test_a_delta_snapshot_stores_only_new_and_changed_rows_and_tombstones_the_re
     import fsspec
     import numpy as np
 
-    from pipeline.keys import keys_of
+    from pipeline.store.keys import keys_of
 
     first = run_job("ingest", local_config, f"ingest.input={write_tsv(tmp_path / 'n1.tsv', ROWS)}")
     assert first.returncode == 0, first.stderr[-2000:]

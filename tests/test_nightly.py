@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 
-import faiss
 import numpy as np
 import pytest
 import requests
@@ -21,13 +20,10 @@ from kit.corpora import synthetic_rows, write_tsv
 from kit.jobs import REPO, free_port, kill_when_logged, run_job, write_config
 from kit.poll import until
 from kit.serveapp import put_app, serve_config
-from pipeline.keys import keys_of
-from pipeline.lexical import load_lexical
-from pipeline.published import load_published
-from pipeline.segments import KEYS_FILE, split_ids
-from pipeline.snapshots import LiveEmbeddings, embedding_chain
-from pipeline.storage import Storage
+from pipeline.store.published import load_published
+from pipeline.store.storage import Storage
 from tests.conftest import RAY_DASHBOARD_PORT
+from tests.scratch import live_embeddings, matches_a_scratch_build
 
 ROWS = synthetic_rows(600, words=30)
 
@@ -40,64 +36,10 @@ def _night(tmp, rows, snapshot):
     return [f"ingest.input={path}", f"ingest.snapshot={snapshot}"]
 
 
-def _embeddings(storage: Storage, snapshot: str) -> dict[str, np.ndarray]:
-    """The snapshot's live vectors by passage id, its chain of deltas resolved."""
-    [fingerprint] = storage.list_names(f"embeddings/{snapshot}")
-    out = {}
-    for _, ids, vectors in LiveEmbeddings(storage, embedding_chain(storage, snapshot, fingerprint)):
-        out.update(zip(ids, vectors))
-    return out
-
-
 def _objects(fs: s3fs.S3FileSystem) -> dict[str, str]:
     """Every object of the store → sha256 of its content."""
     fs.invalidate_cache()
     return {path: hashlib.sha256(fs.cat_file(path)).hexdigest() for path in fs.find("nightly/root")}
-
-
-def _matches_a_scratch_build(storage: Storage, version: str, snapshot: str, cache) -> None:
-    """The version returns the same passages and scores as a from-scratch build of the snapshot's live passages on
-    its quantizer at its nprobe; its segments' docstores, keys and FAISS ids agree; no dead row is live."""
-    published = load_published(storage, version, str(cache))
-    vectors = _embeddings(storage, snapshot)
-    ids, names = published.live_ids()
-    assert sorted(names) == sorted(vectors) and len(ids) == published.vectors
-    scratch = faiss.read_index(str(cache / published.manifest.quantizer))
-    order = sorted(vectors)
-    scratch.add(np.stack([vectors[p] for p in order]).astype(np.float32))
-    faiss.ParameterSpace().set_index_parameter(scratch, "nprobe", int(published.manifest.nprobe))
-    queries = np.stack([vectors[p] for p in order[::9]]).astype(np.float32)
-    scores, found = published.search(queries, 10)
-    expected_scores, expected = scratch.search(queries, 10)
-    assert np.allclose(scores, expected_scores, atol=1e-4)
-    got = [published.passages(row).column("id").to_pylist() for row in found]
-    want = [[order[j] for j in row] for row in expected]
-    assert np.mean([g == w for g, w in zip(got, want)]) >= 0.95  # equal up to ties in score
-    lists = faiss.extract_index_ivf(published.index).invlists
-    stored = np.concatenate(
-        [
-            faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
-            for i in range(lists.nlist)
-            if lists.list_size(i)
-        ]
-    )
-    seqs, rows = split_ids(stored)
-    for segment in published.manifest.segments:
-        assert sorted(rows[seqs == segment.seq].tolist()) == list(range(segment.rows))
-        table = published.docstores[segment.seq]
-        keys = np.load(cache / segment.name / KEYS_FILE)
-        assert (keys == keys_of(table.column("id").to_pylist())).all()
-        assert published.stored[segment.seq].shape == (segment.rows, published.d)  # refine's vectors, carried
-    # The BM25 index holds exactly the live passages, once each, with their current text (deletes and edits
-    # applied), and holds no text itself: a hit's text is the live docstore row's.
-    lexical = load_lexical(storage, published.manifest, str(cache))
-    keys = lexical.keys()
-    assert len(keys) == len(names) and set(keys.tolist()) == set(keys_of(names).tolist())
-    live = published.passages(ids)
-    texts = dict(zip(live.column("id").to_pylist(), live.column("text").to_pylist()))
-    revised = {pid for pid, text in texts.items() if text.endswith(" revised")}
-    found = lexical.search(["revised"], len(names))[0]
-    assert {hit["id"] for hit in found} == revised and all(hit["text"] == texts[hit["id"]] for hit in found)
 
 
 @pytest.fixture(scope="module")
@@ -286,7 +228,7 @@ def test_second_night_encodes_exactly_what_changed_and_serves_it(nights, night2)
     assert sorted(published.live_ids()[1]) == sorted(pid for pid, _, _ in rows)
     assert published.manifest.trained_from == nights["first"]["version"]
     assert second["index_build"] == "delta" and second["segments"] == 2  # night 1's segment, and tonight's
-    before, after = _embeddings(storage, "d1"), _embeddings(storage, "d2")
+    before, after = live_embeddings(storage, "d1"), live_embeddings(storage, "d2")
     unchanged = [pid for pid, _, _ in rows if pid in before and pid not in changed]
     assert len(unchanged) == 565 and all(np.array_equal(before[p], after[p]) for p in unchanged)
     assert not any(np.array_equal(before[p], after[p]) for p in changed)
@@ -334,12 +276,12 @@ def test_each_version_equals_a_scratch_build_and_hides_the_dead(nights, night2, 
         ("3", night3["summary"]["version"], "d3"),
         ("c", compacted["version"], "d3"),
     ):
-        _matches_a_scratch_build(storage, version, snapshot, tmp / f"scratch-{name}")
+        matches_a_scratch_build(storage, version, snapshot, tmp / f"scratch-{name}")
     second = load_published(storage, night2["summary"]["version"], str(tmp / "scratch-2"))
-    old = _embeddings(storage, "d1")
+    old = live_embeddings(storage, "d1")
     _, found = second.search(np.stack([old[p] for p in sorted(night2["deleted"])]), 5)
     assert not set(second.passages(found[found >= 0]).column("id").to_pylist()) & night2["deleted"]
-    new = _embeddings(storage, "d2")
+    new = live_embeddings(storage, "d2")
     _, found = second.search(np.stack([new[p] for p in sorted(night2["changed"])]), 1)
     assert all(text.endswith(" revised") for text in second.passages(found[:, 0]).column("text").to_pylist())
 
@@ -452,7 +394,7 @@ def test_the_history_records_each_night_and_compaction_and_the_report_shows_them
     import json
     import re
 
-    from pipeline.history import read_history
+    from pipeline.ops.history import read_history
     from tests.conftest import FAKE_CREDENTIALS
 
     storage = nights["storage"]

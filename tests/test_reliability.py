@@ -9,8 +9,8 @@ import pytest
 
 from kit.corpora import synthetic_rows, write_tsv
 from kit.jobs import run_job, write_config
-from pipeline.manifests import EmbeddingManifest, IndexManifest, PassageManifest
-from pipeline.storage import Storage
+from pipeline.store.manifests import EmbeddingManifest, IndexManifest, PassageManifest
+from pipeline.store.storage import Storage
 from tests.conftest import FAKE_CREDENTIALS, RAY_TEMP_DIRS
 from tests.faults import FaultyS3Proxy
 

@@ -15,11 +15,11 @@ import s3fs
 
 from kit.corpora import synthetic_rows, write_tsv
 from kit.jobs import REPO, run_job, write_config
-from pipeline.history import read_history
-from pipeline.layout import read_latest
-from pipeline.lexical import load_lexical
-from pipeline.published import load_published
-from pipeline.storage import Storage
+from pipeline.ops.history import read_history
+from pipeline.store.layout import read_latest
+from pipeline.store.lexical import load_lexical
+from pipeline.store.published import load_published
+from pipeline.store.storage import Storage
 
 pytestmark = pytest.mark.ray
 NIGHTS = 12

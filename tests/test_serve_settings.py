@@ -17,7 +17,7 @@ from kit.load import Load
 from kit.poll import until
 from kit.serveapp import serve_config, serve_deploy
 from pipeline.config import load_config
-from pipeline.nightly import point_serve_at
+from pipeline.ops.client import AppClient
 from tests.conftest import RAY_DASHBOARD_PORT
 
 pytestmark = pytest.mark.ray
@@ -59,7 +59,7 @@ def _write_and_deploy(state, name: str) -> dict:
 
 
 def _deployed(dashboard: str) -> dict:
-    return requests.get(f"{dashboard}/api/serve/applications/", timeout=30).json()["applications"]["qa"]
+    return AppClient(serve_address=dashboard).serve_details()["applications"]["qa"]
 
 
 def _replica_ids(dashboard: str) -> set[str]:
@@ -151,7 +151,7 @@ def test_the_nightly_setting_the_version_keeps_the_settings_and_restarts_nothing
     url, dashboard = app["url"], app["dashboard"]
     replicas = _replica_ids(dashboard)
     config = load_config(app["config"], [f"nightly.serve_address={dashboard}", "nightly.serve_timeout_s=120"])
-    assert point_serve_at(config, app["version"])["index_version"] == app["version"]
+    assert AppClient.of(config).move_to(app["version"], 120)["index_version"] == app["version"]
     deployed = _deployed(dashboard)["deployed_app_config"]
     assert deployed["args"] == edited["written"]["applications"][0]["args"]
     assert [d["user_config"] for d in deployed["deployments"] if d["name"] == "QAService"] == [
@@ -167,7 +167,7 @@ def test_replicas_replaced_by_a_settings_change_start_on_the_pinned_version_not_
     traffic, and none loads `LATEST` (each part holds the pinned version alone); no request fails meanwhile."""
     url, dashboard, pinned = app["url"], app["dashboard"], app["version"]
     config = load_config(app["config"], [f"nightly.serve_address={dashboard}", "nightly.serve_timeout_s=120"])
-    assert point_serve_at(config, pinned)["index_version"] == pinned  # pinned in place, as the nightly pins
+    assert AppClient.of(config).move_to(pinned, 120)["index_version"] == pinned  # pinned in place, as the nightly pins
     newer = run_job("build_index", app["config"], "index.nprobe=3")
     assert newer.returncode == 0 and newer.summary["version"] != pinned, newer.stderr[-2000:]
     state = {**app, "template": app["tmp"] / "serve-pinned.yaml"}

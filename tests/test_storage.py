@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.manifests import FileEntry, Manifest
-from pipeline.storage import Storage, parquet_bytes, pyarrow_filesystem, read_parquet_bytes
+from pipeline.store.manifests import FileEntry, Manifest
+from pipeline.store.storage import Storage, parquet_bytes, pyarrow_filesystem, read_parquet_bytes
 
 
 class NoteManifest(Manifest):

@@ -16,12 +16,12 @@ import ray
 from pipeline.config import PipelineConfig
 from pipeline.encode.plan import Carry, ShardKeys
 from pipeline.errors import PipelineError
-from pipeline.manifests import FileEntry
-from pipeline.raycluster import get
-from pipeline.shards import embedding_matrix, embedding_table, read_passage_shard, read_shard
-from pipeline.snapshots import read_shard_keys
-from pipeline.storage import Storage, parquet_bytes
-from pipeline.text_encoder import EncoderSettings, PassageTokenizer, TextEncoder, Tokens
+from pipeline.models.text_encoder import EncoderSettings, PassageTokenizer, TextEncoder, Tokens
+from pipeline.runtime.raycluster import get
+from pipeline.store.manifests import FileEntry
+from pipeline.store.shards import embedding_matrix, embedding_table, read_passage_shard, read_shard
+from pipeline.store.snapshots import read_shard_keys
+from pipeline.store.storage import Storage, parquet_bytes
 
 log = logging.getLogger(__name__)
 

@@ -26,13 +26,13 @@ from pipeline.encode.actors import ActorPool, WriterSettings, read_keys, start_a
 from pipeline.encode.plan import Carry, plan_carry_over, plan_shards
 from pipeline.encode.scheduler import ShardScheduler
 from pipeline.errors import InputError, PipelineError
-from pipeline.layout import embeddings_dir, latest_snapshot, published_index
-from pipeline.manifests import EmbeddingManifest, FileEntry
+from pipeline.models.text_encoder import EncoderSettings
 from pipeline.primitives import EncodeSummary
-from pipeline.raycluster import connect, get
-from pipeline.snapshots import Link, embedding_chain, passage_chain
-from pipeline.storage import Storage
-from pipeline.text_encoder import EncoderSettings
+from pipeline.runtime.raycluster import connect, get
+from pipeline.store.layout import embeddings_dir, latest_snapshot, published_index
+from pipeline.store.manifests import EmbeddingManifest, FileEntry
+from pipeline.store.snapshots import Link, embedding_chain, passage_chain
+from pipeline.store.storage import Storage
 
 log = logging.getLogger(__name__)
 

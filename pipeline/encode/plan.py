@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.keys import content_keys, keys_of
-from pipeline.manifests import FileEntry
+from pipeline.store.keys import content_keys, keys_of
+from pipeline.store.manifests import FileEntry
 
 log = logging.getLogger(__name__)
 

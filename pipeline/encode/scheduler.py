@@ -14,8 +14,8 @@ from pipeline.config import EncodeConfig
 from pipeline.encode.actors import ActorPool
 from pipeline.encode.plan import Carry
 from pipeline.errors import InputError, PipelineError
-from pipeline.manifests import FileEntry
-from pipeline.raycluster import task_error
+from pipeline.runtime.raycluster import task_error
+from pipeline.store.manifests import FileEntry
 
 log = logging.getLogger(__name__)
 

@@ -1,1 +1,3 @@
-"""The build stage: embedding shards → a segmented FAISS IVF-PQ index version, gated and published (`job.py`)."""
+"""The build stage: embedding shards → a segmented FAISS IVF-PQ index version, gated and published (`job.py`).
+
+A stage: imports the layers below it (`config`, `store`, `models`, `runtime`), never another stage."""

@@ -16,14 +16,16 @@ import pyarrow as pa
 from faiss.contrib.exhaustive_search import knn_ground_truth
 from tqdm import tqdm
 
-from pipeline.cache import fetch_verified
 from pipeline.config import IndexConfig
 from pipeline.errors import InputError
 from pipeline.index.plan import RECALL_K, IndexPlan, sample_positions
 from pipeline.index.quality import blended, distortion, exact_ids, measure_recall, measure_refined
 from pipeline.index.train import assigning_on_gpus, split_and_train
-from pipeline.manifests import FileEntry, IndexManifest
-from pipeline.segments import (
+from pipeline.models.tokens import ReaderTokenizer
+from pipeline.runtime.telemetry import PhaseTimer
+from pipeline.store.cache import fetch_verified
+from pipeline.store.manifests import FileEntry, IndexManifest
+from pipeline.store.segments import (
     KEYS_FILE,
     LocalSegment,
     SegmentRef,
@@ -34,10 +36,8 @@ from pipeline.segments import (
     open_refine,
     segments_of,
 )
-from pipeline.snapshots import Link, LiveEmbeddings, read_npy_file
-from pipeline.storage import Storage
-from pipeline.telemetry import PhaseTimer
-from pipeline.tokens import ReaderTokenizer
+from pipeline.store.snapshots import Link, LiveEmbeddings, read_npy_file
+from pipeline.store.storage import Storage
 
 log = logging.getLogger(__name__)
 

@@ -11,12 +11,13 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
-from pipeline.blocks import BlockFile, BlockWriter, chunks_of, open_table
-from pipeline.cache import fetch_verified
-from pipeline.docstore import DOCSTORE_FILES, TOKENS_FILES
 from pipeline.index.build import Built
-from pipeline.manifests import FileEntry
-from pipeline.segments import (
+from pipeline.runtime.telemetry import PhaseTimer
+from pipeline.store.blocks import BlockFile, BlockWriter, chunks_of, open_table
+from pipeline.store.cache import fetch_verified
+from pipeline.store.docstore import DOCSTORE_FILES, TOKENS_FILES
+from pipeline.store.manifests import FileEntry
+from pipeline.store.segments import (
     DOCSTORE_FILE,
     DOCSTORE_SCHEMA,
     IVF_FILE,
@@ -36,9 +37,8 @@ from pipeline.segments import (
     read_invlists,
     split_ids,
 )
-from pipeline.snapshots import read_npy_file
-from pipeline.storage import Storage
-from pipeline.telemetry import PhaseTimer
+from pipeline.store.snapshots import read_npy_file
+from pipeline.store.storage import Storage
 
 log = logging.getLogger(__name__)
 

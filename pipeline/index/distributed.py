@@ -30,14 +30,14 @@ from pipeline.index.build import Built, read_and_match, save_quantizer, sq8_file
 from pipeline.index.plan import RECALL_K, IndexPlan, plan_groups, sample_positions
 from pipeline.index.quality import distortion, exact_ids, merge_topk, recall_at, refine_merged
 from pipeline.index.train import assigning_on_gpus, node_id, train_sample
-from pipeline.lexical import build_lexical_task
-from pipeline.manifests import FileEntry, IndexManifest, SegmentEntry
-from pipeline.raycluster import connect, get, use_assigned_cpus
-from pipeline.segments import SegmentRef, SegmentWriter, Sq8, exact_scores, open_refine, upload_once
-from pipeline.snapshots import Link, LiveEmbeddings
-from pipeline.storage import Storage
-from pipeline.telemetry import PhaseTimer, peak_rss, reset_peak_rss
-from pipeline.tokens import ReaderTokenizer
+from pipeline.models.tokens import ReaderTokenizer
+from pipeline.runtime.raycluster import connect, get, use_assigned_cpus
+from pipeline.runtime.telemetry import PhaseTimer, peak_rss, reset_peak_rss
+from pipeline.store.lexical import build_lexical_task
+from pipeline.store.manifests import FileEntry, IndexManifest, SegmentEntry
+from pipeline.store.segments import SegmentRef, SegmentWriter, Sq8, exact_scores, open_refine, upload_once
+from pipeline.store.snapshots import Link, LiveEmbeddings
+from pipeline.store.storage import Storage
 
 log = logging.getLogger(__name__)
 

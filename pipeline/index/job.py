@@ -19,9 +19,7 @@ from typing import Any
 
 import faiss
 
-from pipeline.cache import fetch_verified
 from pipeline.config import IndexConfig, PipelineConfig
-from pipeline.docstore import TOKENS_FILES
 from pipeline.errors import PipelineError
 from pipeline.index.build import Built, build_delta, build_full
 from pipeline.index.compact import compact
@@ -36,17 +34,19 @@ from pipeline.index.publish import (
     settings_digest,
 )
 from pipeline.index.quality import drifted
-from pipeline.layout import INDEX_MANIFEST, published_version, read_index_manifest, version_dir
-from pipeline.lexical import FORMAT as LEXICAL_FORMAT
-from pipeline.lexical import build_lexical
-from pipeline.manifests import FileEntry, IndexManifest
+from pipeline.models.tokens import ReaderTokenizer, reader_tokenizer
 from pipeline.primitives import BuildMode, BuildSummary
-from pipeline.raycluster import get
-from pipeline.segments import IVF_FILE, LocalSegment, files_of, footprint, segments_of, split_ids
-from pipeline.snapshots import Link, LiveEmbeddings, embedding_chain, live_rows
-from pipeline.storage import Storage
-from pipeline.telemetry import PhaseTimer, peak_rss, reset_peak_rss
-from pipeline.tokens import ReaderTokenizer, reader_tokenizer
+from pipeline.runtime.raycluster import get
+from pipeline.runtime.telemetry import PhaseTimer, peak_rss, reset_peak_rss
+from pipeline.store.cache import fetch_verified
+from pipeline.store.docstore import TOKENS_FILES
+from pipeline.store.layout import INDEX_MANIFEST, published_version, read_index_manifest, version_dir
+from pipeline.store.lexical import FORMAT as LEXICAL_FORMAT
+from pipeline.store.lexical import build_lexical
+from pipeline.store.manifests import FileEntry, IndexManifest
+from pipeline.store.segments import IVF_FILE, LocalSegment, files_of, footprint, segments_of, split_ids
+from pipeline.store.snapshots import Link, LiveEmbeddings, embedding_chain, live_rows
+from pipeline.store.storage import Storage
 
 log = logging.getLogger(__name__)
 

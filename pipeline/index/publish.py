@@ -17,12 +17,12 @@ import numpy as np
 from pipeline.config import IndexConfig
 from pipeline.errors import PipelineError
 from pipeline.index.build import Built
-from pipeline.layout import INDEX_MANIFEST, INDEXES, latest_snapshot, point_latest, read_latest, version_dir
-from pipeline.manifests import EmbeddingManifest, FileEntry, IndexManifest, SegmentEntry
 from pipeline.primitives import BuildSummary
-from pipeline.segments import SEGMENT_FILES, TOMBSTONES_FILE, LocalSegment, footprint, segments_of, upload_once
-from pipeline.snapshots import Link, npy_bytes
-from pipeline.storage import Storage, sha256_file
+from pipeline.store.layout import INDEX_MANIFEST, INDEXES, latest_snapshot, point_latest, read_latest, version_dir
+from pipeline.store.manifests import EmbeddingManifest, FileEntry, IndexManifest, SegmentEntry
+from pipeline.store.segments import SEGMENT_FILES, TOMBSTONES_FILE, LocalSegment, footprint, segments_of, upload_once
+from pipeline.store.snapshots import Link, npy_bytes
+from pipeline.store.storage import Storage, sha256_file
 
 log = logging.getLogger(__name__)
 

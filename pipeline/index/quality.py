@@ -14,7 +14,7 @@ from faiss.contrib.evaluation import knn_intersection_measure
 
 from pipeline.config import IndexConfig
 from pipeline.index.plan import RECALL_K
-from pipeline.segments import best_by_score, faiss_ids, rescore
+from pipeline.store.segments import best_by_score, faiss_ids, rescore
 
 log = logging.getLogger(__name__)
 

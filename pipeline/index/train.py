@@ -15,8 +15,8 @@ import numpy as np
 import ray
 
 from pipeline.errors import PipelineError
-from pipeline.raycluster import use_assigned_cpus
-from pipeline.segments import Sq8, ivf_of
+from pipeline.runtime.raycluster import use_assigned_cpus
+from pipeline.store.segments import Sq8, ivf_of
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,6 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from pipeline.config import PipelineConfig, ServeConfig, load_config
-from pipeline.layout import published_version
-from pipeline.lexical import fuse
 from pipeline.primitives import EncodeCall, LexicalSearch, ShardSearch
 from pipeline.serve.batching import Coalescer
 from pipeline.serve.deployments import Lexical, PartSettings, QuestionEncoder, Reader, Retriever
@@ -39,7 +37,9 @@ from pipeline.serve.guard import error, request_id
 from pipeline.serve.metrics import Metrics
 from pipeline.serve.routes import build_api
 from pipeline.serve.versions import VersionRefused
-from pipeline.storage import Storage
+from pipeline.store.layout import published_version
+from pipeline.store.lexical import fuse
+from pipeline.store.storage import Storage
 
 log = logging.getLogger("ray.serve")
 REFUSED_RETRY_S = 10.0  # how often the ingress asks again for a version a part refused
@@ -438,8 +438,8 @@ def app(args: dict[str, Any]):
     `python -m jobs.serve_config` writes it (`config` then only names the file it came from), or `config`, the
     deployment YAML's path (read where the app is built); optional `set` overrides (`dotted.key=value`) on top.
     Settings in the args are what make an edit reach the app: Serve rebuilds an app on `serve deploy` only when
-    its args change (`pipeline.serveconfig`)."""
-    from pipeline.serveconfig import app_settings, read_args, settings_config, settings_sha256
+    its args change (`pipeline.config.serve`)."""
+    from pipeline.config.serve import app_settings, read_args, settings_config, settings_sha256
 
     settings, overrides = read_args(args)
     if settings is None:

@@ -17,26 +17,23 @@ import numpy as np
 import ray
 from ray import serve
 
-from pipeline.cache import NodeCache
 from pipeline.errors import PipelineError
-from pipeline.layout import published_version, read_index_manifest
-from pipeline.lexical import LexicalIndex, load_lexical
-from pipeline.primitives import EncodeCall, LexicalSearch, ShardSearch
-from pipeline.published import PublishedIndex, load_published
-from pipeline.raycluster import use_assigned_cpus
-from pipeline.segments import footprint
+from pipeline.primitives import INGRESS, EncodeCall, LexicalSearch, ShardSearch
+from pipeline.runtime.raycluster import use_assigned_cpus
 from pipeline.serve.batching import Coalescer
 from pipeline.serve.fanout import retriever_names
 from pipeline.serve.versions import Versions
-from pipeline.storage import Storage
+from pipeline.store.cache import NodeCache
+from pipeline.store.layout import published_version, read_index_manifest
+from pipeline.store.lexical import LexicalIndex, load_lexical
+from pipeline.store.published import PublishedIndex, load_published
+from pipeline.store.segments import footprint
+from pipeline.store.storage import Storage
 
 if TYPE_CHECKING:
-    from pipeline.text_encoder import EncoderSettings
+    from pipeline.models.text_encoder import EncoderSettings
 
 log = logging.getLogger("ray.serve")
-
-
-INGRESS = "QAService"  # the deployment whose user_config sets the app's version (pipeline.serve.app)
 
 
 def _start_version(storage: Storage) -> str | None:
@@ -113,7 +110,7 @@ class _Versioned:
 
     def _held_changed(self, held: list, dropped: list) -> None:
         """After a load or a drop: what the replica holds and what it let go. Files a dropped version leased in the
-        node cache go once no process on the node holds them (`pipeline.cache`)."""
+        node cache go once no process on the node holds them (`pipeline.store.cache`)."""
         for loaded in dropped:
             if getattr(loaded, "lease", None) is not None:
                 self.cache.release(loaded.lease)
@@ -149,7 +146,7 @@ class QuestionEncoder(_Versioned):
         self._versions_init(part, "question encoder of")
 
     def _load(self, version: str) -> _QuestionModel:
-        from pipeline.text_encoder import TextEncoder, question_settings
+        from pipeline.models.text_encoder import TextEncoder, question_settings
 
         manifest = read_index_manifest(self.storage, version)
         settings = question_settings(manifest, self.fallback_model, self.pooling)
@@ -262,7 +259,7 @@ class Retriever(_Versioned):
 
 @serve.deployment
 class Lexical(_Versioned):
-    """The version's BM25 index (`pipeline.lexical`, tantivy) for sparse and hybrid searches, verified before it
+    """The version's BM25 index (`pipeline.store.lexical`, tantivy) for sparse and hybrid searches, verified before it
     is opened; versions are held and refused as the Retriever's are, so a hybrid answer comes from one version."""
 
     def __init__(self, part: PartSettings):
@@ -311,12 +308,12 @@ def _search(
 
 @serve.deployment
 class Reader:
-    """`pipeline.reader.SpanReader` as a deployment: questions that arrive while a forward pass runs go through the
-    next one together (up to 8; `pipeline.serve.batching`: a lone question waits for nothing). The pass runs on a
+    """`pipeline.models.reader.SpanReader` as a deployment: questions that arrive while a forward pass runs go through
+    the next one together (up to 8; `pipeline.serve.batching`: a lone question waits for nothing). The pass runs on a
     thread, so the replica keeps taking requests meanwhile."""
 
     def __init__(self, model: str, max_length: int, max_answer_tokens: int):
-        from pipeline.reader import SpanReader
+        from pipeline.models.reader import SpanReader
 
         self.reader = SpanReader(model, max_length, max_answer_tokens)
         self.together = Coalescer(self._read_batch, 8)

@@ -8,7 +8,7 @@ import urllib.request
 from typing import Any
 
 from pipeline.config import PipelineConfig
-from pipeline.raycluster import connect
+from pipeline.runtime.raycluster import connect
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
-"""Block files (`pipeline.blocks`): any rows round-trip exactly, in any order and across block boundaries, with and
-without a trained dictionary; the same rows give the same bytes; a file whose bytes were changed is refused, naming
-it. And the 8-bit scalar quantizer of the kept vectors (`pipeline.segments.Sq8`)."""
+"""Block files (`pipeline.store.blocks`): any rows round-trip exactly, in any order and across block boundaries, with
+and without a trained dictionary; the same rows give the same bytes; a file whose bytes were changed is refused, naming
+it. And the 8-bit scalar quantizer of the kept vectors (`pipeline.store.segments.Sq8`)."""
 
 import numpy as np
 import pyarrow as pa
@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.blocks import BLOCK_ROWS, TRAIN_ROWS, BlockFile, BlockWriter, chunks_of, open_table
-from pipeline.docstore import DOCSTORE_SCHEMA, tokens_schema
 from pipeline.errors import PipelineError
-from pipeline.segments import SQ8_FILE, VECTORS_FILE, Sq8, Sq8Vectors, VectorWriter, open_refine
+from pipeline.store.blocks import BLOCK_ROWS, TRAIN_ROWS, BlockFile, BlockWriter, chunks_of, open_table
+from pipeline.store.docstore import DOCSTORE_SCHEMA, tokens_schema
+from pipeline.store.segments import SQ8_FILE, VECTORS_FILE, Sq8, Sq8Vectors, VectorWriter, open_refine
 
 TOKENS = tokens_schema(30522)
 WIDE_TOKENS = tokens_schema(2**17)

@@ -1,4 +1,4 @@
-"""The node cache (`pipeline.cache`) as several processes on one node use it: leases held with flock, released by
+"""The node cache (`pipeline.store.cache`) as several processes on one node use it: leases held with flock, released by
 the kernel when a holder is SIGKILLed; eviction of what no live process holds, and only that; concurrent fetches of
 one file; a budget that evicts the least recently used versions nobody holds and refuses a version that cannot fit.
 The eviction plan itself is pure and checked on its own."""
@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from pipeline.cache import CacheState, NodeCache, plan_eviction
 from pipeline.errors import PipelineError
-from pipeline.manifests import FileEntry
-from pipeline.storage import Storage
+from pipeline.store.cache import CacheState, NodeCache, plan_eviction
+from pipeline.store.manifests import FileEntry
+from pipeline.store.storage import Storage
 
 
 def test_without_a_budget_every_file_no_held_version_lists_goes():
@@ -162,7 +162,7 @@ def test_a_budget_keeps_unheld_versions_until_room_is_needed_and_refuses_what_ca
 def test_files_are_fetched_and_verified_several_at_a_time_and_a_bad_one_is_named_and_removed(tmp_path):
     """fetch_verified hashes VERIFY_THREADS files at once: every good file is there whole, each checked; one whose
     bytes differ from its manifest entry is refused by name and deleted, whatever thread checked it."""
-    from pipeline.cache import fetch_verified
+    from pipeline.store.cache import fetch_verified
 
     objects = {f"seg-{i:02d}/ivf.bin": os.urandom(50_000 + i) for i in range(12)}
     storage, listed = _store(tmp_path, {"v1": objects})

@@ -10,14 +10,14 @@ import pyarrow as pa
 import pytest
 
 from kit.models import tiny_dpr
-from pipeline.blocks import open_table
-from pipeline.docstore import TOKENS_FILE
 from pipeline.index.build import Built
 from pipeline.index.compact import compact
-from pipeline.segments import DOCSTORE_FILE, SQ8_FILE, SegmentWriter, Sq8, faiss_ids
-from pipeline.storage import Storage
-from pipeline.telemetry import PhaseTimer
-from pipeline.tokens import ReaderTokenizer
+from pipeline.models.tokens import ReaderTokenizer
+from pipeline.runtime.telemetry import PhaseTimer
+from pipeline.store.blocks import open_table
+from pipeline.store.docstore import TOKENS_FILE
+from pipeline.store.segments import DOCSTORE_FILE, SQ8_FILE, SegmentWriter, Sq8, faiss_ids
+from pipeline.store.storage import Storage
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import tracemalloc
 import pytest
 
 from kit.corpora import synthetic_rows, write_jsonl, write_parquet, write_tsv
-from pipeline.corpus import content_hash, list_input_files, read_passages
 from pipeline.errors import InputError
+from pipeline.ingest.corpus import content_hash, list_input_files, read_passages
 
 TRICKY_ROWS = [
     ("1", 'Aaron ( or ; "Ahärôn") is a prophet', "Aaron"),

@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.text_encoder import Tokens, plan_batches
+from pipeline.models.text_encoder import Tokens, plan_batches
 
 
 def test_plan_batches_covers_every_index_once_within_budget():

@@ -4,7 +4,7 @@ import pytest
 
 from kit.jobs import REPO
 from pipeline.errors import InputError
-from pipeline.evaluate import dpr_words, has_answer, parse_jsonl, parse_qa_csv, top_k_accuracy
+from pipeline.ops.evaluate import dpr_words, has_answer, parse_jsonl, parse_qa_csv, top_k_accuracy
 
 
 @pytest.mark.parametrize(
@@ -100,7 +100,7 @@ def test_top_k_accuracy_counts_the_first_hit():
 
 
 def test_demo_questions_parse_and_each_answer_is_in_the_demo_corpus():
-    from pipeline.demo_corpus import passages
+    from pipeline.ingest.demo_corpus import passages
 
     questions = parse_qa_csv((REPO / "configs" / "demo-questions.qa.csv").read_text(), "demo-questions.qa.csv")
     texts = [text for _, text, _ in passages()]

@@ -5,7 +5,6 @@ import time
 
 import pytest
 
-from pipeline.segments import SegmentRef, assign_segments
 from pipeline.serve.fanout import (
     PATIENCE_S,
     ShardsDisagree,
@@ -17,6 +16,7 @@ from pipeline.serve.fanout import (
     searches,
     started_first,
 )
+from pipeline.store.segments import SegmentRef, assign_segments
 
 
 def test_segments_are_balanced_by_vectors_and_big_ones_stay_put():

@@ -1,5 +1,5 @@
-"""The nightly history (pipeline.history) and its report (pipeline.report, jobs.report) without Ray or a model: records
-round-trip through local storage, the record is closed, the page has one row per record, inline PNGs only, marks
+"""The nightly history (pipeline.ops.history) and its report (pipeline.ops.report, jobs.report) without Ray or a model:
+records round-trip through local storage, the record is closed, the page has one row per record, inline PNGs only, marks
 for full builds and compactions on every plot, and nothing unescaped or secret."""
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ import re
 import pytest
 from pydantic import ValidationError
 
-from pipeline import history
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
-from pipeline.history import BytesWritten, HistoryRecord, Retention, Rows, read_history
-from pipeline.layout import HISTORY
+from pipeline.ops import history
+from pipeline.ops.history import BytesWritten, HistoryRecord, Retention, Rows, read_history
+from pipeline.ops.report import Plotter, render
 from pipeline.primitives import BuildSummary
-from pipeline.report import Plotter, render
-from pipeline.storage import Storage
+from pipeline.store.layout import HISTORY
+from pipeline.store.storage import Storage
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 T0 = dt.datetime(2026, 11, 20, 2, 0, tzinfo=dt.timezone.utc)
@@ -202,7 +202,7 @@ def test_builds_and_compactions_are_recorded_when_they_publish_or_fail(tmp_path)
 
 def test_a_failed_night_is_recorded(tmp_path):
     """A night whose dump is missing fails in ingest; the history says so (no Ray, no model reached)."""
-    from pipeline.nightly import run_nightly
+    from pipeline.ops.nightly import run_nightly
 
     config_path = tmp_path / "c.yaml"
     config_path.write_text(

@@ -120,7 +120,7 @@ def test_copied_codes_search_like_the_segments_they_merge():
     segments did (no vector is needed)."""
     import faiss
 
-    from pipeline.segments import SEQ_SHIFT, copy_live_codes, faiss_ids, search_parameters
+    from pipeline.store.segments import SEQ_SHIFT, copy_live_codes, faiss_ids, search_parameters
 
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(3000, 16)).astype(np.float32)

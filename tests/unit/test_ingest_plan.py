@@ -5,8 +5,8 @@ def test_delta_planning_without_io():
     """What a delta keeps (new or changed rows), and which rows of a chain later snapshots tombstone."""
     import numpy as np
 
-    from pipeline.ingest import BaseKeys
-    from pipeline.snapshots import Link, removed_later
+    from pipeline.ingest.job import BaseKeys
+    from pipeline.store.snapshots import Link, removed_later
 
     base = BaseKeys(np.array([1, 5, 9], np.uint64), np.array([10, 50, 90], np.uint64))
     found, same = base.diff(np.array([5, 7, 9, 1], np.uint64), np.array([50, 70, 91, 10], np.uint64))

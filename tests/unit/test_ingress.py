@@ -12,11 +12,11 @@ from ray.exceptions import ActorUnavailableError
 
 import pipeline.serve.app as app_module
 from pipeline.config import ServeConfig
-from pipeline.lexical import fuse
 from pipeline.serve.app import Ingress
 from pipeline.serve.batching import Coalescer
 from pipeline.serve.fanout import ShardUnavailable, merge_hits
 from pipeline.serve.routes import build_api
+from pipeline.store.lexical import fuse
 
 DIMS = {"v1": 4, "v2": 6}  # the two versions' question encoders give vectors of other widths
 

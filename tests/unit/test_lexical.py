@@ -18,11 +18,11 @@ from hypothesis import given
 from kit.corpora import synthetic_rows
 from kit.legacy import format1_bm25
 from kit.questions import TRICKY, ascii_questions, questions
-from pipeline.demo_corpus import passages as demo_passages
-from pipeline.docstore import Docstore, faiss_ids
 from pipeline.errors import PipelineError
-from pipeline.keys import keys_of
-from pipeline.lexical import ANALYZERS, LexicalIndex, LexicalWriter, body_analyzer, fuse, query_terms
+from pipeline.ingest.demo_corpus import passages as demo_passages
+from pipeline.store.docstore import Docstore, faiss_ids
+from pipeline.store.keys import keys_of
+from pipeline.store.lexical import ANALYZERS, LexicalIndex, LexicalWriter, body_analyzer, fuse, query_terms
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

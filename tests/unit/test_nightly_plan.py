@@ -3,7 +3,7 @@
 import pytest
 
 from pipeline.encode.plan import ShardKeys, plan_carry_over, shard_keys
-from pipeline.nightly import with_index_version
+from pipeline.ops.client import with_index_version
 
 
 def _keys(pairs: list[tuple[str, str]]) -> ShardKeys:

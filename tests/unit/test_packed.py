@@ -1,6 +1,6 @@
-"""The packed encoder (`pipeline.packed`) gives the padded encoder's vectors: tiny DPR context and question encoders
-(with and without DPR's projection) and a mean-pooled BERT, loaded through `from_pretrained`, on sequences of any
-length from 1 token up, in fp32 on CPU, where attention runs a passage at a time through SDPA."""
+"""The packed encoder (`pipeline.models.packed`) gives the padded encoder's vectors: tiny DPR context and question
+encoders (with and without DPR's projection) and a mean-pooled BERT, loaded through `from_pretrained`, on sequences of
+any length from 1 token up, in fp32 on CPU, where attention runs a passage at a time through SDPA."""
 
 import numpy as np
 import pytest
@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kit.models import tiny_dpr
-from pipeline.packed import PackedTextEncoder
-from pipeline.text_encoder import EncoderSettings, TextEncoder, Tokens
+from pipeline.models.packed import PackedTextEncoder
+from pipeline.models.text_encoder import EncoderSettings, TextEncoder, Tokens
 
 
 @pytest.fixture(scope="module")

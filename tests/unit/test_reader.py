@@ -9,9 +9,9 @@ from hypothesis import given, settings
 
 from kit.models import tiny_dpr
 from kit.questions import questions
-from pipeline.docstore import list_values
-from pipeline.reader import SpanReader
-from pipeline.tokens import ReaderTokenizer
+from pipeline.models.reader import SpanReader
+from pipeline.models.tokens import ReaderTokenizer
+from pipeline.store.docstore import list_values
 
 QUESTION = "which river flows past the old castle"
 PASSAGES = [
@@ -91,11 +91,11 @@ def test_any_question_reads_and_leaves_the_others_in_its_batch_as_they_were(read
 
 
 def test_token_ids_of_a_shard_tokenized_in_chunks_are_those_of_one_call(reader, monkeypatch):
-    import pipeline.tokens
+    import pipeline.models.tokens
 
     _, tokenizer = reader
     table = pa.table({"title": [p["title"] for p in PASSAGES], "text": [p["text"] for p in PASSAGES]})
     whole = tokenizer.table(table)
-    monkeypatch.setattr(pipeline.tokens, "CHUNK", 5)  # 12 rows: chunks of 5, 5 and 2
+    monkeypatch.setattr(pipeline.models.tokens, "CHUNK", 5)  # 12 rows: chunks of 5, 5 and 2
     assert tokenizer.table(table).equals(whole) and whole.num_rows == 12
     assert tokenizer.table(table.slice(0, 0)).num_rows == 0

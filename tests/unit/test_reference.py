@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from jobs.docs import pages
 from pipeline.config import PipelineConfig
-from pipeline.reference import nested_models
+from pipeline.config.reference import nested_models
 from pipeline.serve.examples import EXAMPLES
 from pipeline.serve.schemas import AskRequest, AskResponse, SearchRequest, SearchResponse
 

@@ -1,10 +1,10 @@
-"""Retention's plan (`pipeline.retention.plan_gc`, pure) on a hand-made store: which versions stay and why, what
+"""Retention's plan (`pipeline.ops.retention.plan_gc`, pure) on a hand-made store: which versions stay and why, what
 goes and in which order, and what is never touched. tests/test_retention.py runs `jobs.gc` and the nightly's step on
 real stores (S3 and local) over a dozen nights."""
 
 from pipeline.config import RetainConfig
-from pipeline.retention import StoreView, VersionFacts, plan_gc
-from pipeline.storage import StoredObject
+from pipeline.ops.retention import StoreView, VersionFacts, plan_gc
+from pipeline.store.storage import StoredObject
 
 DAY = 86400.0
 NOW = 100 * DAY

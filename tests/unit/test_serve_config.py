@@ -15,9 +15,9 @@ import pipeline.serve.app as app_module
 from jobs import serve_config as writer
 from kit.jobs import REPO, write_config
 from pipeline.config import load_config
+from pipeline.config.serve import APP_KEYS, app_settings, credentials_in, read_args, settings_config, with_settings
 from pipeline.errors import ConfigError
-from pipeline.nightly import with_index_version
-from pipeline.serveconfig import APP_KEYS, app_settings, credentials_in, read_args, settings_config, with_settings
+from pipeline.ops.client import with_index_version
 from tests.conftest import FAKE_CREDENTIALS
 
 TEMPLATE = {

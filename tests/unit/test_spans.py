@@ -1,6 +1,6 @@
-"""pipeline.spans against transformers' own DPR reader code: `assemble` against DPRReaderTokenizerFast's input ids,
-`best_spans` against `decode_best_spans` (random logits, tied logits, a tiny reader's real output), and the region's
-first position pinned by hand."""
+"""pipeline.models.spans against transformers' own DPR reader code: `assemble` against DPRReaderTokenizerFast's input
+ids, `best_spans` against `decode_best_spans` (random logits, tied logits, a tiny reader's real output), and the
+region's first position pinned by hand."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from transformers import DPRReader, DPRReaderTokenizerFast
 from transformers.models.dpr.modeling_dpr import DPRReaderOutput
 
 from kit.models import tiny_dpr
-from pipeline.spans import Span, assemble, best_spans
+from pipeline.models.spans import Span, assemble, best_spans
 
 CLS, SEP, PAD = 101, 102, 0
 

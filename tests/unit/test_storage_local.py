@@ -6,8 +6,8 @@ from typing import Literal
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.manifests import FileEntry, Manifest
-from pipeline.storage import Storage, sha256_hex
+from pipeline.store.manifests import FileEntry, Manifest
+from pipeline.store.storage import Storage, sha256_hex
 
 
 class NoteManifest(Manifest):

@@ -2,10 +2,10 @@
 as is).
 
 The host work per question is kept off the critical path: a passage's token ids come with it from the index (the
-build stored them, `pipeline.docstore`), so only the question is tokenized, and the batch's
-`[CLS] question [SEP] title [SEP] text` rows are assembled from ids (`pipeline.spans.assemble`). Passages without
+build stored them, `pipeline.store.docstore`), so only the question is tokenized, and the batch's
+`[CLS] question [SEP] title [SEP] text` rows are assembled from ids (`pipeline.models.spans.assemble`). Passages without
 ids (a version built before, or another tokenizer's) are tokenized here. Spans are chosen for all passages at once
-with tensor operations (`pipeline.spans.best_spans`), the spans `DPRReaderTokenizer.decode_best_spans` chooses.
+with tensor operations (`pipeline.models.spans.best_spans`), the spans `DPRReaderTokenizer.decode_best_spans` chooses.
 Inputs are padded to the longest row of the batch, and the forward runs under bf16 autocast on a GPU (fp32 on
 CPU), as the encoders do.
 """
@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from transformers import DPRReader, DPRReaderTokenizerFast
 
-from pipeline.spans import assemble, best_spans
-from pipeline.text_encoder import default_device, resolve_dtype, resolve_model_path
-from pipeline.tokens import fingerprint
+from pipeline.models.spans import assemble, best_spans
+from pipeline.models.text_encoder import default_device, resolve_dtype, resolve_model_path
+from pipeline.models.tokens import fingerprint
 
 
 class SpanReader:

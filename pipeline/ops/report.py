@@ -1,4 +1,4 @@
-"""`jobs.report`: the history (`pipeline.history`) as one self-contained HTML page: a table of the last runs, newest
+"""`jobs.report`: the history (`pipeline.ops.history`) as one self-contained HTML page: a table of the last runs, newest
 first, and PNG plots inlined as `data:` URIs (matplotlib, Agg): time per stage, the build's phases, bytes written,
 rows changed, distortion against its drift limit, segments and tombstones. Full builds, compactions and failed runs
 are marked on every plot. No script, no network: the file can be mailed or opened from a bucket as it is.
@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import PipelineConfig
-from pipeline.history import HistoryRecord, read_history
-from pipeline.layout import history_report
-from pipeline.storage import Storage
+from pipeline.ops.history import HistoryRecord, read_history
+from pipeline.store.layout import history_report
+from pipeline.store.storage import Storage
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
-"""A published index version loaded for search: its files leased in the node cache (`pipeline.cache`), checked
+"""A published index version loaded for search: its files leased in the node cache (`pipeline.store.cache`), checked
 against their sha256, then the shared quantizer with every segment's inverted lists stacked on it, the tombstone
-filter and the docstores, all memory-mapped (`pipeline.segments` has the format). No torch here: serving imports it.
+filter and the docstores, all memory-mapped (`pipeline.store.segments` has the format). No torch here: serving imports
+it.
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
-from pipeline.blocks import BlockFile, open_table
-from pipeline.cache import Lease, NodeCache
-from pipeline.docstore import DOCSTORE_FILES, TOKENS_FILES, Docstore, faiss_ids, split_ids
 from pipeline.errors import PipelineError
-from pipeline.layout import published_version, read_index_manifest
-from pipeline.manifests import IndexManifest
-from pipeline.segments import (
+from pipeline.store.blocks import BlockFile, open_table
+from pipeline.store.cache import Lease, NodeCache
+from pipeline.store.docstore import DOCSTORE_FILES, TOKENS_FILES, Docstore, faiss_ids, split_ids
+from pipeline.store.layout import published_version, read_index_manifest
+from pipeline.store.manifests import IndexManifest
+from pipeline.store.segments import (
     IVF_FILE,
     KEYS_FILE,
     REFINE_FILES,
@@ -38,8 +39,8 @@ from pipeline.segments import (
     search_parameters,
     segments_of,
 )
-from pipeline.snapshots import read_npy_file
-from pipeline.storage import Storage
+from pipeline.store.snapshots import read_npy_file
+from pipeline.store.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +111,9 @@ def load_published(
     shard: tuple[int, int] = (0, 1),
     nprobe: int | None = None,
 ) -> PublishedIndex:
-    """Lease the version in the node cache (`pipeline.cache`), fetch what it lists that the cache lacks, check every
-    file's sha256 against the manifest, then open it; the lease is the index's until `release`. FAISS and Arrow never
-    parse an unverified file (FAISS's reader is not safe on untrusted input). With `shard` = (i, n), only the
+    """Lease the version in the node cache (`pipeline.store.cache`), fetch what it lists that the cache lacks, check
+    every file's sha256 against the manifest, then open it; the lease is the index's until `release`. FAISS and Arrow
+    never parse an unverified file (FAISS's reader is not safe on untrusted input). With `shard` = (i, n), only the
     segments `assign_segments` gives shard i (and the quantizer and tombstones). `nprobe` searches more or fewer
     lists than the manifest's (None: the manifest's, the one its recall was measured at)."""
     cache = cache if isinstance(cache, NodeCache) else NodeCache(cache)
@@ -139,7 +140,7 @@ def _open_published(
     listed = segments_of(manifest)
     owner = assign_segments(listed, shards)
     segments = [s for s in listed if owner[s.seq] == number]
-    if shards == 1:  # everything but the BM25 index (pipeline.lexical loads that)
+    if shards == 1:  # everything but the BM25 index (pipeline.store.lexical loads that)
         lexical = set((manifest.lexical or {}).values())
         needed = [entry for entry in manifest.files if entry.name not in lexical]
     else:

@@ -7,7 +7,7 @@ the night removes or replaces (by the 64-bit key of their id), adds the new ones
 new files are uploaded; corpus statistics (IDF, average length) stay corpus-wide across segments, which
 per-segment BM25 matrices cannot do. It holds no text: each passage is its 64-bit key (indexed, for deletes, and a
 fast field, to read per hit) and its BM25 body (title and text, stemmed, frequencies without positions: BM25 needs
-none); a hit's text and token ids are read from the version's docstores (`pipeline.docstore`), the files the dense
+none); a hit's text and token ids are read from the version's docstores (`pipeline.store.docstore`), the files the dense
 side reads, so a replica holds each passage's text once. Versions built before this (`lexical_format` 1) stored
 id, title and text in tantivy and still serve from them.
 
@@ -34,16 +34,16 @@ import numpy as np
 import pyarrow as pa
 import tantivy
 
-from pipeline.cache import VIEWS, Lease, NodeCache, fetch_verified
-from pipeline.docstore import Docstore
 from pipeline.errors import PipelineError
-from pipeline.keys import keys_of
-from pipeline.manifests import FileEntry, IndexManifest
 from pipeline.primitives import Hit
-from pipeline.published import load_docstore
-from pipeline.segments import upload_once
-from pipeline.snapshots import Link, LiveEmbeddings
-from pipeline.storage import Storage, sha256_file
+from pipeline.store.cache import VIEWS, Lease, NodeCache, fetch_verified
+from pipeline.store.docstore import Docstore
+from pipeline.store.keys import keys_of
+from pipeline.store.manifests import FileEntry, IndexManifest
+from pipeline.store.published import load_docstore
+from pipeline.store.segments import upload_once
+from pipeline.store.snapshots import Link, LiveEmbeddings
+from pipeline.store.storage import Storage, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ def build_lexical_task(
 
 def load_lexical(storage: Storage, manifest: IndexManifest, cache: NodeCache | str) -> LexicalIndex | None:
     """A published version's BM25 index and (`lexical_format` 2) the docstores its hits are read from, leased in the
-    node cache (`pipeline.cache`) and every file checked against its sha256 first; None when it has none."""
+    node cache (`pipeline.store.cache`) and every file checked against its sha256 first; None when it has none."""
     if not manifest.lexical:
         return None
     cache = cache if isinstance(cache, NodeCache) else NodeCache(cache)

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
-from pipeline.storage import resolve
+from pipeline.store.storage import resolve
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import PipelineError, StorageError
-from pipeline.manifests import FileEntry, Manifest
+from pipeline.store.manifests import FileEntry, Manifest
 
 log = logging.getLogger(__name__)
 

@@ -22,17 +22,16 @@ import functools
 import logging
 import posixpath
 import time
-import urllib.error
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import history
 from pipeline.config import PipelineConfig, RetainConfig
-from pipeline.errors import PipelineError
-from pipeline.layout import EMBEDDINGS, INDEX_MANIFEST, INDEXES, PASSAGES, read_latest
-from pipeline.manifests import IndexManifest, PassageManifest
-from pipeline.storage import MANIFEST_NAME, Storage, StoredObject
+from pipeline.ops import history
+from pipeline.ops.client import AppClient
+from pipeline.store.layout import EMBEDDINGS, INDEX_MANIFEST, INDEXES, PASSAGES, read_latest
+from pipeline.store.manifests import IndexManifest, PassageManifest
+from pipeline.store.storage import MANIFEST_NAME, Storage, StoredObject
 
 log = logging.getLogger(__name__)
 
@@ -188,49 +187,11 @@ def _epoch(iso: str) -> float:
     return (stamp if stamp.tzinfo else stamp.replace(tzinfo=dt.timezone.utc)).timestamp()
 
 
-def held_by_app(config: PipelineConfig) -> set[str]:
-    """The versions a running app is set to, answers from and holds: its Serve config (the ingress's
-    `user_config`) at `nightly.serve_address`, and its `/v1/index` (empty without a serve address). An app that
-    cannot be asked is an error: deleting what it may hold is not a risk worth taking."""
-    from pipeline.nightly import INGRESS, _http_json, app_url, auth_headers
-
-    night = config.nightly
-    if not night.serve_address:
-        return set()
-    held = set()
-    try:
-        details = _http_json("GET", f"{night.serve_address.rstrip('/')}/api/serve/applications/")
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise PipelineError(f"cannot ask Serve at nightly.serve_address ({exc}): nothing deleted") from None
-    app = details.get("applications", {}).get(night.serve_app)
-    if app is None:
-        return held
-    for deployment in (app.get("deployed_app_config") or {}).get("deployments", []):
-        if deployment.get("name") == INGRESS:
-            held.add((deployment.get("user_config") or {}).get("index_version"))
-    url = app_url(config)
-    try:
-        info = _http_json("GET", f"{url}/v1/index", headers=auth_headers(config), timeout=30)
-    except urllib.error.HTTPError as exc:  # a 503 while a version moves in still says what each part holds
-        info = _json_body(exc)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise PipelineError(f"cannot ask the app at {url} what it holds ({exc}): nothing deleted") from None
-    held |= {info.get("index_version"), info.get("target")}
-    held |= {version for versions in (info.get("held") or {}).values() for version in versions}
-    return {version for version in held if version}
-
-
-def _json_body(exc: urllib.error.HTTPError) -> dict[str, Any]:
-    from pipeline.nightly import _json_or_empty
-
-    return _json_or_empty(exc.read()[:100_000].decode(errors="replace"))
-
-
 def run_gc(config: PipelineConfig, dry_run: bool = False) -> dict[str, Any]:
     """Plan and (unless `dry_run`) delete; the summary says what went, what stays and why."""
     storage = Storage(config.storage.root, config.storage.options)
     started = time.monotonic()
-    held = held_by_app(config)
+    held = AppClient.of(config).held()
     plan = plan_gc(collect(storage), config.retain, held, time.time())
     if not dry_run:
         storage.delete_many(plan.delete)

@@ -3,7 +3,7 @@ stored them, the reader's token ids of each passage, memory-mapped, addressed by
 by passage key. The dense shards and the BM25 deployment read the same files, so a replica's disk holds each
 passage's text once (no torch or tantivy here).
 
-Both are block files (`pipeline.blocks`: zstd blocks of 8 rows, a hit decompresses its own), `docstore.zst` and
+Both are block files (`pipeline.store.blocks`: zstd blocks of 8 rows, a hit decompresses its own), `docstore.zst` and
 `reader_ids.zst`; versions built before them have uncompressed Arrow IPC files (`docstore.arrow`, `reader_ids.arrow`),
 read as they were.
 
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from pipeline.blocks import BlockFile
 from pipeline.errors import PipelineError
+from pipeline.store.blocks import BlockFile
 
 DOCSTORE_FILE, TOKENS_FILE = "docstore.zst", "reader_ids.zst"
 ARROW_DOCSTORE_FILE, ARROW_TOKENS_FILE = "docstore.arrow", "reader_ids.arrow"  # versions before block files

@@ -29,12 +29,12 @@ from tqdm import tqdm
 
 from pipeline.config import PipelineConfig
 from pipeline.errors import InputError, PipelineError
-from pipeline.layout import published_version
-from pipeline.lexical import fuse, load_lexical
-from pipeline.published import load_published
-from pipeline.snapshots import LiveEmbeddings, embedding_chain
-from pipeline.storage import Storage, resolve
-from pipeline.text_encoder import TextEncoder, question_settings
+from pipeline.models.text_encoder import TextEncoder, question_settings
+from pipeline.store.layout import published_version
+from pipeline.store.lexical import fuse, load_lexical
+from pipeline.store.published import load_published
+from pipeline.store.snapshots import LiveEmbeddings, embedding_chain
+from pipeline.store.storage import Storage, resolve
 
 log = logging.getLogger(__name__)
 

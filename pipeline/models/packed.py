@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.text_encoder import TextEncoder, Tokens
+from pipeline.models.text_encoder import TextEncoder, Tokens
 
 
 def dpr_encoder(model: torch.nn.Module) -> torch.nn.Module | None:

@@ -20,14 +20,14 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from pipeline.config import IngestConfig, PipelineConfig
-from pipeline.corpus import BadRows, InputFile, content_hash, list_input_files, read_passages
 from pipeline.errors import InputError, PipelineError
-from pipeline.keys import content_keys, id_hash
-from pipeline.layout import PASSAGES, point_latest, snapshot_dir
-from pipeline.manifests import FileEntry, PassageManifest
+from pipeline.ingest.corpus import BadRows, InputFile, content_hash, list_input_files, read_passages
 from pipeline.primitives import IngestSummary
-from pipeline.shards import CONTENT_HASH, PASSAGE_SCHEMA
-from pipeline.snapshots import (
+from pipeline.store.keys import content_keys, id_hash
+from pipeline.store.layout import PASSAGES, point_latest, snapshot_dir
+from pipeline.store.manifests import FileEntry, PassageManifest
+from pipeline.store.shards import CONTENT_HASH, PASSAGE_SCHEMA
+from pipeline.store.snapshots import (
     TOMBSTONES_NAME,
     Link,
     npy_bytes,
@@ -35,7 +35,7 @@ from pipeline.snapshots import (
     read_shard_keys,
     removed_later,
 )
-from pipeline.storage import Storage, parquet_bytes, read_parquet_bytes
+from pipeline.store.storage import Storage, parquet_bytes, read_parquet_bytes
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def _ingest_sequential(files: list[InputFile], config: PipelineConfig, base: Bas
 def _ingest_parallel(files: list[InputFile], config: PipelineConfig, base: BaseKeys | None) -> list[FileResult]:
     import ray
 
-    from pipeline.raycluster import connect, task_error
+    from pipeline.runtime.raycluster import connect, task_error
 
     connect()
     task = ray.remote(num_cpus=1, max_retries=3)(ingest_file)

@@ -1,4 +1,4 @@
-"""The reader's token ids of each passage, computed once when a segment is built (`pipeline.docstore` reads them):
+"""The reader's token ids of each passage, computed once when a segment is built (`pipeline.store.docstore` reads them):
 tokenizing 100 passages per question costs a CPU core ~150 ms, longer than a GPU's forward pass over them. (Arrow
 is imported where it is used: the reader imports this module on GPU machines that may lack it.)"""
 
@@ -25,12 +25,12 @@ class ReaderTokenizer:
     def __init__(self, model: str):
         from transformers import AutoTokenizer
 
-        from pipeline.text_encoder import resolve_model_path
+        from pipeline.models.text_encoder import resolve_model_path
 
         self.model = model
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model), use_fast=True)
         self.fingerprint = fingerprint(self.tokenizer)
-        from pipeline.docstore import tokens_schema
+        from pipeline.store.docstore import tokens_schema
 
         self.schema = tokens_schema(len(self.tokenizer))
 

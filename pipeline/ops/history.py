@@ -30,11 +30,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
-from pipeline.layout import HISTORY, embeddings_dir, history_record, read_index_manifest, snapshot_dir
-from pipeline.manifests import EmbeddingManifest, IndexManifest, PassageManifest
 from pipeline.primitives import BuildMode, BuildSummary, EncodeSummary, IngestSummary, RunKind
-from pipeline.storage import Storage
-from pipeline.telemetry import PhaseTimer
+from pipeline.runtime.telemetry import PhaseTimer
+from pipeline.store.layout import HISTORY, embeddings_dir, history_record, read_index_manifest, snapshot_dir
+from pipeline.store.manifests import EmbeddingManifest, IndexManifest, PassageManifest
+from pipeline.store.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class BytesWritten(_Closed):
 
 
 class Retention(_Closed):
-    """What a retention step did (`pipeline.retention`): a night's last step, or `jobs.gc`."""
+    """What a retention step did (`pipeline.ops.retention`): a night's last step, or `jobs.gc`."""
 
     kept_versions: list[str] = []
     dropped_versions: list[str] = []
@@ -347,7 +347,7 @@ def build_entry(
 
 
 def retention_of(summary: dict[str, Any] | None, error: BaseException | None = None, config=None) -> Retention:
-    """A retention step's record from `pipeline.retention.run_gc`'s summary, or its failure."""
+    """A retention step's record from `pipeline.ops.retention.run_gc`'s summary, or its failure."""
     if summary is None:
         return Retention(store_bytes=0, error=error_message(error, config) if error is not None else None)
     return Retention(

@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.errors import InputError, PipelineError, StorageError
-from pipeline.manifests import FileEntry
-from pipeline.storage import Storage, read_parquet_bytes
+from pipeline.store.manifests import FileEntry
+from pipeline.store.storage import Storage, read_parquet_bytes
 
 PASSAGE_SCHEMA = pa.schema(
     [("id", pa.string()), ("title", pa.string()), ("text", pa.string()), ("content_hash", pa.string())]

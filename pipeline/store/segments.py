@@ -1,5 +1,5 @@
 """The segmented index format: its files, writing a segment, and the search primitives over one (no torch here:
-serving imports it; `pipeline.published` loads a published version for search).
+serving imports it; `pipeline.store.published` loads a published version for search).
 
 A version (`indexes/<version>/manifest.json`) lists, by sha256, everything it needs, named relative to `indexes/`:
 - one trained, empty FAISS index: `quantizers/<sha>.faiss` (OPQ rotation, coarse centroids, PQ codebooks), stored
@@ -8,7 +8,7 @@ A version (`indexes/<version>/manifest.json`) lists, by sha256, everything it ne
   vectors (`Sq8`), trained on the quantizer's training sample (the manifest's `sq8`);
 - its segments, immutable and content-addressed: `segments/<seq>-<hash>/` with `ivf.bin` (FAISS inverted lists
   only: codes and ids), `docstore.zst` (id, title, text; row i = the segment's row i, in zstd blocks of a few rows:
-  `pipeline.blocks`), `keys.npy` (the 64-bit key of each row's passage id, to find rows to tombstone), the kept
+  `pipeline.store.blocks`), `keys.npy` (the 64-bit key of each row's passage id, to find rows to tombstone), the kept
   vectors unless built with `index.keep_vectors: false` (`vectors_sq8.npy`, a byte a dimension, or `vectors.npy` in
   fp16: a search re-scores its IVF-PQ candidates from them, memory-mapped, when asked for `refine_k` candidates) and
   the reader's token ids (`reader_ids.zst`). Versions built before block files have `docstore.arrow` and
@@ -37,8 +37,9 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
-from pipeline.blocks import BlockWriter
-from pipeline.docstore import (
+from pipeline.errors import PipelineError
+from pipeline.store.blocks import BlockWriter
+from pipeline.store.docstore import (
     ARROW_DOCSTORE_FILE,
     ARROW_TOKENS_FILE,
     DOCSTORE_FILE,
@@ -48,11 +49,10 @@ from pipeline.docstore import (
     faiss_ids,
     split_ids,
 )
-from pipeline.errors import PipelineError
-from pipeline.keys import keys_of
-from pipeline.manifests import FileEntry, IndexManifest
-from pipeline.snapshots import npy_bytes
-from pipeline.storage import Storage, sha256_file
+from pipeline.store.keys import keys_of
+from pipeline.store.manifests import FileEntry, IndexManifest
+from pipeline.store.snapshots import npy_bytes
+from pipeline.store.storage import Storage, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +309,7 @@ class VectorWriter:
 class SegmentWriter:
     """Adds vectors to a copy of the trained quantizer under ids `seq << 40 | row`, and writes the docstore part,
     the keys, (with `keep_vectors`) the vectors, in fp16 or as `sq8` codes, and (with a `tokenizer`, a
-    `pipeline.tokens.ReaderTokenizer`) the reader's token ids in the same row order."""
+    `pipeline.models.tokens.ReaderTokenizer`) the reader's token ids in the same row order."""
 
     def __init__(
         self,

@@ -6,7 +6,7 @@ pointers (`passages/LATEST`, `indexes/LATEST`), which are moved only after the m
     indexes/quantizers/, indexes/segments/  shared, content-addressed
     indexes/<version>/manifest.json         an index version (and its tombstones.npy)
     nightly/<snapshot>.json                 what a night diffs against
-    nightly/history/<when>-<kind>-<id>.json one record per night, build or compaction (pipeline.history)
+    nightly/history/<when>-<kind>-<id>.json one record per night, build or compaction (pipeline.ops.history)
     nightly/report.html                     `jobs.report`'s default output when storage.root is local
 """
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 import posixpath
 
 from pipeline.errors import PipelineError
-from pipeline.manifests import IndexManifest
-from pipeline.storage import Storage
+from pipeline.store.manifests import IndexManifest
+from pipeline.store.storage import Storage
 
 PASSAGES, EMBEDDINGS, INDEXES = "passages", "embeddings", "indexes"
 INDEX_MANIFEST = "manifest.json"

@@ -22,11 +22,11 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.errors import InputError, PipelineError
-from pipeline.keys import content_keys, keys_of
-from pipeline.layout import embeddings_dir, snapshot_dir
-from pipeline.manifests import EmbeddingManifest, PassageManifest
-from pipeline.shards import embedding_matrix, read_passage_shard, read_shard
-from pipeline.storage import Storage
+from pipeline.store.keys import content_keys, keys_of
+from pipeline.store.layout import embeddings_dir, snapshot_dir
+from pipeline.store.manifests import EmbeddingManifest, PassageManifest
+from pipeline.store.shards import embedding_matrix, read_passage_shard, read_shard
+from pipeline.store.storage import Storage
 
 TOMBSTONES_NAME = "_tombstones.npy"
 MAX_CHAIN = 1000  # a guard against a cycle of bases, far above any configured nightly.max_chain
@@ -37,7 +37,7 @@ def read_shard_keys(storage: Storage, directory: str, name: str) -> tuple[np.nda
     vectors stay on the store)."""
     import pyarrow.parquet as pq
 
-    from pipeline.storage import pyarrow_filesystem
+    from pipeline.store.storage import pyarrow_filesystem
 
     fs, root = pyarrow_filesystem(storage.root_url, storage.options)
     try:

@@ -1,7 +1,11 @@
 """One typed configuration per deployment, loaded from YAML plus `--set dotted.key=value` overrides.
 
-Every job reads the sections it needs (`pipeline.sections`) from the same file, so a deployment is described once.
-Unknown keys are errors, each named.
+Every job reads the sections it needs (`pipeline.config.sections`) from the same file, so a deployment is described
+once. Unknown keys are errors, each named.
+
+The configuration package: this loading, the sections' models (`sections.py`), the Serve config's settings
+(`serve.py`) and the reference pages written from them (`reference.py`). Imports `pipeline.errors` and
+`pipeline.primitives` only, beside its own modules.
 """
 
 from __future__ import annotations
@@ -13,8 +17,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError
 
-from pipeline.errors import ConfigError
-from pipeline.sections import (
+from pipeline.config.sections import (
     CREDENTIAL_KEYS,
     Autoscaling,
     EncodeConfig,
@@ -27,6 +30,7 @@ from pipeline.sections import (
     ServeConfig,
     StorageConfig,
 )
+from pipeline.errors import ConfigError
 
 __all__ = [
     "CREDENTIAL_KEYS",

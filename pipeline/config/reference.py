@@ -1,4 +1,4 @@
-"""The reference pages written from the code (`python -m jobs.docs`): the configuration from `pipeline.sections`'
+"""The reference pages written from the code (`python -m jobs.docs`): the configuration from `pipeline.config.sections`'
 models, the HTTP API from the app's OpenAPI schema. Pure: models and a schema in, Markdown out, so a test can
 say when a committed page no longer matches the code."""
 

@@ -36,8 +36,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from pipeline.errors import PipelineError
-from pipeline.manifests import FileEntry
-from pipeline.storage import Storage, sha256_file
+from pipeline.store.manifests import FileEntry
+from pipeline.store.storage import Storage, sha256_file
 
 log = logging.getLogger(__name__)
 
