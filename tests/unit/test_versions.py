@@ -28,9 +28,11 @@ class Loader:
 
 
 def _settle(versions: Versions, name: str) -> None:
+    """Until `name` is held or refused and its load's `on_change` has run (after the lock, on the load thread)."""
     deadline = time.monotonic() + 10
     while name not in versions.held and name not in versions.refused() and time.monotonic() < deadline:
         time.sleep(0.01)
+    versions._pool.submit(lambda: None).result(10)  # the one load thread: what it was running has finished
 
 
 def _recording(freed: list, dropped: list):
