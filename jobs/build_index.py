@@ -4,11 +4,9 @@ publishes a version (or fails) is recorded in the history (`nightly/history/`, `
 ray job submit --working-dir . -- python -m jobs.build_index --config configs/wiki21m.yaml
 """
 
-import sys
-
 from pipeline.index.job import run_build_index
 from pipeline.ops.history import recorded
-from pipeline.runtime.cli import run_job
+from pipeline.runtime.cli import exit_process, run_job
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,4 +14,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -5,11 +5,9 @@ nightly does this by itself past index.max_segments / index.max_tombstone_fracti
     ray job submit --working-dir . -- python -m jobs.compact --config configs/wiki21m.yaml
 """
 
-import sys
-
 from pipeline.index.job import run_compact
 from pipeline.ops.history import recorded
-from pipeline.runtime.cli import run_job
+from pipeline.runtime.cli import exit_process, run_job
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,4 +15,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -14,7 +14,6 @@ import importlib
 import inspect
 import logging
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from pipeline.ingest.demo_corpus import WORDS_PER_PASSAGE, write_demo_corpus
 from pipeline.ops.evaluate import run_evaluate
 from pipeline.ops.nightly import run_nightly
 from pipeline.ops.report import run_report
-from pipeline.runtime.cli import run_job
+from pipeline.runtime.cli import exit_process, run_job
 from pipeline.serve.local import ask_once
 
 log = logging.getLogger("jobs.demo")
@@ -145,4 +144,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

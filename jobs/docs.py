@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 from pipeline.config import PipelineConfig, ServeConfig
 from pipeline.config.reference import api_page, configuration_page
+from pipeline.runtime.cli import exit_process
 from pipeline.serve.examples import EXAMPLES
 from pipeline.serve.metrics import Metrics
 from pipeline.serve.routes import build_api
@@ -79,4 +79,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

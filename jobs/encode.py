@@ -3,10 +3,8 @@
 ray job submit --working-dir . -- python -m jobs.encode --config configs/wiki21m.yaml
 """
 
-import sys
-
 from pipeline.encode.job import run_encode
-from pipeline.runtime.cli import run_job
+from pipeline.runtime.cli import exit_process, run_job
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,4 +12,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

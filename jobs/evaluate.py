@@ -3,10 +3,8 @@
 python -m jobs.evaluate --config configs/wiki21m.yaml --set evaluate.questions=s3://bucket/nq-test.qa.csv
 """
 
-import sys
-
 from pipeline.ops.evaluate import run_evaluate
-from pipeline.runtime.cli import run_job
+from pipeline.runtime.cli import exit_process, run_job
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,4 +12,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

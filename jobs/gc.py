@@ -8,11 +8,9 @@ snapshot chains; nothing younger than `retain.min_age_h`. A run that deletes is 
 `--dry-run` deletes nothing and lists what would go (`would_delete`) and how many bytes.
 """
 
-import sys
-
 from pipeline.config import argument_parser
 from pipeline.ops.retention import recorded_gc
-from pipeline.runtime.cli import run_job
+from pipeline.runtime.cli import exit_process, run_job
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,4 +22,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -3,10 +3,8 @@
 python -m jobs.ingest --config configs/wiki21m.yaml --set ingest.snapshot=2026-11-26
 """
 
-import sys
-
 from pipeline.ingest.job import run_ingest
-from pipeline.runtime.cli import run_job
+from pipeline.runtime.cli import exit_process, run_job
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,4 +12,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -4,10 +4,8 @@
         --set ingest.input=s3://bucket/psgs/2026-11-26/ --set nightly.serve_address=http://127.0.0.1:8265
 """
 
-import sys
-
 from pipeline.ops.nightly import run_nightly
-from pipeline.runtime.cli import run_job
+from pipeline.runtime.cli import exit_process, run_job
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,4 +13,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -8,11 +8,9 @@ Without `--out` the page goes to `<storage.root>/nightly/report.html` when the r
 `report.html` in the working directory; the summary line's `output` says where.
 """
 
-import sys
-
 from pipeline.config import argument_parser
 from pipeline.ops.report import DEFAULT_LAST, run_report
-from pipeline.runtime.cli import run_job
+from pipeline.runtime.cli import exit_process, run_job
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,4 +30,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -23,6 +23,7 @@ import yaml
 
 from pipeline.config.serve import with_settings
 from pipeline.errors import ConfigError
+from pipeline.runtime.cli import exit_process
 
 DEFAULT_SERVE_CONFIG = "configs/serve.yaml"
 
@@ -80,4 +81,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
