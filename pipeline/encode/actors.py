@@ -8,7 +8,7 @@ import logging
 import os
 import posixpath
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
@@ -16,12 +16,15 @@ import ray
 from pipeline.config import PipelineConfig
 from pipeline.encode.plan import Carry, ShardKeys
 from pipeline.errors import PipelineError
-from pipeline.models.text_encoder import EncoderSettings, PassageTokenizer, TextEncoder, Tokens
+from pipeline.models.settings import EncoderSettings
 from pipeline.runtime.raycluster import get
 from pipeline.store.manifests import FileEntry
 from pipeline.store.shards import embedding_matrix, embedding_table, read_passage_shard, read_shard
 from pipeline.store.snapshots import read_shard_keys
 from pipeline.store.storage import Storage, parquet_bytes
+
+if TYPE_CHECKING:
+    from pipeline.models.text_encoder import Tokens
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,8 @@ class TokenizerActor:
     ):
         self.storage = Storage(storage_root, options)
         self.max_shard_bytes = max_shard_bytes
+        from pipeline.models.text_encoder import PassageTokenizer  # torch: in the actor, not the job's driver
+
         self.tokenize = PassageTokenizer(settings)
 
     def ready(self) -> bool:
@@ -72,6 +77,8 @@ class EncoderActor:
 
     def __init__(self, settings: EncoderSettings, writer: WriterSettings):
         import torch
+
+        from pipeline.models.text_encoder import TextEncoder  # torch: in the actor, not the job's driver
 
         if not torch.cuda.is_available():
             torch.set_num_threads(writer.cpu_threads or len(os.sched_getaffinity(0)))

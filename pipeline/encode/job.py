@@ -26,7 +26,7 @@ from pipeline.encode.actors import ActorPool, WriterSettings, read_keys, start_a
 from pipeline.encode.plan import Carry, plan_carry_over, plan_shards
 from pipeline.encode.scheduler import ShardScheduler
 from pipeline.errors import InputError, PipelineError
-from pipeline.models.text_encoder import EncoderSettings
+from pipeline.models.settings import EncoderSettings
 from pipeline.primitives import EncodeSummary
 from pipeline.runtime.raycluster import connect, get
 from pipeline.store.layout import embeddings_dir, latest_snapshot, published_index

@@ -9,7 +9,6 @@ in fp32. Results come back in input order, equal to calling the model one passag
 from __future__ import annotations
 
 import hashlib
-import importlib
 import logging
 import re
 from collections.abc import Sequence
@@ -20,18 +19,9 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer, DPRContextEncoder, DPRQuestionEncoder
 
 from pipeline.errors import PipelineError
+from pipeline.models.settings import EncoderSettings, resolve_model_path
 
 log = logging.getLogger(__name__)
-
-PACKAGE_PREFIX = "python-package:"
-
-
-def resolve_model_path(model: str) -> str:
-    """`python-package:NAME` names a model shipped inside a pip package (offline demo); anything else is
-    passed to `from_pretrained` unchanged (a hub name or a path)."""
-    if model.startswith(PACKAGE_PREFIX):
-        return str(importlib.import_module(model[len(PACKAGE_PREFIX) :]).get_model_path())
-    return model
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -59,21 +49,6 @@ def plan_batches(lengths: Sequence[int], batch_tokens: int, max_batch_size: int)
         batches.append(order[start : start + size])
         start += size
     return batches
-
-
-@dataclass(frozen=True)
-class EncoderSettings:
-    """Everything that changes the vectors an encoder produces (and so names its output)."""
-
-    model: str
-    pooling: str = "dpr"
-    max_length: int = 256
-    normalize: bool = False
-    dtype: str = "auto"
-    question: bool = False  # DPR question encoder instead of the context encoder
-    # Run the weights in the compute dtype (bf16 LayerNorms and residuals too) rather than autocast over fp32
-    # weights: 1.45x the passages/s on an H200 at a min cosine of 0.9999 vs fp32 (benchmarks/gpu.py).
-    cast_weights: bool = False
 
 
 def load_model(settings: EncoderSettings) -> torch.nn.Module:

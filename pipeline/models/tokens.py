@@ -25,7 +25,7 @@ class ReaderTokenizer:
     def __init__(self, model: str):
         from transformers import AutoTokenizer
 
-        from pipeline.models.text_encoder import resolve_model_path
+        from pipeline.models.settings import resolve_model_path
 
         self.model = model
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model), use_fast=True)

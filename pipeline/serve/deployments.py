@@ -31,7 +31,7 @@ from pipeline.store.segments import footprint
 from pipeline.store.storage import Storage
 
 if TYPE_CHECKING:
-    from pipeline.models.text_encoder import EncoderSettings
+    from pipeline.models.settings import EncoderSettings
 
 log = logging.getLogger("ray.serve")
 
