@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -78,16 +79,18 @@ RAY_TEMP_DIRS: list[Path] = []  # the session Ray's logs live here (the secrets 
 
 
 @pytest.fixture(scope="session")
-def ray_address(tmp_path_factory) -> str:
+def ray_address() -> str:
     """One local Ray for the whole session; jobs started by tests join it through RAY_ADDRESS. Its dashboard
     (on RAY_DASHBOARD_PORT) serves the Serve REST API that the nightly job uses."""
-    temp_dir = tmp_path_factory.mktemp("ray")
+    # Short: Ray's socket paths under it must fit in 107 bytes, which pytest's temp dirs of xdist workers do not.
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray-"))
     RAY_TEMP_DIRS.append(temp_dir)
     cluster = LocalRay(temp_dir, num_cpus=2, dashboard_port=RAY_DASHBOARD_PORT)
     os.environ["RAY_ADDRESS"] = cluster.start()
     yield cluster.address
     os.environ["RAY_ADDRESS"] = "local"
     cluster.stop()
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -114,6 +117,36 @@ def qa_copy(store: Path, tmp: Path, models: dict[str, str], port: int, **serve) 
     app on `port`, `serve` its settings): a module changes its copy as it likes."""
     shutil.copytree(store, tmp / "store")
     return write_config(tmp / "c.yaml", tiny_qa_config(tmp, models, QA_ROWS, port, **serve))
+
+
+# The modules that take minutes, longest first (a full run's --durations): they start first, so that the workers
+# of `pytest -n 2` (make test) end together rather than one waiting on a long module started last.
+LONGEST_FIRST = [
+    "test_serve_shards.py",
+    "test_retention.py",
+    "test_serve.py",
+    "test_nightly.py",
+    "test_app_version.py",
+    "test_index.py",
+    "test_fuzz_http.py",
+    "test_serve_settings.py",
+    "test_encode_job.py",
+    "test_cluster_jobs.py",
+    "test_reliability.py",
+    "test_autoscaling.py",
+    "test_docs_commands.py",
+    "test_evaluate.py",
+    "test_ingest.py",
+    "test_gpu_benchmark.py",
+]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items) -> None:
+    """Modules in LONGEST_FIRST order, then the rest as collected; the order within each module is left alone
+    (pytest-randomly's, with its seed)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def pytest_terminal_summary(terminalreporter, config) -> None:
