@@ -20,6 +20,9 @@ def replicas(app: str, deployment: str) -> list:
     return list_actors(filters=[("class_name", "=", f"ServeReplica:{app}:{deployment}"), ("state", "=", "ALIVE")])
 
 
+PAUSE_S = 0.05  # between a client's requests: concurrent clients, not a saturated CPU the other tests share
+
+
 def kill_one_replica_under_load(url: str, app: str, deployment: str) -> list[int]:
     """Three clients search `url` while one replica of `deployment` is SIGKILLed; returns every status once Serve
     has replaced it (or after 90 s)."""
@@ -33,6 +36,7 @@ def kill_one_replica_under_load(url: str, app: str, deployment: str) -> list[int
                 statuses.append(r.status_code)
             except requests.RequestException:
                 statuses.append(0)
+            time.sleep(PAUSE_S)
 
     threads = [threading.Thread(target=client) for _ in range(3)]
     try:

@@ -43,6 +43,15 @@ def encoded(tmp_path_factory, tiny_models, s3_endpoint, ray_address):
     return {"config": config, "fs": fs, "storage": Storage("s3://idx/root", {"endpoint_url": s3_endpoint}), "tmp": tmp}
 
 
+@pytest.fixture(scope="module")
+def built(encoded) -> dict:
+    """The version `jobs.build_index` publishes with the module's config (a rerun finds it: the name is a hash of
+    its inputs), for the tests that damage or read a published version's files."""
+    run = run_job("build_index", encoded["config"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.summary
+
+
 def _latest(fs):
     fs.invalidate_cache()
     return fs.cat_file("idx/root/indexes/LATEST").decode().strip() if fs.exists("idx/root/indexes/LATEST") else None
@@ -156,10 +165,8 @@ def test_memory_estimate_refuses_before_building(encoded):
         ("manifest.json", "truncate", "unreadable manifest"),
     ],
 )
-def test_tampered_files_are_refused_before_read_index(encoded, name, damage, expected):
-    run = run_job("build_index", encoded["config"])
-    assert run.returncode == 0, run.stderr[-3000:]
-    fs, version = encoded["fs"], run.summary["version"]
+def test_tampered_files_are_refused_before_read_index(encoded, built, name, damage, expected):
+    fs, version = encoded["fs"], built["version"]
     listed = json.loads(fs.cat_file(f"idx/root/indexes/{version}/manifest.json"))["files"]
     relative = (
         f"{version}/{name}" if name == "manifest.json" else next(e["name"] for e in listed if e["name"].endswith(name))
@@ -177,10 +184,8 @@ def test_tampered_files_are_refused_before_read_index(encoded, name, damage, exp
 
 
 @pytest.mark.reliability
-def test_the_bm25_index_is_published_with_the_version_and_a_tampered_file_is_refused(encoded):
-    run = run_job("build_index", encoded["config"])
-    assert run.returncode == 0, run.stderr[-3000:]
-    fs, storage, version = encoded["fs"], encoded["storage"], run.summary["version"]
+def test_the_bm25_index_is_published_with_the_version_and_a_tampered_file_is_refused(encoded, built):
+    fs, storage, version = encoded["fs"], encoded["storage"], built["version"]
     manifest = load_published(storage, version, str(encoded["tmp"] / "cache-bm25")).manifest
     assert manifest.lexical and set(manifest.lexical.values()) <= {e.name for e in manifest.files}
     lexical = load_lexical(storage, manifest, str(encoded["tmp"] / "cache-bm25"))
@@ -415,7 +420,7 @@ def test_the_driver_of_a_distributed_build_does_not_grow_with_the_corpus(tmp_pat
     assert spread < 0.25 * codes, growth
 
 
-def test_a_version_built_before_the_bm25_and_token_id_change_still_serves_the_same_answers(encoded, tmp_path):
+def test_a_version_built_before_the_bm25_and_token_id_change_still_serves_the_same_answers(encoded, built, tmp_path):
     """A version as the release before published it (BM25 with id, title and text stored, `lexical_format` 1; no
     token ids): its sparse hits, read from tantivy's stored fields, equal the current version's, read from the
     docstores (positions were never part of BM25's scores), and its dense hits come without token ids."""
@@ -423,9 +428,7 @@ def test_a_version_built_before_the_bm25_and_token_id_change_still_serves_the_sa
     from pipeline.store.lexical import object_name
     from pipeline.store.segments import TOKENS_FILE, upload_once
 
-    run = run_job("build_index", encoded["config"])
-    assert run.returncode == 0, run.stderr[-3000:]
-    storage, version = encoded["storage"], run.summary["version"]
+    storage, version = encoded["storage"], built["version"]
     current = load_published(storage, version, str(tmp_path / "cache"))
     ids, _ = current.live_ids()
     table = current.passages(ids)

@@ -20,7 +20,7 @@ from pipeline.store.published import load_published
 from pipeline.store.storage import Storage
 from tests.conftest import QA_ROWS as ROWS
 from tests.conftest import TEST_API_KEY, qa_copy
-from tests.serving import QUESTIONS, answers_from, kill_one_replica_under_load, replicas
+from tests.serving import PAUSE_S, QUESTIONS, answers_from, kill_one_replica_under_load, replicas
 
 pytestmark = pytest.mark.ray
 
@@ -59,6 +59,18 @@ def _deploy(config):
     from pipeline.serve.app import build_app
 
     serve.run(build_app(config), name="qa", route_prefix="/")
+
+
+def _app(qa, name: str, **settings) -> str:
+    """A search-only app (no reader) of the published version on its own route, beside the module's: its URL."""
+    from ray import serve
+
+    from pipeline.serve.app import build_app
+
+    settings = {"index_version": _latest(qa), "reader_model": None, **settings}
+    config = qa["config"].model_copy(update={"serve": qa["config"].serve.model_copy(update=settings)})
+    serve.run(build_app(config), name=name, route_prefix=f"/{name}")
+    return f"{qa['url']}/{name}"
 
 
 def _latest(qa):
@@ -184,6 +196,7 @@ def test_hot_swap_under_load(qa):
                 by_client[number].append(seen[-1] if r.status_code == 200 else "failed")
             except requests.RequestException as exc:
                 failures.append(repr(exc))
+            time.sleep(PAUSE_S)
 
     threads = [threading.Thread(target=client, args=(number,)) for number in range(3)]
     for thread in threads:
@@ -278,31 +291,24 @@ def test_a_version_of_the_release_before_block_files_serves_the_same_answers(qa)
 
 
 def test_api_key_when_configured(qa):
-    keyed = qa["config"].model_copy(
-        update={
-            "serve": qa["config"].serve.model_copy(
-                update={"api_key_env": "QA_TEST_API_KEY", "index_version": _latest(qa)}
-            )
-        }
-    )
-    _deploy(keyed)
+    """An app whose settings name the key's variable (on its own route, beside the open one) answers 401 without
+    the key or with a wrong one, 200 with it, and its health check needs none."""
+    from ray import serve
+
+    url = _app(qa, "keyed", api_key_env="QA_TEST_API_KEY")
     try:
-        url = f"{qa['url']}/v1/search"
         body = {"questions": ["garden"], "k": 1}
-        assert requests.post(url, json=body, timeout=30).status_code == 401
-        wrong = requests.post(url, json=body, headers={"Authorization": "Bearer nope"}, timeout=30)
+        assert requests.post(f"{url}/v1/search", json=body, timeout=30).status_code == 401
+        wrong = requests.post(f"{url}/v1/search", json=body, headers={"Authorization": "Bearer nope"}, timeout=30)
         assert wrong.status_code == 401 and wrong.json()["error"] == "missing or wrong API key"
         assert wrong.json()["request_id"] == wrong.headers["x-request-id"]
         assert wrong.headers["www-authenticate"] == "Bearer"
-        ok = requests.post(url, json=body, headers={"Authorization": f"Bearer {TEST_API_KEY}"}, timeout=30)
-        assert ok.status_code == 200
-        assert requests.get(f"{qa['url']}/healthz", timeout=10).status_code == 200
+        key = {"Authorization": f"Bearer {TEST_API_KEY}"}
+        assert requests.post(f"{url}/v1/search", json=body, headers=key, timeout=30).status_code == 200
+        assert requests.get(f"{url}/healthz", timeout=10).status_code == 200
+        assert requests.post(f"{qa['url']}/v1/search", json=body, timeout=30).status_code == 200  # the open app
     finally:
-        _deploy(
-            qa["config"].model_copy(
-                update={"serve": qa["config"].serve.model_copy(update={"index_version": _latest(qa)})}
-            )
-        )
+        serve.delete("keyed")
 
 
 @pytest.mark.reliability
@@ -352,17 +358,15 @@ def test_a_replica_killed_under_load_costs_at_most_one_percent(qa):
     Serve replaces the dead one (health checks)."""
     from ray import serve
 
-    two = qa["config"].serve.model_copy(update={"retriever_replicas": 2, "index_version": _latest(qa)})
-    _deploy(qa["config"].model_copy(update={"serve": two}))
-    statuses = kill_one_replica_under_load(qa["url"], "qa", "Retriever")
-    app_status = serve.status().applications["qa"]
-    assert app_status.deployments["Retriever"].status == "HEALTHY"
-    assert len(replicas("qa", "Retriever")) == 2
+    url = _app(qa, "kill2", retriever_replicas=2)
+    try:
+        statuses = kill_one_replica_under_load(url, "kill2", "Retriever")
+        assert serve.status().applications["kill2"].deployments["Retriever"].status == "HEALTHY"
+        assert len(replicas("kill2", "Retriever")) == 2
+    finally:
+        serve.delete("kill2")
     failed = [s for s in statuses if s != 200]
     assert len(statuses) >= 100 and len(failed) <= 0.01 * len(statuses), (len(statuses), failed)
-    _deploy(
-        qa["config"].model_copy(update={"serve": qa["config"].serve.model_copy(update={"index_version": _latest(qa)})})
-    )
 
 
 def test_serve_config_file_names_the_app():

@@ -14,11 +14,12 @@ from kit.load import Load
 from kit.poll import until
 from pipeline.config import load_config
 from pipeline.models.text_encoder import EncoderSettings, TextEncoder
+from pipeline.ops.client import AppClient
 from pipeline.store.manifests import IndexManifest
 from pipeline.store.published import load_published
 from pipeline.store.storage import Storage
-from tests.conftest import qa_copy
-from tests.serving import BODY, QUESTIONS, answers_from, kill_one_replica_under_load, replicas
+from tests.conftest import RAY_DASHBOARD_PORT, qa_copy
+from tests.serving import BODY, PAUSE_S, QUESTIONS, answers_from, kill_one_replica_under_load, replicas
 
 pytestmark = pytest.mark.ray
 
@@ -149,11 +150,8 @@ def test_a_swap_across_three_shards_under_load_fails_nothing_and_mixes_nothing(q
         # The timeout only tells a dead shard from a live one; here every shard lives, while the new version's
         # ingress and encoder replicas start beside three loading shards on CI's two cores.
         slow = {"shard_timeout_s": 60}
-        url = _sharded(qa, "swap", new, 3, **slow)
-        expected = {new: requests.post(f"{url}/v1/search", json=body, timeout=60).json()}
         url = _sharded(qa, "swap", old, 3, **slow)
-        expected[old] = requests.post(f"{url}/v1/search", json=body, timeout=60).json()
-        assert expected[old]["results"] != expected[new]["results"]
+        expected = {old: requests.post(f"{url}/v1/search", json=body, timeout=60).json()}
         answers, stop = [], threading.Event()
 
         def client():
@@ -161,6 +159,7 @@ def test_a_swap_across_three_shards_under_load_fails_nothing_and_mixes_nothing(q
             while not stop.is_set():
                 response = session.post(f"{url}/v1/search", json=body, timeout=60)
                 answers.append((response.status_code, response.json()))
+                time.sleep(PAUSE_S)
 
         threads = [threading.Thread(target=client) for _ in range(3)]
         for thread in threads:
@@ -174,8 +173,10 @@ def test_a_swap_across_three_shards_under_load_fails_nothing_and_mixes_nothing(q
         stop.set()
         for thread in threads:
             thread.join(timeout=60)
+        expected[new] = requests.post(f"{url}/v1/search", json=body, timeout=60).json()  # the app, moved
     finally:
         serve.delete("swap")
+    assert expected[new]["index_version"] == new and expected[old]["results"] != expected[new]["results"]
     assert [a for a in answers if a[0] != 200] == []
     assert {a[1]["index_version"] for a in answers} == {old, new}
     assert all(answer == expected[answer["index_version"]] for _, answer in answers)
@@ -186,24 +187,40 @@ MODES = ("dense", "sparse", "hybrid")
 
 @pytest.mark.reliability
 def test_three_shards_and_bm25_moved_ten_times_among_three_versions_under_load_fail_nothing(qa, segmented):
-    """Three shards and the BM25 deployment on one node share its cache: moved ten times among three versions that
-    share no segment or quantizer, with clients searching in every mode, no request fails (no part evicts a file
-    another part holds or is loading) and every answer equals, hit for hit, its version's answer in its mode."""
+    """Three shards and the BM25 deployment on one node share its cache: deployed from a config through the Serve
+    REST API and moved ten times among three versions that share no segment or quantizer as the nightly moves an app
+    (the ingress's user_config set in place: `AppClient.set_version`), each part letting go of a version a second
+    after the app moved on (serve.version_idle_s 1: its files go while other parts load theirs), with clients
+    searching in every mode: no request fails (no part evicts a file another part holds or is loading) and every
+    answer equals, hit for hit, its version's answer in its mode."""
     from ray import serve
 
-    slow = {"shard_timeout_s": 60}
+    url = f"{qa['url']}/moves"
+    client = AppClient(url, f"http://127.0.0.1:{RAY_DASHBOARD_PORT}", "moves")
+    settings = {"shards": 3, "reader_model": "null", "encoder_cpus": 0.1, "retriever_cpus": 0.1}
+    settings |= {"shard_timeout_s": 60, "version_idle_s": 1}
+    app = {
+        "name": "moves",
+        "route_prefix": "/moves",
+        "import_path": "pipeline.serve.app:app",
+        "args": {"config": str(qa["config_path"]), "set": [f"serve.{key}={value}" for key, value in settings.items()]},
+        "deployments": [{"name": "QAService", "user_config": {"index_version": segmented[0]}}],
+    }
+    running = client.serve_details()
     expected = {}
     try:
+        client.deploy({"http_options": running["http_options"], "applications": [app]})
         for version in segmented:
-            url = _sharded(qa, "moves", version, 3, **slow)
-            until(lambda v=version, u=url: answers_from(u, v), 90, 0.2, f"the app answering from {version}")
+            client.set_version(version)
+            until(lambda v=version: answers_from(url, v), 90, 0.2, f"the app answering from {version}")
             for mode in MODES:
                 answer = requests.post(f"{url}/v1/search", json={**BODY, "mode": mode}, timeout=60).json()
                 expected[(version, mode)] = answer["results"]
-        with Load(f"{url}/v1/search", 3, lambda client, turn: {**BODY, "mode": MODES[(client + turn) % 3]}) as load:
+        modes = lambda client, turn: {**BODY, "mode": MODES[(client + turn) % 3]}  # noqa: E731
+        with Load(f"{url}/v1/search", 3, modes, pause_s=PAUSE_S) as load:
             for move in range(10):
                 version = segmented[move % 3]
-                _sharded(qa, "moves", version, 3, **slow)
+                client.set_version(version)
                 moved = lambda v=version: load.answers and load.answers[-1].body.get("index_version") == v  # noqa: E731
                 until(moved, 90, 0.2, f"move {move}")
     finally:
