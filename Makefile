@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip --disable-pip-version-check -q
 PARALLEL := -n 2 --dist loadfile --no-loadscope-reorder
 
-.PHONY: venv test unit demo docs clean
+.PHONY: venv test unit bytecode demo docs clean
 
 venv: $(STAMP)
 
@@ -23,14 +23,19 @@ $(STAMP): pyproject.toml
 
 # Lint and format check first (ruff, configured in pyproject.toml), then the suite on two workers (pytest-xdist):
 # each module runs whole on one worker (its own Ray and S3 server), the longest modules first (tests/conftest.py).
-test: $(STAMP)
+test: $(STAMP) bytecode
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q $(PARALLEL)
 
 # The tests that need no S3 server, Ray, Serve or model: under a minute.
-unit: $(STAMP)
+unit: $(STAMP) bytecode
 	$(PY) -m pytest -q $(PARALLEL) tests/unit
+
+# The project's bytecode, written once: with PYTHONDONTWRITEBYTECODE set (as on CI's machine) every process the suite
+# starts (jobs, Ray workers, Serve replicas: hundreds) would compile pipeline/ again, 0.3 CPU-s each.
+bytecode: $(STAMP)
+	$(PY) -m compileall -q -j 0 pipeline jobs kit benchmarks tests
 
 demo: $(STAMP)
 	$(PY) -m jobs.demo --config configs/demo.yaml
