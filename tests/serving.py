@@ -23,9 +23,9 @@ def replicas(app: str, deployment: str) -> list:
 PAUSE_S = 0.05  # between a client's requests: concurrent clients, not a saturated CPU the other tests share
 
 
-def kill_one_replica_under_load(url: str, app: str, deployment: str) -> list[int]:
+def kill_one_replica_under_load(url: str, app: str, deployment: str, at_least: int = 100) -> list[int]:
     """Three clients search `url` while one replica of `deployment` is SIGKILLed; returns every status once Serve
-    has replaced it (or after 90 s)."""
+    has replaced it (or after 90 s) and `at_least` requests were made (or 60 s more went by)."""
     statuses, stop = [], threading.Event()
 
     def client():
@@ -52,6 +52,9 @@ def kill_one_replica_under_load(url: str, app: str, deployment: str) -> list[int
                 break
             time.sleep(0.5)
         time.sleep(2)
+        enough = time.monotonic() + 60
+        while len(statuses) < at_least and time.monotonic() < enough:
+            time.sleep(0.2)
     finally:
         stop.set()
         for thread in threads:

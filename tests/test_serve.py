@@ -347,9 +347,10 @@ def test_overload_is_answered_503_at_once_and_admitted_requests_succeed(qa):
     assert statuses.count(200) >= 2 and statuses.count(503) >= 10, statuses
     shed = sorted(seconds for status, seconds in outcomes if status == 503)
     assert shed[len(shed) // 2] < 1.0, shed
-    # admitted requests wait behind at most max_ongoing + max_queued others: their latency stays bounded
+    # admitted requests wait behind at most max_ongoing + max_queued others: their latency stays bounded (against
+    # the slowest request alone, which met the same share of two cores as they did, the suite's other worker's too)
     admitted = sorted(seconds for status, seconds in outcomes if status == 200)
-    assert admitted[len(admitted) // 2] < 4 * sorted(alone)[2] + 0.25, (admitted, alone)
+    assert admitted[len(admitted) // 2] < 4 * max(alone) + 0.25, (admitted, alone)
 
 
 @pytest.mark.reliability

@@ -94,25 +94,33 @@ def _sharded(qa, name: str, version: str, shards: int, **settings) -> str:
     return f"{qa['url']}/{name}"
 
 
-def test_three_shards_answer_as_one(qa, segmented):
+def _local_search(qa, version: str, model: str, k: int, **search) -> tuple[list[list[str]], np.ndarray]:
+    """What `version` answers QUESTIONS with when searched here, its segments stacked: (ids, scores)."""
+    published = load_published(qa["storage"], version, str(qa["tmp"] / f"check-{version}"))
+    encoder = TextEncoder(EncoderSettings(model, "dpr", max_length=64, question=True))
+    scores, rows = published.search(encoder.encode(None, QUESTIONS), k, **search)
+    return [published.passages(r).column("id").to_pylist() for r in rows], scores
+
+
+def test_three_shards_answer_as_one(qa, segmented, tiny_models):
+    """Three shards (segments 1, 1 and 2 of the version's 4) answer what one search over all 4 answers."""
     from ray import serve
 
     version = segmented[0]
     try:
-        one, three = _sharded(qa, "one", version, 1), _sharded(qa, "three", version, 3)
-        body = {"questions": QUESTIONS, "k": 20}
-        whole = requests.post(f"{one}/v1/search", json=body, timeout=60)
-        split = requests.post(f"{three}/v1/search", json=body, timeout=60)
-        assert whole.status_code == split.status_code == 200, split.text
-        assert split.json() == whole.json() and split.json()["index_version"] == version
-        assert all(len(hits) == 20 for hits in split.json()["results"])
+        three = _sharded(qa, "three", version, 3)
+        split = requests.post(f"{three}/v1/search", json={"questions": QUESTIONS, "k": 20}, timeout=60)
+        assert split.status_code == 200, split.text
         info = requests.get(f"{three}/v1/index", timeout=30).json()
-        assert info["index_version"] == version and info["vectors"] == 400
-        assert sorted(s["segments"] for s in info["shards"]) == [1, 1, 2]
-        assert sorted(s["vectors"] for s in info["shards"]) == [100, 100, 200]
     finally:
-        serve.delete("one")
         serve.delete("three")
+    ids, scores = _local_search(qa, version, tiny_models["question"], 20)
+    assert split.json()["index_version"] == version
+    assert [[h["id"] for h in hits] for hits in split.json()["results"]] == ids
+    assert np.allclose([[h["score"] for h in hits] for hits in split.json()["results"]], scores, atol=1e-4)
+    assert info["index_version"] == version and info["vectors"] == 400
+    assert sorted(s["segments"] for s in info["shards"]) == [1, 1, 2]
+    assert sorted(s["vectors"] for s in info["shards"]) == [100, 100, 200]
 
 
 def test_serve_refine_k_re_scores_the_candidates_exactly(qa, segmented, tiny_models):
@@ -127,15 +135,11 @@ def test_serve_refine_k_re_scores_the_candidates_exactly(qa, segmented, tiny_mod
         assert response.status_code == 200, response.text
     finally:
         serve.delete("refined")
-    published = load_published(qa["storage"], version, str(qa["tmp"] / "check-refined"))
-    encoder = TextEncoder(EncoderSettings(tiny_models["question"], "dpr", max_length=64, question=True))
-    vectors = encoder.encode(None, QUESTIONS)
-    scores, rows = published.search(vectors, 20, refine_k=120)
-    _, plain = published.search(vectors, 20)
-    assert (rows != plain).any()  # refine changed the order somewhere: the test can tell them apart
-    for hits, expected, expected_scores in zip(response.json()["results"], rows, scores):
-        assert [h["id"] for h in hits] == published.passages(expected).column("id").to_pylist()
-        assert np.allclose([h["score"] for h in hits], expected_scores, atol=1e-4)
+    ids, scores = _local_search(qa, version, tiny_models["question"], 20, refine_k=120)
+    plain, _ = _local_search(qa, version, tiny_models["question"], 20)
+    assert ids != plain  # refine changed the order somewhere: the test can tell them apart
+    assert [[h["id"] for h in hits] for hits in response.json()["results"]] == ids
+    assert np.allclose([[h["score"] for h in hits] for hits in response.json()["results"]], scores, atol=1e-4)
 
 
 @pytest.mark.reliability
