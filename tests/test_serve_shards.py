@@ -94,12 +94,16 @@ def _sharded(qa, name: str, version: str, shards: int, **settings) -> str:
     return f"{qa['url']}/{name}"
 
 
-def _local_search(qa, version: str, model: str, k: int, **search) -> tuple[list[list[str]], np.ndarray]:
-    """What `version` answers QUESTIONS with when searched here, its segments stacked: (ids, scores)."""
+def _local_search(qa, version: str, model: str, k: int, refine_ks=(0,)) -> list[tuple[list[list[str]], np.ndarray]]:
+    """What `version` answers QUESTIONS with when searched here, its segments stacked: (ids, scores) for each
+    `refine_k` (0: none), the version loaded and the questions encoded once."""
     published = load_published(qa["storage"], version, str(qa["tmp"] / f"check-{version}"))
-    encoder = TextEncoder(EncoderSettings(model, "dpr", max_length=64, question=True))
-    scores, rows = published.search(encoder.encode(None, QUESTIONS), k, **search)
-    return [published.passages(r).column("id").to_pylist() for r in rows], scores
+    vectors = TextEncoder(EncoderSettings(model, "dpr", max_length=64, question=True)).encode(None, QUESTIONS)
+    found = []
+    for refine_k in refine_ks:
+        scores, rows = published.search(vectors, k, refine_k=refine_k)
+        found.append(([published.passages(r).column("id").to_pylist() for r in rows], scores))
+    return found
 
 
 def test_three_shards_answer_as_one(qa, segmented, tiny_models):
@@ -114,7 +118,7 @@ def test_three_shards_answer_as_one(qa, segmented, tiny_models):
         info = requests.get(f"{three}/v1/index", timeout=30).json()
     finally:
         serve.delete("three")
-    ids, scores = _local_search(qa, version, tiny_models["question"], 20)
+    [(ids, scores)] = _local_search(qa, version, tiny_models["question"], 20)
     assert split.json()["index_version"] == version
     assert [[h["id"] for h in hits] for hits in split.json()["results"]] == ids
     assert np.allclose([[h["score"] for h in hits] for hits in split.json()["results"]], scores, atol=1e-4)
@@ -135,8 +139,7 @@ def test_serve_refine_k_re_scores_the_candidates_exactly(qa, segmented, tiny_mod
         assert response.status_code == 200, response.text
     finally:
         serve.delete("refined")
-    ids, scores = _local_search(qa, version, tiny_models["question"], 20, refine_k=120)
-    plain, _ = _local_search(qa, version, tiny_models["question"], 20)
+    (ids, scores), (plain, _) = _local_search(qa, version, tiny_models["question"], 20, refine_ks=(120, 0))
     assert ids != plain  # refine changed the order somewhere: the test can tell them apart
     assert [[h["id"] for h in hits] for hits in response.json()["results"]] == ids
     assert np.allclose([[h["score"] for h in hits] for hits in response.json()["results"]], scores, atol=1e-4)
