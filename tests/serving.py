@@ -1,5 +1,6 @@
-"""What the QA app's tests share: questions in the serve corpus's vocabulary, the live replicas of a deployment, one
-of them killed under load, and whether an app answers from a version."""
+"""What the QA app's tests share: questions in the serve corpus's vocabulary, the published version, a search-only app
+on its own route, the live replicas of a deployment, one of them killed under load, and whether an app answers from
+a version."""
 
 from __future__ import annotations
 
@@ -12,6 +13,23 @@ import requests
 
 QUESTIONS = ["river mountain city", "castle garden poet", "north road bridge", "old stone market"]
 BODY = {"questions": QUESTIONS[:2], "k": 10}
+
+
+def latest(qa: dict) -> str:
+    """The version the module's store publishes as LATEST."""
+    return qa["storage"].read_bytes("indexes/LATEST").decode().strip()
+
+
+def route_app(qa: dict, name: str, **settings) -> str:
+    """A search-only app (no reader) named `name` on its own route beside the module's, `settings` over the module's
+    serve settings: its URL."""
+    from ray import serve
+
+    from pipeline.serve.app import build_app
+
+    serve_settings = qa["config"].serve.model_copy(update={"reader_model": None, **settings})
+    serve.run(build_app(qa["config"].model_copy(update={"serve": serve_settings})), name=name, route_prefix=f"/{name}")
+    return f"{qa['url']}/{name}"
 
 
 def replicas(app: str, deployment: str) -> list:

@@ -20,7 +20,7 @@ from pipeline.store.published import load_published
 from pipeline.store.storage import Storage
 from tests.conftest import QA_ROWS as ROWS
 from tests.conftest import TEST_API_KEY, qa_copy
-from tests.serving import PAUSE_S, QUESTIONS, answers_from, kill_one_replica_under_load, replicas
+from tests.serving import PAUSE_S, QUESTIONS, answers_from, kill_one_replica_under_load, latest, replicas, route_app
 
 pytestmark = pytest.mark.ray
 
@@ -61,28 +61,12 @@ def _deploy(config):
     serve.run(build_app(config), name="qa", route_prefix="/")
 
 
-def _app(qa, name: str, **settings) -> str:
-    """A search-only app (no reader) of the published version on its own route, beside the module's: its URL."""
-    from ray import serve
-
-    from pipeline.serve.app import build_app
-
-    settings = {"index_version": _latest(qa), "reader_model": None, **settings}
-    config = qa["config"].model_copy(update={"serve": qa["config"].serve.model_copy(update=settings)})
-    serve.run(build_app(config), name=name, route_prefix=f"/{name}")
-    return f"{qa['url']}/{name}"
-
-
-def _latest(qa):
-    return qa["storage"].read_bytes("indexes/LATEST").decode().strip()
-
-
 def test_search_returns_the_published_index_best_first(qa, tiny_models):
     questions = ["river mountain city", "castle garden poet"]
     response = requests.post(f"{qa['url']}/v1/search", json={"questions": questions, "k": 5}, timeout=60)
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["index_version"] == _latest(qa) and len(body["results"]) == 2
+    assert body["index_version"] == latest(qa) and len(body["results"]) == 2
     published = load_published(qa["storage"], None, str(qa["tmp"] / "check"))
     encoder = TextEncoder(EncoderSettings(tiny_models["question"], "dpr", max_length=64, question=True))
     _, expected = published.search(encoder.encode(None, questions), 5)
@@ -102,7 +86,7 @@ def test_ask_spans_equal_decode_best_spans(qa, tiny_models):
     assert response.status_code == 200, response.text
     body = response.json()
     passages = body["passages"]
-    assert len(passages) == 4 and body["index_version"] == _latest(qa)
+    assert len(passages) == 4 and body["index_version"] == latest(qa)
     tokenizer = DPRReaderTokenizerFast.from_pretrained(tiny_models["reader"])
     model = DPRReader.from_pretrained(tiny_models["reader"]).eval()
     inputs = tokenizer(
@@ -163,7 +147,7 @@ def test_docs_openapi_health_index_and_metrics(qa):
     assert spec["paths"] == committed["paths"] and spec["components"] == committed["components"]
     info = requests.get(f"{qa['url']}/v1/index", timeout=10).json()
     assert set(info) == set(EXAMPLES["GET /v1/index"]["answer"])  # docs/api.md's example has the keys it answers
-    assert info["index_version"] == _latest(qa) and info["vectors"] == 400
+    assert info["index_version"] == latest(qa) and info["vectors"] == 400
     assert info["lineage"]["snapshot"] == "s1" and info["lineage"]["factory"] == "IVF4,PQ32x8"
     footprint = info["bytes_per_passage"]  # what a replica stores, by kind: the reader's token ids among them
     assert footprint["token_ids"] > 0 and footprint["bm25"] < footprint["docstore"] and footprint["total"] > 0
@@ -173,11 +157,11 @@ def test_docs_openapi_health_index_and_metrics(qa):
     assert 'qa_requests_total{route="/v1/search",status="200"}' in metrics
     assert 'qa_stage_seconds_bucket{le="0.001",stage="encode"}' in metrics
     assert 'qa_stage_seconds_count{stage="search"}' in metrics
-    assert f'qa_index_version_info{{version="{_latest(qa)}"}} 1.0' in metrics
+    assert f'qa_index_version_info{{version="{latest(qa)}"}} 1.0' in metrics
 
 
 def test_hot_swap_under_load(qa):
-    old = _latest(qa)
+    old = latest(qa)
     new_run = run_job("build_index", qa["config_path"], "index.nprobe=2")
     assert new_run.returncode == 0, new_run.stderr[-2000:]
     new = new_run.summary["version"]
@@ -261,7 +245,7 @@ def test_a_version_of_the_release_before_block_files_serves_the_same_answers(qa)
 
     from kit.legacy import before_blocks
 
-    current = _latest(qa)
+    current = latest(qa)
     old = before_blocks(qa["storage"], current, qa["tmp"] / "legacy")
     bodies = [("search", {"questions": QUESTIONS, "k": 5, "mode": m}) for m in ("dense", "sparse", "hybrid")]
     bodies.append(("ask", {"question": QUESTIONS[0], "k": 4, "top_answers": 2}))
@@ -295,7 +279,7 @@ def test_api_key_when_configured(qa):
     the key or with a wrong one, 200 with it, and its health check needs none."""
     from ray import serve
 
-    url = _app(qa, "keyed", api_key_env="QA_TEST_API_KEY")
+    url = route_app(qa, "keyed", index_version=latest(qa), api_key_env="QA_TEST_API_KEY")
     try:
         body = {"questions": ["garden"], "k": 1}
         assert requests.post(f"{url}/v1/search", json=body, timeout=30).status_code == 401
@@ -321,7 +305,7 @@ def test_overload_is_answered_503_at_once_and_admitted_requests_succeed(qa):
     from pipeline.serve.app import build_app
 
     tight = qa["config"].serve.model_copy(
-        update={"max_ongoing_requests": 1, "max_queued_requests": 1, "index_version": _latest(qa)}
+        update={"max_ongoing_requests": 1, "max_queued_requests": 1, "index_version": latest(qa)}
     )
     serve.run(build_app(qa["config"].model_copy(update={"serve": tight})), name="overload", route_prefix="/overload")
     url = f"{qa['url']}/overload/v1/ask"
@@ -359,7 +343,7 @@ def test_a_replica_killed_under_load_costs_at_most_one_percent(qa):
     Serve replaces the dead one (health checks)."""
     from ray import serve
 
-    url = _app(qa, "kill2", retriever_replicas=2)
+    url = route_app(qa, "kill2", index_version=latest(qa), retriever_replicas=2)
     try:
         statuses = kill_one_replica_under_load(url, "kill2", "Retriever")
         assert serve.status().applications["kill2"].deployments["Retriever"].status == "HEALTHY"

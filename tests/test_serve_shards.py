@@ -19,7 +19,16 @@ from pipeline.store.manifests import IndexManifest
 from pipeline.store.published import load_published
 from pipeline.store.storage import Storage
 from tests.conftest import RAY_DASHBOARD_PORT, qa_copy
-from tests.serving import BODY, PAUSE_S, QUESTIONS, answers_from, kill_one_replica_under_load, replicas
+from tests.serving import (
+    BODY,
+    PAUSE_S,
+    QUESTIONS,
+    answers_from,
+    kill_one_replica_under_load,
+    latest,
+    replicas,
+    route_app,
+)
 
 pytestmark = pytest.mark.ray
 
@@ -48,15 +57,11 @@ def qa(tmp_path_factory, tiny_models, ray_address, qa_store):
     ray.shutdown()
 
 
-def _latest(qa):
-    return qa["storage"].read_bytes("indexes/LATEST").decode().strip()
-
-
 @pytest.fixture(scope="module")
 def segmented(qa):
     """Three versions of the same 400 passages in 4 segments each (distributed builds of 100-vector groups, other
     seeds: other quantizers, codes and scores, so no segment or quantizer file is shared); LATEST is put back."""
-    before = _latest(qa)
+    before = latest(qa)
     versions = []
     for seed in (11, 12, 13):
         run = run_job(
@@ -76,22 +81,8 @@ def segmented(qa):
 
 def _sharded(qa, name: str, version: str, shards: int, **settings) -> str:
     """A retrieval-only app on its own route serving `version` from `shards` index shards."""
-    from ray import serve
-
-    from pipeline.serve.app import build_app
-
-    settings = qa["config"].serve.model_copy(
-        update={
-            "index_version": version,
-            "reader_model": None,
-            "encoder_cpus": 0.1,
-            "retriever_cpus": 0.1,
-            "shards": shards,
-            **settings,
-        }
-    )
-    serve.run(build_app(qa["config"].model_copy(update={"serve": settings})), name=name, route_prefix=f"/{name}")
-    return f"{qa['url']}/{name}"
+    small = {"encoder_cpus": 0.1, "retriever_cpus": 0.1}
+    return route_app(qa, name, **{"index_version": version, "shards": shards, **small, **settings})
 
 
 def _local_search(qa, version: str, model: str, k: int, refine_ks=(0,)) -> list[tuple[list[list[str]], np.ndarray]]:
